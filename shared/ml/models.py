@@ -266,3 +266,20 @@ def answer_logits(model: Any, batch: Any) -> torch.Tensor:
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, batch.last_index]
     return model.get_output_embeddings()(last).float()
+
+
+@dataclass
+class Base:
+    """A loaded base model with its tokenizer and identity (what stages pass around)."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+    @classmethod
+    def load(cls, name: str, quantization: str = "none", device: torch.device | str | None = None) -> Base:
+        return cls(*load_model(name, quantization, device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
