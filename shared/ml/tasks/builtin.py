@@ -4,8 +4,8 @@ Data is read in place, never copied. Split policy (seed 0, sklearn):
 * SuperGLUE: the official `val.jsonl` is our TEST split; val = stratified 10% of `train.jsonl`.
 * single-file datasets (mr, subj, cr, mpqa, ag_news) and BoolQ (only its official val is staged):
   80/10/10 stratified carve.
-* carves keep rows sharing a context together (MultiRC passage, WSC sentence, BoolQ passage, identical
-  text in single-file datasets) so near-duplicates never straddle two splits.
+* carves keep rows sharing a context together (MultiRC passage, WSC sentence, BoolQ passage, RTE premise,
+  identical text in single-file datasets) so near-duplicates never straddle two splits.
 Example ids are "<task>/<split>/<original idx or 0-based source line>" and never depend on the run.
 """
 
@@ -118,7 +118,9 @@ def _same_text(field: str) -> Callable[[Row], Hashable]:
 # ---------------------------------------------------------------------------------------------- loaders
 
 
-def _superglue(task: str, folder: str, convert: Callable[[dict[str, Any]], Row], group: Callable[[Row], Hashable] | None = None) -> Callable[[], Splits]:
+def _superglue(
+    task: str, folder: str, convert: Callable[[dict[str, Any]], Row], group: Callable[[Row], Hashable] | None = None
+) -> Callable[[], Splits]:
     def load() -> Splits:
         train = [convert(r) for r in _jsonl(folder, "train.jsonl")]
         test = [convert(r) for r in _jsonl(folder, "val.jsonl")]
@@ -227,6 +229,7 @@ def _tweets(folder: str) -> Callable[[], Splits]:
 # ---------------------------------------------------------------------------------------------- definitions
 
 _YES_NO_MAYBE = "Yes or No or Maybe? Answer:"
+_TWEET = 'Tweet: "{{ text }}" '  # tweets rarely end in punctuation: quote them off from the question
 _MR_SST_NOTE = (
     " Overlap: SST is built from the MR rotten-tomatoes snippets (~45% of SST sentences occur verbatim in MR);"
     " do not train on one of sst2/sst5/mr and test on another without de-duplication."
@@ -254,7 +257,7 @@ def _sentiment(name: str, kind: str, loader: Callable[[], Splits], description: 
 def _binary_tweet(name: str, question: str, label_names: list[str], what: str) -> Task:
     return Task(
         name=name,
-        template="{{ text }} " + question + " Yes or No? Answer:",
+        template=_TWEET + question + " Yes or No? Answer:",
         choices=["No", "Yes"],
         label_names=label_names,
         loader=_tweets(name),
@@ -266,7 +269,9 @@ def _binary_tweet(name: str, question: str, label_names: list[str], what: str) -
 def make_builtin_tasks() -> list[Task]:
     """Fresh Task objects (each caches its own splits) for every built-in task, core tasks first."""
     superglue_note = "test = official SuperGLUE val file; val = stratified 10% of the official train file (seed 0)"
-    carve_note = "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
+    carve_note = (
+        "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
+    )
     tasks = [
         Task(
             name="cb",
@@ -297,9 +302,9 @@ def make_builtin_tasks() -> list[Task]:
             ),
             choices=["Yes", "No"],
             label_names=["entailment", "not_entailment"],
-            loader=_superglue("rte", "rte", _rte),
+            loader=_superglue("rte", "rte", _rte, group=_same_text("premise")),
             truncate_field="premise",
-            description=f"SuperGLUE RTE (== GLUE RTE); {superglue_note}.",
+            description=f"SuperGLUE RTE (== GLUE RTE); {superglue_note}, rows sharing a premise kept together.",
         ),
         Task(
             name="wic",
@@ -373,7 +378,7 @@ def make_builtin_tasks() -> list[Task]:
         ),
         Task(
             name="mpqa",
-            template="{{ sentence }} Is the opinion expressed by this phrase positive or negative? Answer:",
+            template='Phrase: "{{ sentence }}" Is the opinion expressed by this phrase positive or negative? Answer:',
             choices=["negative", "positive"],
             loader=_single_file("mpqa", "mpqa", "mpqa.all"),
             truncate_field="sentence",
@@ -412,21 +417,27 @@ def make_builtin_tasks() -> list[Task]:
         ),
         Task(
             name="tweet_emotion",
-            template="{{ text }} Which emotion does this tweet express: anger, joy, optimism or sadness? Answer:",
+            template=_TWEET + "Which emotion does this tweet express: anger, joy, optimism or sadness? Answer:",
             choices=["anger", "joy", "optimism", "sadness"],
             loader=_tweets("tweet_emotion"),
             truncate_field="text",
             description="TweetEval emotion (SemEval-2018 T1); official train/val/test files.",
         ),
-        _binary_tweet("tweet_hate", "Is this tweet hateful towards immigrants or women?", ["not-hate", "hate"], "hate speech (SemEval-2019 HatEval)"),
+        _binary_tweet(
+            "tweet_hate", "Is this tweet hateful towards immigrants or women?", ["not-hate", "hate"],
+            "hate speech (SemEval-2019 HatEval)",
+        ),
         _binary_tweet("tweet_irony", "Is this tweet ironic?", ["non_irony", "irony"], "irony (SemEval-2018 T3)"),
-        _binary_tweet("tweet_offensive", "Is this tweet offensive?", ["not-offensive", "offensive"], "offensive language (SemEval-2019 OffensEval)"),
+        _binary_tweet(
+            "tweet_offensive", "Is this tweet offensive?", ["not-offensive", "offensive"],
+            "offensive language (SemEval-2019 OffensEval)",
+        ),
     ]
     for target, phrase in _STANCE_TARGETS.items():
         tasks.append(
             Task(
                 name=f"tweet_stance_{target}",
-                template="{{ text }} What is the stance of this tweet on " + phrase + ": none, against or favor? Answer:",
+                template=_TWEET + "What is the stance of this tweet on " + phrase + ": none, against or favor? Answer:",
                 choices=["none", "against", "favor"],
                 loader=_tweets(f"tweet_stance/{target}"),
                 truncate_field="text",

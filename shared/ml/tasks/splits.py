@@ -32,8 +32,8 @@ def split_off(
     """Split rows into (kept, held) with about `size` rows held out, stratified by label.
 
     Without groups the held-out count is exact (sklearn `train_test_split`); when a class is too small
-    to stratify it falls back to a plain seeded shuffle. With groups (not all singletons) it holds out about size/n of the groups, stratified by the group's label ("mixed" for groups with several
-    labels), so the row count is approximate.
+    to stratify it falls back to a plain seeded shuffle. With groups (not all singletons) whole groups
+    are held out under per-label quotas (see `_split_groups`), so the count can fall a little short.
     """
     n = len(labels)
     if size <= 0 or n == 0:
@@ -59,8 +59,7 @@ def _split_groups(y: np.ndarray, g: np.ndarray, size: int, seed: int) -> tuple[I
     Quotas are each label's share of `size`, so label proportions match closely even when a few groups
     are large (a phrase repeated 70 times); the held-out count can fall a little short of `size`.
     """
-    labels = np.unique(y)
-    quota = {int(k): int(round(size * np.mean(y == k))) for k in labels}
+    quota = _quotas(y, size)
     members: dict[int, list[int]] = {}
     for row, group in enumerate(g.tolist()):
         members.setdefault(group, []).append(row)
@@ -80,6 +79,16 @@ def _split_groups(y: np.ndarray, g: np.ndarray, size: int, seed: int) -> tuple[I
                 break
     held_set = set(held)
     return [i for i in range(len(y)) if i not in held_set], sorted(held)
+
+
+def _quotas(y: np.ndarray, size: int) -> dict[int, int]:
+    """Split `size` over the labels in proportion to their counts (largest-remainder rounding)."""
+    labels, counts = np.unique(y, return_counts=True)
+    exact = size * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: size - int(quota.sum())]:
+        quota[i] += 1
+    return {int(k): int(q) for k, q in zip(labels, quota, strict=True)}
 
 
 def _group_ids(groups: Sequence[Hashable]) -> np.ndarray:
