@@ -1,0 +1,36 @@
+"""`chorus inference`: run the inference service (one process, the base model loaded once)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+
+def inference_command(
+    host: Annotated[str, typer.Option(help="Bind address (keep it private unless behind a proxy).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    model: Annotated[Optional[str], typer.Option(help="Base model: smollm2-135m, tiny-llama or a local HF folder "
+                                                      "(default CHORUS_INFERENCE_MODEL or smollm2-135m).")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="nf4 or none (default CHORUS_INFERENCE_QUANTIZATION "
+                                                             "or nf4).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:N or cpu (default: cuda when available).")] = None,
+    preload: Annotated[Optional[str], typer.Option(help="Comma-separated ensemble ids to load at startup.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve weighted adapter ensembles on one 4-bit base model (hot-swappable; API keys from the job database)."""
+    import uvicorn
+
+    if quantization is not None and quantization not in ("nf4", "none"):
+        raise typer.BadParameter("expected nf4 or none", param_hint="--quantization")
+    for name, value in (("MODEL", model), ("QUANTIZATION", quantization), ("DEVICE", device), ("PRELOAD", preload)):
+        if value is not None:
+            os.environ[f"CHORUS_INFERENCE_{name}"] = value
+    # One worker: the model lives in this process; concurrency comes from the dynamic batcher.
+    uvicorn.run("services.inference.app:create_app", factory=True, host=host, port=port, workers=1,
+                log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inference")(inference_command)

@@ -1,0 +1,150 @@
+"""Where ensembles come from: an id is resolved to a validated manifest and its members' adapter folders.
+
+Never a user-supplied path or URL: ids must match ENSEMBLE_ID and are looked up
+* in the job database (`ensembles` rows written by training jobs) with the files in the artifact store
+  (`StoreEnsembleSource`), and/or
+* as a folder `<root>/<id>/ensemble.json` with member paths relative to it (`DirectoryEnsembleSource`;
+  default root `<artifacts>/ensembles`, for bundles deployed by hand).
+Every resolved path must stay inside its root (no `..`, no symlink escapes).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("chorus.inference")
+
+ENSEMBLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MANIFEST_FILE = "ensemble.json"
+
+
+class EnsembleNotFound(LookupError):
+    pass
+
+
+class InvalidEnsemble(ValueError):
+    """The ensemble exists but its manifest or layout is unusable."""
+
+
+@dataclass
+class ResolvedEnsemble:
+    id: str
+    manifest: Any  # shared.ml.training.ensemble.EnsembleManifest
+    member_folders: dict[str, Path]
+    origin: str  # "store" | "directory"
+
+
+class EnsembleSource(Protocol):
+    def resolve(self, ensemble_id: str) -> ResolvedEnsemble: ...
+
+
+def check_id(ensemble_id: str) -> None:
+    if not ENSEMBLE_ID.fullmatch(ensemble_id) or ".." in ensemble_id:
+        raise EnsembleNotFound(f"invalid ensemble id {ensemble_id!r}")
+
+
+def _inside(root: Path, path: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise InvalidEnsemble(f"path {path.name!r} escapes its ensemble folder")
+    return resolved
+
+
+def _load_manifest(path: Path) -> Any:
+    from shared.ml.training.ensemble import load_manifest
+
+    try:
+        return load_manifest(path)
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        raise InvalidEnsemble(f"invalid ensemble manifest: {exc}") from exc
+
+
+class DirectoryEnsembleSource:
+    """`<root>/<id>/ensemble.json`; member paths relative to that folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def resolve(self, ensemble_id: str) -> ResolvedEnsemble:
+        check_id(ensemble_id)
+        folder = self.root / ensemble_id
+        manifest_path = folder / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
+        folder = _inside(self.root, folder)
+        manifest = _load_manifest(_inside(folder, manifest_path))
+        members = {}
+        for member in manifest.members:
+            if member.path is not None:
+                members[member.name] = _inside(folder, folder / member.path)
+        return ResolvedEnsemble(ensemble_id, manifest, members, "directory")
+
+
+class StoreEnsembleSource:
+    """Ensemble rows of the job database (id `ens-...`), files from the content-addressed artifact store."""
+
+    def __init__(self, store: Any = None, db_url: str | None = None) -> None:
+        self.store = store
+        self.db_url = db_url
+
+    def resolve(self, ensemble_id: str) -> ResolvedEnsemble:
+        from shared.db.models import Adapter, Artifact, Ensemble
+        from shared.db.session import get_sessionmaker
+        from shared.storage import ArtifactStore
+
+        check_id(ensemble_id)
+        store = self.store or ArtifactStore()
+        with get_sessionmaker(self.db_url)() as session:
+            row = session.get(Ensemble, ensemble_id)
+            if row is None:
+                raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
+            art = session.get(Artifact, row.artifact_id)
+            if art is None:
+                raise InvalidEnsemble(f"ensemble {ensemble_id!r}: its manifest artifact is missing")
+            path = store.resolve(art.path)
+            if path.is_dir():
+                path = path / MANIFEST_FILE
+            manifest = _load_manifest(path)
+            members: dict[str, Path] = {}
+            for member in manifest.members:
+                if member.path is None:
+                    continue
+                adapter_id = (row.members or {}).get(member.name)
+                adapter = session.get(Adapter, adapter_id) if adapter_id else None
+                adapter_art = session.get(Artifact, adapter.artifact_id) if adapter is not None else None
+                if adapter_art is None:
+                    raise InvalidEnsemble(f"ensemble {ensemble_id!r}: member {member.name!r} has no stored adapter")
+                members[member.name] = store.resolve(adapter_art.path)
+        return ResolvedEnsemble(ensemble_id, manifest, members, "store")
+
+
+class ChainSource:
+    """The first source that knows the id (a source whose backend fails is logged and skipped)."""
+
+    def __init__(self, sources: Sequence[EnsembleSource]) -> None:
+        self.sources = list(sources)
+
+    def resolve(self, ensemble_id: str) -> ResolvedEnsemble:
+        check_id(ensemble_id)
+        for source in self.sources:
+            try:
+                return source.resolve(ensemble_id)
+            except EnsembleNotFound:
+                continue
+            except InvalidEnsemble:
+                raise
+            except Exception:  # e.g. the database is not reachable: try the next source
+                log.warning("ensemble source %s failed for %r", type(source).__name__, ensemble_id, exc_info=True)
+        raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
+
+
+def default_source(ensembles_dir: Path | None = None, use_database: bool = True) -> EnsembleSource:
+    from shared.config import get_settings
+
+    directory = DirectoryEnsembleSource(ensembles_dir or get_settings().artifacts / "ensembles")
+    return ChainSource([StoreEnsembleSource(), directory] if use_database else [directory])
