@@ -1,0 +1,61 @@
+"""The FastAPI application factory: `services.api.app:create_app()` (uvicorn --factory)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from services.api.errors import install_error_handlers
+from services.api.schemas import ErrorResponse
+from services.api.limits import BodyLimitMiddleware
+from services.api.routers import artifacts, datasets, jobs, keys
+from shared.config import get_settings
+from shared.db.session import get_engine, migrate
+from shared.jobs.config import get_service_settings
+
+log = logging.getLogger("chorus.api")
+API_VERSION = "0.1.0"
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 501)}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if get_service_settings().migrate_on_start:
+        migrate()
+    yield
+
+
+def create_app() -> FastAPI:
+    svc = get_service_settings()
+    docs = svc.api_docs
+    app = FastAPI(
+        title="chorus job API", version=API_VERSION, lifespan=lifespan,
+        description="Datasets, jobs (affinity, grouping, training, pipeline, ...), artifacts, adapters and "
+                    "ensembles. Every /v1 route needs `Authorization: Bearer <API key>`; errors are "
+                    '`{"error": {"code", "message", "param"}}`.',
+        docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+    )
+    install_error_handlers(app)
+    for router in (datasets.router, jobs.router, artifacts.router, keys.router):
+        app.include_router(router, prefix="/v1", responses=_ERRORS)  # type: ignore[arg-type]
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> JSONResponse:
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:  # pragma: no cover - reported, not raised
+            return JSONResponse({"status": "error", "database": str(exc)[:200]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    app.add_middleware(
+        BodyLimitMiddleware,  # type: ignore[arg-type]
+        default_limit=lambda: get_service_settings().max_json_bytes,
+        routes=[("POST", r"/v1/datasets/?", lambda: get_settings().max_upload_bytes + 64 * 1024)],
+    )
+    return app

@@ -1,0 +1,115 @@
+"""Request dependencies: the database session and the authenticated principal (API key + scopes)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from sqlalchemy.orm import Session
+
+from services.api.errors import ApiError
+from shared.db.keys import has_scope, hash_key, verify_key
+from shared.db.session import get_sessionmaker
+from shared.jobs.config import get_service_settings
+
+
+async def get_db() -> AsyncIterator[Session]:
+    """A session per request. Creating one costs nothing (no connection until first use), so this runs on
+    the event loop; the endpoints that use it are sync and run in the threadpool."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+DB = Annotated[Session, Depends(get_db)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    owner: str
+    scopes: tuple[str, ...]
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+
+class _KeyCache:
+    """Verified keys by hash for a few seconds (a revoked key stops working within that time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, digest: str) -> Principal | None:
+        item = self._items.get(digest)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+    def put(self, digest: str, principal: Principal, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        with self._lock:
+            if len(self._items) > 10_000:
+                self._items.clear()
+            self._items[digest] = (time.monotonic() + ttl, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+key_cache = _KeyCache()
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer chorus_...`")
+
+
+def _lookup(token: str) -> Principal | None:
+    digest = hash_key(token)
+    principal = key_cache.get(digest)
+    if principal is not None:
+        return principal
+    with get_sessionmaker()() as session:
+        row = verify_key(session, token)
+        if row is None:
+            return None
+        principal = Principal(row.id, row.owner, tuple(row.scopes or ()))
+    key_cache.put(digest, principal, get_service_settings().auth_cache_seconds)
+    return principal
+
+
+async def authenticate(security_scopes: SecurityScopes,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    """401 without a valid key, 403 when the key lacks a scope this route requires. Verified keys are
+    cached for CHORUS_AUTH_CACHE_SECONDS, so the database is asked only on a cache miss (in a thread)."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or not credentials.credentials:
+        raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)", headers=challenge)
+    token = credentials.credentials
+    principal = key_cache.get(hash_key(token))
+    if principal is None:
+        principal = await run_in_threadpool(_lookup, token)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=challenge)
+    for scope in security_scopes.scopes:
+        if not has_scope(principal.scopes, scope):
+            raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
+    return principal
+
+
+Submitter = Annotated[Principal, Security(authenticate, scopes=["submit"])]
+Admin = Annotated[Principal, Security(authenticate, scopes=["admin"])]
+
+
+def owned(principal: Principal, owner: str) -> bool:
+    """Objects are visible to their owner and to admin keys only."""
+    return principal.is_admin or owner == principal.owner

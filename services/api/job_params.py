@@ -1,0 +1,138 @@
+"""Job params as the API accepts them: validated with the job type's own pydantic model, after closing
+the doors the library leaves open for local CLI users (server paths, other owners' datasets).
+
+* `model` must be a registered model name: a path would let a caller load any folder on the server.
+* `grouping.affinity` is an artifact id (`art-...`) of the caller, or an inline affinity object that is
+  stored as the caller's artifact; a file path is refused. The worker materialises the artifact.
+* `training.groups` may be an artifact id of a groups.json (inlined here as task lists); never a path.
+* Task names of another owner's uploaded datasets are reported exactly like unknown tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.api.deps import Principal, owned
+from services.api.errors import ApiError, pydantic_error
+from shared.db.models import Artifact, Dataset
+from shared.jobs.registry import JobType, JobTypeUnavailable
+from shared.storage import ArtifactStore, record_artifact
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ARTIFACT_ID = re.compile(r"^art-[0-9a-f]{24}$")
+MAX_INLINE_BYTES = 8 << 20
+
+
+def _invalid(message: str, param: str) -> ApiError:
+    return ApiError(422, "invalid_params", f"{param}: {message}", param)
+
+
+def _check_model(value: Any, param: str) -> None:
+    if isinstance(value, str) and not MODEL_NAME.match(value):
+        raise _invalid("must be a registered model name such as smollm2-135m or tiny-llama "
+                       "(server paths are not accepted)", param)
+
+
+def owned_artifact(db: Session, art_id: str, principal: Principal, param: str) -> Artifact:
+    art = db.get(Artifact, art_id) if ARTIFACT_ID.match(art_id) else None
+    if art is None or not owned(principal, art.owner):
+        raise _invalid(f"no artifact {art_id!r} (give the id of one of your artifacts; server paths are not accepted)", param)
+    if art.kind != "file":
+        raise _invalid(f"artifact {art_id!r} is a folder, expected a JSON file", param)
+    return art
+
+
+def _store_inline(db: Session, value: dict[str, Any], name: str, principal: Principal, param: str) -> str:
+    data = json.dumps(value, sort_keys=True).encode()
+    stored = ArtifactStore().put_bytes(data)
+    art = record_artifact(db, stored, owner=principal.owner, name=name, meta={"source": "inline", "param": param})
+    return art.id
+
+
+INLINE_PLACEHOLDER = "art-" + "0" * 24
+
+
+def prepare(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal,
+            inline: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with references resolved and unsafe values refused (raises ApiError).
+    Inline objects to store once validation passed are put in `inline` (param name -> object)."""
+    params = dict(params)
+    _check_model(params.get("model"), "params.model")
+    for section in ("affinity", "grouping", "training"):
+        sub = params.get(section)
+        if isinstance(sub, dict):
+            _check_model(sub.get("model"), f"params.{section}.model")
+    if job_type.name == "grouping":
+        ref = params.get("affinity")
+        if isinstance(ref, dict):
+            if len(json.dumps(ref)) > MAX_INLINE_BYTES:
+                raise _invalid(f"inline object is over {MAX_INLINE_BYTES:,} bytes", "params.affinity")
+            inline["affinity"] = ref
+            params["affinity"] = INLINE_PLACEHOLDER
+        elif isinstance(ref, str):
+            owned_artifact(db, ref, principal, "params.affinity")
+        elif ref is not None:
+            raise _invalid("give an artifact id (art-...) of an affinity.json or the affinity object itself",
+                           "params.affinity")
+        if ref is None:
+            raise _invalid("required: an artifact id (art-...) of an affinity.json, e.g. from an affinity job",
+                           "params.affinity")
+    if job_type.name == "pipeline":
+        grouping = params.get("grouping")
+        if isinstance(grouping, dict) and "affinity" in grouping:
+            raise _invalid("is produced by the pipeline's affinity stage and cannot be set", "params.grouping.affinity")
+    if job_type.name == "training" and isinstance(params.get("groups"), str):
+        ref = params["groups"]
+        art = owned_artifact(db, ref, principal, "params.groups")
+        try:
+            data = json.loads(ArtifactStore().resolve(art.path).read_text())
+        except (OSError, ValueError) as exc:
+            raise _invalid(f"artifact {ref!r} is not valid JSON: {exc}", "params.groups") from exc
+        params["groups"] = data.get("groups") if isinstance(data, dict) else data
+        params.setdefault("groups_source", ref)
+    return params
+
+
+def task_names(model: BaseModel) -> list[str]:
+    names: list[str] = []
+    tasks = getattr(model, "tasks", None)
+    if isinstance(tasks, list):
+        names.extend(t for t in tasks if isinstance(t, str))
+    groups = getattr(model, "groups", None)
+    if isinstance(groups, list):
+        names.extend(t for g in groups if isinstance(g, list) for t in g if isinstance(t, str))
+    return names
+
+
+def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """The params to store: the job type's model, validated and dumped with every default filled in."""
+    try:
+        cls = job_type.params_class()
+    except JobTypeUnavailable as exc:
+        raise ApiError(501, "job_type_unavailable", f"job type {job_type.name!r} is not available in this "
+                       f"deployment yet: {exc}", "type") from exc
+    inline: dict[str, Any] = {}
+    prepared = prepare(db, job_type, params, principal, inline)
+    try:
+        model = cls.model_validate(prepared)
+    except ValidationError as exc:
+        message, param = pydantic_error(exc, ("params",))
+        raise ApiError(422, "invalid_params", message, param) from exc
+    except ValueError as exc:  # a validator outside pydantic's wrapping
+        raise ApiError(422, "invalid_params", f"params: {exc}", "params") from exc
+    names = task_names(model)
+    if names and not principal.is_admin:
+        foreign = db.scalars(select(Dataset.task_name).where(Dataset.task_name.in_(names),
+                                                             Dataset.owner != principal.owner)).all()
+        if foreign:
+            raise _invalid(f"unknown task(s) {', '.join(map(repr, sorted(foreign)))}", "params.tasks")
+    out = model.model_dump(mode="json")
+    for name, value in inline.items():  # stored only now that everything else is valid
+        out[name] = _store_inline(db, value, f"{name}.json", principal, f"params.{name}")
+    return out

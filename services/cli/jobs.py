@@ -1,0 +1,433 @@
+"""Service and job commands: api, worker, up, migrate, keys, submit, jobs, status, cancel, results.
+
+`api`, `worker` and `up` run the services (embedded SQLite + SQLAlchemy broker by default; DATABASE_URL
+and BROKER_URL switch to PostgreSQL and Redis). The job commands talk to the API over HTTP
+(CHORUS_API_URL, CHORUS_API_KEY).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+keys_app = typer.Typer(help="Manage API keys (directly in the database; run on the server).", no_args_is_help=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=code)
+
+
+def _client():  # type: ignore[no-untyped-def]
+    from services.client import Client
+
+    return Client()
+
+
+def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run a client call, turning API and connection errors into a clean CLI error."""
+    import httpx
+
+    from services.client import ChorusError
+
+    try:
+        return fn(*args, **kwargs)
+    except ChorusError as exc:
+        fail(f"{exc.code}: {exc.message}" + (f" (param: {exc.param})" if exc.param else ""))
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the API at {os.environ.get('CHORUS_API_URL', 'http://127.0.0.1:8000')}: {exc}")
+
+
+# -- services ----------------------------------------------------------------------------------------
+def bootstrap_admin_key() -> None:
+    """Create the first admin key (printed once) unless one exists or CHORUS_ADMIN_KEY is set."""
+    from shared.db.keys import ensure_admin_key
+    from shared.db.session import get_sessionmaker
+    from shared.jobs.config import get_service_settings
+
+    with get_sessionmaker()() as session:
+        plaintext = ensure_admin_key(session, get_service_settings().admin_key)
+    if plaintext:
+        err_console.print("[bold yellow]created the first admin API key (shown only once):[/]")
+        print(plaintext, flush=True)
+        err_console.print("export CHORUS_API_KEY=<that key>; create more with `chorus keys create`.")
+
+
+def migrate_command() -> None:
+    """Apply the database migrations (alembic upgrade head) to DATABASE_URL or the embedded SQLite file."""
+    from shared.config import get_settings
+    from shared.db.session import migrate
+
+    migrate()
+    console.print(f"database is at head: {_redact(get_settings().db_url)}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def api_command(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes (prefer 1 per process/container and "
+                                                "replicas: uvicorn's multi-process mode adds ~40 ms per response).")] = 1,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the job API (migrates the database and bootstraps an admin key first)."""
+    import uvicorn
+
+    from shared.db.session import migrate
+
+    migrate()
+    bootstrap_admin_key()
+    uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)
+
+
+def worker_command(
+    pool: Annotated[str, typer.Option(help="prefork (a fresh process per job) or solo (in-process, debugging).")] = "prefork",
+    concurrency: Annotated[int, typer.Option(help="Job processes; keep 1 per GPU.")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    queue: Annotated[Optional[str], typer.Option(help="Queue name (default CHORUS_QUEUE or chorus).")] = None,
+    hostname: Annotated[Optional[str], typer.Option(help="Worker node name.")] = None,
+) -> None:
+    """Run a Celery worker: one job per process, recycled after every job, CUDA only in the child."""
+    if pool not in ("prefork", "solo"):
+        fail("--pool must be prefork or solo")
+    from services.worker.celery_app import celery_app
+    from shared.jobs.config import get_service_settings
+
+    argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+            f"--queues={queue or get_service_settings().queue}", "--max-tasks-per-child=1", "--prefetch-multiplier=1",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv)
+
+
+def _inference_cmd(host: str, port: int) -> list[str] | None:
+    if importlib.util.find_spec("services.inference.app") is None:
+        return None
+    from services.cli.main import app as cli_app
+
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in cli_app.registered_commands}
+    if "inference" in names:
+        return [sys.executable, "-m", "services.cli.main", "inference", "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "uvicorn", "services.inference.app:create_app", "--factory", "--host", host,
+            "--port", str(port)]
+
+
+def up_command(
+    host: Annotated[str, typer.Option(help="Bind address of the API and the inference service.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    inference_port: Annotated[int, typer.Option(help="Inference service port.")] = 8001,
+    inference: Annotated[bool, typer.Option(help="Start the inference service when it is installed.")] = True,
+) -> None:
+    """Start the API, a worker and the inference service as subprocesses; Ctrl-C stops them all."""
+    from shared.db.session import migrate
+
+    migrate()
+    bootstrap_admin_key()
+    me = [sys.executable, "-m", "services.cli.main"]
+    commands = {"api": [*me, "api", "--host", host, "--port", str(port)], "worker": [*me, "worker"]}
+    if inference:
+        cmd = _inference_cmd(host, inference_port)
+        if cmd:
+            commands["inference"] = cmd
+        else:
+            err_console.print("[yellow]inference service not installed; starting api + worker only[/]")
+    env = {**os.environ, "CHORUS_MIGRATE_ON_START": "0"}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stop = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(cmd, env=env)
+            err_console.print(f"started {name} (pid {procs[name].pid})")
+        err_console.print(f"API on http://{host}:{port}  (docs: /docs)")
+        while not stop:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    err_console.print(f"[red]{name} exited with {proc.returncode}; stopping the others[/]")
+                    stop = True
+            time.sleep(0.5)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 20
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    codes = [p.returncode for p in procs.values()]
+    raise typer.Exit(code=0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1)
+
+
+# -- keys -------------------------------------------------------------------------------------------
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="Owner of every object created with the key.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: admin, submit, infer.")] = "submit,infer",
+    name: Annotated[str, typer.Option(help="A label for humans.")] = "",
+) -> None:
+    """Create an API key and print its secret (shown only once)."""
+    from shared.db.keys import create_key
+    from shared.db.session import get_sessionmaker, migrate
+
+    migrate()
+    with get_sessionmaker()() as session:
+        try:
+            row, plaintext = create_key(session, owner, scopes, name)
+        except ValueError as exc:
+            fail(str(exc))
+        session.commit()
+    err_console.print(f"key {row.id} for owner {owner!r}, scopes {','.join(row.scopes)} (secret shown once):")
+    print(plaintext, flush=True)
+
+
+@keys_app.command("list")
+def keys_list(owner: Annotated[Optional[str], typer.Option(help="Only this owner's keys.")] = None) -> None:
+    """List API keys (prefixes only; secrets are never stored)."""
+    from sqlalchemy import select
+
+    from shared.db.models import ApiKey
+    from shared.db.session import get_sessionmaker
+
+    table = Table("id", "prefix", "owner", "scopes", "name", "created", "revoked")
+    with get_sessionmaker()() as session:
+        stmt = select(ApiKey).order_by(ApiKey.id)
+        if owner:
+            stmt = stmt.where(ApiKey.owner == owner)
+        for k in session.scalars(stmt):
+            table.add_row(k.id, k.prefix + "...", k.owner, ",".join(k.scopes), k.name,
+                          f"{k.created_at:%Y-%m-%d %H:%M}", f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id (key-...).")]) -> None:
+    """Revoke an API key."""
+    from shared.db.models import ApiKey, utcnow
+    from shared.db.session import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            fail(f"no key {key_id}")
+        row.revoked_at = row.revoked_at or utcnow()
+        session.commit()
+    console.print(f"revoked {key_id}")
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def build_params(params: str | None, sets: list[str], shorthand: dict[str, Any]) -> dict[str, Any]:
+    """--params JSON|@file, then shorthand options, then --set key.sub=value (values parsed as JSON)."""
+    out: dict[str, Any] = {}
+    if params:
+        text = Path(params[1:]).read_text() if params.startswith("@") else params
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            fail("--params must be a JSON object")
+        out.update(loaded)
+    out.update({k: v for k, v in shorthand.items() if v is not None})
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--set expects key=value, got {item!r}")
+        target = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = _parse_value(value)
+    return out
+
+
+def submit_command(
+    job_type: Annotated[str, typer.Argument(help="pipeline, affinity, grouping, training, approximation_error, "
+                                                 "validate_estimates or evaluation.")],
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model name (smollm2-135m, tiny-llama).")] = None,
+    groups: Annotated[Optional[str], typer.Option(help="Number of groups or 'auto' (pipeline, grouping).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every random choice.")] = None,
+    affinity: Annotated[Optional[str], typer.Option(help="grouping: artifact id of an affinity.json.")] = None,
+    params: Annotated[Optional[str], typer.Option(help="Params as JSON, or @file.json.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value (dotted keys nest; JSON values).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe: same key + body -> same job.")] = None,
+    follow: Annotated[bool, typer.Option(help="Follow the job's progress until it finishes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+) -> None:
+    """Submit a job to the API and print its id (optionally follow it)."""
+    group_value: Any = groups
+    if groups is not None and groups != "auto":
+        group_value = int(groups) if groups.isdigit() else groups
+    shorthand = {"tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, "model": model,
+                 "groups": group_value, "seed": seed, "affinity": affinity}
+    body = build_params(params, set_ or [], shorthand)
+    client = _client()
+    job = _call(client.create_job, job_type, body, idempotency_key=idempotency_key)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        console.print(f"submitted [bold]{job['id']}[/] ({job['type']}, {job['status']})")
+    if follow:
+        if follow_job(client, job["id"])["status"] != "succeeded":
+            raise typer.Exit(code=1)
+
+
+def jobs_command(
+    status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
+    job_type: Annotated[Optional[str], typer.Option("--type", help="Filter by type.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+) -> None:
+    """List recent jobs."""
+    page = _call(_client().list_jobs, status=status, type=job_type, limit=limit)
+    table = Table("id", "type", "status", "stage", "progress", "created")
+    for j in page["data"]:
+        pct = j["progress"].get("percent")
+        table.add_row(j["id"], j["type"], j["status"], j["current_stage"] or "", f"{pct:.0f}%" if pct is not None else "",
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"])))
+    console.print(table)
+
+
+STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "white"}
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    style = STATUS_STYLE.get(job["status"], "white")
+    console.print(f"[bold]{job['id']}[/] {job['type']}: [{style}]{job['status']}[/] (attempt {job['attempt']})")
+    for stage in job["stages"]:
+        console.print(f"  stage {stage['name']}: {stage['status']}")
+    if job.get("error"):
+        err = job["error"]
+        console.print(f"  [red]error {err['code']}[/]: {err['message']}" + (f" (param {err['param']})" if err.get("param") else ""))
+
+
+def follow_job(client: Any, job_id: str) -> dict[str, Any]:
+    """Live progress bars (one per step) from the job's progress events; other events as log lines."""
+    import httpx
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.client import ChorusError
+
+    bars: dict[str, Any] = {}
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            for event in client.follow(job_id):
+                data = event.get("data") or {}
+                if data.get("type") == "progress" and data.get("step"):
+                    step, total = str(data["step"]), int(data.get("total") or 0)
+                    label = f"{data.get('stage')}: {step}" if data.get("stage") and data.get("stage") != step else step
+                    if label not in bars:
+                        bars[label] = progress.add_task(label, total=total or None)
+                    progress.update(bars[label], completed=int(data.get("done") or 0), total=total or None)
+                else:
+                    level = event.get("level", "info")
+                    colour = {"error": "red", "warning": "yellow"}.get(level, "dim")
+                    stamp = time.strftime("%H:%M:%S", time.localtime(event["created_at"]))
+                    progress.console.print(f"[{colour}]{stamp} {event['message']}[/]")
+    except ChorusError as exc:
+        fail(f"{exc.code}: {exc.message}")
+    except httpx.HTTPError as exc:
+        fail(f"lost the API: {exc}")
+    job = client.get_job(job_id)
+    _print_job(job)
+    return job
+
+
+def status_command(
+    job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Live progress until the job finishes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+) -> None:
+    """Show a job; with --follow, a live progress bar from its events until it finishes."""
+    client = _client()
+    if follow:
+        job = follow_job(client, job_id)
+    else:
+        job = _call(client.get_job, job_id)
+        if as_json:
+            print(json.dumps(job, indent=2))
+            return
+        _print_job(job)
+        prog = job.get("progress") or {}
+        if job["status"] == "running" and prog:
+            console.print(f"  progress {prog.get('percent', 0):.1f}%: {prog.get('step') or prog.get('stage')} "
+                          f"{prog.get('done')}/{prog.get('total')} {prog.get('message') or ''}")
+    if follow and job["status"] != "succeeded":
+        raise typer.Exit(code=1)
+
+
+def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).")]) -> None:
+    """Cancel a queued or running job."""
+    job = _call(_client().cancel, job_id)
+    console.print(f"{job['id']}: {job['status']}")
+
+
+def results_command(
+    job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
+    download: Annotated[Optional[Path], typer.Option(help="Download every artifact into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result summary as JSON.")] = False,
+) -> None:
+    """Print a finished job's summary and artifacts (and download them with --download DIR)."""
+    client = _client()
+    job = _call(client.get_job, job_id)
+    artifacts = _call(client.job_artifacts, job_id)
+    if as_json:
+        print(json.dumps({"job": job, "artifacts": artifacts}, indent=2))
+    else:
+        _print_job(job)
+        if job.get("result"):
+            console.print_json(json.dumps(job["result"].get("stages", {}), default=str))
+        table = Table("artifact", "name", "kind", "size", "sha256")
+        for a in artifacts:
+            table.add_row(a["id"], a["name"], a["kind"], f"{a['size_bytes']:,}", a["sha256"][:16])
+        console.print(table)
+    if download is not None:
+        paths = _call(client.download_results, job_id, download)
+        for name, path in sorted(paths.items()):
+            err_console.print(f"{name}: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("api")(api_command)
+    app.command("worker")(worker_command)
+    app.command("up")(up_command)
+    app.command("migrate")(migrate_command)
+    app.add_typer(keys_app, name="keys")
+    app.command("submit")(submit_command)
+    app.command("jobs")(jobs_command)
+    app.command("status")(status_command)
+    app.command("cancel")(cancel_command)
+    app.command("results")(results_command)

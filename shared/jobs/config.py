@@ -1,0 +1,57 @@
+"""Settings of the job service (API + worker), read from CHORUS_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.config import get_settings
+
+
+class ServiceSettings(BaseSettings):
+    """Every field can be set with CHORUS_<FIELD> (e.g. CHORUS_LEASE_SECONDS=30)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHORUS_", extra="ignore")
+
+    # Worker leases: a running job's worker renews its lease every lease_seconds/3; a job whose lease
+    # expired (worker killed, machine lost) is requeued by the reaper and resumes after its last stage.
+    lease_seconds: float = Field(30.0, gt=0)
+    reap_interval: float = Field(10.0, gt=0, description="Seconds between reaper sweeps in each worker.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails as worker_lost.")
+    job_time_limit: int = Field(24 * 3600, gt=60, description="Hard time limit of one job (seconds).")
+    visibility_timeout: int | None = Field(None, description="Broker visibility timeout (default: time limit + 1 h).")
+    queue: str = "chorus"
+    progress_interval: float = Field(0.5, ge=0, description="Min seconds between progress writes.")
+    event_interval: float = Field(2.0, ge=0, description="Min seconds between progress events of one stage.")
+    cancel_grace_seconds: float = Field(30.0, ge=0, description="Hard-stop a cancelled job after this (0: never).")
+    work_dir: Path | None = Field(None, description="Stage working directories (default: HOME/work).")
+    keep_workdir: bool = False
+
+    # API
+    admin_key: str | None = Field(None, description="CHORUS_ADMIN_KEY: the bootstrap admin key.")
+    api_docs: bool = True
+    max_json_bytes: int = 1 << 20
+    max_active_jobs: int = Field(100, ge=1, description="Queued + running jobs per owner.")
+    max_datasets: int = Field(500, ge=1, description="Datasets per owner.")
+    auth_cache_seconds: float = Field(5.0, ge=0, description="How long a verified key is cached in-process.")
+    migrate_on_start: bool = True
+
+    @property
+    def soft_time_limit(self) -> int:
+        return max(self.job_time_limit - 120, int(self.job_time_limit * 0.95))
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        return self.visibility_timeout or self.job_time_limit + 3600
+
+    @property
+    def workdir_root(self) -> Path:
+        return self.work_dir or get_settings().home / "work"
+
+
+@lru_cache
+def get_service_settings() -> ServiceSettings:
+    return ServiceSettings()

@@ -1,0 +1,153 @@
+"""Turning a stage's outputs into stored artifacts, adapter rows and ensemble rows (idempotently)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db.models import Adapter, Artifact, Ensemble, new_id
+from shared.storage import ArtifactStore, media_type_for, record_artifact
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy of a stage summary (numpy scalars/arrays, paths, NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if hasattr(value, "__float__"):
+        return jsonable(float(value))
+    return str(value)
+
+
+def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
+    """{logical name: artifact id} over a job's stages; a name produced by several stages is keyed
+    "stage/name" for each of them (e.g. affinity/heatmap and grouping/heatmap)."""
+    counts = Counter(name for _, ids in stages for name in ids)
+    return {(name if counts[name] == 1 else f"{stage}/{name}"): art for stage, ids in stages for name, art in ids.items()}
+
+
+def stage_artifact_paths(workdir: Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """{logical name: absolute path} of the artifacts a stage listed; refuses paths outside workdir."""
+    listed = summary.get("artifacts") or {}
+    if not isinstance(listed, dict):
+        raise ValueError("stage summary 'artifacts' must be a mapping of logical name -> relative path")
+    root = workdir.resolve()
+    out: dict[str, Path] = {}
+    for name, rel in listed.items():
+        path = (root / str(rel)).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"artifact {name!r} points outside the stage workdir: {rel}")
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {name!r} listed by the stage does not exist: {rel}")
+        out[str(name)] = path
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_ensemble(logical: str, path: Path) -> bool:
+    """An ensemble manifest: a JSON file named ensemble* whose object lists members."""
+    if not (path.is_file() and path.suffix == ".json" and (logical.startswith("ensemble") or path.name.startswith("ensemble"))):
+        return False
+    return isinstance(_read_json(path).get("members"), list)
+
+
+def ingest_stage(session: Session, store: ArtifactStore, *, job_id: str, owner: str, stage: str, workdir: Path,
+                 summary: dict[str, Any]) -> dict[str, str]:
+    """Store a stage's artifacts and record them; returns {logical name: artifact id}. Does not commit.
+
+    Re-running this for the same job/stage (after a redelivery) updates rows in place: no duplicates.
+    """
+    paths = stage_artifact_paths(workdir, summary)
+    ids: dict[str, str] = {}
+    adapters: dict[str, Adapter] = {}
+    # Folders (adapters) first so an ensemble manifest can point at their ids.
+    for name, path in sorted(paths.items(), key=lambda kv: (not kv[1].is_dir(), kv[0])):
+        stored = store.put(path)
+        meta = {"relpath": str(path.relative_to(workdir.resolve()))}
+        art = record_artifact(session, stored, owner=owner, name=name, job_id=job_id, stage=stage, meta=meta,
+                              media_type=media_type_for(path.name, stored.kind))
+        ids[name] = art.id
+        if stored.kind == "folder" and (path / "adapter_config.json").is_file():
+            adapters[name] = _record_adapter(session, art, path, owner, job_id, path.name)
+    for name, path in paths.items():
+        if _is_ensemble(name, path):
+            _record_ensemble(session, session.get(Artifact, ids[name]), path, owner, job_id)
+    session.flush()
+    return ids
+
+
+def _record_adapter(session: Session, art: Artifact, folder: Path, owner: str, job_id: str, name: str) -> Adapter:
+    config = _read_json(folder / "adapter_config.json")
+    extra = {}
+    for candidate in ("chorus_adapter.json", "chorus.json", "adapter_meta.json"):
+        if (folder / candidate).is_file():
+            extra = _read_json(folder / candidate)
+            break
+    info = {
+        "rank": config.get("r"), "lora_alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
+        "peft_type": config.get("peft_type"), **extra,
+    }
+    row = session.scalars(select(Adapter).where(Adapter.job_id == job_id, Adapter.name == name)).one_or_none()
+    if row is None:
+        row = Adapter(id=new_id("ad"), owner=owner, job_id=job_id, name=name)
+        session.add(row)
+    row.artifact_id, row.sha256 = art.id, art.sha256
+    base = extra.get("base_model")
+    if not base and isinstance(extra.get("base"), dict):
+        base = extra["base"].get("base_model")
+    row.base_model = str(base or config.get("base_model_name_or_path") or "") or None
+    row.info = jsonable(info)
+    return row
+
+
+def _record_ensemble(session: Session, art: Artifact, path: Path, owner: str, job_id: str) -> Ensemble:
+    manifest = _read_json(path)
+    name = str(manifest.get("name") or path.stem)
+    known = {a.name: a.id for a in session.scalars(select(Adapter).where(Adapter.job_id == job_id))}
+    members: dict[str, str] = {}
+    raw_members = manifest.get("members") or []
+    for member in raw_members if isinstance(raw_members, list) else []:
+        if isinstance(member, str):
+            key = member
+        elif isinstance(member, dict):
+            key = str(member.get("name") or member.get("adapter") or member.get("path") or "")
+        else:
+            continue
+        path_key = str(member.get("path") or "") if isinstance(member, dict) else ""
+        for candidate in (key, Path(key).name, Path(path_key).name if path_key else ""):
+            if candidate in known:
+                members[key] = known[candidate]
+                break
+    row = session.scalars(select(Ensemble).where(Ensemble.job_id == job_id, Ensemble.name == name)).one_or_none()
+    if row is None:
+        row = Ensemble(id=new_id("ens"), owner=owner, job_id=job_id, name=name)
+        session.add(row)
+    row.artifact_id, row.fingerprint = art.id, art.sha256
+    base = manifest.get("base") or manifest.get("base_model")
+    base = (base.get("base_model") or base.get("name")) if isinstance(base, dict) else base
+    row.base_model = str(base) if base else None
+    row.manifest = jsonable(manifest)
+    row.members = members
+    return row

@@ -1,0 +1,309 @@
+"""Running one job: claim it, run its stages in order (skipping finished ones), ingest each stage's
+artifacts in the same transaction that marks the stage finished, and end the job in one terminal state.
+
+This is queue-agnostic: the Celery task calls `run_job(job_id)`; so can a test or a debugger.
+
+Fan-out seam (not used yet): a stage is any callable (workdir, inputs, progress) -> summary, so a sharded
+stage (gradient shards, subset estimations: shared.ml.affinity.stage.run_gradient_shard/run_estimate_shard)
+can dispatch its shards as a Celery group of shard tasks writing into the shared job workdir and return
+once the chord completes; resume still works per stage, and shard files make the stage itself resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+
+from shared.db.models import Artifact, Job, JobStage, utcnow
+from shared.db.session import get_sessionmaker
+from shared.jobs import state
+from shared.jobs.config import ServiceSettings, get_service_settings
+from shared.jobs.ingest import ingest_stage, jsonable, merge_stage_artifacts
+from shared.jobs.progress import JobProgress, Lease
+from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable, StageFn
+from shared.ml.progress import Cancelled
+from shared.storage import ArtifactStore
+
+log = logging.getLogger("chorus.jobs")
+
+# Exceptions raised by a queue's soft time limit (matched by name: this module imports no queue).
+TIMEOUT_EXCEPTIONS = ("SoftTimeLimitExceeded", "TimeoutError")
+
+
+def validation_error(exc: ValidationError, prefix: str = "params") -> dict[str, Any]:
+    """The job error object for a pydantic error: the first failing field, dotted (e.g. params.tasks)."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    loc = ".".join(str(p) for p in (prefix, *first.get("loc", ())) if p != "")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return state.error_obj("invalid_params", f"{loc}: {msg}", loc)
+
+
+class _Stop(Exception):
+    """Internal: the job reached a terminal state (or lost its lease); unwind quietly."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class JobRunner:
+    def __init__(self, job_id: str, *, token: str | None = None, settings: ServiceSettings | None = None,
+                 store: ArtifactStore | None = None, hard_stop: Callable[[], None] | None = None) -> None:
+        self.job_id = job_id
+        self.token = token or state.make_token()
+        self.settings = settings or get_service_settings()
+        self.store = store or ArtifactStore()
+        self.hard_stop = hard_stop
+        self.maker = get_sessionmaker()
+        self.lease: Lease | None = None
+
+    # -- entry point --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        with self.maker() as session:
+            claim = state.claim(session, self.job_id, self.token, self.settings.lease_seconds,
+                                self.settings.max_attempts)
+        if claim.outcome != "claimed":
+            log.info("job %s not run: %s %s", self.job_id, claim.outcome, claim.status)
+            return {"job_id": self.job_id, "outcome": claim.outcome, "status": claim.status}
+        self.claim = claim
+        self.lease = Lease(self.job_id, self.token, self.settings.lease_seconds,
+                           self.settings.cancel_grace_seconds, self.hard_stop).start()
+        try:
+            outcome = self._execute()
+        except _Stop as stop:
+            outcome = stop.outcome
+        finally:
+            self.lease.stop()
+        log.info("job %s: %s", self.job_id, outcome)
+        return {"job_id": self.job_id, "outcome": outcome}
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _fail(self, error: dict[str, Any], stage: str | None = None, detail: str | None = None) -> None:
+        with self.maker() as session:
+            if stage is not None:
+                row = self._stage_row(session, stage)
+                if row is not None and row.status == "running":
+                    row.status, row.error, row.finished_at = "failed", error, utcnow()
+            if state.finish(session, self.job_id, self.token, "failed", error=error):
+                data = {"error": error, **({"traceback": detail[-8000:]} if detail else {})}
+                state.add_event(session, self.job_id, f"failed: {error['message']}", "error", data)
+                session.commit()
+                raise _Stop("failed")
+            session.rollback()
+        raise _Stop(self._why_not_mine())
+
+    def _why_not_mine(self) -> str:
+        with self.maker() as session:
+            verdict = state.observe(session, self.job_id, self.token)
+            if verdict == "cancelled":
+                state.release(session, self.job_id, self.token)
+                session.commit()
+        return "cancelled" if verdict == "cancelled" else "lease_lost"
+
+    def _stage_row(self, session: Any, name: str) -> JobStage | None:
+        return session.scalars(select(JobStage).where(JobStage.job_id == self.job_id, JobStage.name == name)).one_or_none()
+
+    def _workdir(self) -> Path:
+        """One working directory per job, shared by its stages (they read each other's files) and kept
+        between attempts on this machine so a stage can resume from its own partial outputs."""
+        path = self.settings.workdir_root / self.job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _materialize(self, session: Any, stage: str) -> dict[str, Path]:
+        """A finished stage's artifacts as later stages expect them: at the path the stage wrote them in
+        the workdir (copied back from the store when this machine does not have them), by logical name."""
+        workdir = self._workdir().resolve()
+        out: dict[str, Path] = {}
+        for art in session.scalars(select(Artifact).where(Artifact.job_id == self.job_id, Artifact.stage == stage)):
+            rel = (art.meta or {}).get("relpath") or art.name
+            target = (workdir / rel).resolve()
+            if not target.is_relative_to(workdir):
+                continue
+            if not target.exists():
+                _copy_object(self.store.resolve(art.path), target)
+            out[art.name] = target
+            out[f"{stage}/{art.name}"] = target
+        return out
+
+    def _resolve_artifact_params(self, job_type: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """Replace artifact ids in params (e.g. grouping.affinity) by a copy in the workdir."""
+        params = dict(params)
+        for field, filename in job_type.artifact_params:
+            ref = params.get(field)
+            if not isinstance(ref, str) or not ref.startswith("art-"):
+                continue
+            with self.maker() as session:
+                art = session.get(Artifact, ref)
+                if art is None or art.owner != self.claim.owner:
+                    self._fail(state.error_obj("invalid_params", f"params.{field}: no artifact {ref!r}", f"params.{field}"))
+                assert art is not None
+                source = self.store.resolve(art.path)
+            target = self._workdir() / "inputs" / filename
+            if target.exists() or target.is_symlink():
+                target.unlink()
+            _copy_object(source, target)
+            params[field] = str(target)
+        return params
+
+    # -- the job ------------------------------------------------------------------------------------
+    def _execute(self) -> str:
+        assert self.lease is not None
+        job_type = JOB_TYPES.get(self.claim.type)
+        if job_type is None:
+            self._fail(state.error_obj("unknown_job_type", f"unknown job type {self.claim.type!r}", "type"))
+        assert job_type is not None
+        try:
+            raw = self._resolve_artifact_params(job_type, self.claim.params or {})
+            params: BaseModel = job_type.validate(raw)
+            stages: list[tuple[str, StageFn]] = job_type.stages(params)
+        except JobTypeUnavailable as exc:
+            self._fail(state.error_obj("job_type_unavailable", f"job type {job_type.name!r} is not available: {exc}", "type"))
+        except ValidationError as exc:
+            self._fail(validation_error(exc))
+        except ValueError as exc:
+            self._fail(state.error_obj("invalid_params", str(exc), "params"))
+        names = [name for name, _ in stages]
+        if len(set(names)) != len(names):
+            self._fail(state.error_obj("internal_error", f"duplicate stage names {names}"))
+        with self.maker() as session:
+            rows = state.ensure_stages(session, self.job_id, names)
+            done_before = [n for n in names if rows[n].status == "succeeded"]
+            if done_before:
+                state.add_event(session, self.job_id, f"resuming after finished stage(s): {', '.join(done_before)}",
+                                data={"skipped": done_before})
+                session.commit()
+        inputs: dict[str, Path] = {}
+        summaries: dict[str, Any] = {}
+        artifacts: list[tuple[str, dict[str, str]]] = []
+        for index, (name, fn) in enumerate(stages):
+            with self.maker() as session:
+                row = self._stage_row(session, name)
+                assert row is not None
+                if row.status == "succeeded":
+                    inputs.update(self._materialize(session, name))
+                    summaries[name] = (row.outputs or {}).get("summary")
+                    artifacts.append((name, (row.outputs or {}).get("artifacts") or {}))
+                    continue
+            summary = self._run_stage(index, len(stages), name, fn, inputs)
+            ids = self._commit_stage(name, summary)
+            summaries[name] = {k: v for k, v in summary.items() if k != "artifacts"}
+            artifacts.append((name, ids))
+            with self.maker() as session:
+                inputs.update(self._materialize(session, name))
+        return self._succeed(summaries, artifacts, len(stages))
+
+    def _run_stage(self, index: int, count: int, name: str, fn: StageFn, inputs: dict[str, Path]) -> dict[str, Any]:
+        assert self.lease is not None
+        with self.maker() as session:
+            if not state.guard(session, self.job_id, self.token):
+                session.rollback()
+                raise _Stop(self._why_not_mine())
+            row = self._stage_row(session, name)
+            assert row is not None
+            row.status, row.attempts, row.started_at, row.error = "running", row.attempts + 1, utcnow(), None
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            progress = JobProgress(self.job_id, self.token, self.lease, name, index, count,
+                                   self.settings.progress_interval, self.settings.event_interval)
+            job.current_stage = name
+            job.progress = progress.snapshot(None, 0, 0, "starting")
+            state.add_event(session, self.job_id, f"stage {name} started ({index + 1}/{count})",
+                            data={"type": "stage", "stage": name, "status": "running", "attempt": row.attempts})
+            session.commit()
+        started = time.monotonic()
+        try:
+            summary = fn(self._workdir(), dict(inputs), progress)
+        except Cancelled:
+            self._stopped(name, started)
+        except ValidationError as exc:
+            self._fail(validation_error(exc), name)
+        except ValueError as exc:
+            self._fail(state.error_obj("invalid_params", str(exc) or type(exc).__name__), name)
+        except Exception as exc:
+            if type(exc).__name__ in TIMEOUT_EXCEPTIONS:
+                self._fail(state.error_obj("timeout", f"stage {name} exceeded the job time limit"), name)
+            if self.lease.stopping:
+                self._stopped(name, started)
+            self._fail(state.error_obj("stage_failed", f"stage {name}: {type(exc).__name__}: {exc}"), name,
+                       traceback.format_exc())
+        if not isinstance(summary, dict):
+            self._fail(state.error_obj("stage_failed", f"stage {name} returned {type(summary).__name__}, not a dict"), name)
+        return jsonable(summary)
+
+    def _stopped(self, name: str, started: float) -> None:
+        assert self.lease is not None
+        outcome = self._why_not_mine() if not self.lease.cancelled.is_set() else "cancelled"
+        if outcome == "cancelled":
+            with self.maker() as session:
+                row = self._stage_row(session, name)
+                if row is not None and row.status == "running":
+                    row.status, row.finished_at = "cancelled", utcnow()
+                state.release(session, self.job_id, self.token)
+                state.add_event(session, self.job_id, f"worker stopped stage {name} after cancellation",
+                                "warning", {"type": "stage", "stage": name, "status": "cancelled",
+                                            "ran_seconds": round(time.monotonic() - started, 3)})
+                session.commit()
+        raise _Stop(outcome)
+
+    def _commit_stage(self, name: str, summary: dict[str, Any]) -> dict[str, str]:
+        workdir = self._workdir()
+        with self.maker() as session:
+            try:
+                ids = ingest_stage(session, self.store, job_id=self.job_id, owner=self.claim.owner, stage=name,
+                                   workdir=workdir, summary=summary)
+            except (ValueError, FileNotFoundError) as exc:
+                session.rollback()
+                self._fail(state.error_obj("stage_failed", f"stage {name} outputs: {exc}"), name)
+            if not state.guard(session, self.job_id, self.token):
+                session.rollback()
+                raise _Stop(self._why_not_mine())
+            row = self._stage_row(session, name)
+            assert row is not None
+            row.status, row.finished_at = "succeeded", utcnow()
+            row.outputs = {"summary": {k: v for k, v in summary.items() if k != "artifacts"}, "artifacts": ids}
+            state.add_event(session, self.job_id, f"stage {name} finished ({len(ids)} artifact(s))",
+                            data={"type": "stage", "stage": name, "status": "succeeded", "artifacts": ids})
+            session.commit()
+        return ids
+
+    def _succeed(self, summaries: dict[str, Any], stage_artifacts: list[tuple[str, dict[str, str]]], count: int) -> str:
+        artifacts = merge_stage_artifacts(stage_artifacts)
+        result = {"stages": summaries, "artifacts": artifacts}
+        progress = {"stage": None, "stage_index": count, "stage_count": count, "step": None, "done": count,
+                    "total": count, "message": "done", "percent": 100.0}
+        with self.maker() as session:
+            if not state.finish(session, self.job_id, self.token, "succeeded", result=result, progress=progress):
+                session.rollback()
+                raise _Stop(self._why_not_mine())
+            job = session.get(Job, self.job_id)
+            if job is not None:
+                job.current_stage = None
+            state.add_event(session, self.job_id, "job succeeded", data={"type": "status", "status": "succeeded",
+                                                                          "artifacts": artifacts})
+            session.commit()
+        if not self.settings.keep_workdir:
+            shutil.rmtree(self.settings.workdir_root / self.job_id, ignore_errors=True)
+        return "succeeded"
+
+
+def _copy_object(source: Path, target: Path) -> None:
+    """Copy a stored file or folder (never link: a stage rewriting its input must not touch the store)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(source, target)
+
+
+def run_job(job_id: str, **kwargs: Any) -> dict[str, Any]:
+    """Run (or resume, or skip) one job; see JobRunner."""
+    return JobRunner(job_id, **kwargs).run()
