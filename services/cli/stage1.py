@@ -1,0 +1,332 @@
+"""Stage-1 CLI commands: affinity, group, approx-error, validate-estimates.
+
+Bad input (unknown task, bad option value, malformed affinity.json, more groups than tasks) prints an
+error naming the wrong thing and exits with status 2 before anything is written. `affinity` computes in a
+hidden sibling folder `.<OUT>.partial-affinity` (re-running the same command resumes it) and moves the
+finished files into --out with affinity.json last, so --out never holds a half-written run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def fail(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+_FLAG = {  # params field -> CLI flag, so validation errors name what the user typed
+    "tasks": "--tasks", "model": "--model", "max_train": "--max-train", "max_val": "--max-val", "dim": "--dim",
+    "seed": "--seed", "rank": "--rank", "lam": "--lam", "subset_size": "--subset-size", "coverage": "--coverage",
+    "mode": "--mode", "metric": "--metric", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
+    "max_length": "--max-length", "quantization": "--quantization", "device": "--device", "scales": "--scales",
+    "directions": "--directions", "subsets": "--subsets", "epochs": "--epochs", "lr": "--lr", "lams": "--lams",
+    "train_batch_size": "--train-batch-size", "precision": "--precision", "groups": "--groups", "method": "--method", "backmap": "--backmap", "lam_scale": "--lam-scale",
+}
+
+
+def _validate(cls: type, data: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            loc = [str(x) for x in e["loc"]]
+            flag = _FLAG.get(loc[0], loc[0]) if loc else "input"
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{flag}: {msg}")
+        fail("; ".join(parts))
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag}: expected comma-separated numbers, got {text!r}")
+    if not values:
+        fail(f"{flag}: expected at least one number")
+    return values
+
+
+def _tasks(text: str) -> list[str]:
+    from shared.ml.tasks.registry import parse_task_list
+
+    try:
+        return list(parse_task_list(text))
+    except ValueError as exc:
+        fail(f"--tasks: {exc}")
+    raise AssertionError
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        fail(f"--out: {str(out)!r} exists and is not a directory")
+
+
+def _publish(partial: Path, out: Path, last: str) -> None:
+    """Move the finished files of `partial` into `out`; `last` (the index file) moves last."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, out)
+        return
+    entries = sorted(partial.iterdir(), key=lambda p: p.name == last)
+    for entry in entries:
+        target = out / entry.name
+        if entry.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        else:
+            os.replace(entry, target)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _run_into(out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run fn(workdir) in a hidden sibling folder, then publish into `out`. Bad input -> exit 2."""
+    out = out.expanduser().resolve()
+    _check_out(out)
+    partial = out.parent / f".{out.name}.partial-{kind}"
+    created = not partial.exists()
+    try:
+        summary = fn(partial)
+    except ValueError as exc:
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
+        fail(str(exc))
+    _publish(partial, out, last)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def affinity_command(
+    out: Annotated[Path, typer.Option(help="Output directory (affinity.json, affinity.png, per-subset CSV/JSON, ...).")],
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")] = 500,
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
+    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subset sampling.")] = 0,
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = 4,
+    lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
+    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
+    coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
+    mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
+    backmap: Annotated[str, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = "sketch",
+    metric: Annotated[str, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = "accuracy",
+    batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
+    eval_batch_size: Annotated[int, typer.Option(help="Rows per estimation forward.")] = 64,
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
+    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Estimate the task-affinity matrix (no fine-tuning): DIR/affinity.json and DIR/affinity.png."""
+    from shared.ml.affinity.params import AffinityParams
+    from shared.ml.affinity.stage import run_affinity
+    from shared.ml.progress import TqdmProgress
+
+    if not tasks:
+        fail("--tasks: give at least 2 comma-separated task names")
+    params = _validate(AffinityParams, dict(
+        model=model, tasks=_tasks(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale,
+        subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
+    summary = _run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
+    T = summary["matrix"]
+    table = Table("i \\ j", *params.tasks, title=f"T[i, j] = estimated {params.metric} of i (mean over subsets with i, j)")
+    for name, row in zip(params.tasks, T):
+        table.add_row(name, *("-" if v is None else f"{v:.3f}" for v in row))
+    console.print(table)
+    console.print(f"{summary['subsets']} subsets; wall time {summary['wall_seconds']:.1f} s; wrote {out / 'affinity.json'}")
+
+
+def group_command(
+    affinity: Annotated[Path, typer.Option(help="Path of an affinity.json.")],
+    groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: the affinity file's folder).")] = None,
+    method: Annotated[str, typer.Option(help="auto (SDP, spectral fallback), sdp or spectral.")] = "auto",
+    metric: Annotated[Optional[str], typer.Option(help="Use another matrix of the file: accuracy, neg_loss, macro_f1.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the k-means rounding / spectral clustering.")] = 0,
+) -> None:
+    """Group tasks by affinity: DIR/groups.json = {"groups": [[task, ...], ...], "method": ...}."""
+    from shared.ml.affinity.params import GroupingParams
+    from shared.ml.affinity.stage import read_affinity, run_grouping
+    from shared.ml.progress import silent
+
+    value: int | str
+    if groups.strip().lower() == "auto":
+        value = "auto"
+    else:
+        try:
+            value = int(groups)
+        except ValueError:
+            fail(f"--groups: expected a positive integer or 'auto', got {groups!r}")
+        if value < 1:
+            fail(f"--groups: expected a positive integer or 'auto', got {groups!r}")
+    try:
+        data = read_affinity(affinity)
+    except ValueError as exc:
+        fail(f"--affinity: {exc}")
+    n = len(data["tasks"])
+    if isinstance(value, int) and value > n:
+        fail(f"--groups: {value} groups requested but {affinity} has only {n} tasks")
+    params = _validate(GroupingParams, dict(affinity=str(affinity.resolve()), groups=value, method=method, metric=metric, seed=seed))
+    target = (out or affinity.parent).expanduser()
+    _check_out(target)
+    try:
+        summary = run_grouping(params, target, silent)
+    except ValueError as exc:
+        fail(str(exc))
+    for i, g in enumerate(summary["groups"]):
+        console.print(f"group {i + 1}: {', '.join(g)}")
+    console.print(f"{summary['m']} groups by {summary['method']}; wrote {target / 'groups.json'}")
+
+
+def approx_error_command(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    scales: Annotated[str, typer.Option(help="Comma-separated relative norms ||Delta|| / ||A0||.")] = "0.02,0.05,0.1",
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (for the directions).")] = 100,
+    max_val: Annotated[Optional[int], typer.Option(help="Held-out (validation) examples per task.")] = 50,
+    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = 400,
+    seed: Annotated[int, typer.Option()] = 0,
+    rank: Annotated[int, typer.Option()] = 4,
+    directions: Annotated[int, typer.Option(help="Number of subset solutions used as directions.")] = 4,
+    lam: Annotated[Optional[float], typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = None,
+    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    batch_size: Annotated[int, typer.Option()] = 16,
+    eval_batch_size: Annotated[int, typer.Option()] = 64,
+    max_length: Annotated[int, typer.Option()] = 256,
+    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="Model dtype: fp32 (default: bf16 logits add noise), bf16 or auto.")] = "fp32",
+    out: Annotated[Optional[Path], typer.Option(help="Keep approx_error.json/csv here (default: not kept).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-scale summary as JSON.")] = False,
+) -> None:
+    """First-order approximation error: f0 + g.w vs the true f at theta0 + Delta on held-out examples."""
+    from shared.ml.affinity.params import ApproxErrorParams
+    from shared.ml.affinity.stage import run_approx_error
+    from shared.ml.progress import TqdmProgress
+
+    if not tasks:
+        fail("--tasks: give at least 2 comma-separated task names")
+    params = _validate(ApproxErrorParams, dict(
+        model=model, tasks=_tasks(tasks), scales=_floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
+        seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        max_length=max_length, quantization=quantization, device=device, precision=precision))
+    if out is not None:
+        summary = _run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                summary = run_approx_error(params, Path(tmp) / "run", TqdmProgress())
+            except ValueError as exc:
+                fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(summary["per_scale"], indent=2))
+        return
+    table = Table("scale", "mean rel. error", "median rel. error", "p90", "mean sq. (ref.)", "0th-order mean", "||dW||/||W||",
+                  title="first-order approximation error on held-out examples")
+    for s in summary["per_scale"]:
+        rwc = s.get("relative_weight_change")
+        table.add_row(f"{s['scale']:g}", f"{100 * s['mean_rel_error']:.3f}%", f"{100 * s['median_rel_error']:.3f}%",
+                      f"{100 * s['p90_rel_error']:.3f}%", f"{100 * s['mean_sq_rel_error']:.4f}%",
+                      f"{100 * s['zeroth_order_mean_rel_error']:.3f}%", "-" if rwc is None else f"{rwc:.2e}")
+    console.print(table)
+    console.print(f"wall time {summary['wall_seconds']:.1f} s")
+
+
+def validate_command(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    subsets: Annotated[int, typer.Option(help="Number of sampled subsets K to fine-tune.")] = 8,
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task.")] = 500,
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
+    dim: Annotated[int, typer.Option()] = 400,
+    seed: Annotated[int, typer.Option()] = 0,
+    rank: Annotated[int, typer.Option()] = 4,
+    lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the estimate (see --lam-scale).")] = None,
+    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
+    subset_size: Annotated[Optional[int], typer.Option()] = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
+    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = 5e-4,
+    train_batch_size: Annotated[int, typer.Option()] = 8,
+    select: Annotated[str, typer.Option(help="best (lowest mean val loss epoch) or last.")] = "best",
+    backmap: Annotated[str, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = "sketch",
+    compare_backmaps: Annotated[bool, typer.Option(help="Also report the other back-map (untimed).")] = True,
+    batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
+    eval_batch_size: Annotated[int, typer.Option()] = 64,
+    max_length: Annotated[int, typer.Option()] = 256,
+    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Keep validate.json/csv here (default: not kept).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Estimated vs really fine-tuned validation loss/accuracy on K subsets, and the compute ratio."""
+    from shared.ml.affinity.params import ValidateParams
+    from shared.ml.affinity.stage import run_validate_estimates
+    from shared.ml.progress import TqdmProgress
+
+    if not tasks:
+        fail("--tasks: give at least 2 comma-separated task names")
+    params = _validate(ValidateParams, dict(
+        model=model, tasks=_tasks(tasks), subsets=subsets, max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank,
+        lam=lam, lam_scale=lam_scale, lams=_floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
+        train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
+        batch_size=batch_size, eval_batch_size=eval_batch_size,
+        max_length=max_length, quantization=quantization, device=device))
+    if out is not None:
+        summary = _run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, TqdmProgress()))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                summary = run_validate_estimates(params, Path(tmp) / "run", TqdmProgress())
+            except ValueError as exc:
+                fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "artifacts"}, indent=2))
+        return
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    table = Table("subset", "task", "est. loss", "true loss", "rel. err", "est. acc", "true acc", "rel. err", "ep",
+                  title=f"estimated vs fine-tuned (validation), lambda={params.lam:g}")
+    for r in summary["rows"]:
+        table.add_row(r["tasks"], r["task"], f"{r['est_loss']:.4f}", f"{r['true_loss']:.4f}", pct(r["rel_err_loss"]),
+                      f"{r['est_accuracy']:.3f}", f"{r['true_accuracy']:.3f}", pct(r["rel_err_accuracy"]), str(r["ft_epoch"]))
+    console.print(table)
+    console.print(f"mean relative error: loss {pct(summary['mean_rel_err_loss'])}, accuracy {pct(summary['mean_rel_err_accuracy'])}")
+    for bm, per in summary["per_backmap"].items():
+        for lam_key, v in per.items():
+            console.print(f"  {bm:<11s} lambda={lam_key}: rel. error loss {pct(v['mean_rel_err_loss'])}, accuracy "
+                          f"{pct(v['mean_rel_err_accuracy'])} (mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
+    ratio = summary["compute_ratio"]
+    amort = summary["compute_ratio_amortised"]
+    console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
+                  f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("affinity")(affinity_command)
+    app.command("group")(group_command)
+    app.command("approx-error")(approx_error_command)
+    app.command("validate-estimates")(validate_command)

@@ -1,0 +1,138 @@
+"""First-order approximation error (DESIGN.md §3.4): how well f0 + g . w predicts the true f at theta0 + P w.
+
+Directions: subset solutions w_S (from the training rows), rescaled so that ||P w|| = scale * ||A0||, i.e.
+`scale` is the relative distance of the adapter from its initialisation, ||Delta|| / ||theta0||, with
+||theta0|| = ||A0|| because B0 = 0 (the reference's definition; the relative change of the adapted weights,
+||s * dB A0|| / ||W||, is reported beside it). Held-out examples = the validation split (never test).
+Error per example: |f0 + g . w - f_true| / max(|f_true|, |f0|).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.ml.affinity.estimate import delta_norms, multiplexed_forward, subset_rows
+from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
+from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe, save_theta0
+from shared.ml.affinity.solver import solve_subsets
+from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
+from shared.ml.affinity.store import gradient_pass
+from shared.ml.affinity.subsets import sample_subsets
+from shared.ml.progress import Progress, silent
+
+
+def _seeded_pick(items: list, k: int, seed: int) -> list:
+    rng = random.Random(seed + 7919)
+    idx = sorted(rng.sample(range(len(items)), min(k, len(items))))
+    return [items[i] for i in idx]
+
+
+@torch.no_grad()
+def _relative_weight_change(rt: Runtime, stacks: dict[str, torch.Tensor], slot: int) -> float | None:
+    """||s * dB A0||_F / ||W||_F over all adapted layers (None on a quantized base)."""
+    num = 0.0
+    den = 0.0
+    for site in rt.sites:
+        mod = rt.model.get_submodule(site.module_name)
+        W = mod.base_layer.weight
+        if W.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        scaling = mod.scaling["default"]
+        dW = scaling * stacks[site.param_name][slot].to(W.device) @ site.lora_a.weight.float()
+        num += float((dW.float() ** 2).sum())
+        den += float((W.float() ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else None
+
+
+def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """First-order error of f0 + g . w against the true f at theta0 + P w on held-out (validation) rows.
+
+    Directions: subset solutions w_S (train rows), rescaled so that ||P w|| = scale * ||A0|| (||theta0|| of
+    the adapter = ||A0|| since B0 = 0; the reference's definition). Error per example:
+    |f_lin - f_true| / max(|f_true|, |f0|); also reported: the reference's mean squared version and the
+    zeroth-order error |f0 - f_true| / max(|f_true|, |f0|) (what the gradient term is compared against).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_params(params, workdir)
+    t0 = time.perf_counter()
+    rt = Runtime.load(params, workdir / "theta0.safetensors")
+    if not (workdir / "theta0.safetensors").exists():
+        save_theta0(rt, workdir / "theta0.safetensors")
+    atomic_write_text(workdir / "projection_spec.json", json.dumps(rt.spec.to_dict(), indent=2))
+    train_rows = rt.rows("train", params.max_train)
+    val_rows = rt.rows("val", params.max_val)
+    G, f0 = gradient_pass(rt, train_rows, workdir, params.batch_size, progress)
+    Gv, fv = gradient_pass(rt, val_rows, workdir, params.batch_size, progress)
+    n = len(params.tasks)
+    size = min(_subset_size(params, n), n)
+    subsets = _seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
+    sol = solve_subsets(G, f0, [subset_rows(train_rows, s) for s in subsets],
+                        effective_lambda(params.lam, params.lam_scale, G), rt.device)
+    norms = delta_norms(rt.projector.backmap(sol.w))
+    a_norm = rt.a_norm()
+    slots, scaled = [], []
+    for si, scale in enumerate(params.scales):
+        for k in range(len(subsets)):
+            c = scale * a_norm / float(norms[k]) if float(norms[k]) > 0 else 0.0
+            slots.append((si, k, c))
+            scaled.append(sol.w[k] * c)
+    W = torch.stack(scaled)
+    stacks = rt.projector.backmap(W)
+    pad = rt.tokenizer.pad_token_id or 0
+    f_true = torch.zeros(len(slots), len(val_rows))
+    for t, name in enumerate(params.tasks):
+        rows = val_rows.task_rows(t)
+        items = [(val_rows.items[i], s) for s in range(len(slots)) for i in rows]
+        out = multiplexed_forward(rt.model, rt.sites, stacks, items, rt.bound[name].choice_token_ids, params.eval_batch_size,
+                                  pad, rt.device, progress, "approx-error forwards", name)
+        f_true[:, torch.as_tensor(rows)] = out.f.reshape(len(slots), len(rows))
+    f_lin = fv[None, :].double() + (W.double() @ Gv.double().T)
+    denom = torch.maximum(f_true.double().abs(), fv[None, :].double().abs()).clamp_min(1e-12)
+    rel = (f_lin - f_true.double()).abs() / denom
+    rel0 = (fv[None, :].double() - f_true.double()).abs() / denom
+    per_scale = []
+    csv_rows = []
+    for si, scale in enumerate(params.scales):
+        idx = [j for j, (s, _, _) in enumerate(slots) if s == si]
+        r = rel[idx].flatten()
+        r0 = rel0[idx].flatten()
+        rwc = [v for v in (_relative_weight_change(rt, stacks, j) for j in idx) if v is not None]
+        per_scale.append(json_safe({
+            "scale": scale, "mean_rel_error": float(r.mean()), "median_rel_error": float(r.median()),
+            "p90_rel_error": float(r.quantile(0.9)), "max_rel_error": float(r.max()),
+            "mean_sq_rel_error": float((r ** 2).mean()),
+            "zeroth_order_mean_rel_error": float(r0.mean()), "zeroth_order_median_rel_error": float(r0.median()),
+            "delta_norm": scale * a_norm, "relative_weight_change": float(np.mean(rwc)) if rwc else None,
+            "examples": int(r.numel()),
+        }))
+        for j in idx:
+            _, k, _ = slots[j]
+            for i in range(len(val_rows)):
+                csv_rows.append({"scale": scale, "direction": k, "subset": "+".join(params.tasks[t] for t in subsets[k]),
+                                 "task": val_rows.items[i].task, "example_id": val_rows.items[i].example_id,
+                                 "f0": float(fv[i]), "f_linear": float(f_lin[j, i]), "f_true": float(f_true[j, i]),
+                                 "rel_error": float(rel[j, i])})
+    wall = time.perf_counter() - t0
+    doc = json_safe({
+        "tasks": params.tasks, "a0_norm": a_norm, "scale_definition": "||Delta_B|| = scale * ||theta0|| = scale * ||A0|| (all LoRA tensors)",
+        "error_definition": "|f0 + g.w - f_true| / max(|f_true|, |f0|) per held-out (validation) example",
+        "directions": [[params.tasks[t] for t in s] for s in subsets], "per_scale": per_scale,
+        "validation_examples": len(val_rows), "wall_seconds": round(wall, 3), "params": params.model_dump(mode="json"),
+    })
+    atomic_write_json(workdir / "approx_error.json", doc)
+    atomic_write_text(workdir / "approx_error.csv", _csv_text(csv_rows, ["scale", "direction", "subset", "task", "example_id",
+                                                                       "f0", "f_linear", "f_true", "rel_error"]))
+    return {"per_scale": per_scale, "wall_seconds": round(wall, 3),
+            "artifacts": {"approx_error": "approx_error.json", "examples": "approx_error.csv", "theta0": "theta0.safetensors",
+                          "projection_spec": "projection_spec.json"}}
+
+

@@ -1,0 +1,200 @@
+"""Stage 1a: f0 and per-example gradients w.r.t. the LoRA B matrices, all rows of a batch in ONE backward.
+
+f(x, y) = z_y - logsumexp_{v != y} z_v, the log-odds of the gold answer token under the full-vocabulary
+softmax at the answer position (exact and stable: no clipping). sigmoid(f) = p(y), so softplus(-f) is
+the answer-token cross-entropy, which is what the Stage-1b logistic regression linearises.
+
+At theta0 (B = 0) the gradient w.r.t. every A is exactly zero, so only the B matrices are differentiated.
+For a LoRA layer out = base(x) + s * B (A x): hooks on each `lora_B` module capture its input h = A x
+[b, T, r] and the gradient delta at its output [b, T, out] (this already contains the scaling s), and the
+per-example gradient is dL_i/dB = sum_t delta_{i,t} h_{i,t}^T (one batched matmul; padded positions are
+masked out, and with right padding they carry no gradient anyway). The per-example gradients are projected
+to d dimensions layer by layer with the block-generated sketch (projection.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.ml.affinity.projection import Projector, ProjectionSpec
+from shared.ml.encoding import Batch
+
+
+@dataclass
+class LoraSite:
+    """One LoRA-wrapped linear layer: its lora_B module and the name of the B parameter."""
+
+    module_name: str
+    lora_b: torch.nn.Module
+    lora_a: torch.nn.Module
+    param_name: str  # named_parameters name of lora_B weight
+    shape: tuple[int, int]  # (out_features, r)
+
+
+def lora_sites(model: Any, adapter: str = "default") -> list[LoraSite]:
+    """The LoRA layers of `adapter` in named_parameters order of their B weights."""
+    by_param: dict[str, LoraSite] = {}
+    for name, module in model.named_modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, torch.nn.ModuleDict) and adapter in lora_b:
+            b = lora_b[adapter]
+            pname = f"{name}.lora_B.{adapter}.weight"
+            by_param[pname] = LoraSite(name, b, module.lora_A[adapter], pname, tuple(b.weight.shape))
+    order = [n for n, _ in model.named_parameters() if n in by_param]
+    if not order:
+        raise ValueError(f"model has no LoRA adapter {adapter!r} (attach_lora first)")
+    return [by_param[n] for n in order]
+
+
+def spec_for(model: Any, seed: int, dim: int, adapter: str = "default") -> ProjectionSpec:
+    """The projection spec over the B matrices of `adapter`, in parameter order."""
+    return ProjectionSpec.from_shapes(seed, dim, [(s.param_name, s.shape) for s in lora_sites(model, adapter)])
+
+
+def log_odds(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """f = z_y - logsumexp_{v != y} z_v per row, in float32 (no clipping)."""
+    z = logits.float()
+    zy = z.gather(1, target[:, None])[:, 0]
+    others = z.scatter(1, target[:, None], float("-inf"))
+    return zy - torch.logsumexp(others, dim=-1)
+
+
+class BGradCapture:
+    """Forward/backward hooks on every lora_B of one adapter; collects per-example B gradients."""
+
+    def __init__(self, model: Any, adapter: str = "default") -> None:
+        self.sites = lora_sites(model, adapter)
+        self._h: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self.active = False
+
+    def _forward_hook(self, site: LoraSite):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not self.active or not output.requires_grad:
+                return
+            h = inputs[0].detach()
+            self._h[site.param_name] = h
+
+            def grad_hook(delta: torch.Tensor) -> None:
+                hh = self._h.pop(site.param_name).float()
+                if self._mask is not None:  # padded positions contribute nothing (mask the small factor)
+                    hh = hh * self._mask[:, :, None]
+                # [b, out, T] @ [b, T, r] -> [b, out, r] = sum over tokens of delta_t h_t^T (float32)
+                self.grads[site.param_name] = torch.bmm(delta.float().transpose(1, 2), hh)
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def __enter__(self) -> BGradCapture:
+        for site in self.sites:
+            self._handles.append(site.lora_b.register_forward_hook(self._forward_hook(site)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._h.clear()
+        self.grads = {}
+
+    def run(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(f0 [b], {B param name: [b, out, r]}) for one batch: one forward, one backward of sum_i f_i."""
+        from shared.ml.models import answer_logits
+
+        self.grads = {}
+        self._h.clear()
+        self._mask = batch.attention_mask.to(torch.float32)
+        self.active = True
+        try:
+            with torch.enable_grad():
+                logits = answer_logits(model, batch)
+                f = log_odds(logits, batch.answer_tokens)
+                f.sum().backward()
+        finally:
+            self.active = False
+            self._mask = None
+        missing = [s.param_name for s in self.sites if s.param_name not in self.grads]
+        if missing:
+            raise RuntimeError(f"no gradient captured for {len(missing)} LoRA layers (e.g. {missing[0]})")
+        grads, self.grads = self.grads, {}
+        return f.detach(), grads
+
+
+@contextmanager
+def b_only_grad(model: Any, adapter: str = "default") -> Iterator[None]:
+    """Only the B matrices of `adapter` require grad (A and everything else frozen) for the duration."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(f"lora_B.{adapter}." in n)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+            p.grad = None
+
+
+def project_batch(model: Any, capture: BGradCapture, projector: Projector, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f0 [b], projected gradients [b, d]) for one batch (float32, on the projector's device)."""
+    f0, grads = capture.run(model, batch)
+    out = None
+    for p in projector.spec.params:
+        g = grads.pop(p.name)
+        out = projector.project_range(g.reshape(g.shape[0], -1), p.offset, out)
+        del g
+    for param in (s.lora_b.weight for s in capture.sites):
+        param.grad = None
+    assert out is not None
+    return f0, out
+
+
+class BufferedProjection:
+    """Projects per-example gradients in groups of >= `min_rows` rows, so that each generated block of P
+    serves many examples (the sketch is regenerated per projection call; with small batches on CPU that
+    regeneration would otherwise dominate). Memory: min_rows x D_B float32 of buffered gradients.
+
+    add(batch, keys) returns the finished (keys, f0 [n], projected [n, d]) groups, flush() the rest.
+    """
+
+    def __init__(self, model: Any, capture: BGradCapture, projector: Projector, min_rows: int = 64) -> None:
+        self.model = model
+        self.capture = capture
+        self.projector = projector
+        self.min_rows = max(1, min_rows)
+        self._keys: list[Any] = []
+        self._f: list[torch.Tensor] = []
+        self._g: dict[str, list[torch.Tensor]] = {p.name: [] for p in projector.spec.params}
+        self._rows = 0
+
+    def add(self, batch: Batch, keys: list[Any]) -> list[tuple[list[Any], torch.Tensor, torch.Tensor]]:
+        f0, grads = self.capture.run(self.model, batch)
+        for param in (s.lora_b.weight for s in self.capture.sites):
+            param.grad = None
+        self._keys.extend(keys)
+        self._f.append(f0)
+        for name in self._g:
+            self._g[name].append(grads.pop(name))
+        self._rows += len(keys)
+        return [self.flush()] if self._rows >= self.min_rows else []
+
+    def flush(self) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        if not self._rows:
+            device = self.projector.device
+            return [], torch.zeros(0, device=device), torch.zeros(0, self.projector.spec.dim, device=device)
+        # one flat [rows, D_B] matrix in spec order, projected in a few large blocks (few kernel launches)
+        flat = torch.cat([torch.cat(self._g[p.name]).reshape(self._rows, -1) for p in self.projector.spec.params], dim=1)
+        for parts in self._g.values():
+            parts.clear()
+        out = self.projector.project_flat(flat)
+        del flat
+        keys, f = self._keys, torch.cat(self._f)
+        self._keys, self._f, self._rows = [], [], 0
+        return keys, f, out

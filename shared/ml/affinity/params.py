@@ -1,0 +1,190 @@
+"""Parameters of the Stage-1 jobs (affinity, grouping, approximation error, validation against fine-tuning).
+
+Every knob and seed is a field so a job's params reproduce its artifacts. One `seed` drives everything
+random in a run: the LoRA A initialisation, the per-task subsamples, the projection sketch and the subset
+sampler (each derives its own stream from it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.ml.encoding import DEFAULT_MAX_LENGTH
+from shared.ml.models import DEFAULT_TARGETS
+
+if TYPE_CHECKING:
+    import torch
+
+# Chosen by the lambda sweep on validation data (bench/affinity_smollm2.py; closing note of issue 3). The
+# objective is a MEAN over rows plus lam_eff * ||w||^2 in the d-dim sketch space, with lam_eff = lam *
+# mean_i ||g~_i||^2 by default (lam_scale="gradient"), so one default serves models whose gradient norms
+# differ by orders of magnitude (tiny-llama ~20, SmolLM2-135M ~2e3).
+DEFAULT_LAMBDA = 1e-3
+
+
+def effective_lambda(lam: float, lam_scale: str, grads: "torch.Tensor") -> float:
+    """The absolute penalty used by the solver for a run's training gradients G [N, d]."""
+    if lam_scale == "absolute":
+        return float(lam)
+    scale = float((grads.double() ** 2).sum(1).mean()) if grads.numel() else 1.0
+    return float(lam) * (scale if scale > 0 else 1.0)
+
+
+def _tasks(names: list[str]) -> list[str]:
+    from shared.ml.tasks.registry import parse_task_list
+
+    out = list(parse_task_list(",".join(names)))
+    return out
+
+
+class _ModelRun(BaseModel):
+    """Fields shared by every Stage-1 job that runs the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    quantization: Literal["none", "nf4"] = "none"
+    tasks: list[str] = Field(min_length=2, description="task names (built-in or imported)")
+    seed: int = Field(default=0, ge=0, le=2**62)
+    max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
+    max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
+    dim: int = Field(default=400, ge=1, le=65536, description="projection dimension d")
+    rank: int = Field(default=4, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default 8 * rank)")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    lam: float = Field(default=DEFAULT_LAMBDA, gt=0, le=1e9, description="L2 penalty of the logistic regression (see lam_scale)")
+    lam_scale: Literal["gradient", "absolute"] = Field(
+        default="gradient",
+        description="gradient: the penalty is lam * mean_i ||g~_i||^2 (training rows of the run), which makes lam "
+                    "invariant to the scale of the model's gradients; absolute: the penalty is lam itself")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="rows per gradient-pass batch")
+    eval_batch_size: int = Field(default=64, ge=1, le=8192, description="rows per estimation forward")
+    project_rows: int = Field(default=64, ge=1, le=65536, description="examples buffered per sketch projection")
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="model compute dtype: auto = bf16 on CUDA, fp32 on CPU (quantization none only for others)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        names = _tasks(v)
+        if len(names) < 2:
+            raise ValueError(f"need at least 2 distinct tasks, got {names}")
+        return names
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", t):
+                raise ValueError(f"LoRA target {t!r} is not a module name")
+        return v
+
+    @model_validator(mode="after")
+    def _precision(self) -> _ModelRun:
+        if self.precision != "auto" and self.quantization != "none":
+            raise ValueError(f"precision={self.precision!r} needs quantization 'none' (a 4-bit base computes in bf16); "
+                             "use precision 'auto' with nf4")
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 8.0 * self.rank
+
+
+class AffinityParams(_ModelRun):
+    """Stage 1 (gradients at theta0 -> per-subset logistic regressions -> estimated performance -> T)."""
+
+    subset_size: int | None = Field(default=None, ge=2, description="tasks per subset (default 3, or 0.3 n above 10 tasks)")
+    coverage: int = Field(default=5, ge=1, le=1000, description="every pair co-occurs in at least this many subsets")
+    enumerate_limit: int = Field(default=120, ge=1, description="use every subset when C(n, s) is at most this")
+    mode: Literal["forward", "linear"] = "forward"
+    backmap: Literal["sketch", "representer"] = Field(
+        default="sketch", description="Delta = P w (sketch), or sum_i c_i g_i with P^T Delta = w (representer; +1 gradient pass)")
+    metric: Literal["accuracy", "neg_loss", "macro_f1"] = "accuracy"
+    solver_max_iter: int = Field(default=50, ge=1, le=1000)
+    subsets_per_forward: int = Field(default=8, ge=1, le=512, description="subset adapters evaluated in one batched forward")
+
+    @model_validator(mode="after")
+    def _check(self) -> AffinityParams:
+        n = len(self.tasks)
+        if self.subset_size is not None and self.subset_size > n:
+            raise ValueError(f"subset_size={self.subset_size} is more than the {n} tasks")
+        return self
+
+
+class GroupingParams(BaseModel):
+    """Clustering an affinity matrix into groups. `affinity` defaults to WORKDIR/affinity.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    affinity: str | None = Field(default=None, description="path of an affinity.json (default: WORKDIR/affinity.json)")
+    groups: int | Literal["auto"] = "auto"
+    method: Literal["auto", "sdp", "spectral"] = "auto"
+    metric: Literal["accuracy", "neg_loss", "macro_f1"] | None = Field(default=None, description="default: the file's metric")
+    centre: bool = Field(default=True, description="row-centre T before symmetrising (removes per-task level)")
+    seed: int = Field(default=0, ge=0)
+    sdp_max_n: int = Field(default=40, ge=2, le=500, description="above this many tasks use spectral clustering")
+    m_max: int | None = Field(default=None, ge=2, description="largest m tried by groups=auto")
+    tasks: list[str] | None = Field(default=None, description="if given, must match the affinity file's tasks")
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"groups must be a positive number of groups or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> GroupingParams:
+        if self.tasks is not None and isinstance(self.groups, int) and self.groups > len(self.tasks):
+            raise ValueError(f"groups={self.groups} is more than the {len(self.tasks)} tasks")
+        return self
+
+
+class ApproxErrorParams(_ModelRun):
+    """First-order error: f0 + g . w (w rescaled to ||P w|| = scale * ||A0||) vs the true f at theta0 + P w.
+
+    precision defaults to fp32: bf16 logits carry rounding noise of ~0.05 in f, which would be a floor
+    under the very error this measures."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+
+    scales: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1)
+    directions: int = Field(default=4, ge=1, le=256, description="subset solutions used as directions")
+    subset_size: int | None = Field(default=None, ge=1, description="tasks per direction's subset (1 = single tasks)")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not 0 < s <= 10:
+                raise ValueError(f"scale {s} must be in (0, 10]")
+        return v
+
+
+class ValidateParams(_ModelRun):
+    """Estimate K subsets, really fine-tune a LoRA on each, compare on the validation splits."""
+
+    subsets: int = Field(default=8, ge=1, le=1000, description="number of sampled subsets K")
+    subset_size: int | None = Field(default=None, ge=1, description="1 = single-task fine-tunes")
+    coverage: int = Field(default=5, ge=1)
+    lams: list[float] | None = Field(default=None, description="extra lambdas to report (estimation error per lambda)")
+    epochs: int = Field(default=5, ge=1, le=100)
+    lr: float = Field(default=5e-4, gt=0, le=1.0)
+    train_batch_size: int = Field(default=8, ge=1, le=1024)
+    weight_decay: float = Field(default=0.0, ge=0)
+    select: Literal["best", "last"] = Field(default="best", description="which epoch is the true fine-tuned model (best = lowest mean val loss)")
+    backmap: Literal["sketch", "representer"] = Field(default="sketch", description="back-map of the timed estimate")
+    compare_backmaps: bool = Field(default=True, description="also report the other back-map's errors (not timed)")
+
+    @field_validator("lams")
+    @classmethod
+    def _lams(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError("every lambda must be > 0")
+        return v

@@ -1,0 +1,441 @@
+"""Job stages of Stage 1. Each writes its files into `workdir` and returns a JSON-able summary with
+"artifacts": {logical name: path relative to workdir}.
+
+    run_affinity(params: AffinityParams, workdir, progress)            -> affinity.json, affinity.png, ...
+    run_grouping(params: GroupingParams, workdir, progress)            -> groups.json, groups.png
+    run_approx_error(params: ApproxErrorParams, workdir, progress)     -> approx_error.json, approx_error.csv
+    run_validate_estimates(params: ValidateParams, workdir, progress)  -> validate.json, validate.csv
+
+run_affinity is also available in pieces so a queue can fan it out over workers sharing `workdir`:
+    prepare_affinity(params, workdir)                              (idempotent; theta0, spec, rows, subsets)
+    run_gradient_shard(params, workdir, progress, start, end)      (rows [start, end) of the train split)
+    run_estimate_shard(params, workdir, progress, start, end)      (subsets [start, end); merges gradients)
+    finalize_affinity(params, workdir, progress)                   (table, matrices, affinity.json/png)
+Every piece is resumable: finished rows / subsets are skipped when re-run on the same workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.ml.affinity import matrix as mx
+from shared.ml.affinity.estimate import (
+    delta_norms, evaluate_base, evaluate_subsets_forward, evaluate_subsets_linear, representer_deltas, subset_rows,
+)
+from shared.ml.affinity.grouping import group_auto, group_fixed
+from shared.ml.affinity.params import AffinityParams, ApproxErrorParams, GroupingParams, ValidateParams, effective_lambda
+from shared.ml.affinity.projection import ProjectionSpec
+from shared.ml.affinity.runtime import (
+    Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy, save_theta0,
+)
+from shared.ml.affinity.solver import solve_subsets
+from shared.ml.affinity.store import gradient_shard, merge_gradients
+from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
+from shared.ml.evaluate import TaskMetrics
+from shared.ml.progress import Progress, silent
+
+FORMAT_VERSION = 1
+# params that may differ between the pieces of one run (they do not change the results' meaning)
+_RUNTIME_ONLY = {"device", "batch_size", "eval_batch_size", "subsets_per_forward", "project_rows"}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _fingerprint(params: Any) -> dict[str, Any]:
+    return params.model_dump(mode="json", exclude=_RUNTIME_ONLY)
+
+
+def _check_or_write_params(params: Any, workdir: Path) -> None:
+    path = workdir / "params.json"
+    mine = _fingerprint(params)
+    if path.exists():
+        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUNTIME_ONLY}
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{workdir} holds a run with different parameters ({', '.join(diff)}); use another directory")
+    else:
+        atomic_write_json(path, params.model_dump(mode="json"))
+
+
+def _timing(workdir: Path, phase: str, seconds: float) -> None:
+    path = workdir / "timing.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[phase] = round(data.get(phase, 0.0) + seconds, 4)
+    atomic_write_json(path, data)
+
+
+def _metrics_dict(m: TaskMetrics) -> dict[str, Any]:
+    return json_safe({"loss": m.loss, "accuracy": m.accuracy, "macro_f1": m.macro_f1, "n": m.n})
+
+
+def _subset_size(params: Any, n: int) -> int:
+    size = params.subset_size or default_subset_size(n)
+    if size > n:
+        raise ValueError(f"subset_size={size} is more than the {n} tasks")
+    return size
+
+
+# ------------------------------------------------------------------------------------------ affinity pieces
+
+
+def prepare_affinity(params: AffinityParams, workdir: Path) -> Runtime:
+    """Load the model with theta0; write params, theta0, projection spec, rows and subsets (idempotent)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_params(params, workdir)
+    theta0 = workdir / "theta0.safetensors"
+    rt = Runtime.load(params, theta0)
+    if not theta0.exists():
+        save_theta0(rt, theta0)
+    spec_path = workdir / "projection_spec.json"
+    if spec_path.exists():
+        if ProjectionSpec.load(spec_path).to_dict() != rt.spec.to_dict():
+            raise ValueError(f"{spec_path} does not match this model/adapter; use a fresh directory")
+    else:
+        atomic_write_text(spec_path, json.dumps(rt.spec.to_dict(), indent=2))
+    if not (workdir / "model.json").exists():
+        atomic_write_json(workdir / "model.json", rt.info.to_dict())
+    rows = rt.rows("train", params.max_train)
+    if not (workdir / "rows_train.csv").exists():
+        rows.write_csv(workdir / "rows_train.csv")
+    vrows = rt.rows("val", params.max_val)
+    if not (workdir / "rows_val.csv").exists():
+        vrows.write_csv(workdir / "rows_val.csv")
+    if not (workdir / "subsets.json").exists():
+        n = len(params.tasks)
+        size = _subset_size(params, n)
+        subsets = sample_subsets(n, size, params.coverage, params.seed, params.enumerate_limit)
+        counts = np.array(pair_counts(n, subsets))
+        off = counts[~np.eye(n, dtype=bool)]
+        atomic_write_json(workdir / "subsets.json", {
+            "tasks": params.tasks, "size": size, "coverage_target": params.coverage,
+            "min_pair_coverage": int(off.min()) if off.size else 0,
+            "enumerated_all": len(subsets) == math.comb(n, size),
+            "subsets": [[params.tasks[i] for i in s] for s in subsets],
+            "indices": [list(s) for s in subsets],
+        })
+    return rt
+
+
+def _load_subsets(workdir: Path) -> list[list[int]]:
+    return [list(s) for s in json.loads((workdir / "subsets.json").read_text())["indices"]]
+
+
+def run_gradient_shard(params: AffinityParams, workdir: Path, progress: Progress = silent, start: int | None = None,
+                       end: int | None = None, split: str = "train", runtime: Runtime | None = None) -> dict[str, Any]:
+    """Projected gradients of rows [start, end) of a split (default: all); resumable."""
+    rt = runtime or prepare_affinity(params, workdir)
+    rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
+    start = 0 if start is None else start
+    end = len(rows) if end is None else end
+    t0 = time.perf_counter()
+    info = gradient_shard(rt, rows, workdir, start, end, params.batch_size, progress, f"gradients {split}", params.project_rows)
+    _timing(workdir, f"gradients_{split}", time.perf_counter() - t0)
+    return {"split": split, **info, "total_rows": len(rows)}
+
+
+def _merged(rt: Runtime, params: AffinityParams, workdir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
+    g, f = workdir / f"grads_{split}.npy", workdir / f"f0_{split}.npy"
+    if not (g.exists() and f.exists()):
+        merge_gradients(workdir, split, len(rows), rt.spec.dim)
+    G = torch.from_numpy(load_npy(g).copy())
+    F = torch.from_numpy(load_npy(f).copy())
+    return G, F, rows
+
+
+def _subset_file(workdir: Path, k: int) -> Path:
+    return workdir / "estimates" / f"subset-{k:06d}.json"
+
+
+def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress = silent, start: int | None = None,
+                       end: int | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Solve and evaluate subsets [start, end) (default: all); subsets with a result file are skipped."""
+    rt = runtime or prepare_affinity(params, workdir)
+    subsets = _load_subsets(workdir)
+    start = 0 if start is None else start
+    end = len(subsets) if end is None else end
+    if not 0 <= start < end <= len(subsets):
+        raise ValueError(f"subset shard [{start}, {end}) is outside the {len(subsets)} subsets")
+    todo = [k for k in range(start, end) if not _subset_file(workdir, k).exists()]
+    if not todo:
+        progress("estimate", 1, 1, "already done")
+        return {"subsets": end - start, "computed": 0}
+    G, f0, train_rows = _merged(rt, params, workdir, "train")
+    lam = effective_lambda(params.lam, params.lam_scale, G)
+    t0 = time.perf_counter()
+    sol = solve_subsets(G, f0, [subset_rows(train_rows, subsets[k]) for k in todo], lam, rt.device,
+                        max_iter=params.solver_max_iter)
+    solve_s = time.perf_counter() - t0
+    _timing(workdir, "solve", solve_s)
+    val_rows = rt.rows("val", params.max_val)
+    if params.mode == "linear":
+        Gv, fv, _ = _merged(rt, params, workdir, "val")
+    a_norm = rt.a_norm()
+    chunk = params.subsets_per_forward
+    t1 = time.perf_counter()
+    rep: dict[str, torch.Tensor] | None = None
+    if params.mode == "forward" and params.backmap == "representer":
+        rep = representer_deltas(rt, train_rows, [subsets[k] for k in todo], sol.w, G, f0, lam,
+                                 params.batch_size, progress, "representer")
+    for c in range(0, len(todo), chunk):
+        ks = todo[c : c + chunk]
+        W = sol.w[c : c + chunk]
+        subs = [subsets[k] for k in ks]
+        if params.mode == "forward":
+            done_before = c
+
+            def inner(stage: str, done: int, total: int, message: str = "", _c: int = done_before) -> None:
+                progress("estimate", _c, len(todo), message)  # lets a job runner cancel between batches
+
+            stacks = {name: v[c : c + chunk] for name, v in rep.items()} if rep is not None else None
+            results, norms = evaluate_subsets_forward(rt, subs, W, val_rows, params.eval_batch_size, inner,
+                                                      "estimate", f"subsets {ks[0]}-{ks[-1]}", stacks)
+        else:
+            results = evaluate_subsets_linear(subs, W, Gv, fv, val_rows)
+            norms = delta_norms(rt.projector.backmap(W))
+        for j, k in enumerate(ks):
+            i = c + j
+            atomic_write_json(_subset_file(workdir, k), json_safe({
+                "subset": k, "tasks": [params.tasks[t] for t in subsets[k]], "mode": params.mode, "lam": params.lam,
+                "lam_effective": lam, "backmap": params.backmap if params.mode == "forward" else None,
+                "w": W[j].tolist(), "w_norm": float(W[j].norm()), "delta_norm": float(norms[j]),
+                "delta_rel": float(norms[j]) / a_norm if a_norm > 0 else None,
+                "train_loss": float(sol.train_loss[i]), "objective": float(sol.objective[i]),
+                "iterations": int(sol.iterations[i]), "converged": bool(sol.converged[i]),
+                "train_rows": int(len(subset_rows(train_rows, subsets[k]))),
+                "results": {name: _metrics_dict(m) for name, m in results[j].items()},
+            }))
+        progress("estimate", min(c + chunk, len(todo)), len(todo), f"subsets {start}-{end}")
+    _timing(workdir, "estimate", time.perf_counter() - t1)
+    return {"subsets": end - start, "computed": len(todo), "solve_seconds": round(solve_s, 3)}
+
+
+def run_base_eval(params: AffinityParams, workdir: Path, progress: Progress = silent, runtime: Runtime | None = None) -> dict:
+    path = workdir / "base_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rt = runtime or prepare_affinity(params, workdir)
+    t0 = time.perf_counter()
+    base = evaluate_base(rt, rt.rows("val", params.max_val), params.eval_batch_size, progress)
+    _timing(workdir, "base_eval", time.perf_counter() - t0)
+    data = {name: _metrics_dict(m) for name, m in base.items()}
+    atomic_write_json(path, data)
+    return data
+
+
+TABLE_FIELDS = ["subset", "tasks", "task", "loss", "accuracy", "macro_f1", "n", "mode", "lam", "lam_effective", "w_norm", "delta_norm",
+                "delta_rel", "train_loss", "objective", "iterations", "converged", "train_rows"]
+
+
+def _table(workdir: Path, n_subsets: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    rows: list[dict[str, Any]] = []
+    weights: list[list[float]] = []
+    missing = [k for k in range(n_subsets) if not _subset_file(workdir, k).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} subsets have no estimate yet (first: {missing[0]}); run the estimate shards")
+    for k in range(n_subsets):
+        data = json.loads(_subset_file(workdir, k).read_text())
+        weights.append(data["w"])
+        for task, m in data["results"].items():
+            rows.append({
+                "subset": k, "tasks": "+".join(data["tasks"]), "task": task, **m, "mode": data["mode"], "lam": data["lam"],
+                "lam_effective": data.get("lam_effective"),
+                "w_norm": data["w_norm"], "delta_norm": data["delta_norm"], "delta_rel": data["delta_rel"],
+                "train_loss": data["train_loss"], "objective": data["objective"], "iterations": data["iterations"],
+                "converged": data["converged"], "train_rows": data["train_rows"],
+            })
+    return rows, np.asarray(weights, dtype=np.float32)
+
+
+def _csv_text(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Per-subset table (CSV + JSON), weights.npy, the affinity matrices, affinity.json and affinity.png."""
+    sub = json.loads((workdir / "subsets.json").read_text())
+    names = sub["subsets"]
+    table, W = _table(workdir, len(names))
+    atomic_save_npy(workdir / "weights.npy", W)
+    atomic_write_text(workdir / "subset_results.csv", _csv_text(table, TABLE_FIELDS))
+    atomic_write_json(workdir / "subset_results.json", json_safe(table))
+    matrices, counts = {}, None
+    for metric in mx.METRICS:
+        T, counts = mx.affinity_matrix(params.tasks, names, table, metric)
+        matrices[metric] = T
+    T = matrices[params.metric]
+    assert counts is not None
+    label = {"accuracy": "estimated accuracy", "neg_loss": "estimated -loss", "macro_f1": "estimated macro-F1"}[params.metric]
+    mx.heatmap(workdir / "affinity.png", params.tasks, T, f"T[i, j]: {label} of i over subsets with i and j", counts=counts)
+    base = json.loads((workdir / "base_metrics.json").read_text()) if (workdir / "base_metrics.json").exists() else {}
+    timing = json.loads((workdir / "timing.json").read_text()) if (workdir / "timing.json").exists() else {}
+    artifacts = {
+        "affinity": "affinity.json", "heatmap": "affinity.png", "subset_results_csv": "subset_results.csv",
+        "subset_results": "subset_results.json", "subsets": "subsets.json", "weights": "weights.npy",
+        "gradients": "grads_train.npy", "f0": "f0_train.npy", "rows": "rows_train.csv", "rows_val": "rows_val.csv",
+        "theta0": "theta0.safetensors",
+        "projection_spec": "projection_spec.json", "params": "params.json", "base_metrics": "base_metrics.json",
+    }
+    if params.mode == "linear":
+        artifacts.update({"gradients_val": "grads_val.npy", "f0_val": "f0_val.npy"})
+    doc = json_safe({
+        "version": FORMAT_VERSION,
+        "tasks": params.tasks,
+        "metric": params.metric,
+        "matrix": mx.to_json_matrix(T),
+        "matrix_symmetric": mx.to_json_matrix(mx.symmetrise(T)),
+        "matrices": {m: mx.to_json_matrix(v) for m, v in matrices.items()},
+        "counts": counts.tolist(),
+        "subsets": names,
+        "subset_size": sub["size"],
+        "min_pair_coverage": sub["min_pair_coverage"],
+        "per_subset": table,
+        "base": base,
+        "mode": params.mode,
+        "backmap": params.backmap,
+        "lam": params.lam,
+        "lam_scale": params.lam_scale,
+        "lam_effective": table[0]["lam_effective"] if table else None,
+        "dim": params.dim,
+        "seed": params.seed,
+        "model": json.loads((workdir / "model.json").read_text()),
+        "params": params.model_dump(mode="json"),
+        "timing_seconds": timing,
+        "definition": "T[i][j] = mean over subsets containing i and j of task i's estimated validation "
+                      f"{params.metric} (higher is better) at theta0 + P w_S; diagonal = mean over subsets containing i",
+        "artifacts": {k: v for k, v in artifacts.items() if k != "affinity"},
+    })
+    atomic_write_json(workdir / "affinity.json", doc)
+    if (workdir / "grads_train.npy").exists() and (params.mode != "linear" or (workdir / "grads_val.npy").exists()):
+        shutil.rmtree(workdir / "gradients", ignore_errors=True)  # shards are merged; keep one copy
+    progress("finalize", 1, 1, "affinity.json")
+    return {
+        "tasks": params.tasks, "metric": params.metric, "matrix": doc["matrix"], "subsets": len(names),
+        "timing_seconds": timing, "artifacts": artifacts,
+    }
+
+
+def run_affinity(params: AffinityParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """The whole affinity stage in one process (resumable): gradients -> subsets -> estimates -> T."""
+    workdir = Path(workdir)
+    t0 = time.perf_counter()
+    rt = prepare_affinity(params, workdir)
+    _timing(workdir, "load_prepare", time.perf_counter() - t0)
+    rows = rt.rows("train", params.max_train)
+    if not (workdir / "grads_train.npy").exists():
+        run_gradient_shard(params, workdir, progress, 0, len(rows), "train", rt)
+        merge_gradients(workdir, "train", len(rows), rt.spec.dim)
+    if params.mode == "linear" and not (workdir / "grads_val.npy").exists():
+        vrows = rt.rows("val", params.max_val)
+        run_gradient_shard(params, workdir, progress, 0, len(vrows), "val", rt)
+        merge_gradients(workdir, "val", len(vrows), rt.spec.dim)
+    run_base_eval(params, workdir, progress, rt)
+    run_estimate_shard(params, workdir, progress, None, None, rt)
+    summary = finalize_affinity(params, workdir, progress)
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ grouping
+
+
+def read_affinity(path: Path) -> dict[str, Any]:
+    """affinity.json, validated: tasks (distinct strings), a square numeric matrix of matching size."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"affinity file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"affinity file {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"affinity file {str(path)!r} must hold a JSON object with 'tasks' and 'matrix'")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or len(tasks) < 1 or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"affinity file {str(path)!r}: 'tasks' must be a non-empty list of task names")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"affinity file {str(path)!r}: 'tasks' has duplicates")
+    M = data.get("matrix")
+    n = len(tasks)
+    if not isinstance(M, list) or len(M) != n or not all(isinstance(r, list) and len(r) == n for r in M):
+        raise ValueError(f"affinity file {str(path)!r}: 'matrix' must be a {n} x {n} list of lists (one row per task)")
+    for r in M:
+        for v in r:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"affinity file {str(path)!r}: 'matrix' holds a non-numeric entry {v!r}")
+    if all(v is None for r in M for v in r):
+        raise ValueError(f"affinity file {str(path)!r}: 'matrix' has no values")
+    return data
+
+
+def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Cluster the tasks of an affinity.json into groups; writes groups.json and groups.png."""
+    workdir = Path(workdir)
+    path = Path(params.affinity) if params.affinity else workdir / "affinity.json"
+    if params.affinity and not path.is_absolute() and not path.exists() and (workdir / path).exists():
+        path = workdir / path
+    data = read_affinity(path)
+    tasks: list[str] = data["tasks"]
+    if params.tasks is not None and sorted(params.tasks) != sorted(tasks):
+        raise ValueError(f"affinity file tasks {tasks} differ from the requested tasks {params.tasks}")
+    metric = params.metric or data.get("metric", "accuracy")
+    if params.metric and params.metric != data.get("metric"):
+        mats = data.get("matrices") or {}
+        if metric not in mats:
+            raise ValueError(f"affinity file {str(path)!r} has no {metric!r} matrix")
+        T = mx.from_json_matrix(mats[metric])
+    else:
+        T = mx.from_json_matrix(data["matrix"])
+    n = len(tasks)
+    if isinstance(params.groups, int) and params.groups > n:
+        raise ValueError(f"groups={params.groups} is more than the {n} tasks in {str(path)!r}")
+    C = mx.clustering_matrix(T, centre=params.centre)
+    progress("grouping", 0, 1, "clustering")
+    if params.groups == "auto":
+        result = group_auto(C, params.method, params.seed, params.m_max, params.sdp_max_n)
+    else:
+        result = group_fixed(C, int(params.groups), params.method, params.seed, params.sdp_max_n)
+    groups = [[tasks[i] for i in g] for g in result.groups]
+    workdir.mkdir(parents=True, exist_ok=True)
+    mx.heatmap(workdir / "groups.png", tasks, T, f"affinity ({metric}) with {result.m} groups ({result.method})", groups)
+    doc = json_safe({
+        "groups": groups, "method": result.method, "m": result.m, "requested": params.groups, "metric": metric,
+        "objective": result.objective, "details": result.details, "tasks": tasks,
+        "affinity": str(path), "params": params.model_dump(mode="json"),
+    })
+    atomic_write_json(workdir / "groups.json", doc)
+    progress("grouping", 1, 1, f"{result.m} groups")
+    return {"groups": groups, "method": result.method, "m": result.m, "artifacts": {"groups": "groups.json", "heatmap": "groups.png"}}
+
+
+# ------------------------------------------------------------------------------------------ re-exports
+
+
+def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Job stage: first-order approximation error (see approx_error.py); writes approx_error.json/.csv."""
+    from shared.ml.affinity.approx_error import run_approx_error as run
+
+    return run(params, workdir, progress)
+
+
+def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Job stage: estimates vs real fine-tunes on K subsets (see validate.py); writes validate.json/.csv."""
+    from shared.ml.affinity.validate import run_validate_estimates as run
+
+    return run(params, workdir, progress)

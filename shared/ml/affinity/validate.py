@@ -1,0 +1,154 @@
+"""Validation of the estimates against real fine-tuning (DESIGN.md §3.3, last bullet)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.ml.affinity.approx_error import _seeded_pick
+from shared.ml.affinity.estimate import evaluate_subsets_forward, representer_deltas, subset_rows
+from shared.ml.affinity.finetune import finetune
+from shared.ml.affinity.params import ValidateParams, effective_lambda
+from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe, save_theta0
+from shared.ml.affinity.solver import solve_subsets
+from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
+from shared.ml.affinity.store import gradient_pass
+from shared.ml.affinity.subsets import sample_subsets
+from shared.ml.evaluate import TaskMetrics
+from shared.ml.progress import Progress, silent
+
+
+def _rel(est: float, true: float) -> float | None:
+    if true is None or est is None or not math.isfinite(true) or not math.isfinite(est):
+        return None
+    return abs(est - true) / abs(true) if abs(true) > 1e-12 else None
+
+
+def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Estimate K sampled subsets, then really fine-tune a LoRA on each; compare on validation splits.
+
+    Timed in the same run: estimation = gradient pass over the train rows of the subsets' tasks + solve +
+    batched forwards at theta0 + P w (model loading excluded from both sides); fine-tuning = every epoch's
+    training and its per-epoch validation (model already loaded). compute_ratio = fine-tune / estimation.
+    compute_ratio_amortised divides the per-subset fine-tune time by the per-subset estimation cost when the
+    gradient pass is shared by all the subsets a full affinity run over these tasks would sample.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_params(params, workdir)
+    rt = Runtime.load(params, workdir / "theta0.safetensors")
+    if not (workdir / "theta0.safetensors").exists():
+        save_theta0(rt, workdir / "theta0.safetensors")
+    theta0 = rt.theta0()
+    n = len(params.tasks)
+    size = min(_subset_size(params, n), n)
+    pool = [list(s) for s in sample_subsets(n, size, params.coverage, params.seed)]
+    subsets = _seeded_pick(pool, params.subsets, params.seed)
+    used = sorted({t for s in subsets for t in s})
+    used_names = [params.tasks[t] for t in used]
+    all_train = rt.rows("train", params.max_train)
+    train_rows = rt.rows("train", params.max_train, used_names)
+    val_rows = rt.rows("val", params.max_val, used_names)
+    local = [[used.index(t) for t in s] for s in subsets]
+
+    a_norm = rt.a_norm()
+    # --- estimation pipeline (timed)
+    t_est = time.perf_counter()
+    G, f0 = gradient_pass(rt, train_rows, workdir, params.batch_size, progress)
+    t_grad = time.perf_counter() - t_est
+    def estimate(lam_param: float, backmap: str, stage: str) -> tuple[list[dict[str, TaskMetrics]], Any]:
+        lam = effective_lambda(lam_param, params.lam_scale, G)
+        sol = solve_subsets(G, f0, [subset_rows(train_rows, s) for s in local], lam, rt.device)
+        stacks = None
+        if backmap == "representer":
+            stacks = representer_deltas(rt, train_rows, local, sol.w, G, f0, lam, params.batch_size, progress,
+                                        f"representer lam={lam:g}")
+        return evaluate_subsets_forward(rt, local, sol.w, val_rows, params.eval_batch_size, progress, stage, "", stacks)
+
+    t1 = time.perf_counter()
+    est, norms = estimate(params.lam, params.backmap, "estimate forwards")
+    t_sub = time.perf_counter() - t1
+    est_seconds = time.perf_counter() - t_est
+    # untimed extras: other lambdas, and the other back-map
+    backmaps = [params.backmap] + ([b for b in ("sketch", "representer") if b != params.backmap] if params.compare_backmaps else [])
+    lams = [params.lam] + [x for x in (params.lams or []) if x != params.lam]
+    variants: dict[tuple[str, float], list[dict[str, TaskMetrics]]] = {(params.backmap, params.lam): est}
+    for bm in backmaps:
+        for lam in lams:
+            if (bm, lam) not in variants:
+                variants[(bm, lam)], _ = estimate(lam, bm, f"estimate {bm} lam={lam:g}")
+
+    # --- real fine-tunes (timed)
+    ft_seconds = 0.0
+    true: list[dict[str, TaskMetrics]] = []
+    ft_info = []
+    for k, s in enumerate(local):
+        rt.reset_adapter(theta0)
+        items = [train_rows.items[i] for i in subset_rows(train_rows, s)]
+        vsets = {val_rows.tasks[t]: [val_rows.items[i] for i in val_rows.task_rows(t)] for t in s}
+        res = finetune(rt, items, vsets, params.epochs, params.lr, params.train_batch_size, params.seed + k,
+                       params.weight_decay, params.select, params.eval_batch_size, progress, f"fine-tune {k + 1}/{len(local)}")
+        ft_seconds += res.seconds
+        true.append(res.chosen)
+        ft_info.append({"epoch": res.chosen_epoch, "seconds": round(res.seconds, 3), "steps": res.steps,
+                        "train_loss": res.train_loss})
+    rt.reset_adapter(theta0)
+
+    rows = []
+    for k, s in enumerate(local):
+        for t in s:
+            name = val_rows.tasks[t]
+            e, tr = est[k][name], true[k][name]
+            row = {"subset": k, "tasks": "+".join(val_rows.tasks[x] for x in s), "task": name,
+                   "est_loss": e.loss, "true_loss": tr.loss, "rel_err_loss": _rel(e.loss, tr.loss),
+                   "est_accuracy": e.accuracy, "true_accuracy": tr.accuracy, "rel_err_accuracy": _rel(e.accuracy, tr.accuracy),
+                   "est_macro_f1": e.macro_f1, "true_macro_f1": tr.macro_f1, "delta_rel": float(norms[k]) / a_norm,
+                   "ft_epoch": ft_info[k]["epoch"]}
+            rows.append(row)
+
+    def _mean(key: str, rs: list[dict]) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def errors(res: list[dict[str, TaskMetrics]]) -> dict[str, float | None]:
+        pairs = [(res[k][val_rows.tasks[t]], true[k][val_rows.tasks[t]]) for k, s in enumerate(local) for t in s]
+        rl = [x for x in (_rel(e.loss, tr.loss) for e, tr in pairs) if x is not None]
+        ra = [x for x in (_rel(e.accuracy, tr.accuracy) for e, tr in pairs) if x is not None]
+        return {"mean_rel_err_loss": float(np.mean(rl)) if rl else None,
+                "mean_rel_err_accuracy": float(np.mean(ra)) if ra else None,
+                "mean_est_accuracy": float(np.mean([e.accuracy for e, _ in pairs])),
+                "mean_true_accuracy": float(np.mean([tr.accuracy for _, tr in pairs]))}
+
+    per_backmap = {bm: {f"{lam:g}": errors(variants[(bm, lam)]) for lam in lams} for bm in backmaps}
+    per_lam = per_backmap[params.backmap]
+    full_subsets = len(sample_subsets(n, size, params.coverage, params.seed))
+    grad_all_rows_est = t_grad * len(all_train) / max(len(train_rows), 1)
+    per_subset_est = grad_all_rows_est / full_subsets + t_sub / len(local)
+    summary = json_safe({
+        "subsets": [[val_rows.tasks[t] for t in s] for s in local],
+        "mean_rel_err_loss": _mean("rel_err_loss", rows), "mean_rel_err_accuracy": _mean("rel_err_accuracy", rows),
+        "per_lambda": per_lam, "per_backmap": per_backmap, "lam": params.lam, "lam_scale": params.lam_scale,
+        "lam_effective": effective_lambda(params.lam, params.lam_scale, G), "backmap": params.backmap,
+        "estimation_seconds": round(est_seconds, 3), "gradient_seconds": round(t_grad, 3),
+        "solve_and_forward_seconds": round(t_sub, 3), "finetune_seconds": round(ft_seconds, 3),
+        "compute_ratio": ft_seconds / est_seconds if est_seconds > 0 else None,
+        "compute_ratio_amortised": (ft_seconds / len(local)) / per_subset_est if per_subset_est > 0 else None,
+        "amortised_over_subsets": full_subsets,
+        "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"),
+        "ratio_definition": "compute_ratio = wall(fine-tunes of the K subsets) / wall(gradient pass over their tasks' "
+                            "train rows + solve + estimate forwards); model load excluded on both sides",
+    })
+    atomic_write_json(workdir / "validate.json", summary)
+    fields = ["subset", "tasks", "task", "est_loss", "true_loss", "rel_err_loss", "est_accuracy", "true_accuracy",
+              "rel_err_accuracy", "est_macro_f1", "true_macro_f1", "delta_rel", "ft_epoch"]
+    atomic_write_text(workdir / "validate.csv", _csv_text(rows, fields))
+    out = {k: summary[k] for k in ("mean_rel_err_loss", "mean_rel_err_accuracy", "compute_ratio", "compute_ratio_amortised",
+                                   "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "backmap")}
+    out["rows"] = summary["rows"]
+    out["artifacts"] = {"validate": "validate.json", "rows": "validate.csv", "theta0": "theta0.safetensors"}
+    return out

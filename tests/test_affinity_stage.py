@@ -1,0 +1,189 @@
+"""End-to-end Stage 1 on tiny-llama (3 tasks, ~10 examples each, small d): files, resume, shards, estimates."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.ml.affinity.params import AffinityParams, GroupingParams
+from shared.ml.affinity.stage import (
+    finalize_affinity, prepare_affinity, run_affinity, run_base_eval, run_estimate_shard, run_gradient_shard, run_grouping,
+)
+
+TASKS = ["cb", "rte", "sst2"]
+
+
+def _params(**kw) -> AffinityParams:
+    base = dict(model="tiny-llama", tasks=TASKS, max_train=10, max_val=6, dim=16, subset_size=2, lam=0.05, device="cpu",
+                batch_size=4, eval_batch_size=8)
+    base.update(kw)
+    return AffinityParams(**base)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("aff") / "run"
+    summary = run_affinity(_params(), wd)
+    assert set(summary["artifacts"]) >= {"heatmap", "subset_results_csv", "gradients", "theta0", "projection_spec"}
+    for rel in summary["artifacts"].values():
+        assert (wd / rel).exists(), rel
+    return wd
+
+
+def test_affinity_files_are_valid(run_dir):
+    doc = json.loads((run_dir / "affinity.json").read_text())
+    assert doc["tasks"] == TASKS and doc["metric"] == "accuracy"
+    assert doc["subsets"] == [["cb", "rte"], ["cb", "sst2"], ["rte", "sst2"]]
+    T = np.array(doc["matrix"], dtype=float)
+    assert T.shape == (3, 3) and np.isfinite(T).all() and ((0 <= T) & (T <= 1)).all()
+    assert np.array(doc["counts"]).tolist() == [[2, 1, 1], [1, 2, 1], [1, 1, 2]]
+    assert set(doc["matrices"]) == {"accuracy", "neg_loss", "macro_f1"}
+    assert (np.array(doc["matrices"]["neg_loss"], dtype=float) < 0).all()
+    assert len(doc["per_subset"]) == 6 and set(doc["base"]) == set(TASKS)
+    # the table makes every cell auditable: T[cb][rte] = cb's accuracy in the only subset with both
+    row = next(r for r in doc["per_subset"] if r["subset"] == 0 and r["task"] == "cb")
+    assert T[0, 1] == pytest.approx(row["accuracy"])
+    with (run_dir / "subset_results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["task"] for r in rows} == set(TASKS)
+    assert (run_dir / "affinity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    G = np.load(run_dir / "grads_train.npy", allow_pickle=False)
+    f0 = np.load(run_dir / "f0_train.npy", allow_pickle=False)
+    assert G.shape == (30, 16) and G.dtype == np.float32 and f0.shape == (30,) and np.isfinite(G).all()
+    assert np.abs(G).sum(1).min() > 0
+    with (run_dir / "rows_train.csv").open() as fh:
+        ids = list(csv.DictReader(fh))
+    assert len(ids) == 30 and ids[0]["task"] == "cb" and ids[0]["example_id"].startswith("cb/train/")
+    from safetensors.torch import load_file
+
+    theta0 = load_file(str(run_dir / "theta0.safetensors"))
+    assert all(float(v.abs().max()) == 0 for k, v in theta0.items() if "lora_B" in k)
+    assert all(float(v.abs().max()) > 0 for k, v in theta0.items() if "lora_A" in k)
+    spec = json.loads((run_dir / "projection_spec.json").read_text())
+    assert spec["dim"] == 16 and spec["seed"] == 0 and spec["total"] == sum(np.prod(p["shape"]) for p in spec["params"])
+    assert all("lora_B" in p["name"] for p in spec["params"])
+    W = np.load(run_dir / "weights.npy", allow_pickle=False)
+    assert W.shape == (3, 16)
+    assert not (run_dir / "gradients").exists()  # shards removed after the merge
+
+
+def test_batched_estimate_equals_loading_the_adapter(run_dir):
+    """The multiplexed forward at theta0 + P w equals a plain forward with B set to P w."""
+    from shared.ml.affinity.runtime import Runtime
+    from shared.ml.data import subsample
+    from shared.ml.evaluate import metrics_from_scores, score_task
+    from shared.ml.tasks.registry import get_task
+
+    p = _params()
+    rt = Runtime.load(p, run_dir / "theta0.safetensors")
+    W = torch.from_numpy(np.load(run_dir / "weights.npy"))
+    delta = rt.projector.backmap(W[1])  # subset 1 = cb + sst2
+    params = dict(rt.model.named_parameters())
+    with torch.no_grad():
+        for name, value in delta.items():
+            params[name].copy_(value)
+    doc = json.loads((run_dir / "affinity.json").read_text())
+    for task in ("cb", "sst2"):
+        examples = subsample(get_task(task).split("val"), p.max_val, p.seed)
+        scores = score_task(rt.model, rt.tokenizer, rt.bound[task], examples, batch_size=3)
+        m = metrics_from_scores(scores, rt.bound[task].num_choices)
+        row = next(r for r in doc["per_subset"] if r["subset"] == 1 and r["task"] == task)
+        assert m.loss == pytest.approx(row["loss"], rel=1e-5)
+        assert m.accuracy == pytest.approx(row["accuracy"])
+        assert m.macro_f1 == pytest.approx(row["macro_f1"])
+
+
+def test_resume_recomputes_only_missing_pieces(run_dir, tmp_path):
+    wd = tmp_path / "copy"
+    shutil.copytree(run_dir, wd)
+    before = json.loads((wd / "affinity.json").read_text())
+    (wd / "estimates" / "subset-000001.json").unlink()
+    (wd / "affinity.json").unlink()
+    run_affinity(_params(), wd)
+    after = json.loads((wd / "affinity.json").read_text())
+    assert np.allclose(np.array(after["matrix"], dtype=float), np.array(before["matrix"], dtype=float))
+    with pytest.raises(ValueError, match="different parameters"):
+        run_affinity(_params(dim=8), wd)
+
+
+def test_sharded_run_matches_the_single_run(run_dir, tmp_path):
+    p = _params()
+    wd = tmp_path / "sharded"
+    rt = prepare_affinity(p, wd)
+    run_gradient_shard(p, wd, start=0, end=13, runtime=rt)
+    # an interrupted shard (cancelled after 2 batches of 4 rows), then resumed
+    from shared.ml.progress import Cancelled
+
+    def cancel_after_two(stage, done, total, message=""):
+        if done == 2:
+            raise Cancelled()
+
+    p_small = _params(project_rows=4)
+    with pytest.raises(Cancelled):
+        run_gradient_shard(p_small, wd, cancel_after_two, start=13, end=30, runtime=rt)
+    info = run_gradient_shard(p, wd, start=13, end=30, runtime=rt)
+    assert info["computed"] == 17 - 8
+    again = run_gradient_shard(p, wd, start=13, end=30, runtime=rt)
+    assert again["computed"] == 0
+    run_base_eval(p, wd, runtime=rt)
+    run_estimate_shard(p, wd, start=2, end=3, runtime=rt)
+    run_estimate_shard(p, wd, start=0, end=2, runtime=rt)
+    finalize_affinity(p, wd)
+    a = np.load(run_dir / "grads_train.npy")
+    b = np.load(wd / "grads_train.npy")
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(a).max())
+    ta = np.array(json.loads((run_dir / "affinity.json").read_text())["matrices"]["neg_loss"], dtype=float)
+    tb = np.array(json.loads((wd / "affinity.json").read_text())["matrices"]["neg_loss"], dtype=float)
+    assert np.allclose(ta, tb, rtol=1e-4)
+
+
+def test_linear_mode(tmp_path):
+    wd = tmp_path / "linear"
+    run_affinity(_params(mode="linear", metric="neg_loss"), wd)
+    doc = json.loads((wd / "affinity.json").read_text())
+    assert doc["mode"] == "linear" and doc["metric"] == "neg_loss"
+    assert np.isfinite(np.array(doc["matrix"], dtype=float)).all()
+    assert np.load(wd / "grads_val.npy").shape == (18, 16)
+    assert all(r["macro_f1"] is None for r in doc["per_subset"])
+
+
+def test_grouping_stage_reads_the_workdir_affinity(run_dir, tmp_path):
+    shutil.copy(run_dir / "affinity.json", tmp_path / "affinity.json")
+    out = run_grouping(GroupingParams(groups=2), tmp_path)
+    doc = json.loads((tmp_path / "groups.json").read_text())
+    assert doc["groups"] == out["groups"] and len(doc["groups"]) == 2
+    assert sorted(t for g in doc["groups"] for t in g) == sorted(TASKS)
+    assert doc["method"] in ("sdp", "spectral") and out["artifacts"]["groups"] == "groups.json"
+
+
+def test_representer_backmap_sketches_back_to_w(run_dir, tmp_path):
+    """Delta = sum_i c_i g_i (full space) satisfies P^T Delta = w at the solver's optimum."""
+    from shared.ml.affinity.estimate import representer_deltas, subset_rows
+    from shared.ml.affinity.runtime import Runtime
+    from shared.ml.affinity.solver import solve_subsets
+
+    p = _params()
+    rt = Runtime.load(p, run_dir / "theta0.safetensors")
+    G = torch.from_numpy(np.load(run_dir / "grads_train.npy"))
+    f0 = torch.from_numpy(np.load(run_dir / "f0_train.npy"))
+    rows = rt.rows("train", p.max_train)
+    subsets = [[0, 1], [1, 2]]
+    sol = solve_subsets(G, f0, [subset_rows(rows, s) for s in subsets], p.lam)
+    stacks = representer_deltas(rt, rows, subsets, sol.w, G, f0, p.lam, batch_size=4)
+    flat = torch.cat([stacks[q.name].reshape(2, -1) for q in rt.spec.params], dim=1)
+    sketched = rt.projector.project_flat(flat)
+    assert torch.allclose(sketched, sol.w, rtol=1e-3, atol=1e-4 * float(sol.w.abs().max()))
+    # far smaller than P w, which carries the sketch's noise
+    pw = rt.projector.backmap(sol.w)
+    assert float(flat.norm(dim=1).max()) < float(torch.cat([pw[q.name].reshape(2, -1) for q in rt.spec.params], 1).norm(dim=1).min())
+    summary = run_affinity(_params(backmap="representer"), tmp_path / "rep")
+    doc = json.loads((tmp_path / "rep" / "affinity.json").read_text())
+    assert doc["backmap"] == "representer" and np.isfinite(np.array(doc["matrix"], dtype=float)).all()
+    assert summary["subsets"] == 3
