@@ -24,9 +24,9 @@ from rich.table import Table
 
 console = Console()
 
-# Short-text sentiment/subjectivity tasks plus two SuperGLUE tasks: 6 real datasets whose prompts are
+# Six real datasets with short texts (sentiment, subjectivity, opinion polarity, irony) whose prompts are
 # short enough to fine-tune SmolLM2 on 2 CPU cores within the demo's time budget.
-DEMO_TASKS = "sst2,mr,cr,subj,mpqa,rte"
+DEMO_TASKS = "sst2,mr,cr,subj,mpqa,tweet_irony"
 
 
 def _free_port() -> int:
@@ -61,7 +61,7 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
         "seed": 0,
         "max_train": max_train,
         "max_val": 32,
-        "max_test": 100,
+        "max_test": 60,
         "max_length": 128,
         "affinity": {"dim": 200},
         "training": {"epochs": epochs, "lr": 5e-4, "batch_size": 8, "patience": 1},
@@ -81,20 +81,23 @@ def _print_report(report: dict[str, Any]) -> None:
 def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: list[str], per_task: int) -> None:
     import httpx
 
+    from shared.ml.data import subsample
     from shared.ml.tasks.registry import get_task
 
     headers = {"Authorization": f"Bearer {key}"}
     r = httpx.post(f"{inference_url}/v1/ensembles/{ensemble_id}/load", headers=headers, timeout=600)
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"loading ensemble {ensemble_id} failed: {r.status_code} {r.text}")
     rows, gold = [], []
     for name in tasks:
         task = get_task(name)
-        for ex in task.split("test")[:per_task]:
+        for ex in subsample(task.split("test"), per_task, seed=0):
             rows.append({"task": name, "fields": ex.fields})
             gold.append(task.label_names[ex.label])
     r = httpx.post(f"{inference_url}/v1/ensembles/{ensemble_id}/classify", json={"rows": rows}, headers=headers,
                    timeout=600)
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"classify failed: {r.status_code} {r.text}")
     body = r.json()
     table = Table("task", "text", "predicted", "p", "gold", title=f"inference service, ensemble {body['fingerprint'][:12]}")
     for row, result, label in zip(rows, body["results"], gold, strict=True):
@@ -107,9 +110,10 @@ def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: li
 
 def demo_command(
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks (at least 2).")] = DEMO_TASKS,
-    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 64,
+    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 32,
     epochs: Annotated[int, typer.Option(help="Epochs per adapter.")] = 2,
     examples: Annotated[int, typer.Option(help="Test examples per task sent to the inference service.")] = 3,
+    job_id: Annotated[str | None, typer.Option("--job", help="Show and serve an earlier demo job instead of submitting one.")] = None,
 ) -> None:
     """Run the whole service end to end on real data: submit a pipeline job over HTTP, follow it, serve it."""
     from services.cli.jobs import follow_job
@@ -118,8 +122,10 @@ def demo_command(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     api_port, inference_port = _free_port(), _free_port()
     key = "chorus_demo_" + secrets.token_hex(16)
+    # The inference service refuses adapters trained on another base or quantization, so it loads the
+    # base exactly as the demo job trains it (fp32 on CPU; on a GPU worker both would be nf4).
     env = dict(os.environ, CHORUS_ADMIN_KEY=key, CHORUS_INFERENCE_MODEL="smollm2-135m",
-               CHORUS_INFERENCE_QUANTIZATION="nf4")
+               CHORUS_INFERENCE_QUANTIZATION=demo_params([], 0, 0)["quantization"])
     api_url, inference_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{inference_port}"
     console.rule("[bold]chorus demo")
     console.print(f"starting the stack: API {api_url}, inference {inference_url} (embedded SQLite + broker)")
@@ -131,9 +137,12 @@ def demo_command(
     try:
         _wait_healthy(f"{api_url}/health", stack)
         with Client(api_url, key, timeout=60) as client:
-            job = client.create_job("pipeline", demo_params(task_list, max_train, epochs))
-            console.print(f"submitted pipeline job [bold]{job['id']}[/] on {', '.join(task_list)}")
-            job = follow_job(client, job["id"])
+            if job_id is None:
+                job = client.create_job("pipeline", demo_params(task_list, max_train, epochs))
+                console.print(f"submitted pipeline job [bold]{job['id']}[/] on {', '.join(task_list)}")
+                job_id = job["id"]
+            job = follow_job(client, job_id)
+            task_list = job["params"]["tasks"]
             if job["status"] != "succeeded":
                 console.print(f"[red]job {job['status']}:[/] {job.get('error')}")
                 raise typer.Exit(1)
@@ -142,7 +151,7 @@ def demo_command(
             ensembles = client.list_ensembles(job["id"])
         import json
 
-        groups = json.loads(Path(files["grouping/groups"]).read_text())["groups"]
+        groups = json.loads(Path(files["groups"]).read_text())["groups"]
         console.print("groups: " + "  |  ".join("{" + ", ".join(g) + "}" for g in groups))
         console.print(f"affinity heatmap: {files['grouping/heatmap']}")
         _print_report(json.loads(Path(files["pipeline_report"]).read_text()))

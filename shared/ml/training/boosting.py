@@ -90,6 +90,8 @@ class BoostRound:
     val_accuracy_after: float
     kept: bool
     booster: str
+    train_loss: list[float] = field(default_factory=list)  # the weak learner's MSE per epoch
+    best_epoch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -212,7 +214,8 @@ def boost_group(
         new_val = {t: current_val[t] + eta * (zb_val[t] - base_val[t]) for t in data}
         after = val_acc(new_val)
         kept = after > best_val
-        result.rounds.append(BoostRound(k, err_before, best_val, after, kept, name))
+        result.rounds.append(BoostRound(k, err_before, best_val, after, kept, name,
+                                        [h["train_loss"] for h in booster.history], booster.best_epoch))
         if not kept:
             result.stopped = "no validation improvement"
             break
