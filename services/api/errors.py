@@ -1,41 +1,20 @@
-"""One error shape for every 4xx/5xx: {"error": {"code", "message", "param"}}."""
+"""The job API's error helpers (the shape itself lives in services/http_errors.py)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services import http_errors
+from services.http_errors import ApiError, error_body, error_response
+
+__all__ = ["ApiError", "error_body", "error_response", "install_error_handlers", "loc_param", "pydantic_error"]
 
 log = logging.getLogger("chorus.api")
-
-_DEFAULT_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    429: "rate_limited", 500: "internal_error", 501: "not_implemented", 503: "unavailable",
-}
-
-
-class ApiError(Exception):
-    """Raise anywhere in a request to answer with the standard error body."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
-
-
-def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
-
-
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
 
 
 def loc_param(loc: tuple[Any, ...] | list[Any], drop_source: bool = True) -> str | None:
@@ -47,33 +26,8 @@ def loc_param(loc: tuple[Any, ...] | list[Any], drop_source: bool = True) -> str
 
 
 def pydantic_error(exc: ValidationError | RequestValidationError, prefix: tuple[str, ...] = ()) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    param = loc_param((*prefix, *first.get("loc", ())))
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+    return http_errors.pydantic_message(exc, loc_param, prefix)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _DEFAULT_CODES.get(exc.status_code, "error")
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, code, message, None, getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = pydantic_error(exc)
-        return error_response(422, "invalid_request", message, param)
-
-    @app.exception_handler(Exception)
-    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+    http_errors.install_error_handlers(app, log, loc_param)

@@ -6,36 +6,14 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+
+from services import http_errors
+from services.http_errors import ApiError, error_body, error_response
+
+__all__ = ["ApiError", "BodyLimitMiddleware", "error_body", "error_response", "install_error_handlers", "loc_param"]
 
 log = logging.getLogger("chorus.inference")
-
-_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    429: "rate_limited", 500: "internal_error", 503: "unavailable",
-}
-
-
-class ApiError(Exception):
-    """Raise in a request to answer with the standard error body."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
-
-
-def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
-
-
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
 
 
 def loc_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -53,31 +31,7 @@ def loc_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), message, None,
-                              getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if not errors:
-            return error_response(422, "invalid_request", "invalid request")
-        first = errors[0]
-        param = loc_param(first.get("loc", ()))
-        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        return error_response(422, "invalid_request", f"{param}: {msg}{more}" if param else msg + more, param)
-
-    @app.exception_handler(Exception)
-    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+    http_errors.install_error_handlers(app, log, loc_param)
 
 
 class BodyLimitMiddleware:
