@@ -100,7 +100,7 @@ JOB_TYPES: dict[str, JobType] = {
         JobType("pipeline", "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
                 f"{_TRAIN}.params:PipelineParams", f"{_TRAIN}.stage:pipeline_stages", multi_stage=True),
         JobType("evaluation", "Evaluate a base model on tasks (loss, accuracy, macro-F1).",
-                "shared.ml.evaluate:EvalParams", "shared.ml.evaluate:run_evaluation"),
+                "shared.ml.eval_params:EvalParams", "shared.ml.evaluate:run_evaluation"),
     )
 }
 

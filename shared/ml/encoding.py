@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
+from shared.ml.defaults import DEFAULT_MAX_LENGTH
 from shared.ml.tasks.base import Example, Task
-
-DEFAULT_MAX_LENGTH = 256
 
 
 def bos_policy(tokenizer: Any) -> int | None:

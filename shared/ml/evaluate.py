@@ -6,13 +6,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, field_validator
 
 from shared.ml.data import subsample
+from shared.ml.eval_params import EvalParams
 from shared.ml.encoding import DEFAULT_MAX_LENGTH, BoundTask, batches, bind, encode_examples
 from shared.ml.models import answer_logits, load_model
 from shared.ml.progress import Progress, silent
@@ -99,26 +99,6 @@ def evaluate(
         scores = score_task(model, tokenizer, bound, examples, batch_size, max_length, progress, f"evaluate {name}")
         results[name] = metrics_from_scores(scores, bound.num_choices)
     return results
-
-
-class EvalParams(BaseModel):
-    """Parameters of a zero-shot (or adapter) evaluation job."""
-
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "none"
-    tasks: list[str] = Field(min_length=1)
-    split: Literal["train", "val", "test"] = "test"
-    max_examples: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=16, ge=1, le=1024)
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
-    seed: int = 0
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from shared.ml.tasks.registry import parse_task_list
-
-        return parse_task_list(",".join(tasks))
 
 
 def run_evaluation(params: EvalParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:

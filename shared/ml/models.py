@@ -14,9 +14,7 @@ from typing import Any
 import torch
 
 from shared.config import get_settings
-
-QUANTIZATIONS = ("none", "nf4")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
+from shared.ml.defaults import DEFAULT_TARGETS, QUANTIZATIONS
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny model shape used by fast tests: hidden 64, 2 layers, grouped-query attention.

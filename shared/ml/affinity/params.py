@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.encoding import DEFAULT_MAX_LENGTH
-from shared.ml.models import DEFAULT_TARGETS
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, DEFAULT_TARGETS
 
 if TYPE_CHECKING:
     import torch

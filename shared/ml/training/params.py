@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.encoding import DEFAULT_MAX_LENGTH
-from shared.ml.models import DEFAULT_TARGETS
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, DEFAULT_TARGETS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
