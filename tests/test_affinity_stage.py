@@ -187,3 +187,35 @@ def test_representer_backmap_sketches_back_to_w(run_dir, tmp_path):
     doc = json.loads((tmp_path / "rep" / "affinity.json").read_text())
     assert doc["backmap"] == "representer" and np.isfinite(np.array(doc["matrix"], dtype=float)).all()
     assert summary["subsets"] == 3
+
+
+def test_fanned_out_run_is_bitwise_the_single_run(run_dir, tmp_path):
+    """With a sharder installed (as the job runner does with fan-out on), the gradient passes and the subset
+    estimation run as independent pieces, here out of order and one of them twice: the merged gradients,
+    the weights and every per-subset result are bitwise those of the one-piece run."""
+    from shared.jobs.registry import load_ref
+    from shared.ml.sharding import use_sharder
+
+    phases = []
+
+    class Reversed:
+        shards = 3
+
+        def run(self, phase, workdir, progress, cache):
+            fn = load_ref(phase.fn)
+            ranges = phase.ranges(self.shards)
+            phases.append((phase.name, phase.size, ranges))
+            for start, end in [*reversed(ranges), ranges[0]]:  # a piece redone (its worker died) is a no-op
+                fn(phase.args, workdir, progress, start, end, {})
+
+    p = _params(project_rows=4, subsets_per_forward=1)
+    wd = tmp_path / "fanned"
+    with use_sharder(Reversed()):
+        run_affinity(p, wd)
+    assert phases == [("gradients:train", 8, [(0, 2), (2, 5), (5, 8)]), ("estimate", 3, [(0, 1), (1, 2), (2, 3)])]
+    one = tmp_path / "one"
+    run_affinity(p, one)
+    for name in ("grads_train.npy", "f0_train.npy", "weights.npy"):
+        assert np.array_equal(np.load(one / name), np.load(wd / name)), name
+    a, b = (json.loads((d / "affinity.json").read_text()) for d in (one, wd))
+    assert a["per_subset"] == b["per_subset"] and a["matrices"] == b["matrices"]

@@ -4,6 +4,8 @@ GPU-worker practice (see ../shared/docs/anchors.md §4): acks_late + reject_on_w
 visibility timeout longer than the longest job, soft + hard time limits, prefork with one process that is
 recycled after every task (CUDA is only ever initialised in that child: the ML core is imported inside
 the task). The database job row is the truth; Celery only carries job ids, results are not stored.
+Fan-out helpers (chorus.run_shards, sent as a group by a running job) follow the same rules; they meet
+through the job_shards table, not through a chord (there is no result backend).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from shared.jobs.config import get_service_settings
 
 log = logging.getLogger("chorus.worker")
 RUN_JOB = "chorus.run_job"
+RUN_SHARDS = "chorus.run_shards"  # a fan-out helper: work on the shards of one phase of a job (same queue)
 MAIN_PID: int | None = None  # the worker parent's pid (set at worker_init)
 
 
@@ -48,7 +51,7 @@ def make_celery() -> Celery:
         broker_transport_options={"visibility_timeout": svc.broker_visibility_timeout} if networked else {},
         worker_max_tasks_per_child=1, worker_concurrency=1, worker_pool="prefork",
         worker_cancel_long_running_tasks_on_connection_loss=True, broker_connection_retry_on_startup=True,
-        task_default_queue=svc.queue, task_routes={RUN_JOB: {"queue": svc.queue}},
+        task_default_queue=svc.queue, task_routes={RUN_JOB: {"queue": svc.queue}, RUN_SHARDS: {"queue": svc.queue}},
         worker_enable_remote_control=networked, worker_send_task_events=False, task_send_sent_event=False,
         worker_hijack_root_logger=False, worker_redirect_stdouts=False,
     )

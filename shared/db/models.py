@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 STAGE_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+SHARD_STATUSES = ("pending", "running", "done", "failed")
 SCOPES = ("admin", "submit", "infer")
 
 # Integer autoincrement that is BIGINT on Postgres and the rowid alias on SQLite.
@@ -170,6 +171,42 @@ class JobStage(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
     job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class JobShard(Base):
+    """One shard of a fanned-out phase of a job (e.g. rows [start, end) of the "gradients:train" pass).
+
+    Any worker may claim a pending shard, or one whose lease expired (its worker died): the claim is a
+    compare-and-set on (status, attempts) that bumps `attempts`, so exactly one claimant wins; the
+    claimant renews `lease_expires_at` while it works and marks the shard done. `spec` says how to run
+    it (a function of the ML core and its JSON arguments), so a helper needs nothing but the row.
+    See shared/jobs/fanout.py.
+    """
+
+    __tablename__ = "job_shards"
+    __table_args__ = (
+        UniqueConstraint("job_id", "phase", "index"),
+        CheckConstraint(f"status IN {SHARD_STATUSES!r}", name="status"),
+        Index(None, "job_id", "phase", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    phase: Mapped[str] = mapped_column(String(80))
+    index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    end: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)  # hostname:pid
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class JobEvent(Base):

@@ -1,12 +1,15 @@
 """Running one job: claim it, run its stages in order (skipping finished ones), ingest each stage's
 artifacts in the same transaction that marks the stage finished, and end the job in one terminal state.
 
-This is queue-agnostic: the Celery task calls `run_job(job_id)`; so can a test or a debugger.
+This is queue-agnostic: the Celery task calls `run_job(job_id, dispatch=...)`; so can a test or a debugger.
 
-Fan-out seam (not used yet): a stage is any callable (workdir, inputs, progress) -> summary, so a sharded
-stage (gradient shards, subset estimations: shared.ml.affinity.stage.run_gradient_shard/run_estimate_shard)
-can dispatch its shards as a Celery group of shard tasks writing into the shared job workdir and return
-once the chord completes; resume still works per stage, and shard files make the stage itself resumable.
+Fan-out: with settings.fanout_shards > 1 every stage runs with a shared.jobs.fanout.JobSharder installed
+(shared.ml.sharding.use_sharder), which shardable stages (the affinity stage, also inside the pipeline)
+hand their gradient passes and subset estimations to. The sharder records the shards in the database,
+asks for helpers through the injected `dispatch(job_id, phase, helpers)` (the Celery worker sends a
+group of chorus.run_shards tasks; without it this worker does every shard), works on shards itself and
+returns once all are done. Helpers write into the shared job workdir; resume works per stage as before,
+and per shard within a stage.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from shared.db.models import Artifact, Job, JobStage, utcnow
 from shared.db.session import get_sessionmaker
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
+from shared.jobs.fanout import Dispatch, JobSharder
 from shared.jobs.ingest import ingest_stage, jsonable, merge_stage_artifacts
 from shared.jobs.progress import JobProgress, Lease
 from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable, StageFn
 from shared.ml.progress import Cancelled
+from shared.ml.sharding import use_sharder
 from shared.storage import ArtifactStore
 
 log = logging.getLogger("chorus.jobs")
@@ -56,12 +61,14 @@ class _Stop(Exception):
 
 class JobRunner:
     def __init__(self, job_id: str, *, token: str | None = None, settings: ServiceSettings | None = None,
-                 store: ArtifactStore | None = None, hard_stop: Callable[[], None] | None = None) -> None:
+                 store: ArtifactStore | None = None, hard_stop: Callable[[], None] | None = None,
+                 dispatch: Dispatch | None = None) -> None:
         self.job_id = job_id
         self.token = token or state.make_token()
         self.settings = settings or get_service_settings()
         self.store = store or ArtifactStore()
         self.hard_stop = hard_stop
+        self.dispatch = dispatch  # asks the queue for fan-out helpers (see shared.jobs.fanout)
         self.maker = get_sessionmaker()
         self.lease: Lease | None = None
 
@@ -220,8 +227,12 @@ class JobRunner:
                             data={"type": "stage", "stage": name, "status": "running", "attempt": row.attempts})
             session.commit()
         started = time.monotonic()
+        sharder = None
+        if self.settings.fanout_shards > 1:
+            sharder = JobSharder(self.job_id, self.settings, self.dispatch, self._check_stop)
         try:
-            summary = fn(self._workdir(), dict(inputs), progress)
+            with use_sharder(sharder):
+                summary = fn(self._workdir(), dict(inputs), progress)
         except Cancelled:
             self._stopped(name, started)
         except ValidationError as exc:
@@ -238,6 +249,11 @@ class JobRunner:
         if not isinstance(summary, dict):
             self._fail(state.error_obj("stage_failed", f"stage {name} returned {type(summary).__name__}, not a dict"), name)
         return jsonable(summary)
+
+    def _check_stop(self) -> None:
+        assert self.lease is not None
+        if self.lease.stopping:
+            raise Cancelled("job cancelled" if self.lease.cancelled.is_set() else "lease lost")
 
     def _stopped(self, name: str, started: float) -> None:
         assert self.lease is not None

@@ -24,9 +24,10 @@ def _alembic(url: str, *args: str) -> str:
 
 
 def _roundtrip(url: str) -> None:
-    assert "Running upgrade  -> 0001" in _alembic(url, "upgrade", "head")
+    out = _alembic(url, "upgrade", "head")
+    assert "Running upgrade  -> 0001" in out and "Running upgrade 0001 -> 0002" in out
     assert "No new upgrade operations detected" in _alembic(url, "check")
-    assert "0001 (head)" in _alembic(url, "current")
+    assert "0002 (head)" in _alembic(url, "current")
     _alembic(url, "downgrade", "base")
     _alembic(url, "upgrade", "head")
 
