@@ -6,6 +6,11 @@
     for event in c.follow(job["id"]):
         print(event["message"])
     c.download_artifact(c.get_job(job["id"])["result_artifacts"]["groups.json"], "groups.json")
+
+A request refused by the API's rate limit (429 `rate_limited` with Retry-After) is retried after the delay
+the server asks for, up to `max_retries` times while the delay is at most `max_retry_wait` seconds (it was
+refused before doing anything, so a retry is safe); otherwise ChorusError carries `retry_after`.
+Uploads and streamed downloads are not retried.
 """
 
 from __future__ import annotations
@@ -25,14 +30,23 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class ChorusError(Exception):
     """An API error: HTTP status plus the error object's code, message and param."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.retry_after = retry_after  # seconds, from the Retry-After header of a 429 / 503
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
 
 
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, max_retries: int = 3,
+                 max_retry_wait: float = 60.0) -> None:
+        self.max_retries, self.max_retry_wait = max_retries, max_retry_wait
         self.base_url = (base_url or os.environ.get("CHORUS_API_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("CHORUS_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -57,10 +71,16 @@ class Client:
             code, message, param = err.get("code", "error"), err.get("message", ""), err.get("param")
         except (ValueError, KeyError, TypeError, AttributeError):
             code, message, param = "http_error", response.text[:500], None
-        raise ChorusError(response.status_code, code, message, param)
+        raise ChorusError(response.status_code, code, message, param, _retry_after(response))
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self.http.request(method, path, **kwargs)
+        retries = 0 if "files" in kwargs else self.max_retries
+        for attempt in range(retries + 1):
+            response = self.http.request(method, path, **kwargs)
+            wait = _retry_after(response) if response.status_code == 429 else None
+            if wait is None or attempt == retries or wait > self.max_retry_wait:
+                break
+            time.sleep(wait)
         self._raise(response)
         return response
 

@@ -1,6 +1,6 @@
 """The inference service over HTTP (ASGI, tiny-llama on CPU): results equal the offline ensemble, hot swaps
 fail no request, bad rows get 422 naming the row, base/quantization mismatches 409, tampered adapters are
-refused, API-key scopes are enforced."""
+refused, API-key scopes are enforced, ensembles are visible to their owner's keys (and admin keys) only."""
 
 from __future__ import annotations
 
@@ -102,6 +102,8 @@ def env(tmp_path_factory):
     with session_scope() as session:
         keys = {scope: create_key(session, f"owner-{scope}", [scope], f"test {scope}")[1]
                 for scope in ("admin", "infer", "submit")}
+        for owner in ("alice", "bob"):  # two tenants with inference keys
+            keys[owner] = create_key(session, f"owner-{owner}", ["infer"], f"test {owner}")[1]
         revoked_row, keys["revoked"] = create_key(session, "owner-x", ["admin"], "revoked")
         from shared.db.models import utcnow
         revoked_row.revoked_at = utcnow()
@@ -138,9 +140,10 @@ def _check(env, body) -> None:
 
 
 async def _ensure_alpha(client, env, version="v1"):
+    """alpha (a folder ensemble) loaded at `version`, owned by the owner of the "infer" key."""
     alpha = env["root"] / "alpha"
     (alpha / "ensemble.json").write_text((alpha / f"{version}.json").read_text())
-    r = await client.post("/v1/ensembles/alpha/load", headers=_h(env))
+    r = await client.post("/v1/ensembles/alpha/load", headers=_h(env), json={"owner": "owner-infer"})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -370,25 +373,30 @@ def test_metrics(env):
     assert 'route="/v1/ensembles/{ensemble_id}/classify"' in text
 
 
-def test_ensembles_from_the_job_store(env, tmp_path):
-    """An ensemble recorded by a training job (database row + artifact store) loads by its id."""
-    from services.inference.sources import StoreEnsembleSource
+def _stored_ensemble(service, folder: Path, name: str, owner: str) -> str:
+    """An ensemble recorded as a training job of `owner` records it (database rows + artifact store); its id."""
     from shared.db.models import Ensemble
     from shared.db.session import session_scope
     from shared.jobs.ingest import ingest_stage
     from shared.storage import ArtifactStore
 
-    service = env["service"]
     base = service.base
-    work = tmp_path / "stage"
-    metas = {n: write_random_adapter(work / "adapters" / n, base.model, base.info, name=n, tasks=["sst2"], seed=20 + i)
-             for i, n in enumerate(["s0", "s1"])}
-    write_ensemble(work, base.info, metas, {"sst2": {"s0": 1.0, "s1": 0.5}}, name="stored")
+    metas = {n: write_random_adapter(folder / "adapters" / n, base.model, base.info, name=n, tasks=["sst2"],
+                                     seed=20 + i) for i, n in enumerate(["s0", "s1"])}
+    write_ensemble(folder, base.info, metas, {"sst2": {"s0": 1.0, "s1": 0.5}}, name=name)
     with session_scope() as session:
-        ingest_stage(session, ArtifactStore(), job_id=None, owner="o", stage="training", workdir=work,
+        ingest_stage(session, ArtifactStore(), job_id=None, owner=owner, stage="training", workdir=folder,
                      summary={"artifacts": {"adapters/s0": "adapters/s0", "adapters/s1": "adapters/s1",
                                             "ensemble": "ensemble.json"}})
-        ensemble_id = session.query(Ensemble).filter_by(name="stored").one().id
+        return session.query(Ensemble).filter_by(name=name).one().id
+
+
+def test_ensembles_from_the_job_store(env, tmp_path):
+    """An ensemble recorded by a training job (database row + artifact store) loads by its id."""
+    from services.inference.sources import StoreEnsembleSource
+
+    service = env["service"]
+    ensemble_id = _stored_ensemble(service, tmp_path / "stage", "stored", "owner-infer")
     original = service.source
     service.source = StoreEnsembleSource()
     try:
@@ -402,6 +410,81 @@ def test_ensembles_from_the_job_store(env, tmp_path):
                 assert set(r.json()["results"][0]["members"]) == {"s0", "s1"}
                 assert (await client.delete(f"/v1/ensembles/{ensemble_id}", headers=_h(env))).status_code == 200
 
+        asyncio.run(main())
+    finally:
+        service.source = original
+
+
+def test_ensembles_are_owner_scoped(env, tmp_path):
+    """A job's ensemble belongs to the job's owner; a folder ensemble to the owner the admin names. Another
+    owner's key gets the same 404 as for an id that is not loaded (classify, get, and absent from the list);
+    admin keys see every ensemble; unloading stays an admin route."""
+    from services.inference.sources import ChainSource, DirectoryEnsembleSource, StoreEnsembleSource
+
+    service = env["service"]
+    stored = _stored_ensemble(service, tmp_path / "stage", "alices", "owner-alice")
+    row = {"rows": [{"task": "sst2", "text": "a fine film"}]}
+    original = service.source
+    service.source = ChainSource([StoreEnsembleSource(), DirectoryEnsembleSource(env["root"])])
+
+    async def visible(client, who):
+        r = await client.get("/v1/ensembles", headers=_h(env, who))
+        assert r.status_code == 200, r.text
+        return {e["id"] for e in r.json()["data"]}
+
+    async def can_use(client, who, ensemble_id):
+        got = await client.get(f"/v1/ensembles/{ensemble_id}", headers=_h(env, who))
+        classified = await client.post(f"/v1/ensembles/{ensemble_id}/classify", headers=_h(env, who), json=row)
+        assert (got.status_code == 200) == (classified.status_code == 200), (got.text, classified.text)
+        if got.status_code != 200:
+            missing = await client.get("/v1/ensembles/not-loaded-anywhere", headers=_h(env, who))
+            for r in (got, classified):  # indistinguishable from an id that is not loaded
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+                assert r.json()["error"]["param"] == missing.json()["error"]["param"] == "id"
+            return False
+        return ensemble_id in await visible(client, who)
+
+    async def main():
+        async with _client(env) as client:
+            loaded = await client.post(f"/v1/ensembles/{stored}/load", headers=_h(env))
+            assert loaded.status_code == 200 and loaded.json()["owner"] == "owner-alice", loaded.text
+            assert await can_use(client, "alice", stored)
+            assert not await can_use(client, "bob", stored)
+            assert await can_use(client, "admin", stored)
+            # A job's ensemble cannot be handed to another owner.
+            r = await client.post(f"/v1/ensembles/{stored}/load", headers=_h(env), json={"owner": "owner-bob"})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "owner", r.text
+            assert not await can_use(client, "bob", stored)
+
+            # A folder ensemble: the owner named at load; a hot swap keeps it; admin keys see it anyway.
+            r = await client.post("/v1/ensembles/beta/load", headers=_h(env), json={"owner": "owner-bob"})
+            assert r.status_code == 200 and r.json()["owner"] == "owner-bob", r.text
+            assert await can_use(client, "bob", "beta") and not await can_use(client, "alice", "beta")
+            r = await client.post("/v1/ensembles/beta/load", headers=_h(env))
+            assert r.status_code == 200 and r.json()["owner"] == "owner-bob", r.text
+            assert await visible(client, "bob") == {"beta"} and stored not in await visible(client, "bob")
+            assert {stored, "beta"} <= await visible(client, "admin")
+
+            # Unload: admin only (scope checked before any lookup, so it leaks nothing either).
+            for who in ("alice", "bob"):
+                r = await client.delete(f"/v1/ensembles/{stored}", headers=_h(env, who))
+                assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+            for ensemble_id in (stored, "beta"):
+                assert (await client.delete(f"/v1/ensembles/{ensemble_id}", headers=_h(env))).status_code == 200
+
+            # A folder loaded without an owner by an admin key belongs to that key's owner; one loaded with
+            # no principal at all (preload at startup) to nobody: admin keys only.
+            r = await client.post("/v1/ensembles/beta/load", headers=_h(env))
+            assert r.status_code == 200 and r.json()["owner"] == "owner-admin"
+            assert not await can_use(client, "bob", "beta")
+            await client.delete("/v1/ensembles/beta", headers=_h(env))
+            await service.preload(["beta"])
+            assert service.owners["beta"] is None
+            assert not await can_use(client, "alice", "beta") and not await can_use(client, "bob", "beta")
+            assert await can_use(client, "admin", "beta")
+            assert (await client.delete("/v1/ensembles/beta", headers=_h(env))).status_code == 200
+
+    try:
         asyncio.run(main())
     finally:
         service.source = original

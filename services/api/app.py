@@ -6,14 +6,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from services.api.deps import authenticate
 from services.api.errors import install_error_handlers
-from services.api.schemas import ErrorResponse
-from services.api.limits import BodyLimitMiddleware
+from services.api.metrics import ApiMetrics
+from services.api.rate_limits import EarlyRefusalMiddleware, build_rate_limiter
 from services.api.routers import artifacts, datasets, jobs, keys
+from services.api.schemas import ErrorResponse
+from services.api.settings import ApiSettings, get_api_settings
+from services.body_limit import BodyLimitMiddleware
+from services.http_metrics import RequestMetricsMiddleware, add_metrics_route
 from shared.config import get_settings
 from shared.db.session import get_engine, migrate
 from shared.jobs.config import get_service_settings
@@ -28,19 +33,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if get_service_settings().migrate_on_start:
         migrate()
     yield
+    limiter = app.state.rate_limiter
+    if limiter is not None and hasattr(limiter.buckets, "aclose"):
+        await limiter.buckets.aclose()
 
 
-def create_app() -> FastAPI:
+def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
+    """`api_settings`: rate limits and /metrics access (default: from CHORUS_* environment variables)."""
     svc = get_service_settings()
+    edge = api_settings or get_api_settings()
     docs = svc.api_docs
     app = FastAPI(
         title="chorus job API", version=API_VERSION, lifespan=lifespan,
         description="Datasets, jobs (affinity, grouping, training, pipeline, ...), artifacts, adapters and "
                     "ensembles. Every /v1 route needs `Authorization: Bearer <API key>`; errors are "
-                    '`{"error": {"code", "message", "param"}}`.',
+                    '`{"error": {"code", "message", "param"}}`. Requests are rate-limited per key (job creation '
+                    "and dataset uploads more strictly): 429 `rate_limited` with `Retry-After`.",
         docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
+    metrics = ApiMetrics()
+    app.state.metrics = metrics
+    app.state.rate_limiter = build_rate_limiter(edge, get_settings().broker_url,
+                                                lambda kind: metrics.rate_limited.labels(kind).inc())
     for router in (datasets.router, jobs.router, artifacts.router, keys.router):
         app.include_router(router, prefix="/v1", responses=_ERRORS)  # type: ignore[arg-type]
 
@@ -53,9 +68,14 @@ def create_app() -> FastAPI:
             return JSONResponse({"status": "error", "database": str(exc)[:200]}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    # /metrics: no key when CHORUS_METRICS_PUBLIC (default, as the inference service), else an admin key.
+    add_metrics_route(app, metrics, [] if edge.metrics_public else [Security(authenticate, scopes=["admin"])])
     app.add_middleware(
         BodyLimitMiddleware,  # type: ignore[arg-type]
-        default_limit=lambda: get_service_settings().max_json_bytes,
+        limit=lambda: get_service_settings().max_json_bytes,
         routes=[("POST", r"/v1/datasets/?", lambda: get_settings().max_upload_bytes + 64 * 1024)],
     )
+    app.add_middleware(EarlyRefusalMiddleware, limiter=app.state.rate_limiter)  # type: ignore[arg-type]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
+

@@ -1,19 +1,21 @@
-"""Request dependencies: the database session and the authenticated principal (API key + scopes)."""
+"""Request dependencies: the database session, the authenticated principal (API key + scopes) and the
+rate limits charged to it (services/api/rate_limits.py)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Security
+from fastapi import Depends, Request, Security, params
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session
 
 from services.api.errors import ApiError
+from services.api.rate_limits import ApiRateLimiter
+from services.principal import Principal
 from shared.db.keys import has_scope, hash_key, verify_key
 from shared.db.session import get_sessionmaker
 from shared.jobs.config import get_service_settings
@@ -30,17 +32,6 @@ async def get_db() -> AsyncIterator[Session]:
 
 
 DB = Annotated[Session, Depends(get_db)]
-
-
-@dataclass(frozen=True)
-class Principal:
-    key_id: str
-    owner: str
-    scopes: tuple[str, ...]
-
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.scopes
 
 
 class _KeyCache:
@@ -87,19 +78,38 @@ def _lookup(token: str) -> Principal | None:
     return principal
 
 
-async def authenticate(security_scopes: SecurityScopes,
+def _limiter(request: Request) -> ApiRateLimiter | None:
+    return getattr(request.app.state, "rate_limiter", None)
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def authenticate(request: Request, security_scopes: SecurityScopes,
                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
-    """401 without a valid key, 403 when the key lacks a scope this route requires. Verified keys are
-    cached for CHORUS_AUTH_CACHE_SECONDS, so the database is asked only on a cache miss (in a thread)."""
+    """401 without a valid key, 403 when the key lacks a scope this route requires, 429 over a rate limit
+    (the key's, or the client IP's for requests without a valid key). Verified keys are cached for
+    CHORUS_AUTH_CACHE_SECONDS, so the database is asked only on a cache miss (in a thread), and only while
+    the client IP has not used up its allowance of requests without a valid key."""
     challenge = {"WWW-Authenticate": "Bearer"}
+    limiter = _limiter(request)
     if credentials is None or not credentials.credentials:
+        if limiter is not None:
+            await limiter.charge("anon", client_ip(request))
         raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)", headers=challenge)
     token = credentials.credentials
     principal = key_cache.get(hash_key(token))
     if principal is None:
+        if limiter is not None:
+            await limiter.check("anon", client_ip(request))
         principal = await run_in_threadpool(_lookup, token)
     if principal is None:
+        if limiter is not None:
+            await limiter.charge("anon", client_ip(request))
         raise ApiError(401, "unauthorized", "invalid or revoked API key", headers=challenge)
+    if limiter is not None:
+        await limiter.charge("api", principal.key_id)
     for scope in security_scopes.scopes:
         if not has_scope(principal.scopes, scope):
             raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
@@ -108,6 +118,18 @@ async def authenticate(security_scopes: SecurityScopes,
 
 Submitter = Annotated[Principal, Security(authenticate, scopes=["submit"])]
 Admin = Annotated[Principal, Security(authenticate, scopes=["admin"])]
+
+
+def rate_limit(kind: str) -> params.Depends:
+    """A route dependency charging the caller's key to the stricter `kind` bucket ("create", "upload") on
+    top of the general one (after authentication: the principal dependency is shared, not run twice)."""
+
+    async def dependency(request: Request, principal: Submitter) -> None:
+        limiter = _limiter(request)
+        if limiter is not None:
+            await limiter.charge(kind, principal.key_id)
+
+    return Depends(dependency)
 
 
 def owned(principal: Principal, owner: str) -> bool:

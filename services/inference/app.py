@@ -4,13 +4,19 @@
     chorus inference --host 127.0.0.1 --port 8001 [--model ...] [--quantization nf4|none]
 
 Routes (Authorization: Bearer <API key>):
-    POST   /v1/ensembles/{id}/load       admin   load (or hot-swap) an ensemble from the artifact store by id
+    POST   /v1/ensembles/{id}/load       admin   load (or hot-swap) an ensemble by id; optional {"owner": ...}
     DELETE /v1/ensembles/{id}            admin   unload it (requests in flight finish on it)
-    GET    /v1/ensembles                 infer   what is loaded
-    GET    /v1/ensembles/{id}            infer   one loaded ensemble
+    GET    /v1/ensembles                 infer   what is loaded (of the key's owner)
+    GET    /v1/ensembles/{id}            infer   one loaded ensemble (of the key's owner)
     POST   /v1/ensembles/{id}/classify   infer   {"rows": [{"task", "fields": {...}} | {"task", "text"}]}
-    GET    /health, GET /metrics (Prometheus)
+    GET    /health, GET /metrics (Prometheus; no key when metrics_public, else an admin key)
 Errors: {"error": {"code", "message", "param"}}.
+
+Ensembles are owner-scoped (OWASP API1): one recorded by a job (the job database) belongs to that job's
+owner; one deployed by hand as a folder belongs to the owner named in the load request, else keeps the
+owner it has (hot swap), else belongs to the owner of the admin key that loaded it (a folder preloaded at
+startup has no owner: admin keys only). A key sees, lists and classifies only its owner's ensembles
+(another owner's id is 404, as if not loaded); admin keys see all.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.body_limit import BodyLimitMiddleware
+from services.http_metrics import RequestMetricsMiddleware, add_metrics_route
 from services.inference.auth import Authenticator, DbKeyAuthenticator, Principal, require
-from services.inference.errors import ApiError, BodyLimitMiddleware, install_error_handlers
+from services.inference.errors import install_error_handlers
 from services.inference.metrics import InferenceMetrics
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
@@ -35,6 +42,14 @@ log = logging.getLogger("chorus.inference")
 
 Infer = Annotated[Principal, Depends(require("infer"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str | None = Field(None, min_length=1, max_length=200,
+                              description="Owner of a folder-deployed ensemble (default: the loading key's owner). "
+                                          "An ensemble recorded by a job always belongs to the job's owner.")
 
 
 class Row(BaseModel):
@@ -115,21 +130,8 @@ def create_app(
     app.state.authenticator = authenticator
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.requests.labels(request.method, path, str(status)).inc()
-            metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -141,30 +143,24 @@ def create_app(
             "uptime_seconds": round(time.time() - service.started_at, 1),
         }
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_route(request: Request) -> Response:
-        if not settings.metrics_public:
-            await require("admin")(request, _bearer_from(request))
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    add_metrics_route(app, metrics, [] if settings.metrics_public else [Depends(require("admin"))])
 
     @app.get("/v1/ensembles")
-    async def list_ensembles(_: Infer) -> dict[str, Any]:
+    async def list_ensembles(principal: Infer) -> dict[str, Any]:
         return {
-            "data": [e.describe(service.engine) for e in service.ensembles.values()],
+            "data": [service.describe(e) for e in service.visible(principal.owner_filter)],
             "base": base.info.identity(), "engine": service.engine.describe(),
         }
 
     @app.get("/v1/ensembles/{ensemble_id}")
-    async def get_ensemble(ensemble_id: str, _: Infer) -> dict[str, Any]:
-        ensemble = service.ensembles.get(ensemble_id)
-        if ensemble is None:
-            raise ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
-        return ensemble.describe(service.engine)
+    async def get_ensemble(ensemble_id: str, principal: Infer) -> dict[str, Any]:
+        return service.describe(service.get(ensemble_id, principal.owner_filter))
 
     @app.post("/v1/ensembles/{ensemble_id}/load")
-    async def load_ensemble(ensemble_id: str, _: Admin) -> dict[str, Any]:
-        ensemble, loaded = await service.load(ensemble_id)
-        return {**ensemble.describe(service.engine), "loaded": loaded}
+    async def load_ensemble(ensemble_id: str, principal: Admin, body: LoadRequest | None = None) -> dict[str, Any]:
+        ensemble, loaded = await service.load(ensemble_id, owner=body.owner if body else None,
+                                              default_owner=principal.owner)
+        return {**service.describe(ensemble), "loaded": loaded}
 
     @app.delete("/v1/ensembles/{ensemble_id}")
     async def unload_ensemble(ensemble_id: str, _: Admin) -> dict[str, Any]:
@@ -173,22 +169,12 @@ def create_app(
                 "in_flight": ensemble.in_flight}
 
     @app.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse)
-    async def classify(ensemble_id: str, body: ClassifyRequest, _: Infer) -> dict[str, Any]:
+    async def classify(ensemble_id: str, body: ClassifyRequest, principal: Infer) -> dict[str, Any]:
         rows = [row.model_dump(exclude_none=True) for row in body.rows]
-        ensemble, results = await service.classify(ensemble_id, rows)
+        ensemble, results = await service.classify(ensemble_id, rows, principal.owner_filter)
         return {
             "ensemble": ensemble.id, "name": ensemble.manifest.name, "version": ensemble.manifest.version,
             "fingerprint": ensemble.fingerprint, "results": [r.to_dict() for r in results],
         }
 
     return app
-
-
-def _bearer_from(request: Request) -> Any:
-    from fastapi.security import HTTPAuthorizationCredentials
-
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())

@@ -1,7 +1,8 @@
 """API-key authentication against the shared job database (`api_keys`: sha256 of the key + scopes).
 
 `Authorization: Bearer <key>`. No key or an unknown/revoked key -> 401; a key without the route's scope
--> 403. Scopes: `infer` (classify, list), `admin` (load/unload; implies every scope).
+-> 403. Scopes: `infer` (classify, list: its owner's ensembles), `admin` (load/unload, every owner's
+ensembles; implies every scope).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
@@ -17,13 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from services.inference.errors import ApiError
-
-
-@dataclass(frozen=True)
-class Principal:
-    key_id: str
-    owner: str
-    scopes: tuple[str, ...]
+from services.principal import Principal
 
 
 class Authenticator(Protocol):

@@ -1,22 +1,21 @@
-"""Prometheus metrics of one inference app (its own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one inference app (its own registry, so several apps can live in one process).
+Request count and latency by route come from services/http_metrics.py, shared with the job API."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+from services.http_metrics import LATENCY_BUCKETS, HttpMetrics
+
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class InferenceMetrics:
+class InferenceMetrics(HttpMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__("chorus_inference")
         r = self.registry
-        self.requests = Counter("chorus_inference_requests", "HTTP requests.", ["method", "route", "status"], registry=r)
-        self.latency = Histogram("chorus_inference_request_seconds", "HTTP request latency.", ["method", "route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
         self.rows = Counter("chorus_inference_rows", "Rows classified.", registry=r)
         self.pairs = Counter("chorus_inference_pairs", "(row, member) pairs run through the model.", registry=r)
         self.batch_pairs = Histogram("chorus_inference_batch_pairs", "(row, member) pairs per batch.",
@@ -48,6 +47,3 @@ class InferenceMetrics:
         self.batch_pairs.observe(pairs)
         self.batch_seconds.observe(seconds)
         self.pairs.inc(pairs)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -5,6 +5,8 @@ adapter files are read and verified on an I/O pool; prompts are tokenized on an 
 event loop only routes. Hot swap: the registry maps an id to a reference-counted `LoadedEnsemble`;
 a request takes a reference before its rows are queued, so a load or unload that replaces or removes
 the entry never affects it; the replaced ensemble's adapters are unpinned when its last request ends.
+Ownership: `owners` maps a loaded id to its owner (None: admin keys only); lookups for a key pass its
+owner and get 404 for anyone else's ensemble, exactly as for one that is not loaded (no existence leak).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class InferenceService:
             size=lambda job: self.runner.pair_count(job[1]), on_batch=self.metrics.on_batch,
         )
         self.ensembles: dict[str, LoadedEnsemble] = {}
+        self.owners: dict[str, str | None] = {}  # changed together with `ensembles`, on the event loop
         self._admin_locks: dict[int, asyncio.Lock] = {}
         self._closed = False
         self.started_at = time.time()
@@ -83,11 +86,30 @@ class InferenceService:
         except RuntimeError:  # executor already shut down
             pass
 
+    # ---- owner-scoped lookups --------------------------------------------------------------------
+
+    def get(self, ensemble_id: str, owner: str | None = None) -> LoadedEnsemble:
+        """The loaded ensemble if `owner` may see it (owner None: any); 404 otherwise."""
+        ensemble = self.ensembles.get(ensemble_id)
+        if ensemble is None or (owner is not None and self.owners.get(ensemble_id) != owner):
+            raise ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
+        return ensemble
+
+    def visible(self, owner: str | None = None) -> list[LoadedEnsemble]:
+        return [e for i, e in self.ensembles.items() if owner is None or self.owners.get(i) == owner]
+
+    def describe(self, ensemble: LoadedEnsemble) -> dict[str, Any]:
+        return {**ensemble.describe(self.engine), "owner": self.owners.get(ensemble.id)}
+
     # ---- admin -----------------------------------------------------------------------------------
 
-    async def load(self, ensemble_id: str) -> tuple[LoadedEnsemble, bool]:
+    async def load(self, ensemble_id: str, owner: str | None = None,
+                   default_owner: str | None = None) -> tuple[LoadedEnsemble, bool]:
         """(the loaded ensemble, whether it was newly loaded). Reloading an id with a changed manifest
-        swaps it in atomically; an unchanged one is a no-op."""
+        swaps it in atomically; an unchanged one is a no-op (apart from a new owner of a folder ensemble).
+        Owner: the job owner's for a database ensemble (`owner`, if given, must match it); for a folder,
+        `owner`, else the owner it already has (a hot swap keeps it), else `default_owner` (None: admin
+        keys only)."""
         try:
             check_id(ensemble_id)
         except EnsembleNotFound as exc:
@@ -100,9 +122,14 @@ class InferenceService:
                 raise ApiError(404, "not_found", str(exc), "id") from exc
             except InvalidEnsemble as exc:
                 raise ApiError(422, "invalid_ensemble", str(exc), "id") from exc
+            if resolved.owner is not None and owner is not None and owner != resolved.owner:
+                raise ApiError(422, "invalid_request", f"owner: ensemble {ensemble_id!r} was recorded by a job and "
+                               "belongs to that job's owner; leave owner out", "owner")
             current = self.ensembles.get(ensemble_id)
+            new_owner = resolved.owner or owner or (self.owners.get(ensemble_id) if current else None) or default_owner
             fingerprint = resolved.manifest.fingerprint
             if current is not None and fingerprint is not None and current.fingerprint == fingerprint:
+                self.owners[ensemble_id] = new_owner
                 return current, False
             try:
                 ensemble = await self._on(self.io_executor, self.runner.prepare, ensemble_id, resolved.manifest,
@@ -117,6 +144,7 @@ class InferenceService:
             ensemble.on_last_release = self._unpin_later
             ensemble.load_seconds = time.perf_counter() - start
             self.ensembles[ensemble_id] = ensemble
+            self.owners[ensemble_id] = new_owner
             if current is not None:
                 current.retire()  # in-flight requests keep it alive until they finish
             self.metrics.adapter_loads.observe(ensemble.load_seconds)
@@ -127,6 +155,7 @@ class InferenceService:
     async def unload(self, ensemble_id: str) -> LoadedEnsemble:
         async with self._admin_lock():
             ensemble = self.ensembles.pop(ensemble_id, None)
+            self.owners.pop(ensemble_id, None)
             if ensemble is None:
                 raise ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
             ensemble.retire()
@@ -135,9 +164,11 @@ class InferenceService:
 
     # ---- classify --------------------------------------------------------------------------------
 
-    async def classify(self, ensemble_id: str, rows: list[dict[str, Any]]) -> tuple[LoadedEnsemble, list[Any]]:
-        ensemble = self.ensembles.get(ensemble_id)
-        if ensemble is None or not ensemble.acquire():
+    async def classify(self, ensemble_id: str, rows: list[dict[str, Any]],
+                       owner: str | None = None) -> tuple[LoadedEnsemble, list[Any]]:
+        """Rows through ensemble `ensemble_id` if `owner` may see it (None: any)."""
+        ensemble = self.get(ensemble_id, owner)
+        if not ensemble.acquire():
             raise ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
         try:
             if len(rows) > self.settings.max_rows_per_request:

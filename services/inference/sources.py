@@ -6,6 +6,9 @@ Never a user-supplied path or URL: ids must match ENSEMBLE_ID and are looked up
 * as a folder `<root>/<id>/ensemble.json` with member paths relative to it (`DirectoryEnsembleSource`;
   default root `<artifacts>/ensembles`, for bundles deployed by hand).
 Every resolved path must stay inside its root (no `..`, no symlink escapes).
+
+Ownership: a database ensemble carries its row's `owner` (the owner of the job that produced it); a folder
+has none (the loading admin decides: see services/inference/app.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ResolvedEnsemble:
     manifest: Any  # shared.ml.training.ensemble.EnsembleManifest
     member_folders: dict[str, Path]
     origin: str  # "store" | "directory"
+    owner: str | None = None  # the job owner's, for "store"; None for "directory"
 
 
 class EnsembleSource(Protocol):
@@ -120,7 +124,8 @@ class StoreEnsembleSource:
                 if adapter_art is None:
                     raise InvalidEnsemble(f"ensemble {ensemble_id!r}: member {member.name!r} has no stored adapter")
                 members[member.name] = store.resolve(adapter_art.path)
-        return ResolvedEnsemble(ensemble_id, manifest, members, "store")
+            owner = row.owner
+        return ResolvedEnsemble(ensemble_id, manifest, members, "store", owner)
 
 
 class ChainSource:

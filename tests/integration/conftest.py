@@ -30,6 +30,9 @@ STACK_ENV = {
     "CHORUS_EVENT_INTERVAL": "1",
     "CHORUS_CANCEL_GRACE_SECONDS": "20",
     "CHORUS_AUTH_CACHE_SECONDS": "0",
+    # The route-enumerating tests send many keyless requests from one address; test_rate_limits.py builds
+    # its own apps with small limits.
+    "CHORUS_RATE_LIMIT_ANON_BURST": "100000",
 }
 
 
@@ -46,11 +49,13 @@ def _services_up() -> str | None:
 
 
 def _clear_caches() -> None:
+    from services.api.settings import get_api_settings
     from shared.config import get_settings
     from shared.jobs.config import get_service_settings
 
     get_settings.cache_clear()
     get_service_settings.cache_clear()
+    get_api_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from sqlalchemy import func, select
 
 from services.api.common import MAX_LIMIT, get_owned, page, scoped
-from services.api.deps import DB, Submitter
+from services.api.deps import DB, Submitter, rate_limit
 from services.api.errors import ApiError
 from services.api.schemas import DatasetOut, Deleted, ListResponse
 from shared.config import get_settings
@@ -51,7 +51,7 @@ def _label_names(raw: str | None) -> list[str] | None:
     return [p.strip() for p in raw.split(",")]
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetOut)
+@router.post("/datasets", status_code=201, response_model=DatasetOut, dependencies=[rate_limit("upload")])
 def upload_dataset(
     principal: Submitter, db: DB,
     file: Annotated[UploadFile, File(description="JSONL (one object per line), CSV or TSV with a header row.")],

@@ -8,7 +8,7 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
@@ -16,7 +16,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from services.api import job_params
 from services.api.common import MAX_LIMIT, get_owned, page, scoped
-from services.api.deps import DB, Principal, Submitter, owned
+from services.api.deps import DB, Principal, Submitter, owned, rate_limit
 from services.api.errors import ApiError
 from services.api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse
 from shared.db.models import Artifact, Job, JobEvent, JobStage, new_id, utcnow
@@ -49,12 +49,13 @@ def _enqueue(job_id: str, task_id: str) -> None:
     enqueue(job_id, task_id)
 
 
-@router.post("/jobs", status_code=201, response_model=JobOut,
+@router.post("/jobs", status_code=201, response_model=JobOut, dependencies=[rate_limit("create")],
              responses={200: {"model": JobOut, "description": "Replayed: same Idempotency-Key and body."}})
-def create_job(body: JobCreate, principal: Submitter, db: DB, response: Response,
+def create_job(body: JobCreate, principal: Submitter, db: DB, request: Request, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None) -> JobOut:
     """Create a job. With `Idempotency-Key`, retrying the same body returns the same job (200); reusing the
-    key with a different body is refused (422)."""
+    key with a different body is refused (422). Job creation has a per-key rate limit of its own (429 with
+    Retry-After), stricter than the general one; a replay counts against it too."""
     job_type = JOB_TYPES.get(body.type)
     if job_type is None:
         raise ApiError(422, "invalid_request", f"unknown job type {body.type!r}; expected one of {sorted(JOB_TYPES)}", "type")
@@ -86,6 +87,7 @@ def create_job(body: JobCreate, principal: Submitter, db: DB, response: Response
             raise
         response.status_code = 200
         return JobOut.of(existing)
+    request.app.state.metrics.jobs_created.labels(job.type).inc()
     try:
         _enqueue(job.id, job.task_id or "")
     except Exception as exc:  # the reaper re-sends jobs that never reached the broker

@@ -1,9 +1,13 @@
-"""Request body caps enforced while the body streams in (pure ASGI middleware).
+"""Request body caps of every chorus HTTP service, enforced while the body streams in (pure ASGI middleware).
 
-A declared Content-Length over the cap is refused before reading anything; otherwise bytes are counted
-as they arrive and the request is answered 413 the moment the cap is passed, the application sees a
-client disconnect, and whatever it would have answered is dropped. Multipart uploads are therefore never
-spooled past the cap.
+A declared Content-Length over the cap is refused before reading anything; otherwise bytes are counted as
+they arrive and the request is answered 413 (the one error shape, code `payload_too_large`) the moment the
+cap is passed, the application sees a client disconnect, and whatever it would have answered is dropped.
+Multipart uploads are therefore never spooled past the cap.
+
+    app.add_middleware(BodyLimitMiddleware, limit=4 << 20)                       # one cap
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: settings().max_json,   # read per request
+                       routes=[("POST", r"/v1/datasets/?", lambda: settings().max_upload)])
 """
 
 from __future__ import annotations
@@ -13,25 +17,32 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from services.api.errors import error_body
+from services.http_errors import error_body
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+Limit = int | Callable[[], int]
+
+
+def _value(limit: Limit) -> int:
+    return limit() if callable(limit) else limit
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: Any, default_limit: Callable[[], int],
-                 routes: list[tuple[str, str, Callable[[], int]]] | None = None) -> None:
+    """`limit` (bytes, or a callable read per request) for every request with a body; `routes` are
+    (method, path regex, limit) overrides, first full match wins. GET/HEAD/OPTIONS pass untouched."""
+
+    def __init__(self, app: Any, limit: Limit, routes: list[tuple[str, str, Limit]] | None = None) -> None:
         self.app = app
-        self.default_limit = default_limit
-        self.routes = [(method, re.compile(pattern), limit) for method, pattern, limit in routes or []]
+        self.limit = limit
+        self.routes = [(method, re.compile(pattern), lim) for method, pattern, lim in routes or []]
 
     def limit_for(self, scope: Scope) -> int:
         for method, pattern, limit in self.routes:
             if scope.get("method") == method and pattern.fullmatch(scope.get("path", "")):
-                return limit()
-        return self.default_limit()
+                return _value(limit)
+        return _value(self.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
