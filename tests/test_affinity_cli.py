@@ -112,7 +112,7 @@ def test_approx_error_prints_mean_and_median_per_scale(tmp_path):
 def test_validate_estimates_prints_the_comparison(tmp_path):
     out = tmp_path / "val"
     result = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--subsets", "1", "--epochs", "1",
-                      "--lams", "0.01", "--out", out])
+                      "--lams", "0.01", "--outputs", "vocab", "--step-scales", "2", "--out", out])
     assert result.exit_code == 0, result.output
     assert "compute ratio" in result.output and "cb" in result.output
     doc = json.loads((out / "validate.json").read_text())
@@ -120,3 +120,9 @@ def test_validate_estimates_prints_the_comparison(tmp_path):
     assert {"est_loss", "true_loss", "rel_err_loss", "est_accuracy", "true_accuracy", "rel_err_accuracy"} <= set(doc["rows"][0])
     assert set(doc["per_lambda"]) == {"0.001", "0.01"}
     assert set(doc["per_backmap"]) == {"sketch", "representer"}
+    # every (output, back-map, lambda, step) combination is reported; the choice run has its own gradients
+    combos = {(v["output"], v["backmap"], v["lam"], v["step"]) for v in doc["per_variant"]}
+    assert len(combos) == 2 * 2 * 2 * 2
+    assert (out / "output-vocab" / "grads_train.npy").exists()
+    by = {(v["output"], v["backmap"], v["lam"], v["step"]): v for v in doc["per_variant"]}
+    assert by[("choice", "sketch", 0.001, 1.0)]["mean_est_accuracy"] == doc["per_lambda"]["0.001"]["mean_est_accuracy"]

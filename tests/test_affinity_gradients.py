@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shared.ml.affinity.gradients import BGradCapture, b_only_grad, log_odds, project_batch, spec_for
+from shared.ml.affinity.gradients import BGradCapture, b_only_grad, choice_log_odds, log_odds, output_f, project_batch, spec_for
 from shared.ml.affinity.projection import (
     _GOLDEN, _MASK32, Projector, ProjectionSpec, mix32, mix32_int, rademacher_block, seed_key,
 )
@@ -31,11 +31,11 @@ def tiny():
     return peft, tok, batch
 
 
-def _autograd_per_example(model, batch):
+def _autograd_per_example(model, batch, output="vocab"):
     b_params = [p for n, p in model.named_parameters() if "lora_B.default." in n]
     names = [n for n, p in model.named_parameters() if "lora_B.default." in n]
     with b_only_grad(model), torch.enable_grad():
-        f = log_odds(answer_logits(model, batch), batch.answer_tokens)
+        f = output_f(answer_logits(model, batch), batch, output)
         out = []
         for i in range(len(batch)):  # the loop the production code never does
             grads = torch.autograd.grad(f[i], b_params, retain_graph=True)
@@ -43,11 +43,12 @@ def _autograd_per_example(model, batch):
     return f.detach(), out
 
 
-def test_hook_gradients_equal_per_example_autograd(tiny):
+@pytest.mark.parametrize("output", ["vocab", "choice"])
+def test_hook_gradients_equal_per_example_autograd(tiny, output):
     model, _, batch = tiny
-    with b_only_grad(model), BGradCapture(model) as cap:
+    with b_only_grad(model), BGradCapture(model, output=output) as cap:
         f_hook, grads = cap.run(model, batch)
-    f_ref, ref = _autograd_per_example(model, batch)
+    f_ref, ref = _autograd_per_example(model, batch, output)
     assert torch.allclose(f_hook, f_ref, atol=1e-6)
     assert set(grads) == set(ref[0])
     for i in range(len(batch)):
@@ -83,6 +84,23 @@ def test_f0_is_the_full_vocabulary_log_odds_without_clipping(tiny):
     zz[1, 3] = -200.0
     f = log_odds(zz, torch.tensor([3, 3]))
     assert torch.isfinite(f).all() and f[0] > 150 and f[1] < -150
+
+
+def test_choice_f_is_the_log_odds_over_the_task_choices(tiny):
+    model, _, batch = tiny
+    assert batch.choice_tokens is not None and set((batch.choice_tokens >= 0).sum(1).tolist()) == {2, 3}  # cb has 3
+    with torch.no_grad():
+        z = answer_logits(model, batch).double()
+    for i in range(len(batch)):
+        ids = batch.choice_tokens[i][batch.choice_tokens[i] >= 0]
+        p = torch.softmax(z[i, ids], -1)[int(batch.labels[i])]
+        f = choice_log_odds(z[i : i + 1].float(), batch.answer_tokens[i : i + 1], batch.choice_tokens[i : i + 1])
+        assert abs(float(f) - float(torch.log(p) - torch.log1p(-p))) < 1e-4
+    # f > 0 exactly when the gold choice has the largest choice logit (for two choices)
+    f = output_f(z.float(), batch, "choice")
+    two = (batch.choice_tokens >= 0).sum(1) == 2
+    wins = z.gather(1, batch.choice_tokens.clamp(min=0)).masked_fill(batch.choice_tokens < 0, -1e9).argmax(1) == batch.labels
+    assert torch.equal((f > 0)[two], wins[two])
 
 
 def test_padding_does_not_change_a_rows_gradient(tiny):

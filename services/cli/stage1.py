@@ -34,7 +34,8 @@ _FLAG = {  # params field -> CLI flag, so validation errors name what the user t
     "mode": "--mode", "metric": "--metric", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
     "max_length": "--max-length", "quantization": "--quantization", "device": "--device", "scales": "--scales",
     "directions": "--directions", "subsets": "--subsets", "epochs": "--epochs", "lr": "--lr", "lams": "--lams",
-    "train_batch_size": "--train-batch-size", "precision": "--precision", "groups": "--groups", "method": "--method", "backmap": "--backmap", "lam_scale": "--lam-scale",
+    "train_batch_size": "--train-batch-size", "precision": "--precision", "groups": "--groups", "method": "--method", "backmap": "--backmap", "lam_scale": "--lam-scale", "output": "--output",
+    "outputs": "--outputs", "step_scales": "--step-scales",
 }
 
 
@@ -126,6 +127,7 @@ def affinity_command(
     rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
     lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
     subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
     coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
     mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
@@ -145,7 +147,7 @@ def affinity_command(
     if not tasks:
         fail("--tasks: give at least 2 comma-separated task names")
     params = _validate(AffinityParams, dict(
-        model=model, tasks=_tasks(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale,
+        model=model, tasks=_tasks(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
         subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
     summary = _run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
@@ -211,6 +213,7 @@ def approx_error_command(
     directions: Annotated[int, typer.Option(help="Number of subset solutions used as directions.")] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = None,
     lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
     batch_size: Annotated[int, typer.Option()] = 16,
     eval_batch_size: Annotated[int, typer.Option()] = 64,
     max_length: Annotated[int, typer.Option()] = 256,
@@ -229,7 +232,7 @@ def approx_error_command(
         fail("--tasks: give at least 2 comma-separated task names")
     params = _validate(ApproxErrorParams, dict(
         model=model, tasks=_tasks(tasks), scales=_floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
-        seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, output=output, batch_size=batch_size, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device, precision=precision))
     if out is not None:
         summary = _run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
@@ -264,7 +267,10 @@ def validate_command(
     rank: Annotated[int, typer.Option()] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the estimate (see --lam-scale).")] = None,
     lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
+    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
     lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
+    outputs: Annotated[Optional[str], typer.Option(help="Extra outputs to report (vocab,choice), comma-separated.")] = None,
+    step_scales: Annotated[Optional[str], typer.Option(help="Extra multipliers of the solved step to report, comma-separated.")] = None,
     subset_size: Annotated[Optional[int], typer.Option()] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
     lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = 5e-4,
@@ -289,7 +295,9 @@ def validate_command(
         fail("--tasks: give at least 2 comma-separated task names")
     params = _validate(ValidateParams, dict(
         model=model, tasks=_tasks(tasks), subsets=subsets, max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank,
-        lam=lam, lam_scale=lam_scale, lams=_floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
+        lam=lam, lam_scale=lam_scale, output=output, lams=_floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
+        outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None,
+        step_scales=_floats(step_scales, "--step-scales") if step_scales else None,
         train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
         batch_size=batch_size, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device))
@@ -315,10 +323,10 @@ def validate_command(
                       f"{r['est_accuracy']:.3f}", f"{r['true_accuracy']:.3f}", pct(r["rel_err_accuracy"]), str(r["ft_epoch"]))
     console.print(table)
     console.print(f"mean relative error: loss {pct(summary['mean_rel_err_loss'])}, accuracy {pct(summary['mean_rel_err_accuracy'])}")
-    for bm, per in summary["per_backmap"].items():
-        for lam_key, v in per.items():
-            console.print(f"  {bm:<11s} lambda={lam_key}: rel. error loss {pct(v['mean_rel_err_loss'])}, accuracy "
-                          f"{pct(v['mean_rel_err_accuracy'])} (mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
+    for v in summary["per_variant"]:
+        console.print(f"  {v['output']:<6s} {v['backmap']:<11s} lambda={v['lam']:g} step x{v['step']:g}: rel. error loss "
+                      f"{pct(v['mean_rel_err_loss'])}, accuracy {pct(v['mean_rel_err_accuracy'])} "
+                      f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
     ratio = summary["compute_ratio"]
     amort = summary["compute_ratio_amortised"]
     console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "

@@ -212,7 +212,7 @@ _BOOST = Annotated[bool, typer.Option("--boost/--no-boost", help="Boost groups w
 _BTH = Annotated[float, typer.Option(help="Training error above which a group is boosted.")]
 _BR = Annotated[int, typer.Option(help="Maximum boosting rounds per group.")]
 _ETA = Annotated[float, typer.Option(help="Boosting step eta.")]
-_BLR = Annotated[Optional[float], typer.Option(help="Learning rate of weak learners (default --lr).")]
+_BLR = Annotated[Optional[float], typer.Option(help="Learning rate of weak learners.")]
 _BEP = Annotated[Optional[int], typer.Option(help="Epochs of weak learners.")]
 _BBUD = Annotated[Optional[float], typer.Option(
     help="Max boosting FLOPs as a fraction of the group adapters' training FLOPs (hardest groups first).")]
@@ -229,7 +229,7 @@ def train_command(
     quantization: _Q = "nf4", epochs: _EPOCHS = 3, lr: _LR = 5e-4, batch_size: _BS = 8, eval_batch_size: _EBS = 32,
     rank: _RANK = 4, alpha: _ALPHA = None, max_train: _MAXTR = 500, max_val: _MAXVAL = 200, max_test: _MAXTEST = None,
     patience: _PAT = 2, seed: _SEED = 0, max_length: _MAXLEN = 256, single: _SINGLE = True, per_task: _PERTASK = False,
-    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = None,
+    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = 2e-4,
     boost_epochs: _BEP = 1, boost_budget: _BBUD = None, fit_weights: _FIT = False, weight_candidates: _CAND = "group",
     name: _NAME = "chorus",
     as_json: _JSON = False,
@@ -263,7 +263,7 @@ def pipeline_command(
     quantization: _Q = "nf4", epochs: _EPOCHS = 3, lr: _LR = 5e-4, batch_size: _BS = 8, eval_batch_size: _EBS = 32,
     rank: _RANK = 4, alpha: _ALPHA = None, max_train: _MAXTR = 500, max_val: _MAXVAL = 200, max_test: _MAXTEST = None,
     patience: _PAT = 2, seed: _SEED = 0, max_length: _MAXLEN = 256, single: _SINGLE = True, per_task: _PERTASK = False,
-    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = None,
+    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = 2e-4,
     boost_epochs: _BEP = 1, boost_budget: _BBUD = None, fit_weights: _FIT = False, weight_candidates: _CAND = "group",
     name: _NAME = "chorus",
     dim: Annotated[Optional[int], typer.Option(help="Stage 1: projection dimension d.")] = None,
@@ -272,6 +272,7 @@ def pipeline_command(
     coverage: Annotated[Optional[int], typer.Option(help="Stage 1: min co-occurrences of every task pair.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Stage 1: forward or linear estimation.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
     as_json: _JSON = False,
 ) -> None:
@@ -297,7 +298,7 @@ def pipeline_command(
         if training[key] is None:
             training.pop(key)
     affinity = {k: v for k, v in dict(dim=dim, lam=lam, subset_size=subset_size, coverage=coverage, mode=mode,
-                                      metric=metric).items() if v is not None}
+                                      metric=metric, output=output).items() if v is not None}
     grouping = {k: v for k, v in dict(method=method, metric=metric).items() if v is not None}
     params = _validate(PipelineParams, dict(model=model, tasks=task_list, groups=_groups_option(groups), **shared,
                                             affinity=affinity, grouping=grouping, training=training))

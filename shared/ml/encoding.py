@@ -76,6 +76,7 @@ class Encoded:
     input_ids: list[int]
     label: int  # index into the task's choices
     answer_token: int  # vocabulary id of the gold answer's first token
+    choice_tokens: tuple[int, ...] = ()  # first-token ids of every choice of the task (label indexes it)
 
 
 def encode_prompt(bound: BoundTask, example: Example, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH) -> Encoded:
@@ -98,7 +99,8 @@ def encode_prompt(bound: BoundTask, example: Example, tokenizer: Any, max_length
         ids = ids[-budget:]
     if bos is not None:
         ids = [bos, *ids]
-    return Encoded(example.id, bound.name, ids, example.label, bound.choice_token_ids[example.label])
+    return Encoded(example.id, bound.name, ids, example.label, bound.choice_token_ids[example.label],
+                   tuple(bound.choice_token_ids))
 
 
 def encode_examples(
@@ -118,6 +120,7 @@ class Batch:
     answer_tokens: torch.Tensor
     example_ids: list[str]
     tasks: list[str]
+    choice_tokens: torch.Tensor | None = None  # [b, C_max] choice token ids per row, -1 = padding
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -128,6 +131,7 @@ class Batch:
             self.answer_tokens.to(device),
             self.example_ids,
             self.tasks,
+            None if self.choice_tokens is None else self.choice_tokens.to(device),
         )
 
     def __len__(self) -> int:
@@ -142,6 +146,12 @@ def collate(items: Sequence[Encoded], pad_id: int = 0) -> Batch:
     for row, it in enumerate(items):
         ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids)
         mask[row, : len(it.input_ids)] = 1
+    width_c = max(len(it.choice_tokens) for it in items)
+    choices = None
+    if width_c:
+        choices = torch.full((len(items), width_c), -1, dtype=torch.long)
+        for row, it in enumerate(items):
+            choices[row, : len(it.choice_tokens)] = torch.tensor(it.choice_tokens, dtype=torch.long)
     return Batch(
         input_ids=ids,
         attention_mask=mask,
@@ -150,6 +160,7 @@ def collate(items: Sequence[Encoded], pad_id: int = 0) -> Batch:
         answer_tokens=torch.tensor([it.answer_token for it in items]),
         example_ids=[it.example_id for it in items],
         tasks=[it.task for it in items],
+        choice_tokens=choices,
     )
 
 

@@ -93,7 +93,7 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
         rows = val_rows.task_rows(t)
         items = [(val_rows.items[i], s) for s in range(len(slots)) for i in rows]
         out = multiplexed_forward(rt.model, rt.sites, stacks, items, rt.bound[name].choice_token_ids, params.eval_batch_size,
-                                  pad, rt.device, progress, "approx-error forwards", name)
+                                  pad, rt.device, progress, "approx-error forwards", name, rt.output)
         f_true[:, torch.as_tensor(rows)] = out.f.reshape(len(slots), len(rows))
     f_lin = fv[None, :].double() + (W.double() @ Gv.double().T)
     denom = torch.maximum(f_true.double().abs(), fv[None, :].double().abs()).clamp_min(1e-12)

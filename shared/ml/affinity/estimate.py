@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.ml.affinity.gradients import LoraSite, log_odds
+from shared.ml.affinity.gradients import LoraSite, output_f
 from shared.ml.encoding import Encoded, collate
 from shared.ml.evaluate import TaskMetrics, TaskScores, metrics_from_scores
 from shared.ml.models import answer_logits
@@ -60,7 +60,8 @@ class RowLoRA:
 
 @dataclass
 class RowOutputs:
-    """Per item (in input order): choice logits of its task, full-vocab NLL of the gold token, and f."""
+    """Per item (in input order): choice logits of its task, full-vocab NLL of the gold token, and f
+    (gradients.output_f with the run's `output`)."""
 
     choice_logits: torch.Tensor  # [n, C]
     nll: torch.Tensor  # [n]
@@ -71,7 +72,7 @@ class RowOutputs:
 def multiplexed_forward(model: Any, sites: Sequence[LoraSite], stacks: Mapping[str, torch.Tensor],
                         items: Sequence[tuple[Encoded, int]], choice_ids: Sequence[int], batch_size: int,
                         pad_id: int, device: torch.device, progress: Progress = silent, stage: str = "estimate",
-                        message: str = "") -> RowOutputs:
+                        message: str = "", output: str = "vocab") -> RowOutputs:
     """Evaluate (example, adapter slot) pairs of ONE task; rows are length-sorted and padded per batch."""
     order = sorted(range(len(items)), key=lambda i: (len(items[i][0].input_ids), items[i][1]))
     choice = torch.tensor(list(choice_ids), device=device)
@@ -89,7 +90,7 @@ def multiplexed_forward(model: Any, sites: Sequence[LoraSite], stacks: Mapping[s
             idx = torch.tensor(chunk)
             out_choice[idx] = logits[:, choice].cpu()
             out_nll[idx] = (torch.logsumexp(logits, -1) - logits.gather(1, batch.answer_tokens[:, None])[:, 0]).cpu()
-            out_f[idx] = log_odds(logits, batch.answer_tokens).cpu()
+            out_f[idx] = output_f(logits, batch, output).cpu()
             progress(stage, b + 1, len(chunks), message)
     return RowOutputs(out_choice, out_nll, out_f)
 
@@ -172,7 +173,7 @@ def representer_deltas(rt: Any, train_rows: Any, subsets: Sequence[Sequence[int]
     stacks = {site.param_name: torch.zeros(K, *site.shape, device=rt.device) for site in rt.sites}
     pad = rt.tokenizer.pad_token_id or 0
     Cd = C.float().to(rt.device)
-    with b_only_grad(rt.model), BGradCapture(rt.model) as cap:
+    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as cap:
         for b, chunk in enumerate(chunks):
             batch = collate([train_rows.items[i] for i in chunk], pad).to(rt.device)
             _, grads = cap.run(rt.model, batch)

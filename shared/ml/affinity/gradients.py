@@ -4,6 +4,12 @@ f(x, y) = z_y - logsumexp_{v != y} z_v, the log-odds of the gold answer token un
 softmax at the answer position (exact and stable: no clipping). sigmoid(f) = p(y), so softplus(-f) is
 the answer-token cross-entropy, which is what the Stage-1b logistic regression linearises.
 
+output="choice" differentiates the same log-odds restricted to the task's answer choices instead,
+f = z_y - logsumexp_{c in choices, c != y} z_c, so that softplus(-f) is exactly the cross-entropy over
+the choices and f > 0 iff the gold choice wins. The full-vocabulary f also rewards moving probability
+from the rest of the vocabulary onto all the answer words alike, a direction a linear model can follow
+without bound but that leaves the choice accuracy unchanged (see the closing note of issue 3).
+
 At theta0 (B = 0) the gradient w.r.t. every A is exactly zero, so only the B matrices are differentiated.
 For a LoRA layer out = base(x) + s * B (A x): hooks on each `lora_B` module capture its input h = A x
 [b, T, r] and the gradient delta at its output [b, T, out] (this already contains the scaling s), and the
@@ -64,10 +70,36 @@ def log_odds(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return zy - torch.logsumexp(others, dim=-1)
 
 
+def choice_log_odds(logits: torch.Tensor, target: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """f = z_y - logsumexp_{c in choices, c != y} z_c per row (choices [b, C] token ids, -1 = padding)."""
+    z = logits.float()
+    zy = z.gather(1, target[:, None])[:, 0]
+    zc = z.gather(1, choices.clamp(min=0))
+    zc = zc.masked_fill((choices < 0) | (choices == target[:, None]), float("-inf"))
+    return zy - torch.logsumexp(zc, dim=-1)
+
+
+OUTPUTS = ("vocab", "choice")
+
+
+def output_f(logits: torch.Tensor, batch: Any, output: str = "vocab") -> torch.Tensor:
+    """The differentiated output f of each row of `batch` (see the module docstring)."""
+    if output == "vocab":
+        return log_odds(logits, batch.answer_tokens)
+    if output == "choice":
+        if batch.choice_tokens is None or bool(((batch.choice_tokens >= 0).sum(1) < 2).any()):
+            raise ValueError("output='choice' needs every row's answer choices (encode with encode_prompt)")
+        return choice_log_odds(logits, batch.answer_tokens, batch.choice_tokens)
+    raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
+
+
 class BGradCapture:
     """Forward/backward hooks on every lora_B of one adapter; collects per-example B gradients."""
 
-    def __init__(self, model: Any, adapter: str = "default") -> None:
+    def __init__(self, model: Any, adapter: str = "default", output: str = "vocab") -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
+        self.output = output
         self.sites = lora_sites(model, adapter)
         self._h: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
@@ -116,7 +148,7 @@ class BGradCapture:
         try:
             with torch.enable_grad():
                 logits = answer_logits(model, batch)
-                f = log_odds(logits, batch.answer_tokens)
+                f = output_f(logits, batch, self.output)
                 f.sum().backward()
         finally:
             self.active = False

@@ -138,6 +138,7 @@ class Runtime:
     tasks: list[str]
     seed: int
     max_length: int
+    output: str = "vocab"  # the differentiated f (gradients.output_f)
     _rows: dict[tuple[str, int | None], SplitRows] = field(default_factory=dict)
 
     @classmethod
@@ -165,7 +166,7 @@ class Runtime:
         spec = spec_for(peft_model, params.seed, params.dim)
         bound = {name: bind(get_task(name), tokenizer) for name in params.tasks}
         return cls(peft_model, tokenizer, info, device, lora_sites(peft_model), spec, Projector(spec, device), bound,
-                   list(params.tasks), params.seed, params.max_length)
+                   list(params.tasks), params.seed, params.max_length, getattr(params, "output", "vocab"))
 
     def rows(self, split: str, max_n: int | None, tasks: list[str] | None = None) -> SplitRows:
         key = (split, max_n)

@@ -12,11 +12,14 @@ run_affinity is also available in pieces so a queue can fan it out over workers 
     run_estimate_shard(params, workdir, progress, start, end)      (subsets [start, end); merges gradients)
     finalize_affinity(params, workdir, progress)                   (table, matrices, affinity.json/png)
 Every piece is resumable: finished rows / subsets are skipped when re-run on the same workdir.
+When a sharder is installed (shared.ml.sharding; the job runner does it when fan-out is on), run_affinity
+hands its gradient passes and its subset estimation to it as phases of `affinity_shard` pieces.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -39,10 +42,11 @@ from shared.ml.affinity.runtime import (
     Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy, save_theta0,
 )
 from shared.ml.affinity.solver import solve_subsets
-from shared.ml.affinity.store import gradient_shard, merge_gradients
+from shared.ml.affinity.store import batch_plan, gradient_batches, gradient_shard, merge_gradients
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
+from shared.ml.sharding import Phase, Sharder, current_sharder
 
 FORMAT_VERSION = 1
 # params that may differ between the pieces of one run (they do not change the results' meaning)
@@ -69,10 +73,16 @@ def _check_or_write_params(params: Any, workdir: Path) -> None:
 
 
 def _timing(workdir: Path, phase: str, seconds: float) -> None:
+    """Add `seconds` to timing.json[phase] (under a lock file: shards of one run may add at the same time)."""
     path = workdir / "timing.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[phase] = round(data.get(phase, 0.0) + seconds, 4)
-    atomic_write_json(path, data)
+    with (workdir / ".timing.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data[phase] = round(data.get(phase, 0.0) + seconds, 4)
+            atomic_write_json(path, data)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _metrics_dict(m: TaskMetrics) -> dict[str, Any]:
@@ -144,6 +154,22 @@ def run_gradient_shard(params: AffinityParams, workdir: Path, progress: Progress
     return {"split": split, **info, "total_rows": len(rows)}
 
 
+def run_gradient_batches(params: AffinityParams, workdir: Path, progress: Progress = silent, first: int | None = None,
+                         last: int | None = None, split: str = "train", runtime: Runtime | None = None) -> dict[str, Any]:
+    """Projected gradients of batches [first, last) of the split's canonical batch plan (default: all);
+    resumable, and bitwise the same gradients however the plan is cut (see store.gradient_batches)."""
+    rt = runtime or prepare_affinity(params, workdir)
+    rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
+    n_batches = len(batch_plan(rows, params.batch_size))
+    first = 0 if first is None else first
+    last = n_batches if last is None else last
+    t0 = time.perf_counter()
+    info = gradient_batches(rt, rows, workdir, first, last, params.batch_size, progress, f"gradients {split}",
+                            params.project_rows)
+    _timing(workdir, f"gradients_{split}", time.perf_counter() - t0)
+    return {"split": split, **info, "total_rows": len(rows)}
+
+
 def _merged(rt: Runtime, params: AffinityParams, workdir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
     rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
     g, f = workdir / f"grads_{split}.npy", workdir / f"f0_{split}.npy"
@@ -167,7 +193,13 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
     end = len(subsets) if end is None else end
     if not 0 <= start < end <= len(subsets):
         raise ValueError(f"subset shard [{start}, {end}) is outside the {len(subsets)} subsets")
-    todo = [k for k in range(start, end) if not _subset_file(workdir, k).exists()]
+    chunk = params.subsets_per_forward
+    # Subsets are evaluated in chunks at fixed positions (multiples of `chunk`), and a chunk with a missing
+    # result is redone whole: the batched forwards, hence the results, are bitwise the same however the
+    # subsets are cut into shards (aligned to `chunk`) and however often a shard was interrupted.
+    groups = [list(range(max(c, start), min(c + chunk, end))) for c in range(start - start % chunk, end, chunk)]
+    groups = [grp for grp in groups if not all(_subset_file(workdir, k).exists() for k in grp)]
+    todo = [k for grp in groups for k in grp]
     if not todo:
         progress("estimate", 1, 1, "already done")
         return {"subsets": end - start, "computed": 0}
@@ -182,15 +214,14 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
     if params.mode == "linear":
         Gv, fv, _ = _merged(rt, params, workdir, "val")
     a_norm = rt.a_norm()
-    chunk = params.subsets_per_forward
     t1 = time.perf_counter()
     rep: dict[str, torch.Tensor] | None = None
     if params.mode == "forward" and params.backmap == "representer":
         rep = representer_deltas(rt, train_rows, [subsets[k] for k in todo], sol.w, G, f0, lam,
                                  params.batch_size, progress, "representer")
-    for c in range(0, len(todo), chunk):
-        ks = todo[c : c + chunk]
-        W = sol.w[c : c + chunk]
+    offsets = np.cumsum([0] + [len(grp) for grp in groups]).tolist()
+    for c, ks in zip(offsets, groups):
+        W = sol.w[c : c + len(ks)]
         subs = [subsets[k] for k in ks]
         if params.mode == "forward":
             done_before = c
@@ -198,7 +229,7 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
             def inner(stage: str, done: int, total: int, message: str = "", _c: int = done_before) -> None:
                 progress("estimate", _c, len(todo), message)  # lets a job runner cancel between batches
 
-            stacks = {name: v[c : c + chunk] for name, v in rep.items()} if rep is not None else None
+            stacks = {name: v[c : c + len(ks)] for name, v in rep.items()} if rep is not None else None
             results, norms = evaluate_subsets_forward(rt, subs, W, val_rows, params.eval_batch_size, inner,
                                                       "estimate", f"subsets {ks[0]}-{ks[-1]}", stacks)
         else:
@@ -216,7 +247,7 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
                 "train_rows": int(len(subset_rows(train_rows, subsets[k]))),
                 "results": {name: _metrics_dict(m) for name, m in results[j].items()},
             }))
-        progress("estimate", min(c + chunk, len(todo)), len(todo), f"subsets {start}-{end}")
+        progress("estimate", c + len(ks), len(todo), f"subsets {start}-{end}")
     _timing(workdir, "estimate", time.perf_counter() - t1)
     return {"subsets": end - start, "computed": len(todo), "solve_seconds": round(solve_s, 3)}
 
@@ -324,6 +355,7 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
     atomic_write_json(workdir / "affinity.json", doc)
     if (workdir / "grads_train.npy").exists() and (params.mode != "linear" or (workdir / "grads_val.npy").exists()):
         shutil.rmtree(workdir / "gradients", ignore_errors=True)  # shards are merged; keep one copy
+    (workdir / ".timing.lock").unlink(missing_ok=True)
     progress("finalize", 1, 1, "affinity.json")
     return {
         "tasks": params.tasks, "metric": params.metric, "matrix": doc["matrix"], "subsets": len(names),
@@ -331,22 +363,77 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
     }
 
 
+def _runtime_key(params: AffinityParams) -> str:
+    return "affinity-runtime:" + json.dumps(_fingerprint(params), sort_keys=True)
+
+
+def affinity_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any]) -> tuple[AffinityParams, Runtime]:
+    """The params and the loaded runtime of a fanned-out affinity phase (cached per process)."""
+    params = AffinityParams.model_validate(args["params"])
+    key = _runtime_key(params)
+    if key not in cache:
+        cache[key] = prepare_affinity(params, Path(workdir))  # loads the model; the files exist already
+    return params, cache[key]
+
+
+def affinity_shard(args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int,
+                   cache: dict[str, Any]) -> dict[str, Any]:
+    """One piece of a fanned-out affinity phase, runnable in any process sharing `workdir` (see
+    shared.ml.sharding): args = {"kind": "gradients" | "estimate", "split": ..., "params": AffinityParams};
+    [start, end) are batches of the split's batch plan (gradients) or subsets (estimate)."""
+    workdir = Path(workdir)
+    params, rt = affinity_prepare(args, workdir, cache)
+    if args["kind"] == "gradients":  # [start, end) are batches of the split's canonical plan
+        return run_gradient_batches(params, workdir, progress, start, end, args["split"], rt)
+    if args["kind"] == "estimate":
+        return run_estimate_shard(params, workdir, progress, start, end, rt)
+    raise ValueError(f"unknown affinity shard kind {args['kind']!r}")
+
+
+_SHARD_FN = f"{__name__}:affinity_shard"
+_PREPARE_FN = f"{__name__}:affinity_prepare"
+
+
+def _gradient_pass(params: AffinityParams, workdir: Path, progress: Progress, rt: Runtime, split: str,
+                   sharder: Sharder | None, cache: dict[str, Any]) -> None:
+    rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
+    n_batches = len(batch_plan(rows, params.batch_size))
+    if sharder is None:
+        run_gradient_batches(params, workdir, progress, 0, n_batches, split, rt)
+    else:
+        args = {"kind": "gradients", "split": split, "params": params.model_dump(mode="json")}
+        # shards of whole projection groups (every batch but the last has batch_size rows), so every
+        # sketch projection sees the same rows as in the one-piece pass: bitwise the same gradients
+        align = -(-params.project_rows // params.batch_size)
+        phase = Phase(f"gradients:{split}", f"gradients {split}", n_batches, _SHARD_FN, args, unit="batches", align=align,
+                      prepare=_PREPARE_FN)
+        sharder.run(phase, workdir, progress, cache)
+    merge_gradients(workdir, split, len(rows), rt.spec.dim)
+
+
 def run_affinity(params: AffinityParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
-    """The whole affinity stage in one process (resumable): gradients -> subsets -> estimates -> T."""
+    """The whole affinity stage (resumable): gradients -> subsets -> estimates -> T. In one process, or
+    with the gradient passes and the subset estimation fanned out when a sharder is installed."""
     workdir = Path(workdir)
     t0 = time.perf_counter()
     rt = prepare_affinity(params, workdir)
     _timing(workdir, "load_prepare", time.perf_counter() - t0)
-    rows = rt.rows("train", params.max_train)
+    sharder = current_sharder()
+    if sharder is not None and sharder.shards <= 1:
+        sharder = None
+    cache: dict[str, Any] = {_runtime_key(params): rt}
     if not (workdir / "grads_train.npy").exists():
-        run_gradient_shard(params, workdir, progress, 0, len(rows), "train", rt)
-        merge_gradients(workdir, "train", len(rows), rt.spec.dim)
+        _gradient_pass(params, workdir, progress, rt, "train", sharder, cache)
     if params.mode == "linear" and not (workdir / "grads_val.npy").exists():
-        vrows = rt.rows("val", params.max_val)
-        run_gradient_shard(params, workdir, progress, 0, len(vrows), "val", rt)
-        merge_gradients(workdir, "val", len(vrows), rt.spec.dim)
+        _gradient_pass(params, workdir, progress, rt, "val", sharder, cache)
     run_base_eval(params, workdir, progress, rt)
-    run_estimate_shard(params, workdir, progress, None, None, rt)
+    if sharder is None:
+        run_estimate_shard(params, workdir, progress, None, None, rt)
+    else:
+        args = {"kind": "estimate", "params": params.model_dump(mode="json")}
+        phase = Phase("estimate", "estimate", len(_load_subsets(workdir)), _SHARD_FN, args, unit="subsets",
+                      align=params.subsets_per_forward, prepare=_PREPARE_FN)
+        sharder.run(phase, workdir, progress, cache)
     summary = finalize_affinity(params, workdir, progress)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
     return summary

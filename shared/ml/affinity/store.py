@@ -4,9 +4,15 @@ Layout under a run directory:
     gradients/<split>/shard-<start>-<end>/g.npy     float32 [n, d]  (memory-mapped while written)
                                           f0.npy    float32 [n]
                                           done.npy  bool    [n]     (set after a batch's rows are flushed)
+    gradients/<split>/batches-<bs>-<first>-<last>/  rows.npy int64 [n] (row ids) + g.npy, f0.npy, done.npy
     grads_<split>.npy, f0_<split>.npy                               (merged, written atomically)
 A shard re-run skips rows already marked done, so a killed pass resumes where it stopped; several
 workers can run disjoint shards of the same split and `merge_gradients` assembles them.
+
+Row shards (`gradient_shard`) sort their own rows by length, so how a split is cut changes the batches
+and hence the gradients in the last bits. Batch shards (`gradient_batches`) take whole batches of the
+split's canonical plan (`batch_plan`: all rows sorted by length, cut every batch_size), so the gradients
+are bitwise the same whether the pass runs in one piece or in many (that is what the job fan-out uses).
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def gradient_shard(rt: Runtime, rows: SplitRows, run_dir: Path, start: int, end:
         done[idx] = True  # only after the rows themselves are on disk
         done.flush()
 
-    with b_only_grad(rt.model), BGradCapture(rt.model) as capture:
+    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as capture:
         buffer = BufferedProjection(rt.model, capture, rt.projector, project_rows)
         for b, chunk in enumerate(chunks):
             batch = collate([rows.items[start + i] for i in chunk], pad).to(rt.device)
@@ -86,8 +92,74 @@ def gradient_shard(rt: Runtime, rows: SplitRows, run_dir: Path, start: int, end:
     return {"rows": n, "computed": len(todo), "shard": str(folder.relative_to(run_dir))}
 
 
+def batch_plan(rows: SplitRows, batch_size: int) -> list[list[int]]:
+    """The canonical batches of a split's gradient pass: all rows sorted by length (stable), cut every
+    batch_size rows; the same batches as a single `gradient_shard` over the whole split."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows.items[i].input_ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def batches_dir(run_dir: Path, split: str, batch_size: int, first: int, last: int) -> Path:
+    return run_dir / "gradients" / split / f"batches-{batch_size:06d}-{first:09d}-{last:09d}"
+
+
+def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, last: int, batch_size: int,
+                     progress: Progress = silent, stage: str | None = None, project_rows: int = 64) -> dict:
+    """Compute batches [first, last) of `batch_plan(rows, batch_size)` (skipping batches already done).
+
+    Every batch is the same as in the one-piece pass, and so is every sketch projection (groups of whole
+    batches of >= project_rows rows) when `first` and `last` are multiples of ceil(project_rows /
+    batch_size): then the gradients do not depend on how the plan is cut into shards, nor on a resume
+    (a projection group is marked done as a whole, never partly).
+    """
+    plan = batch_plan(rows, batch_size)
+    if not 0 <= first < last <= len(plan):
+        raise ValueError(f"gradient batches [{first}, {last}) are outside the {len(plan)} batches of split {rows.split!r}")
+    folder = batches_dir(run_dir, rows.split, batch_size, first, last)
+    batches = plan[first:last]
+    ids = np.asarray([i for b in batches for i in b], dtype=np.int64)
+    if (folder / "rows.npy").exists():
+        if not np.array_equal(load_npy(folder / "rows.npy"), ids):
+            raise ValueError(f"{folder} was written for other rows; remove it to restart")
+    else:
+        atomic_save_npy(folder / "rows.npy", ids)
+    n, d = len(ids), rt.spec.dim
+    g = _open(folder / "g.npy", (n, d), "float32")
+    f0 = _open(folder / "f0.npy", (n,), "float32")
+    done = _open(folder / "done.npy", (n,), "bool")
+    offsets = np.cumsum([0] + [len(b) for b in batches])
+    todo = [j for j in range(len(batches)) if not done[offsets[j] : offsets[j + 1]].all()]
+    stage = stage or f"gradients {rows.split}"
+    pad = rt.tokenizer.pad_token_id or 0
+
+    def write(keys: list[int], f: torch.Tensor, proj: torch.Tensor) -> None:
+        if not keys:
+            return
+        idx = np.asarray(keys)
+        g[idx] = proj.cpu().numpy()
+        f0[idx] = f.cpu().numpy()
+        g.flush()
+        f0.flush()
+        done[idx] = True  # only after the rows themselves are on disk
+        done.flush()
+
+    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as capture:
+        buffer = BufferedProjection(rt.model, capture, rt.projector, project_rows)
+        for b, j in enumerate(todo):
+            batch = collate([rows.items[i] for i in batches[j]], pad).to(rt.device)
+            for keys, f, proj in buffer.add(batch, list(range(offsets[j], offsets[j + 1]))):
+                write(keys, f, proj)
+            if b == len(todo) - 1:
+                write(*buffer.flush())
+            progress(stage, b + 1, len(todo), f"batches {first}-{last}")
+    if not todo:
+        progress(stage, 1, 1, "already done")
+    return {"rows": n, "batches": len(batches), "computed": int(sum(len(batches[j]) for j in todo)),
+            "shard": str(folder.relative_to(run_dir))}
+
+
 def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Path, Path]:
-    """Assemble complete shards of a split into grads_<split>.npy and f0_<split>.npy."""
+    """Assemble complete shards (row or batch shards) of a split into grads_<split>.npy and f0_<split>.npy."""
     out_g, out_f = run_dir / f"grads_{split}.npy", run_dir / f"f0_{split}.npy"
     G = np.zeros((n_total, d), dtype=np.float32)
     F = np.zeros(n_total, dtype=np.float32)
@@ -107,6 +179,20 @@ def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Pa
         G[start:end][new] = g[new]
         F[start:end][new] = load_npy(folder / "f0.npy")[new]
         have[start:end] = True
+    for folder in sorted(root.glob("batches-*")) if root.exists() else []:
+        if not ((folder / "rows.npy").exists() and (folder / "done.npy").exists()):
+            continue
+        ids = load_npy(folder / "rows.npy")
+        done = load_npy(folder / "done.npy")
+        if not done.all() or len(ids) != len(done) or (len(ids) and int(ids.max()) >= n_total):
+            continue
+        g = load_npy(folder / "g.npy")
+        if g.shape[1] != d:
+            raise ValueError(f"{folder} holds d={g.shape[1]} gradients, expected {d}")
+        new = ~have[ids]
+        G[ids[new]] = g[new]
+        F[ids[new]] = load_npy(folder / "f0.npy")[new]
+        have[ids] = True
     if not have.all():
         missing = np.flatnonzero(~have)
         raise RuntimeError(f"gradients of split {split!r} are incomplete: {len(missing)} rows missing (first {missing[0]})")

@@ -61,27 +61,47 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     t_est = time.perf_counter()
     G, f0 = gradient_pass(rt, train_rows, workdir, params.batch_size, progress)
     t_grad = time.perf_counter() - t_est
-    def estimate(lam_param: float, backmap: str, stage: str) -> tuple[list[dict[str, TaskMetrics]], Any]:
-        lam = effective_lambda(lam_param, params.lam_scale, G)
-        sol = solve_subsets(G, f0, [subset_rows(train_rows, s) for s in local], lam, rt.device)
+    def estimate(lam_param: float, backmap: str, stage: str, output: str, step: float = 1.0,
+                 ) -> tuple[list[dict[str, TaskMetrics]], Any]:
+        Go, fo = grads[output]
+        lam = effective_lambda(lam_param, params.lam_scale, Go)
+        key = (output, lam_param)
+        if key not in solutions:
+            solutions[key] = solve_subsets(Go, fo, [subset_rows(train_rows, s) for s in local], lam, rt.device)
+        sol = solutions[key]
         stacks = None
+        rt.output = output
         if backmap == "representer":
-            stacks = representer_deltas(rt, train_rows, local, sol.w, G, f0, lam, params.batch_size, progress,
-                                        f"representer lam={lam:g}")
-        return evaluate_subsets_forward(rt, local, sol.w, val_rows, params.eval_batch_size, progress, stage, "", stacks)
+            if key not in representers:
+                representers[key] = representer_deltas(rt, train_rows, local, sol.w, Go, fo, lam, params.batch_size,
+                                                       progress, f"representer lam={lam:g}")
+            stacks = {k: v * step for k, v in representers[key].items()}
+        return evaluate_subsets_forward(rt, local, sol.w * step, val_rows, params.eval_batch_size, progress, stage, "", stacks)
 
+    solutions: dict[tuple[str, float], Any] = {}
+    representers: dict[tuple[str, float], dict[str, Any]] = {}
+    grads = {params.output: (G, f0)}
     t1 = time.perf_counter()
-    est, norms = estimate(params.lam, params.backmap, "estimate forwards")
+    est, norms = estimate(params.lam, params.backmap, "estimate forwards", params.output)
     t_sub = time.perf_counter() - t1
     est_seconds = time.perf_counter() - t_est
-    # untimed extras: other lambdas, and the other back-map
+    # untimed extras: other outputs, lambdas, step scales and the other back-map
+    outputs = [params.output] + [o for o in (params.outputs or []) if o != params.output]
+    for o in outputs[1:]:
+        rt.output = o
+        grads[o] = gradient_pass(rt, train_rows, workdir / f"output-{o}", params.batch_size, progress)
     backmaps = [params.backmap] + ([b for b in ("sketch", "representer") if b != params.backmap] if params.compare_backmaps else [])
     lams = [params.lam] + [x for x in (params.lams or []) if x != params.lam]
-    variants: dict[tuple[str, float], list[dict[str, TaskMetrics]]] = {(params.backmap, params.lam): est}
-    for bm in backmaps:
-        for lam in lams:
-            if (bm, lam) not in variants:
-                variants[(bm, lam)], _ = estimate(lam, bm, f"estimate {bm} lam={lam:g}")
+    steps = [1.0] + [x for x in (params.step_scales or []) if x != 1.0]
+    Variant = tuple[str, str, float, float]  # (output, backmap, lam, step)
+    variants: dict[Variant, list[dict[str, TaskMetrics]]] = {(params.output, params.backmap, params.lam, 1.0): est}
+    for o in outputs:
+        for bm in backmaps:
+            for lam in lams:
+                for st in steps:
+                    if (o, bm, lam, st) not in variants:
+                        variants[(o, bm, lam, st)], _ = estimate(lam, bm, f"estimate {o} {bm} lam={lam:g} x{st:g}", o, st)
+    rt.output = params.output
 
     # --- real fine-tunes (timed)
     ft_seconds = 0.0
@@ -124,15 +144,17 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                 "mean_est_accuracy": float(np.mean([e.accuracy for e, _ in pairs])),
                 "mean_true_accuracy": float(np.mean([tr.accuracy for _, tr in pairs]))}
 
-    per_backmap = {bm: {f"{lam:g}": errors(variants[(bm, lam)]) for lam in lams} for bm in backmaps}
+    per_backmap = {bm: {f"{lam:g}": errors(variants[(params.output, bm, lam, 1.0)]) for lam in lams} for bm in backmaps}
     per_lam = per_backmap[params.backmap]
+    per_variant = [{"output": o, "backmap": bm, "lam": lam, "step": st, **errors(res)}
+                   for (o, bm, lam, st), res in variants.items()]
     full_subsets = len(sample_subsets(n, size, params.coverage, params.seed))
     grad_all_rows_est = t_grad * len(all_train) / max(len(train_rows), 1)
     per_subset_est = grad_all_rows_est / full_subsets + t_sub / len(local)
     summary = json_safe({
         "subsets": [[val_rows.tasks[t] for t in s] for s in local],
         "mean_rel_err_loss": _mean("rel_err_loss", rows), "mean_rel_err_accuracy": _mean("rel_err_accuracy", rows),
-        "per_lambda": per_lam, "per_backmap": per_backmap, "lam": params.lam, "lam_scale": params.lam_scale,
+        "per_lambda": per_lam, "per_backmap": per_backmap, "per_variant": per_variant, "output": params.output, "lam": params.lam, "lam_scale": params.lam_scale,
         "lam_effective": effective_lambda(params.lam, params.lam_scale, G), "backmap": params.backmap,
         "estimation_seconds": round(est_seconds, 3), "gradient_seconds": round(t_grad, 3),
         "solve_and_forward_seconds": round(t_sub, 3), "finetune_seconds": round(ft_seconds, 3),
@@ -148,7 +170,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
               "rel_err_accuracy", "est_macro_f1", "true_macro_f1", "delta_rel", "ft_epoch"]
     atomic_write_text(workdir / "validate.csv", _csv_text(rows, fields))
     out = {k: summary[k] for k in ("mean_rel_err_loss", "mean_rel_err_accuracy", "compute_ratio", "compute_ratio_amortised",
-                                   "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "backmap")}
+                                   "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "per_variant", "backmap", "output")}
     out["rows"] = summary["rows"]
     out["artifacts"] = {"validate": "validate.json", "rows": "validate.csv", "theta0": "theta0.safetensors"}
     return out

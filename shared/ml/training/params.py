@@ -78,7 +78,7 @@ class BoostingOptions(BaseModel):
     error_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
     max_rounds: int = Field(default=2, ge=0, le=20)
     eta: float = Field(default=1.0, gt=0.0, le=10.0)
-    lr: float | None = Field(default=None, gt=0.0, description="learning rate of weak learners (default: training lr)")
+    lr: float | None = Field(default=2e-4, gt=0.0, description="learning rate of weak learners (None: training lr)")
     epochs: int | None = Field(default=1, ge=1, le=100, description="epochs of weak learners (None: training epochs)")
     budget: float | None = Field(
         default=None, ge=0.0,
