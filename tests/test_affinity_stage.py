@@ -13,7 +13,7 @@ import torch
 
 from shared.ml.affinity.params import AffinityParams, GroupingParams
 from shared.ml.affinity.stage import (
-    finalize_affinity, prepare_affinity, run_affinity, run_base_eval, run_estimate_shard, run_gradient_shard, run_grouping,
+    finalize_affinity, prepare_affinity, run_affinity, run_base_eval, run_estimate_shard, run_gradient_batches, run_grouping,
 )
 
 TASKS = ["cb", "rte", "sst2"]
@@ -117,7 +117,7 @@ def test_sharded_run_matches_the_single_run(run_dir, tmp_path):
     p = _params()
     wd = tmp_path / "sharded"
     rt = prepare_affinity(p, wd)
-    run_gradient_shard(p, wd, start=0, end=13, runtime=rt)
+    run_gradient_batches(p, wd, first=0, last=3, runtime=rt)  # 30 rows = 7 batches of 4 + 1 of 2
     # an interrupted shard (cancelled after 2 batches of 4 rows), then resumed
     from shared.ml.progress import Cancelled
 
@@ -127,10 +127,10 @@ def test_sharded_run_matches_the_single_run(run_dir, tmp_path):
 
     p_small = _params(project_rows=4)
     with pytest.raises(Cancelled):
-        run_gradient_shard(p_small, wd, cancel_after_two, start=13, end=30, runtime=rt)
-    info = run_gradient_shard(p, wd, start=13, end=30, runtime=rt)
-    assert info["computed"] == 17 - 8
-    again = run_gradient_shard(p, wd, start=13, end=30, runtime=rt)
+        run_gradient_batches(p_small, wd, cancel_after_two, first=3, last=8, runtime=rt)
+    info = run_gradient_batches(p, wd, first=3, last=8, runtime=rt)
+    assert info["computed"] == 18 - 8
+    again = run_gradient_batches(p, wd, first=3, last=8, runtime=rt)
     assert again["computed"] == 0
     run_base_eval(p, wd, runtime=rt)
     run_estimate_shard(p, wd, start=2, end=3, runtime=rt)

@@ -8,10 +8,10 @@
 
 run_affinity is also available in pieces so a queue can fan it out over workers sharing `workdir`:
     prepare_affinity(params, workdir)                              (idempotent; theta0, spec, rows, subsets)
-    run_gradient_shard(params, workdir, progress, start, end)      (rows [start, end) of the train split)
+    run_gradient_batches(params, workdir, progress, first, last)   (batches [first, last) of the train split)
     run_estimate_shard(params, workdir, progress, start, end)      (subsets [start, end); merges gradients)
     finalize_affinity(params, workdir, progress)                   (table, matrices, affinity.json/png)
-Every piece is resumable: finished rows / subsets are skipped when re-run on the same workdir.
+Every piece is resumable: finished batches / subsets are skipped when re-run on the same workdir.
 When a sharder is installed (shared.ml.sharding; the job runner does it when fan-out is on), run_affinity
 hands its gradient passes and its subset estimation to it as phases of `affinity_shard` pieces.
 """
@@ -42,7 +42,7 @@ from shared.ml.affinity.runtime import (
     Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy, save_theta0,
 )
 from shared.ml.affinity.solver import solve_subsets
-from shared.ml.affinity.store import batch_plan, gradient_batches, gradient_shard, merge_gradients
+from shared.ml.affinity.store import batch_plan, gradient_batches, merge_gradients
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
@@ -139,19 +139,6 @@ def prepare_affinity(params: AffinityParams, workdir: Path) -> Runtime:
 
 def _load_subsets(workdir: Path) -> list[list[int]]:
     return [list(s) for s in json.loads((workdir / "subsets.json").read_text())["indices"]]
-
-
-def run_gradient_shard(params: AffinityParams, workdir: Path, progress: Progress = silent, start: int | None = None,
-                       end: int | None = None, split: str = "train", runtime: Runtime | None = None) -> dict[str, Any]:
-    """Projected gradients of rows [start, end) of a split (default: all); resumable."""
-    rt = runtime or prepare_affinity(params, workdir)
-    rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
-    start = 0 if start is None else start
-    end = len(rows) if end is None else end
-    t0 = time.perf_counter()
-    info = gradient_shard(rt, rows, workdir, start, end, params.batch_size, progress, f"gradients {split}", params.project_rows)
-    _timing(workdir, f"gradients_{split}", time.perf_counter() - t0)
-    return {"split": split, **info, "total_rows": len(rows)}
 
 
 def run_gradient_batches(params: AffinityParams, workdir: Path, progress: Progress = silent, first: int | None = None,

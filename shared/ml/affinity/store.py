@@ -1,18 +1,15 @@
-"""Persisted gradient passes: shards by row range, resumable, merged into one float32 [N, d] matrix.
+"""Persisted gradient passes: shards of whole batches, resumable, merged into one float32 [N, d] matrix.
 
 Layout under a run directory:
-    gradients/<split>/shard-<start>-<end>/g.npy     float32 [n, d]  (memory-mapped while written)
-                                          f0.npy    float32 [n]
-                                          done.npy  bool    [n]     (set after a batch's rows are flushed)
-    gradients/<split>/batches-<bs>-<first>-<last>/  rows.npy int64 [n] (row ids) + g.npy, f0.npy, done.npy
-    grads_<split>.npy, f0_<split>.npy                               (merged, written atomically)
+    gradients/<split>/batches-<bs>-<first>-<last>/rows.npy  int64   [n]     (row ids of the shard)
+                                                  g.npy     float32 [n, d]  (memory-mapped while written)
+                                                  f0.npy    float32 [n]
+                                                  done.npy  bool    [n]     (set after the rows are flushed)
+    grads_<split>.npy, f0_<split>.npy                                       (merged, written atomically)
 A shard re-run skips rows already marked done, so a killed pass resumes where it stopped; several
-workers can run disjoint shards of the same split and `merge_gradients` assembles them.
-
-Row shards (`gradient_shard`) sort their own rows by length, so how a split is cut changes the batches
-and hence the gradients in the last bits. Batch shards (`gradient_batches`) take whole batches of the
-split's canonical plan (`batch_plan`: all rows sorted by length, cut every batch_size), so the gradients
-are bitwise the same whether the pass runs in one piece or in many (that is what the job fan-out uses).
+workers can run disjoint shards of the same split and `merge_gradients` assembles them. A shard takes
+whole batches of the split's canonical plan (`batch_plan`: all rows sorted by length, cut every
+batch_size), so the gradients are bitwise the same whether the pass runs in one piece or in many.
 """
 
 from __future__ import annotations
@@ -28,10 +25,6 @@ from shared.ml.encoding import collate
 from shared.ml.progress import Progress, silent
 
 
-def shard_dir(run_dir: Path, split: str, start: int, end: int) -> Path:
-    return run_dir / "gradients" / split / f"shard-{start:09d}-{end:09d}"
-
-
 def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     if path.exists():
         arr = np.lib.format.open_memmap(path, mode="r+")
@@ -45,56 +38,9 @@ def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return arr
 
 
-def gradient_shard(rt: Runtime, rows: SplitRows, run_dir: Path, start: int, end: int, batch_size: int,
-                   progress: Progress = silent, stage: str | None = None, project_rows: int = 64) -> dict:
-    """Compute rows [start, end) of a split's projected gradients (skipping rows already done).
-
-    Gradients are projected in groups of >= `project_rows` examples (BufferedProjection); a group's rows
-    are marked done once written, so an interruption loses at most one group.
-    """
-    n_total = len(rows)
-    if not 0 <= start < end <= n_total:
-        raise ValueError(f"gradient shard [{start}, {end}) is outside the {n_total} rows of split {rows.split!r}")
-    folder = shard_dir(run_dir, rows.split, start, end)
-    n, d = end - start, rt.spec.dim
-    g = _open(folder / "g.npy", (n, d), "float32")
-    f0 = _open(folder / "f0.npy", (n,), "float32")
-    done = _open(folder / "done.npy", (n,), "bool")
-    todo = [i for i in range(n) if not done[i]]
-    # length-sorted batches keep padding small; rows go back to their own positions
-    todo.sort(key=lambda i: len(rows.items[start + i].input_ids))
-    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    stage = stage or f"gradients {rows.split}"
-    pad = rt.tokenizer.pad_token_id or 0
-
-    def write(keys: list[int], f: torch.Tensor, proj: torch.Tensor) -> None:
-        if not keys:
-            return
-        idx = np.asarray(keys)
-        g[idx] = proj.cpu().numpy()
-        f0[idx] = f.cpu().numpy()
-        g.flush()
-        f0.flush()
-        done[idx] = True  # only after the rows themselves are on disk
-        done.flush()
-
-    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as capture:
-        buffer = BufferedProjection(rt.model, capture, rt.projector, project_rows)
-        for b, chunk in enumerate(chunks):
-            batch = collate([rows.items[start + i] for i in chunk], pad).to(rt.device)
-            for keys, f, proj in buffer.add(batch, chunk):
-                write(keys, f, proj)
-            if b == len(chunks) - 1:
-                write(*buffer.flush())
-            progress(stage, b + 1, len(chunks), f"rows {start}-{end}")
-    if not chunks:
-        progress(stage, 1, 1, "already done")
-    return {"rows": n, "computed": len(todo), "shard": str(folder.relative_to(run_dir))}
-
-
 def batch_plan(rows: SplitRows, batch_size: int) -> list[list[int]]:
     """The canonical batches of a split's gradient pass: all rows sorted by length (stable), cut every
-    batch_size rows; the same batches as a single `gradient_shard` over the whole split."""
+    batch_size rows."""
     order = sorted(range(len(rows)), key=lambda i: len(rows.items[i].input_ids))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -159,26 +105,12 @@ def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, la
 
 
 def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Path, Path]:
-    """Assemble complete shards (row or batch shards) of a split into grads_<split>.npy and f0_<split>.npy."""
+    """Assemble complete shards of a split into grads_<split>.npy and f0_<split>.npy."""
     out_g, out_f = run_dir / f"grads_{split}.npy", run_dir / f"f0_{split}.npy"
     G = np.zeros((n_total, d), dtype=np.float32)
     F = np.zeros(n_total, dtype=np.float32)
     have = np.zeros(n_total, dtype=bool)
     root = run_dir / "gradients" / split
-    for folder in sorted(root.glob("shard-*")) if root.exists() else []:
-        start, end = (int(x) for x in folder.name.removeprefix("shard-").split("-"))
-        if end > n_total:
-            continue
-        done = load_npy(folder / "done.npy")
-        if not done.all():
-            continue
-        g = load_npy(folder / "g.npy")
-        if g.shape[1] != d:
-            raise ValueError(f"{folder} holds d={g.shape[1]} gradients, expected {d}")
-        new = ~have[start:end]
-        G[start:end][new] = g[new]
-        F[start:end][new] = load_npy(folder / "f0.npy")[new]
-        have[start:end] = True
     for folder in sorted(root.glob("batches-*")) if root.exists() else []:
         if not ((folder / "rows.npy").exists() and (folder / "done.npy").exists()):
             continue
@@ -207,7 +139,7 @@ def gradient_pass(rt: Runtime, rows: SplitRows, run_dir: Path, batch_size: int, 
     """The whole split as one shard (resumable), merged; returns (G [N, d], f0 [N]) as CPU float32 tensors."""
     out_g, out_f = run_dir / f"grads_{rows.split}.npy", run_dir / f"f0_{rows.split}.npy"
     if not (out_g.exists() and out_f.exists()):
-        gradient_shard(rt, rows, run_dir, 0, len(rows), batch_size, progress)
+        gradient_batches(rt, rows, run_dir, 0, len(batch_plan(rows, batch_size)), batch_size, progress)
         merge_gradients(run_dir, rows.split, len(rows), rt.spec.dim)
     G = torch.from_numpy(load_npy(out_g).copy())
     F = torch.from_numpy(load_npy(out_f).copy())
