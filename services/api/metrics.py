@@ -37,11 +37,10 @@ class JobStatusCollector(Collector):
         from sqlalchemy import func, select
 
         from shared.db.models import Job
-        from shared.db.session import get_read_engine
+        from shared.db.session import read_all
 
         try:
-            with get_read_engine().connect() as conn:
-                counts = dict(conn.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            counts = {r["status"]: r["n"] for r in read_all(select(Job.status, func.count().label("n")).group_by(Job.status))}
         except Exception as exc:
             log.warning("metrics: cannot count jobs by status: %s", exc)
             return

@@ -8,8 +8,10 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import REPO_ROOT, get_settings
@@ -56,8 +58,9 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def get_read_engine(url: str | None = None) -> Engine:
-    """An engine for single-statement reads (status polls): autocommit on PostgreSQL, so a read costs one
-    round trip (no BEGIN / ROLLBACK). SQLite uses the ordinary engine."""
+    """An engine for single-statement reads (status polls): autocommit on PostgreSQL and no pre-ping, so a
+    read costs one round trip (no BEGIN / ROLLBACK / SELECT 1); use `read_all`, which retries once on a
+    connection the server dropped. SQLite uses the ordinary engine."""
     url = normalize_url(url or get_settings().db_url)
     if url.startswith("sqlite"):
         return get_engine(url)
@@ -65,9 +68,22 @@ def get_read_engine(url: str | None = None) -> Engine:
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True,
+            engine = _ENGINES[key] = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
                                                    pool_size=10, max_overflow=20, pool_recycle=1800)
         return engine
+
+
+def read_all(stmt: Any, url: str | None = None) -> list[Any]:
+    """All rows (as mappings) of one read statement on the read engine. A connection that died in the pool
+    (database restart) surfaces as an invalidated-connection error on first use: retried once on a fresh one."""
+    for attempt in (0, 1):
+        try:
+            with get_read_engine(url).connect() as conn:
+                return list(conn.execute(stmt).mappings().all())
+        except DBAPIError as exc:
+            if attempt or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
 
 
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:

@@ -117,3 +117,24 @@ def test_renewal_reports_cancellation_and_lost_leases(stack_env) -> None:  # typ
     with session_scope() as session:
         messages = [e.message for e in session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id)]
     assert messages[0].startswith("attempt 1 started") and messages[-1] == "cancelled by request while running"
+
+
+def test_status_reads_survive_connections_dropped_by_the_server(stack_env) -> None:  # type: ignore[no-untyped-def]
+    """The read engine has no pre-ping (one round trip per poll); a pooled connection the server killed
+    (a database restart) is retried once on a fresh connection instead of failing the request."""
+    import psycopg
+    from sqlalchemy import select, text
+
+    from shared.db.session import get_read_engine, read_all
+    from tests.integration.conftest import PG_ADMIN
+
+    job_id = _job()
+    stmt = select(Job.__table__.c.id).where(Job.__table__.c.id == job_id)
+    assert [r["id"] for r in read_all(stmt)] == [job_id]  # leaves a connection in the pool
+    with get_read_engine().connect() as conn:
+        pids = {conn.execute(text("select pg_backend_pid()")).scalar()}
+    name = get_read_engine().url.database
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid = any(%s)",
+                      (name, list(pids)))
+    assert [r["id"] for r in read_all(stmt)] == [job_id]

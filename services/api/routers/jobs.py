@@ -20,7 +20,7 @@ from services.api.deps import DB, Principal, Submitter, owned, rate_limit
 from services.api.errors import ApiError
 from services.api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse
 from shared.db.models import Artifact, Job, JobEvent, JobStage, new_id, utcnow
-from shared.db.session import get_read_engine
+from shared.db.session import read_all
 from shared.jobs import state
 from shared.jobs.config import get_service_settings
 from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable
@@ -125,8 +125,7 @@ _POLL = (select(_J, *(c.label(f"s_{c.name}") for c in (_S.c.name, _S.c.status, _
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: str, principal: Submitter) -> Response:
     """A job. This is the polling hot path: one autocommit Core query (job + stages), serialised once."""
-    with get_read_engine().connect() as conn:
-        rows = conn.execute(_POLL.where(_J.c.id == job_id)).mappings().all()
+    rows = read_all(_POLL.where(_J.c.id == job_id))
     if not rows or not owned(principal, rows[0]["owner"]):
         raise ApiError(404, "not_found", f"no job {job_id!r}", "id")
     return Response(JobOut.from_rows(list(rows)).model_dump_json(), media_type="application/json")
