@@ -128,6 +128,28 @@ class EventOut(BaseModel):
                    message=event.message, data=event.data)
 
 
+class ShardOut(BaseModel):
+    """One shard of a fanned-out phase of a job (CHORUS_FANOUT_SHARDS): who ran it and how it went."""
+
+    object: Literal["job.shard"] = "job.shard"
+    phase: str
+    index: int
+    start: int
+    end: int
+    status: str
+    claimed_by: str | None
+    attempts: int
+    error: str | None
+    started_at: int | None
+    finished_at: int | None
+
+    @classmethod
+    def of(cls, shard: Any) -> ShardOut:
+        return cls(phase=shard.phase, index=shard.index, start=shard.start, end=shard.end, status=shard.status,
+                   claimed_by=shard.claimed_by, attempts=shard.attempts, error=shard.error,
+                   started_at=ts(shard.started_at), finished_at=ts(shard.finished_at))
+
+
 class JobTypeOut(BaseModel):
     name: str
     object: Literal["job_type"] = "job_type"

@@ -153,7 +153,7 @@ def _assert_once(api, key: str, job: dict[str, Any]) -> list[str]:  # type: igno
     return messages
 
 
-def test_two_workers_share_one_job_and_match_the_unsharded_run(api, key, pair, reference):  # type: ignore[no-untyped-def]
+def test_two_workers_share_one_job_and_match_the_unsharded_run(api, key, pair, reference, make_key):  # type: ignore[no-untyped-def]
     job_id = _submit(api, key)
     started = time.monotonic()
     job = _wait_done(api, key, job_id)
@@ -183,6 +183,13 @@ def test_two_workers_share_one_job_and_match_the_unsharded_run(api, key, pair, r
         assert [m.split(" done by ")[0] for m in done] == [f"{label}: shard {k}/{SHARDS}" for k in range(1, SHARDS + 1)]
         assert any(m.startswith(f"{label}: all {SHARDS} shards done (") for m in messages)
     _assert_same_as_reference(api, key, job, reference)
+    # the same shards over the API, to the job's owner only
+    listed = api.get(f"/v1/jobs/{job_id}/shards", headers=auth(key)).json()["data"]
+    assert [s["phase"] for s in listed] == ["gradients:train"] * SHARDS + ["estimate"] * SHARDS  # run order
+    assert sorted((s["phase"], s["index"], s["claimed_by"], s["status"]) for s in listed) == \
+        sorted((r.phase, r.index, r.claimed_by, r.status) for r in rows)
+    other = make_key(f"fanout-other-{uuid.uuid4().hex[:6]}", "submit")
+    assert api.get(f"/v1/jobs/{job_id}/shards", headers=auth(other)).status_code == 404
     # the ML core never entered a worker parent
     assert all("parent is free of torch" in w.text() and "before forking" not in w.text() for w in pair)
 

@@ -18,8 +18,10 @@ from services.api import job_params
 from services.api.common import MAX_LIMIT, get_owned, page, scoped
 from services.api.deps import DB, Principal, Submitter, owned, rate_limit
 from services.api.errors import ApiError
-from services.api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse
-from shared.db.models import Artifact, Job, JobEvent, JobStage, new_id, utcnow
+from services.api.schemas import (
+    ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse, ShardOut,
+)
+from shared.db.models import Artifact, Job, JobEvent, JobShard, JobStage, new_id, utcnow
 from shared.db.session import read_all
 from shared.jobs import state
 from shared.jobs.config import get_service_settings
@@ -142,6 +144,16 @@ def list_events(job_id: str, principal: Submitter, db: DB, after: int | None = N
     page_out = ListResponse[EventOut](data=data, has_more=more, first_id=data[0].id if data else None,
                                       last_id=data[-1].id if data else None)
     return Response(page_out.model_dump_json(), media_type="application/json")
+
+
+@router.get("/jobs/{job_id}/shards", response_model=ListResponse[ShardOut])
+def list_shards(job_id: str, principal: Submitter, db: DB) -> Response:
+    """The shards of the job's fanned-out phases (empty when fan-out is off), in the order they were created."""
+    get_owned(db, Job, job_id, principal, "job")
+    rows = db.scalars(select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.id)).all()
+    data = [ShardOut.of(s) for s in rows]
+    out = ListResponse[ShardOut](data=data, has_more=False, first_id=None, last_id=None)
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
