@@ -38,6 +38,7 @@ from shared.ml.affinity.gradients import BGradCapture, BufferedProjection, b_onl
 from shared.ml.affinity.projection import Projector  # noqa: E402
 from shared.ml.encoding import Batch  # noqa: E402
 from shared.ml.models import answer_logits, attach_lora, lora_state  # noqa: E402
+from shared.ml.training.costs import peak_memory, reset_peak_memory  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M
@@ -59,29 +60,12 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # resets VmHWM to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            pass
+    reset_peak_memory(device)
 
 
 def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sync(device)
+    return peak_memory(device)[0]
 
 
 def gib(n: int) -> str:

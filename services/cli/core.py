@@ -10,13 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import fail
+
 console = Console()
-
-
-def fail(message: str) -> None:
-    """Print a clear error and exit with status 2 (bad input)."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
 
 
 def tasks_command(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:

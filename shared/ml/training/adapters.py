@@ -13,7 +13,6 @@ formats (.bin/.pt/.pth/.pkl/.ckpt) is refused. Nothing here uses pickle or torch
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.ml.models import ModelInfo
+from shared.storage import sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,14 +73,6 @@ class AdapterMeta(BaseModel):
 
     def identity(self) -> dict[str, str]:
         return {"base_model": self.base_model, "base_revision": self.base_revision, "quantization": self.quantization}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, DEFAULT_TARGETS
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, LoraTargets
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -120,7 +120,7 @@ class TrainingParams(BaseModel):
     eval_batch_size: int = Field(default=32, ge=1, le=4096)
     rank: int = Field(default=4, ge=1, le=256)
     alpha: float | None = Field(default=None, gt=0.0, description="LoRA alpha (default 8 * rank)")
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    targets: LoraTargets
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
@@ -163,14 +163,6 @@ class TrainingParams(BaseModel):
         if isinstance(self.groups, str):
             return TrainingParams.model_validate({**self.model_dump(), "groups": self.groups})
         return self
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", t):
-                raise ValueError(f"LoRA target {t!r} is not a module name")
-        return v
 
     @property
     def lora_alpha(self) -> float:

@@ -1,0 +1,152 @@
+"""What every CLI command module shares: the error exit, params validation that names the flag the user
+typed, option parsing, and running a stage into --out through a hidden partial folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+FLAGS = {  # params field -> CLI flag, so validation errors name what the user typed
+    "tasks": "--tasks", "model": "--model", "quantization": "--quantization", "groups": "--groups",
+    "max_train": "--max-train", "max_val": "--max-val", "max_test": "--max-test", "dim": "--dim", "seed": "--seed",
+    "rank": "--rank", "alpha": "--alpha", "lam": "--lam", "lam_scale": "--lam-scale", "lams": "--lams",
+    "subset_size": "--subset-size", "coverage": "--coverage", "mode": "--mode", "metric": "--metric",
+    "method": "--method", "backmap": "--backmap", "output": "--output", "outputs": "--outputs",
+    "step_scales": "--step-scales", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
+    "train_batch_size": "--train-batch-size", "max_length": "--max-length", "device": "--device",
+    "precision": "--precision", "scales": "--scales", "directions": "--directions", "subsets": "--subsets",
+    "epochs": "--epochs", "lr": "--lr", "patience": "--patience", "error_threshold": "--boost-threshold",
+    "max_rounds": "--boost-rounds", "eta": "--eta", "name": "--name", "candidates": "--weight-candidates",
+}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error and exit (status 2: bad input)."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def validation_message(exc: Any) -> str:
+    """A pydantic ValidationError as "--flag: what is wrong; ..."."""
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e["loc"]]
+        msg = e["msg"].removeprefix("Value error, ")
+        named = re.match(r"(\w+)=", msg)  # model-level checks name their field as "field=value"
+        if not loc and named:
+            loc = [named.group(1)]
+        key = next((x for x in reversed(loc) if x in FLAGS), loc[0] if loc else "input")
+        parts.append(f"{FLAGS.get(key, '.'.join(loc) or 'input')}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(cls: type, data: dict[str, Any], drop_none: bool = False) -> Any:
+    """cls.model_validate(data), exiting with a flag-named error on bad input. drop_none: options left
+    unset (None) take the params class's defaults."""
+    from pydantic import ValidationError
+
+    if drop_none:
+        data = {k: v for k, v in data.items() if v is not None}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        fail(validation_message(exc))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag}: expected comma-separated numbers, got {text!r}")
+    if not values:
+        fail(f"{flag}: expected at least one number")
+    return values
+
+
+def task_list(text: str) -> list[str]:
+    from shared.ml.tasks.registry import parse_task_list
+
+    if not text:
+        fail("--tasks: give at least 2 comma-separated task names")
+    try:
+        return list(parse_task_list(text))
+    except ValueError as exc:
+        fail(f"--tasks: {exc}")
+    raise AssertionError
+
+
+def groups_option(text: str) -> int | str:
+    """--groups: a positive number of groups, or 'auto'."""
+    text = text.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        fail(f"--groups: expected a number of groups or 'auto', got {text!r}")
+    if value < 1:
+        fail(f"--groups: must be >= 1, got {value}")
+    return value
+
+
+def check_model(model: str) -> None:
+    from shared.ml.models import resolve_model
+
+    try:
+        resolve_model(model)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(f"--model: {exc}")
+
+
+def check_out(out: Path) -> Path:
+    out = out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        fail(f"--out: {str(out)!r} exists and is not a directory")
+    return out
+
+
+def _publish(partial: Path, out: Path, last: str) -> None:
+    """Move the finished files of `partial` into `out`; `last` (the index/report file) moves last."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, out)
+        return
+    for entry in sorted(partial.iterdir(), key=lambda p: p.name == last):
+        target = out / entry.name
+        if entry.is_dir() and target.exists():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def run_into(out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]], keep_partial: bool = True) -> dict[str, Any]:
+    """Run fn(workdir) in the hidden sibling `.<out>.partial-<kind>`, then publish into `out` (`last` last).
+
+    Bad input (ValueError) exits with status 2 and removes a partial folder this call created. Any other
+    interruption keeps the partial folder when `keep_partial` (re-running the command resumes there)."""
+    out = check_out(out)
+    partial = out.parent / f".{out.name}.partial-{kind}"
+    created = not partial.exists()
+    if created:
+        partial.mkdir(parents=True)
+    try:
+        summary = fn(partial)
+    except ValueError as exc:
+        if created or not keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        fail(str(exc))
+    except BaseException:
+        if not keep_partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _publish(partial, out, last)
+    return summary
