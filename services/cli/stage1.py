@@ -25,18 +25,27 @@ console = Console()
 # ------------------------------------------------------------------------------------------ commands
 
 
+# options shared by the commands below
+_TASKS = Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")]
+_QUANT = Annotated[str, typer.Option(help="none or nf4.")]
+_OUTPUT = Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")]
+_MODEL = Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")]
+_LAM_SCALE = Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")]
+_DEVICE = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
 def affinity_command(
     out: Annotated[Path, typer.Option(help="Output directory (affinity.json, affinity.png, per-subset CSV/JSON, ...).")],
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
-    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    model: _MODEL = "smollm2-135m",
+    tasks: _TASKS = "",
     max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")] = 500,
     max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
     dim: Annotated[int, typer.Option(help="Projection dimension d.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subset sampling.")] = 0,
     rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
-    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
-    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
+    lam_scale: _LAM_SCALE = "gradient",
+    output: _OUTPUT = "choice",
     subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
     coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
     mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
@@ -45,8 +54,8 @@ def affinity_command(
     batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
     eval_batch_size: Annotated[int, typer.Option(help="Rows per estimation forward.")] = 64,
     max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
-    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quantization: _QUANT = "none",
+    device: _DEVICE = "auto",
 ) -> None:
     """Estimate the task-affinity matrix (no fine-tuning): DIR/affinity.json and DIR/affinity.png."""
     from shared.ml.affinity.params import AffinityParams
@@ -100,8 +109,8 @@ def group_command(
 
 
 def approx_error_command(
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
-    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    model: _MODEL = "smollm2-135m",
+    tasks: _TASKS = "",
     scales: Annotated[str, typer.Option(help="Comma-separated relative norms ||Delta|| / ||A0||.")] = "0.02,0.05,0.1",
     max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (for the directions).")] = 100,
     max_val: Annotated[Optional[int], typer.Option(help="Held-out (validation) examples per task.")] = 50,
@@ -110,13 +119,13 @@ def approx_error_command(
     rank: Annotated[int, typer.Option()] = 4,
     directions: Annotated[int, typer.Option(help="Number of subset solutions used as directions.")] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = None,
-    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
-    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
+    lam_scale: _LAM_SCALE = "gradient",
+    output: _OUTPUT = "choice",
     batch_size: Annotated[int, typer.Option()] = 16,
     eval_batch_size: Annotated[int, typer.Option()] = 64,
     max_length: Annotated[int, typer.Option()] = 256,
-    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quantization: _QUANT = "none",
+    device: _DEVICE = "auto",
     precision: Annotated[str, typer.Option(help="Model dtype: fp32 (default: bf16 logits add noise), bf16 or auto.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Keep approx_error.json/csv here (default: not kept).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-scale summary as JSON.")] = False,
@@ -153,8 +162,8 @@ def approx_error_command(
 
 
 def validate_command(
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
-    tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
+    model: _MODEL = "smollm2-135m",
+    tasks: _TASKS = "",
     subsets: Annotated[int, typer.Option(help="Number of sampled subsets K to fine-tune.")] = 8,
     max_train: Annotated[Optional[int], typer.Option(help="Training examples per task.")] = 500,
     max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
@@ -162,8 +171,8 @@ def validate_command(
     seed: Annotated[int, typer.Option()] = 0,
     rank: Annotated[int, typer.Option()] = 4,
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the estimate (see --lam-scale).")] = None,
-    lam_scale: Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")] = "gradient",
-    output: Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")] = "choice",
+    lam_scale: _LAM_SCALE = "gradient",
+    output: _OUTPUT = "choice",
     lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
     outputs: Annotated[Optional[str], typer.Option(help="Extra outputs to report (vocab,choice), comma-separated.")] = None,
     step_scales: Annotated[Optional[str], typer.Option(help="Extra multipliers of the solved step to report, comma-separated.")] = None,
@@ -177,8 +186,8 @@ def validate_command(
     batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
     eval_batch_size: Annotated[int, typer.Option()] = 64,
     max_length: Annotated[int, typer.Option()] = 256,
-    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quantization: _QUANT = "none",
+    device: _DEVICE = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Keep validate.json/csv here (default: not kept).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:

@@ -2,7 +2,7 @@
 without torch."""
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -23,3 +23,20 @@ def _module_names(v: list[str]) -> list[str]:
 # The LoRA target modules of a params class (at least one; each a plain module name).
 LoraTargets = Annotated[list[str], Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1),
                         AfterValidator(_module_names)]
+
+
+def _positive_groups(v: int | str) -> int | str:
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"groups must be a positive number of groups or 'auto', got {v}")
+    return v
+
+
+# How many groups to form: a positive number, or "auto" (chosen from the affinity matrix).
+GroupCount = Annotated[int | Literal["auto"], AfterValidator(_positive_groups)]
+
+
+def known_tasks(names: list[str]) -> list[str]:
+    """Canonical task names through the registry (clear error for an unknown task)."""
+    from shared.ml.tasks.registry import parse_task_list
+
+    return list(parse_task_list(",".join(names)))

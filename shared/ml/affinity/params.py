@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, LoraTargets
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, known_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -29,13 +29,6 @@ def effective_lambda(lam: float, lam_scale: str, grads: "torch.Tensor") -> float
         return float(lam)
     scale = float((grads.double() ** 2).sum(1).mean()) if grads.numel() else 1.0
     return float(lam) * (scale if scale > 0 else 1.0)
-
-
-def _tasks(names: list[str]) -> list[str]:
-    from shared.ml.tasks.registry import parse_task_list
-
-    out = list(parse_task_list(",".join(names)))
-    return out
 
 
 class _ModelRun(BaseModel):
@@ -75,7 +68,7 @@ class _ModelRun(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        names = _tasks(v)
+        names = known_tasks(v)
         if len(names) < 2:
             raise ValueError(f"need at least 2 distinct tasks, got {names}")
         return names
@@ -119,7 +112,7 @@ class GroupingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     affinity: str | None = Field(default=None, description="path of an affinity.json (default: WORKDIR/affinity.json)")
-    groups: int | Literal["auto"] = "auto"
+    groups: GroupCount = "auto"
     method: Literal["auto", "sdp", "spectral"] = "auto"
     metric: Literal["accuracy", "neg_loss", "macro_f1"] | None = Field(default=None, description="default: the file's metric")
     centre: bool = Field(default=True, description="row-centre T before symmetrising (removes per-task level)")
@@ -127,13 +120,6 @@ class GroupingParams(BaseModel):
     sdp_max_n: int = Field(default=40, ge=2, le=500, description="above this many tasks use spectral clustering")
     m_max: int | None = Field(default=None, ge=2, description="largest m tried by groups=auto")
     tasks: list[str] | None = Field(default=None, description="if given, must match the affinity file's tasks")
-
-    @field_validator("groups")
-    @classmethod
-    def _groups(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"groups must be a positive number of groups or 'auto', got {v}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> GroupingParams:

@@ -14,16 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, LoraTargets
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, known_tasks
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-def _known_tasks(names: list[str]) -> list[str]:
-    """Canonical task names through the registry (clear error for an unknown task)."""
-    from shared.ml.tasks.registry import parse_task_list
-
-    return list(parse_task_list(",".join(names)))
 
 
 def read_groups_file(path: str | Path) -> list[list[str]]:
@@ -51,7 +44,7 @@ def validate_groups(groups: list[list[str]]) -> list[list[str]]:
             raise ValueError(f"group {i} is empty")
         if not all(isinstance(t, str) for t in group):
             raise ValueError(f"group {i} must be a list of task names, got {group!r}")
-        names = _known_tasks(group)
+        names = known_tasks(group)
         for t in names:
             if t in seen:
                 raise ValueError(f"task {t!r} is in group {seen[t]} and group {i}; a task belongs to one group")
@@ -209,7 +202,7 @@ class PipelineParams(BaseModel):
     model: str = "smollm2-135m"
     quantization: Literal["none", "nf4"] = "nf4"
     tasks: list[str] = Field(min_length=2)
-    groups: int | Literal["auto"] = "auto"
+    groups: GroupCount = "auto"
     seed: int = 0
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
@@ -222,17 +215,10 @@ class PipelineParams(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        names = _known_tasks(v)
+        names = known_tasks(v)
         if len(set(names)) != len(names):
             raise ValueError(f"tasks must be distinct, got {names}")
         return names
-
-    @field_validator("groups")
-    @classmethod
-    def _groups(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"groups must be a positive number of groups or 'auto', got {v}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> PipelineParams:
