@@ -126,3 +126,18 @@ def test_validate_estimates_prints_the_comparison(tmp_path):
     assert (out / "output-vocab" / "grads_train.npy").exists()
     by = {(v["output"], v["backmap"], v["lam"], v["step"]): v for v in doc["per_variant"]}
     assert by[("choice", "sketch", 0.001, 1.0)]["mean_est_accuracy"] == doc["per_lambda"]["0.001"]["mean_est_accuracy"]
+    assert doc["theta0"]["init"] == "base" and set(doc["theta0"]["val_accuracy"]) == {"cb", "rte"}
+    assert 0 <= doc["linear_proxy"]["mean_est_accuracy"] <= 1
+
+
+def test_validate_estimates_from_a_meta_initialisation(tmp_path):
+    out = tmp_path / "val"
+    result = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--subsets", "1", "--epochs", "1",
+                      "--init", "meta", "--meta-epochs", "1", "--no-compare-backmaps", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "theta0 = meta" in result.output and "counting the meta-initialisation" in result.output
+    doc = json.loads((out / "validate.json").read_text())
+    assert doc["theta0"]["init"] == "meta" and doc["theta0"]["steps"] > 0
+    assert 0 < doc["compute_ratio_with_init"] < doc["compute_ratio"]
+    bad = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--init", "warm"])
+    assert bad.exit_code == 2 and "--init" in bad.output

@@ -154,6 +154,46 @@ def test_linear_mode(tmp_path):
     assert all(r["macro_f1"] is None for r in doc["per_subset"])
 
 
+def test_meta_initialised_theta0(tmp_path):
+    """init=meta: theta0 is the LoRA fine-tuned on all tasks (B != 0, recorded in theta0.json), and the batched
+    estimate at theta0 + P w equals a plain forward with the adapter set to theta0 + P w (B0 kept, not replaced)."""
+    from safetensors.torch import load_file
+
+    from shared.ml.affinity.runtime import Runtime
+    from shared.ml.data import subsample
+    from shared.ml.evaluate import metrics_from_scores, score_task
+    from shared.ml.tasks.registry import get_task
+
+    wd = tmp_path / "meta"
+    p = _params(init="meta", meta_epochs=1, meta_lr=1e-3, meta_batch_size=5)
+    run_affinity(p, wd)
+    info = json.loads((wd / "theta0.json").read_text())
+    assert info["init"] == "meta" and info["rows"] == 30 and info["steps"] == 6
+    theta0 = load_file(str(wd / "theta0.safetensors"))
+    assert max(float(v.abs().max()) for k, v in theta0.items() if "lora_B" in k) > 0
+    doc = json.loads((wd / "affinity.json").read_text())
+    assert doc["init"] == "meta" and doc["theta0"]["steps"] == 6
+
+    rt = Runtime.load(p, wd / "theta0.safetensors")
+    W = torch.from_numpy(np.load(wd / "weights.npy"))
+    delta = rt.projector.backmap(W[1])  # subset 1 = cb + sst2
+    params = dict(rt.model.named_parameters())
+    with torch.no_grad():
+        for name, value in delta.items():
+            params[name].add_(value)
+    for task in ("cb", "sst2"):
+        examples = subsample(get_task(task).split("val"), p.max_val, p.seed)
+        m = metrics_from_scores(score_task(rt.model, rt.tokenizer, rt.bound[task], examples, batch_size=3),
+                                rt.bound[task].num_choices)
+        row = next(r for r in doc["per_subset"] if r["subset"] == 1 and r["task"] == task)
+        assert m.loss == pytest.approx(row["loss"], rel=1e-5)
+        assert m.accuracy == pytest.approx(row["accuracy"])
+    # a resumed run reuses theta0 instead of training it again
+    before = (wd / "theta0.safetensors").stat().st_mtime_ns
+    run_affinity(p, wd)
+    assert (wd / "theta0.safetensors").stat().st_mtime_ns == before
+
+
 def test_grouping_stage_reads_the_workdir_affinity(run_dir, tmp_path):
     shutil.copy(run_dir / "affinity.json", tmp_path / "affinity.json")
     out = run_grouping(GroupingParams(groups=2), tmp_path)

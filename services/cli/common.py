@@ -24,6 +24,7 @@ FLAGS = {  # params field -> CLI flag, so validation errors name what the user t
     "precision": "--precision", "scales": "--scales", "directions": "--directions", "subsets": "--subsets",
     "epochs": "--epochs", "lr": "--lr", "patience": "--patience", "error_threshold": "--boost-threshold",
     "max_rounds": "--boost-rounds", "eta": "--eta", "name": "--name", "candidates": "--weight-candidates",
+    "init": "--init", "meta_epochs": "--meta-epochs",
 }
 
 

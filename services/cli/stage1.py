@@ -32,6 +32,8 @@ _OUTPUT = Annotated[str, typer.Option(help="differentiated f: choice (log-odds o
 _MODEL = Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")]
 _LAM_SCALE = Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")]
 _DEVICE = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+_INIT = Annotated[str, typer.Option(help="theta0: base (fresh LoRA, B = 0) or meta (LoRA first fine-tuned on all the tasks).")]
+_META_EPOCHS = Annotated[int, typer.Option(help="Epochs of the all-task fine-tune of --init meta.")]
 
 
 def affinity_command(
@@ -46,6 +48,8 @@ def affinity_command(
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
     lam_scale: _LAM_SCALE = "gradient",
     output: _OUTPUT = "choice",
+    init: _INIT = "base",
+    meta_epochs: _META_EPOCHS = 1,
     subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
     coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
     mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
@@ -64,7 +68,7 @@ def affinity_command(
 
     params = validate(AffinityParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
-        subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
+        init=init, meta_epochs=meta_epochs, subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
         eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
     summary = run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
     T = summary["matrix"]
@@ -176,6 +180,8 @@ def validate_command(
     lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
     outputs: Annotated[Optional[str], typer.Option(help="Extra outputs to report (vocab,choice), comma-separated.")] = None,
     step_scales: Annotated[Optional[str], typer.Option(help="Extra multipliers of the solved step to report, comma-separated.")] = None,
+    init: _INIT = "base",
+    meta_epochs: _META_EPOCHS = 1,
     subset_size: Annotated[Optional[int], typer.Option()] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
     lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = 5e-4,
@@ -201,7 +207,7 @@ def validate_command(
         lam=lam, lam_scale=lam_scale, output=output, lams=floats(lams, "--lams") if lams else None, subset_size=subset_size, epochs=epochs, lr=lr,
         outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None,
         step_scales=floats(step_scales, "--step-scales") if step_scales else None,
-        train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
+        init=init, meta_epochs=meta_epochs, train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
         batch_size=batch_size, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device))
     if out is not None:
@@ -230,10 +236,18 @@ def validate_command(
         console.print(f"  {v['output']:<6s} {v['backmap']:<11s} lambda={v['lam']:g} step x{v['step']:g}: rel. error loss "
                       f"{pct(v['mean_rel_err_loss'])}, accuracy {pct(v['mean_rel_err_accuracy'])} "
                       f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
+    lin = summary["linear_proxy"]
+    console.print(f"  linear proxy (f0 + g.w > 0 on validation rows): accuracy rel. error {pct(lin['mean_rel_err_accuracy'])} "
+                  f"(mean est. acc {lin['mean_est_accuracy']:.3f})")
+    th = summary["theta0"]
+    console.print(f"theta0 = {th.get('init', 'base')}"
+                  + (f" ({th['epochs']} epoch(s) on all tasks, {th['seconds']:.1f} s)" if th.get("init") == "meta" else "")
+                  + "; its validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in th["val_accuracy"].items()))
     ratio = summary["compute_ratio"]
     amort = summary["compute_ratio_amortised"]
     console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
-                  f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x")
+                  f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x"
+                  + (f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x" if th.get("init") == "meta" else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -169,6 +169,7 @@ def pipeline_command(
     mode: Annotated[Optional[str], typer.Option(help="Stage 1: forward or linear estimation.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Stage 1: theta0, base or meta (LoRA first fine-tuned on all tasks).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
     as_json: _JSON = False,
 ) -> None:
@@ -187,7 +188,7 @@ def pipeline_command(
         if training[key] is None:
             training.pop(key)
     affinity = {k: v for k, v in dict(dim=dim, lam=lam, subset_size=subset_size, coverage=coverage, mode=mode,
-                                      metric=metric, output=output).items() if v is not None}
+                                      metric=metric, output=output, init=init).items() if v is not None}
     grouping = {k: v for k, v in dict(method=method, metric=metric).items() if v is not None}
     params = validate(PipelineParams, dict(model=model, tasks=tasks_, groups=groups_option(groups), **shared,
                                             affinity=affinity, grouping=grouping, training=training))

@@ -21,7 +21,8 @@ import torch
 
 from shared.ml.affinity.estimate import delta_norms, multiplexed_forward, subset_rows
 from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
-from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe, save_theta0
+from shared.ml.affinity.initialise import load_runtime
+from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass
@@ -64,9 +65,7 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     workdir.mkdir(parents=True, exist_ok=True)
     _check_or_write_params(params, workdir)
     t0 = time.perf_counter()
-    rt = Runtime.load(params, workdir / "theta0.safetensors")
-    if not (workdir / "theta0.safetensors").exists():
-        save_theta0(rt, workdir / "theta0.safetensors")
+    rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     atomic_write_text(workdir / "projection_spec.json", json.dumps(rt.spec.to_dict(), indent=2))
     train_rows = rt.rows("train", params.max_train)
     val_rows = rt.rows("val", params.max_val)

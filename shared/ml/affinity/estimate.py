@@ -30,7 +30,10 @@ from shared.ml.progress import Progress, silent
 
 
 class RowLoRA:
-    """Per-row B matrices: while active, lora_B(h)[b] = h[b] @ stacks[name][slot[b]]^T."""
+    """Per-row B increments: while active, lora_B(h)[b] = h[b] @ (B0 + stacks[name][slot[b]])^T.
+
+    The stacks hold Delta_B only; B0 (zero for a fresh adapter, trained for a meta-initialisation) stays in
+    the module and is applied by its own forward."""
 
     def __init__(self, sites: Sequence[LoraSite], stacks: Mapping[str, torch.Tensor]) -> None:
         self.sites = list(sites)
@@ -43,7 +46,7 @@ class RowLoRA:
             assert self.slots is not None, "RowLoRA.slots not set"
             h = inputs[0]
             B = self.stacks[name].index_select(0, self.slots)  # [b, out, r]
-            return torch.bmm(h.float(), B.transpose(1, 2)).to(output.dtype)
+            return output + torch.bmm(h.float(), B.transpose(1, 2)).to(output.dtype)
 
         return hook
 
@@ -201,7 +204,7 @@ def evaluate_subsets_linear(subsets: Sequence[Sequence[int]], W: torch.Tensor, G
 
 @torch.no_grad()
 def evaluate_base(rt: Any, val_rows: Any, batch_size: int, progress: Progress = silent) -> dict[str, TaskMetrics]:
-    """Metrics at theta0 (B = 0, i.e. the base model) on each task's validation rows."""
+    """Metrics at theta0 (the base model for init='base', B = 0) on each task's validation rows."""
     zero = {s.param_name: torch.zeros(1, *s.shape) for s in rt.sites}
     pad = rt.tokenizer.pad_token_id or 0
     out: dict[str, TaskMetrics] = {}

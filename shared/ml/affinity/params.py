@@ -52,6 +52,14 @@ class _ModelRun(BaseModel):
         default="choice",
         description="the differentiated f: log-odds of the gold answer token restricted to the task's answer choices "
                     "(choice; softplus(-f) = cross-entropy over the choices), or under the full-vocabulary softmax (vocab)")
+    init: Literal["base", "meta"] = Field(
+        default="base",
+        description="theta0: a fresh LoRA (A random, B = 0; the base model's outputs), or a meta-initialisation: the "
+                    "LoRA first fine-tuned on all the run's tasks for meta_epochs (the paper's setting; every subset's "
+                    "fine-tune then starts close to theta0, where the first-order model holds)")
+    meta_epochs: int = Field(default=1, ge=1, le=100, description="epochs of the all-task fine-tune of init='meta'")
+    meta_lr: float = Field(default=5e-4, gt=0, le=1.0, description="learning rate of the all-task fine-tune of init='meta'")
+    meta_batch_size: int = Field(default=8, ge=1, le=1024, description="batch size of the all-task fine-tune of init='meta'")
     lam: float = Field(default=DEFAULT_LAMBDA, gt=0, le=1e9, description="L2 penalty of the logistic regression (see lam_scale)")
     lam_scale: Literal["gradient", "absolute"] = Field(
         default="gradient",

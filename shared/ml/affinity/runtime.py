@@ -187,7 +187,7 @@ class Runtime:
         return {k: v.detach().cpu().contiguous() for k, v in lora_state(self.model).items()}
 
     def a_norm(self) -> float:
-        """||theta0|| over all adapter tensors = ||A0|| (B0 = 0): the reference norm for `scale`."""
+        """||theta0|| over all adapter tensors (= ||A0|| for a fresh adapter, B0 = 0): the reference norm for `scale`."""
         return float(torch.sqrt(sum((v.float() ** 2).sum() for v in self.theta0().values())))
 
     def reset_adapter(self, state: dict[str, torch.Tensor]) -> None:

@@ -36,10 +36,11 @@ from shared.ml.affinity.estimate import (
     delta_norms, evaluate_base, evaluate_subsets_forward, evaluate_subsets_linear, representer_deltas, subset_rows,
 )
 from shared.ml.affinity.grouping import group_auto, group_fixed
+from shared.ml.affinity.initialise import load_runtime, theta0_info
 from shared.ml.affinity.params import AffinityParams, ApproxErrorParams, GroupingParams, ValidateParams, effective_lambda
 from shared.ml.affinity.projection import ProjectionSpec
 from shared.ml.affinity.runtime import (
-    Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy, save_theta0,
+    Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy,
 )
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.store import batch_plan, gradient_batches, merge_gradients
@@ -99,14 +100,12 @@ def _subset_size(params: Any, n: int) -> int:
 # ------------------------------------------------------------------------------------------ affinity pieces
 
 
-def prepare_affinity(params: AffinityParams, workdir: Path) -> Runtime:
-    """Load the model with theta0; write params, theta0, projection spec, rows and subsets (idempotent)."""
+def prepare_affinity(params: AffinityParams, workdir: Path, progress: Progress = silent) -> Runtime:
+    """Load the model with theta0 (made first: see initialise.py); write params, theta0, projection spec, rows
+    and subsets (idempotent)."""
     workdir.mkdir(parents=True, exist_ok=True)
     _check_or_write_params(params, workdir)
-    theta0 = workdir / "theta0.safetensors"
-    rt = Runtime.load(params, theta0)
-    if not theta0.exists():
-        save_theta0(rt, theta0)
+    rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     spec_path = workdir / "projection_spec.json"
     if spec_path.exists():
         if ProjectionSpec.load(spec_path).to_dict() != rt.spec.to_dict():
@@ -307,7 +306,7 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
         "affinity": "affinity.json", "heatmap": "affinity.png", "subset_results_csv": "subset_results.csv",
         "subset_results": "subset_results.json", "subsets": "subsets.json", "weights": "weights.npy",
         "gradients": "grads_train.npy", "f0": "f0_train.npy", "rows": "rows_train.csv", "rows_val": "rows_val.csv",
-        "theta0": "theta0.safetensors",
+        "theta0": "theta0.safetensors", "theta0_info": "theta0.json",
         "projection_spec": "projection_spec.json", "params": "params.json", "base_metrics": "base_metrics.json",
     }
     if params.mode == "linear":
@@ -326,6 +325,8 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
         "per_subset": table,
         "base": base,
         "mode": params.mode,
+        "init": params.init,
+        "theta0": theta0_info(workdir / "theta0.safetensors"),
         "backmap": params.backmap,
         "lam": params.lam,
         "lam_scale": params.lam_scale,
@@ -403,7 +404,7 @@ def run_affinity(params: AffinityParams, workdir: Path, progress: Progress = sil
     with the gradient passes and the subset estimation fanned out when a sharder is installed."""
     workdir = Path(workdir)
     t0 = time.perf_counter()
-    rt = prepare_affinity(params, workdir)
+    rt = prepare_affinity(params, workdir, progress)
     _timing(workdir, "load_prepare", time.perf_counter() - t0)
     sharder = current_sharder()
     if sharder is not None and sharder.shards <= 1:

@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 
 from shared.ml.affinity.approx_error import _seeded_pick
-from shared.ml.affinity.estimate import evaluate_subsets_forward, representer_deltas, subset_rows
+from shared.ml.affinity.estimate import (
+    evaluate_base, evaluate_subsets_forward, evaluate_subsets_linear, representer_deltas, subset_rows,
+)
 from shared.ml.affinity.finetune import finetune
 from shared.ml.affinity.params import ValidateParams, effective_lambda
-from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe, save_theta0
+from shared.ml.affinity.initialise import load_runtime, theta0_info
+from shared.ml.affinity.runtime import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass
@@ -35,15 +38,14 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     Timed in the same run: estimation = gradient pass over the train rows of the subsets' tasks + solve +
     batched forwards at theta0 + P w (model loading excluded from both sides); fine-tuning = every epoch's
     training and its per-epoch validation (model already loaded). compute_ratio = fine-tune / estimation.
-    compute_ratio_amortised divides the per-subset fine-tune time by the per-subset estimation cost when the
+    compute_ratio_with_init also counts the all-task fine-tune of init='meta' on the estimation side (it is
+    excluded from both sides otherwise: the true fine-tunes start from the same theta0). compute_ratio_amortised divides the per-subset fine-tune time by the per-subset estimation cost when the
     gradient pass is shared by all the subsets a full affinity run over these tasks would sample.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_or_write_params(params, workdir)
-    rt = Runtime.load(params, workdir / "theta0.safetensors")
-    if not (workdir / "theta0.safetensors").exists():
-        save_theta0(rt, workdir / "theta0.safetensors")
+    rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     theta0 = rt.theta0()
     n = len(params.tasks)
     size = min(_subset_size(params, n), n)
@@ -102,6 +104,12 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                     if (o, bm, lam, st) not in variants:
                         variants[(o, bm, lam, st)], _ = estimate(lam, bm, f"estimate {o} {bm} lam={lam:g} x{st:g}", o, st)
     rt.output = params.output
+    # untimed diagnostic: the linear proxy (f0 + g . w on the validation rows' own gradients), which separates
+    # what the linear model predicts from what the real forward at theta0 + Delta gives
+    Gv, fv = gradient_pass(rt, val_rows, workdir, params.batch_size, progress)
+    lam0 = effective_lambda(params.lam, params.lam_scale, G)
+    linear = evaluate_subsets_linear(local, solutions[(params.output, params.lam)].w, Gv, fv, val_rows)
+    at_theta0 = evaluate_base(rt, val_rows, params.eval_batch_size, progress)
 
     # --- real fine-tunes (timed)
     ft_seconds = 0.0
@@ -144,6 +152,14 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                 "mean_est_accuracy": float(np.mean([e.accuracy for e, _ in pairs])),
                 "mean_true_accuracy": float(np.mean([tr.accuracy for _, tr in pairs]))}
 
+    def linear_errors() -> dict[str, float | None]:
+        pairs = [(linear[k][val_rows.tasks[t]], true[k][val_rows.tasks[t]]) for k, s in enumerate(local) for t in s]
+        ra = [x for x in (_rel(e.accuracy, tr.accuracy) for e, tr in pairs) if x is not None]
+        return {"mean_rel_err_accuracy": float(np.mean(ra)) if ra else None,
+                "mean_est_accuracy": float(np.mean([e.accuracy for e, _ in pairs])),
+                "mean_true_accuracy": float(np.mean([tr.accuracy for _, tr in pairs])),
+                "note": "accuracy = share of rows with f0 + g.w > 0 (f > 0: the gold choice beats all others together)"}
+
     per_backmap = {bm: {f"{lam:g}": errors(variants[(params.output, bm, lam, 1.0)]) for lam in lams} for bm in backmaps}
     per_lam = per_backmap[params.backmap]
     per_variant = [{"output": o, "backmap": bm, "lam": lam, "step": st, **errors(res)}
@@ -161,6 +177,11 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         "compute_ratio": ft_seconds / est_seconds if est_seconds > 0 else None,
         "compute_ratio_amortised": (ft_seconds / len(local)) / per_subset_est if per_subset_est > 0 else None,
         "amortised_over_subsets": full_subsets,
+        "linear_proxy": {"lam_effective": lam0, **linear_errors()},
+        "theta0": {**theta0_info(workdir / "theta0.safetensors"),
+                   "val_accuracy": {k: m.accuracy for k, m in at_theta0.items()}},
+        "compute_ratio_with_init": (ft_seconds / (est_seconds + float(theta0_info(workdir / "theta0.safetensors").get("seconds", 0.0)))
+                                    if est_seconds > 0 else None),
         "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"),
         "ratio_definition": "compute_ratio = wall(fine-tunes of the K subsets) / wall(gradient pass over their tasks' "
                             "train rows + solve + estimate forwards); model load excluded on both sides",
@@ -170,7 +191,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
               "rel_err_accuracy", "est_macro_f1", "true_macro_f1", "delta_rel", "ft_epoch"]
     atomic_write_text(workdir / "validate.csv", _csv_text(rows, fields))
     out = {k: summary[k] for k in ("mean_rel_err_loss", "mean_rel_err_accuracy", "compute_ratio", "compute_ratio_amortised",
-                                   "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "per_variant", "backmap", "output")}
+                                   "compute_ratio_with_init", "linear_proxy", "theta0", "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "per_variant", "backmap", "output")}
     out["rows"] = summary["rows"]
     out["artifacts"] = {"validate": "validate.json", "rows": "validate.csv", "theta0": "theta0.safetensors"}
     return out

@@ -408,7 +408,8 @@ AFFINITY_FORMULA = (
     "estimate from the same FLOP model: one forward+backward pass over every training row (gradients at "
     "theta0; the d-dim projection is negligible) + one forward over the validation rows of each subset's "
     "tasks per subset (mode forward; mode linear: a gradient pass over the validation rows instead) + one "
-    "forward over all validation rows (base metrics)"
+    "forward over all validation rows (base metrics); init=meta adds its all-task fine-tune (meta_epochs "
+    "forward+backward passes over every training row)"
 )
 
 
@@ -428,6 +429,8 @@ def _affinity_flops(run: _Run, doc: dict[str, Any]) -> float | None:
         return sh.forward_flops(tokens, rows, sq) + sh.backward_flops(tokens, rows, sq)
 
     total = train_pass("train") + fwd("val", list(tasks))
+    if doc.get("init") == "meta":
+        total += int((doc.get("theta0") or {}).get("epochs", 1)) * train_pass("train")
     if doc.get("mode", "forward") == "linear":
         return total + train_pass("val")
     for subset in doc.get("subsets") or []:
