@@ -112,7 +112,7 @@ def test_approx_error_prints_mean_and_median_per_scale(tmp_path):
 def test_validate_estimates_prints_the_comparison(tmp_path):
     out = tmp_path / "val"
     result = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--subsets", "1", "--epochs", "1",
-                      "--lams", "0.01", "--outputs", "vocab", "--step-scales", "2", "--out", out])
+                      "--lams", "0.01", "--outputs", "vocab", "--step-scales", "2", "--init", "base", "--out", out])
     assert result.exit_code == 0, result.output
     assert "compute ratio" in result.output and "cb" in result.output
     doc = json.loads((out / "validate.json").read_text())
@@ -127,13 +127,14 @@ def test_validate_estimates_prints_the_comparison(tmp_path):
     by = {(v["output"], v["backmap"], v["lam"], v["step"]): v for v in doc["per_variant"]}
     assert by[("choice", "sketch", 0.001, 1.0)]["mean_est_accuracy"] == doc["per_lambda"]["0.001"]["mean_est_accuracy"]
     assert doc["theta0"]["init"] == "base" and set(doc["theta0"]["val_accuracy"]) == {"cb", "rte"}
-    assert 0 <= doc["linear_proxy"]["mean_est_accuracy"] <= 1
+    assert 0 <= doc["linear_proxy"]["mean_est_accuracy"] <= 1 and doc["linear_proxy"]["compute_ratio"] > 0
+    assert doc["linear_proxy"]["compute_ratio_amortised"] > 0 and doc["theta0"]["no_change_rel_err_accuracy"] >= 0
 
 
 def test_validate_estimates_from_a_meta_initialisation(tmp_path):
     out = tmp_path / "val"
     result = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--subsets", "1", "--epochs", "1",
-                      "--init", "meta", "--meta-epochs", "1", "--no-compare-backmaps", "--out", out])
+                      "--meta-epochs", "1", "--no-compare-backmaps", "--out", out])  # init=meta is the default
     assert result.exit_code == 0, result.output
     assert "theta0 = meta" in result.output and "counting the meta-initialisation" in result.output
     doc = json.loads((out / "validate.json").read_text())

@@ -21,7 +21,7 @@ TASKS = ["cb", "rte", "sst2"]
 
 def _params(**kw) -> AffinityParams:
     base = dict(model="tiny-llama", tasks=TASKS, max_train=10, max_val=6, dim=16, subset_size=2, lam=0.05, device="cpu",
-                batch_size=4, eval_batch_size=8)
+                batch_size=4, eval_batch_size=8, init="base")
     base.update(kw)
     return AffinityParams(**base)
 
@@ -74,21 +74,20 @@ def test_affinity_files_are_valid(run_dir):
     assert not (run_dir / "gradients").exists()  # shards removed after the merge
 
 
-def test_batched_estimate_equals_loading_the_adapter(run_dir):
-    """The multiplexed forward at theta0 + P w equals a plain forward with B set to P w."""
+def _assert_estimate_equals_plain_forward(p: AffinityParams, run_dir: Path) -> None:
+    """Subset 1's (cb + sst2) multiplexed estimate at theta0 + P w equals a plain forward of the adapter with
+    B set to B0 + P w (theta0's B0 is kept, not replaced)."""
     from shared.ml.affinity.runtime import Runtime
     from shared.ml.data import subsample
     from shared.ml.evaluate import metrics_from_scores, score_task
     from shared.ml.tasks.registry import get_task
 
-    p = _params()
     rt = Runtime.load(p, run_dir / "theta0.safetensors")
     W = torch.from_numpy(np.load(run_dir / "weights.npy"))
-    delta = rt.projector.backmap(W[1])  # subset 1 = cb + sst2
     params = dict(rt.model.named_parameters())
     with torch.no_grad():
-        for name, value in delta.items():
-            params[name].copy_(value)
+        for name, value in rt.projector.backmap(W[1]).items():
+            params[name].add_(value)
     doc = json.loads((run_dir / "affinity.json").read_text())
     for task in ("cb", "sst2"):
         examples = subsample(get_task(task).split("val"), p.max_val, p.seed)
@@ -98,6 +97,11 @@ def test_batched_estimate_equals_loading_the_adapter(run_dir):
         assert m.loss == pytest.approx(row["loss"], rel=1e-5)
         assert m.accuracy == pytest.approx(row["accuracy"])
         assert m.macro_f1 == pytest.approx(row["macro_f1"])
+
+
+def test_batched_estimate_equals_loading_the_adapter(run_dir):
+    """The multiplexed forward at theta0 + P w equals a plain forward with B set to P w."""
+    _assert_estimate_equals_plain_forward(_params(), run_dir)
 
 
 def test_resume_recomputes_only_missing_pieces(run_dir, tmp_path):
@@ -159,11 +163,6 @@ def test_meta_initialised_theta0(tmp_path):
     estimate at theta0 + P w equals a plain forward with the adapter set to theta0 + P w (B0 kept, not replaced)."""
     from safetensors.torch import load_file
 
-    from shared.ml.affinity.runtime import Runtime
-    from shared.ml.data import subsample
-    from shared.ml.evaluate import metrics_from_scores, score_task
-    from shared.ml.tasks.registry import get_task
-
     wd = tmp_path / "meta"
     p = _params(init="meta", meta_epochs=1, meta_lr=1e-3, meta_batch_size=5)
     run_affinity(p, wd)
@@ -174,20 +173,7 @@ def test_meta_initialised_theta0(tmp_path):
     doc = json.loads((wd / "affinity.json").read_text())
     assert doc["init"] == "meta" and doc["theta0"]["steps"] == 6
 
-    rt = Runtime.load(p, wd / "theta0.safetensors")
-    W = torch.from_numpy(np.load(wd / "weights.npy"))
-    delta = rt.projector.backmap(W[1])  # subset 1 = cb + sst2
-    params = dict(rt.model.named_parameters())
-    with torch.no_grad():
-        for name, value in delta.items():
-            params[name].add_(value)
-    for task in ("cb", "sst2"):
-        examples = subsample(get_task(task).split("val"), p.max_val, p.seed)
-        m = metrics_from_scores(score_task(rt.model, rt.tokenizer, rt.bound[task], examples, batch_size=3),
-                                rt.bound[task].num_choices)
-        row = next(r for r in doc["per_subset"] if r["subset"] == 1 and r["task"] == task)
-        assert m.loss == pytest.approx(row["loss"], rel=1e-5)
-        assert m.accuracy == pytest.approx(row["accuracy"])
+    _assert_estimate_equals_plain_forward(p, wd)
     # a resumed run reuses theta0 instead of training it again
     before = (wd / "theta0.safetensors").stat().st_mtime_ns
     run_affinity(p, wd)

@@ -48,7 +48,7 @@ def affinity_command(
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
     lam_scale: _LAM_SCALE = "gradient",
     output: _OUTPUT = "choice",
-    init: _INIT = "base",
+    init: _INIT = "meta",
     meta_epochs: _META_EPOCHS = 1,
     subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
     coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
@@ -180,7 +180,7 @@ def validate_command(
     lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
     outputs: Annotated[Optional[str], typer.Option(help="Extra outputs to report (vocab,choice), comma-separated.")] = None,
     step_scales: Annotated[Optional[str], typer.Option(help="Extra multipliers of the solved step to report, comma-separated.")] = None,
-    init: _INIT = "base",
+    init: _INIT = "meta",
     meta_epochs: _META_EPOCHS = 1,
     subset_size: Annotated[Optional[int], typer.Option()] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
@@ -238,11 +238,16 @@ def validate_command(
                       f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
     lin = summary["linear_proxy"]
     console.print(f"  linear proxy (f0 + g.w > 0 on validation rows): accuracy rel. error {pct(lin['mean_rel_err_accuracy'])} "
-                  f"(mean est. acc {lin['mean_est_accuracy']:.3f})")
+                  f"(mean est. acc {lin['mean_est_accuracy']:.3f}); compute ratio {lin['compute_ratio']:.1f}x, "
+                  f"amortised {lin['compute_ratio_amortised']:.1f}x")
     th = summary["theta0"]
     console.print(f"theta0 = {th.get('init', 'base')}"
                   + (f" ({th['epochs']} epoch(s) on all tasks, {th['seconds']:.1f} s)" if th.get("init") == "meta" else "")
                   + "; its validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in th["val_accuracy"].items()))
+    if th.get("no_change_rel_err_accuracy") is not None:
+        r = th.get("change_correlation")
+        console.print(f"  theta0's own accuracy as the estimate: rel. error {pct(th['no_change_rel_err_accuracy'])}; "
+                      f"correlation of estimated and true change from theta0: {'-' if r is None else f'{r:.2f}'}")
     ratio = summary["compute_ratio"]
     amort = summary["compute_ratio_amortised"]
     console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "

@@ -179,6 +179,9 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
     """Mark the claimed shard done and log an event on the job ("<label>: shard k/n done by host:pid").
     False (nothing written) when the claim was lost. Commits."""
     now = utcnow()
+    # The job row's lock serialises completions of one job, so each one counts the others' (committed) rows:
+    # two shards finishing together get "k/n" and "k+1/n", never the same k. Taken first: job, then shard.
+    session.execute(select(Job.id).where(Job.id == claim.job_id).with_for_update())
     done = session.execute(update(JobShard).where(*_mine(claim)).values(
         status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=jsonable(result or {})))
     if done.rowcount != 1:  # type: ignore[attr-defined]

@@ -69,7 +69,9 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         lam = effective_lambda(lam_param, params.lam_scale, Go)
         key = (output, lam_param)
         if key not in solutions:
+            t = time.perf_counter()
             solutions[key] = solve_subsets(Go, fo, [subset_rows(train_rows, s) for s in local], lam, rt.device)
+            solve_seconds[key] = time.perf_counter() - t
         sol = solutions[key]
         stacks = None
         rt.output = output
@@ -81,6 +83,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         return evaluate_subsets_forward(rt, local, sol.w * step, val_rows, params.eval_batch_size, progress, stage, "", stacks)
 
     solutions: dict[tuple[str, float], Any] = {}
+    solve_seconds: dict[tuple[str, float], float] = {}
     representers: dict[tuple[str, float], dict[str, Any]] = {}
     grads = {params.output: (G, f0)}
     t1 = time.perf_counter()
@@ -104,11 +107,15 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                     if (o, bm, lam, st) not in variants:
                         variants[(o, bm, lam, st)], _ = estimate(lam, bm, f"estimate {o} {bm} lam={lam:g} x{st:g}", o, st)
     rt.output = params.output
-    # untimed diagnostic: the linear proxy (f0 + g . w on the validation rows' own gradients), which separates
-    # what the linear model predicts from what the real forward at theta0 + Delta gives
+    # the linear proxy (f0 + g . w on the validation rows' own gradients; mode "linear" of the affinity stage),
+    # timed on its own: it separates what the linear model predicts from what the real forward gives
+    t_vgrad = time.perf_counter()
     Gv, fv = gradient_pass(rt, val_rows, workdir, params.batch_size, progress)
+    t_vgrad = time.perf_counter() - t_vgrad
     lam0 = effective_lambda(params.lam, params.lam_scale, G)
+    t_lin = time.perf_counter()
     linear = evaluate_subsets_linear(local, solutions[(params.output, params.lam)].w, Gv, fv, val_rows)
+    t_lin = time.perf_counter() - t_lin + solve_seconds[(params.output, params.lam)]
     at_theta0 = evaluate_base(rt, val_rows, params.eval_batch_size, progress)
 
     # --- real fine-tunes (timed)
@@ -160,6 +167,17 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                 "mean_true_accuracy": float(np.mean([tr.accuracy for _, tr in pairs])),
                 "note": "accuracy = share of rows with f0 + g.w > 0 (f > 0: the gold choice beats all others together)"}
 
+    def no_change_baseline() -> dict[str, float | None]:
+        """theta0's own accuracy as the estimate (what an estimator must beat), and how well the estimated change
+        from theta0 tracks the true change (Pearson r over the (subset, task) rows)."""
+        base = np.array([at_theta0[r["task"]].accuracy for r in rows])
+        est_acc = np.array([r["est_accuracy"] for r in rows])
+        true_acc = np.array([r["true_accuracy"] for r in rows])
+        ra = [x for x in (_rel(b, t) for b, t in zip(base, true_acc)) if x is not None]
+        de, dt = est_acc - base, true_acc - base
+        r = float(np.corrcoef(de, dt)[0, 1]) if len(rows) > 2 and de.std() > 0 and dt.std() > 0 else None
+        return {"no_change_rel_err_accuracy": float(np.mean(ra)) if ra else None, "change_correlation": r}
+
     per_backmap = {bm: {f"{lam:g}": errors(variants[(params.output, bm, lam, 1.0)]) for lam in lams} for bm in backmaps}
     per_lam = per_backmap[params.backmap]
     per_variant = [{"output": o, "backmap": bm, "lam": lam, "step": st, **errors(res)}
@@ -167,6 +185,9 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     full_subsets = len(sample_subsets(n, size, params.coverage, params.seed))
     grad_all_rows_est = t_grad * len(all_train) / max(len(train_rows), 1)
     per_subset_est = grad_all_rows_est / full_subsets + t_sub / len(local)
+    lin_seconds = t_grad + t_vgrad + t_lin
+    per_subset_lin = (grad_all_rows_est + t_vgrad * len(rt.rows("val", params.max_val)) / max(len(val_rows), 1)) / full_subsets \
+        + t_lin / len(local)
     summary = json_safe({
         "subsets": [[val_rows.tasks[t] for t in s] for s in local],
         "mean_rel_err_loss": _mean("rel_err_loss", rows), "mean_rel_err_accuracy": _mean("rel_err_accuracy", rows),
@@ -177,9 +198,11 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         "compute_ratio": ft_seconds / est_seconds if est_seconds > 0 else None,
         "compute_ratio_amortised": (ft_seconds / len(local)) / per_subset_est if per_subset_est > 0 else None,
         "amortised_over_subsets": full_subsets,
-        "linear_proxy": {"lam_effective": lam0, **linear_errors()},
+        "linear_proxy": {"lam_effective": lam0, **linear_errors(), "seconds": round(lin_seconds, 3),
+                         "compute_ratio": ft_seconds / lin_seconds if lin_seconds > 0 else None,
+                         "compute_ratio_amortised": (ft_seconds / len(local)) / per_subset_lin if per_subset_lin > 0 else None},
         "theta0": {**theta0_info(workdir / "theta0.safetensors"),
-                   "val_accuracy": {k: m.accuracy for k, m in at_theta0.items()}},
+                   "val_accuracy": {k: m.accuracy for k, m in at_theta0.items()}, **no_change_baseline()},
         "compute_ratio_with_init": (ft_seconds / (est_seconds + float(theta0_info(workdir / "theta0.safetensors").get("seconds", 0.0)))
                                     if est_seconds > 0 else None),
         "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"),
