@@ -140,5 +140,6 @@ def test_validate_estimates_from_a_meta_initialisation(tmp_path):
     doc = json.loads((out / "validate.json").read_text())
     assert doc["theta0"]["init"] == "meta" and doc["theta0"]["steps"] > 0
     assert 0 < doc["compute_ratio_with_init"] < doc["compute_ratio"]
+    assert 0 < doc["compute_ratio_amortised_with_init"] < doc["compute_ratio_amortised"]
     bad = _invoke(["validate-estimates", *TINY, "--tasks", "cb,rte", "--init", "warm"])
     assert bad.exit_code == 2 and "--init" in bad.output

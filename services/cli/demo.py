@@ -63,7 +63,7 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
         "max_val": 32,
         "max_test": 60,
         "max_length": 128,
-        "affinity": {"dim": 200},
+        "affinity": {"dim": 200, "init": "meta"},
         # 32 rows per task leave a 2-task group adapter only 8 steps an epoch at batch 8: at lr 5e-4 the group
         # adapters under-fit (training error 0.30-0.39), so the demo takes twice the steps at twice the rate
         # for the same FLOPs.

@@ -252,7 +252,8 @@ def validate_command(
     amort = summary["compute_ratio_amortised"]
     console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
                   f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x"
-                  + (f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x" if th.get("init") == "meta" else ""))
+                  + (f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x "
+                     f"({summary['compute_ratio_amortised_with_init']:.1f}x amortised)" if th.get("init") == "meta" else ""))
 
 
 def register(app: typer.Typer) -> None:

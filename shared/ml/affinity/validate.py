@@ -38,8 +38,9 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     Timed in the same run: estimation = gradient pass over the train rows of the subsets' tasks + solve +
     batched forwards at theta0 + P w (model loading excluded from both sides); fine-tuning = every epoch's
     training and its per-epoch validation (model already loaded). compute_ratio = fine-tune / estimation.
-    compute_ratio_with_init also counts the all-task fine-tune of init='meta' on the estimation side (it is
-    excluded from both sides otherwise: the true fine-tunes start from the same theta0). compute_ratio_amortised divides the per-subset fine-tune time by the per-subset estimation cost when the
+    compute_ratio_with_init (and _amortised_with_init, the fine-tune spread over the full run's subsets) also
+    count the all-task fine-tune of init='meta' on the estimation side (it is excluded from both sides
+    otherwise: the true fine-tunes start from the same theta0). compute_ratio_amortised divides the per-subset fine-tune time by the per-subset estimation cost when the
     gradient pass is shared by all the subsets a full affinity run over these tasks would sample.
     """
     workdir = Path(workdir)
@@ -186,6 +187,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     grad_all_rows_est = t_grad * len(all_train) / max(len(train_rows), 1)
     per_subset_est = grad_all_rows_est / full_subsets + t_sub / len(local)
     lin_seconds = t_grad + t_vgrad + t_lin
+    init_seconds = float(theta0_info(workdir / "theta0.safetensors").get("seconds", 0.0))
     per_subset_lin = (grad_all_rows_est + t_vgrad * len(rt.rows("val", params.max_val)) / max(len(val_rows), 1)) / full_subsets \
         + t_lin / len(local)
     summary = json_safe({
@@ -203,8 +205,9 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
                          "compute_ratio_amortised": (ft_seconds / len(local)) / per_subset_lin if per_subset_lin > 0 else None},
         "theta0": {**theta0_info(workdir / "theta0.safetensors"),
                    "val_accuracy": {k: m.accuracy for k, m in at_theta0.items()}, **no_change_baseline()},
-        "compute_ratio_with_init": (ft_seconds / (est_seconds + float(theta0_info(workdir / "theta0.safetensors").get("seconds", 0.0)))
-                                    if est_seconds > 0 else None),
+        "compute_ratio_with_init": ft_seconds / (est_seconds + init_seconds) if est_seconds > 0 else None,
+        "compute_ratio_amortised_with_init": ((ft_seconds / len(local)) / (per_subset_est + init_seconds / full_subsets)
+                                              if per_subset_est > 0 else None),
         "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"),
         "ratio_definition": "compute_ratio = wall(fine-tunes of the K subsets) / wall(gradient pass over their tasks' "
                             "train rows + solve + estimate forwards); model load excluded on both sides",
@@ -214,7 +217,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
               "rel_err_accuracy", "est_macro_f1", "true_macro_f1", "delta_rel", "ft_epoch"]
     atomic_write_text(workdir / "validate.csv", _csv_text(rows, fields))
     out = {k: summary[k] for k in ("mean_rel_err_loss", "mean_rel_err_accuracy", "compute_ratio", "compute_ratio_amortised",
-                                   "compute_ratio_with_init", "linear_proxy", "theta0", "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "per_variant", "backmap", "output")}
+                                   "compute_ratio_with_init", "compute_ratio_amortised_with_init", "linear_proxy", "theta0", "estimation_seconds", "finetune_seconds", "per_lambda", "per_backmap", "per_variant", "backmap", "output")}
     out["rows"] = summary["rows"]
     out["artifacts"] = {"validate": "validate.json", "rows": "validate.csv", "theta0": "theta0.safetensors"}
     return out
