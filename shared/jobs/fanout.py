@@ -47,6 +47,7 @@ from shared.db.session import get_sessionmaker
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
 from shared.jobs.ingest import jsonable
+from shared.jobs.progress import Heartbeat
 from shared.jobs.registry import load_ref
 from shared.ml.progress import Cancelled, Progress
 from shared.ml.sharding import Phase
@@ -248,22 +249,13 @@ def job_status(session: Session, job_id: str) -> str | None:
 
 
 # -- working on shards -------------------------------------------------------------------------------
-class ShardHeartbeat:
+class ShardHeartbeat(Heartbeat):
     """Renews one claim's lease every lease/3 seconds in a thread; `lost` is set once the claim is gone."""
 
     def __init__(self, claim: ShardClaim, lease_seconds: float, maker: sessionmaker[Session]) -> None:
         self.claim, self.lease_seconds, self.maker = claim, lease_seconds, maker
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"shard-{claim.id}", daemon=True)
-
-    def start(self) -> ShardHeartbeat:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        super().__init__(f"shard-{claim.id}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import update
 
@@ -19,7 +19,26 @@ from shared.ml.progress import Cancelled
 log = logging.getLogger("chorus.jobs")
 
 
-class Lease:
+class Heartbeat:
+    """A daemon thread running `_run` until `stop()`; `_stop` is the event `_run` waits on."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Lease(Heartbeat):
     """Renews a job's lease every lease/3 seconds and watches for cancellation (about once a second).
 
     `hard_stop` (optional) is called when the job was cancelled or the lease was lost and the stage is
@@ -32,20 +51,11 @@ class Lease:
         self.grace, self.hard_stop = grace, hard_stop
         self.cancelled = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        super().__init__(f"lease-{job_id}")
 
     @property
     def stopping(self) -> bool:
         return self.cancelled.is_set() or self.lost.is_set()
-
-    def start(self) -> Lease:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def note(self, verdict: str) -> None:
         if verdict == "cancelled":

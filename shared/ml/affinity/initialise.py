@@ -9,11 +9,12 @@ The all-task fine-tune runs once, before anything else, and its cost is recorded
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from shared.ml.affinity.finetune import finetune
-from shared.ml.affinity.runtime import Runtime, atomic_write_json, load_theta0, save_theta0
+from shared.ml.affinity.runtime import Runtime, atomic_write_json, save_theta0
 from shared.ml.progress import Progress, silent
 
 
@@ -32,12 +33,11 @@ def load_runtime(params: Any, theta0_path: Path, progress: Progress = silent) ->
     The metadata file beside it (`theta0.json`) says how theta0 was made; it is written before theta0 itself,
     so a theta0 file on disk always has its record."""
     theta0_path = Path(theta0_path)
-    rt = Runtime.load(params, None)
+    rt = Runtime.load(params, theta0_path)  # loads theta0 when the file exists
     if theta0_path.exists():
-        load_theta0(rt.model, theta0_path)
         return rt
     info: dict[str, Any] = {"init": "base", "seconds": 0.0}
-    if getattr(params, "init", "base") == "meta":
+    if params.init == "meta":
         info = meta_initialise(rt, params, progress)
     atomic_write_json(theta0_path.with_suffix(".json"), info)
     save_theta0(rt, theta0_path)
@@ -46,7 +46,5 @@ def load_runtime(params: Any, theta0_path: Path, progress: Progress = silent) ->
 
 def theta0_info(theta0_path: Path) -> dict[str, Any]:
     """The record written by load_runtime ({} for a run made before it existed)."""
-    import json
-
     path = Path(theta0_path).with_suffix(".json")
     return json.loads(path.read_text()) if path.exists() else {}
