@@ -101,8 +101,8 @@ def main() -> None:
             sol = solve_subsets(G, f0, [subset_rows(train_rows, s) for s in subsets], lam_eff, rt.device)
             stacks = None
             if backmap == "representer":
-                stacks = representer_deltas(rt, train_rows, subsets, sol.w, G, f0, lam_eff, params.batch_size)
-            res, norms = evaluate_subsets_forward(rt, subsets, sol.w, val_rows, params.eval_batch_size, stacks=stacks)
+                stacks = representer_deltas(rt, train_rows, subsets, sol.w, G, f0, lam_eff)
+            res, norms = evaluate_subsets_forward(rt, subsets, sol.w, val_rows, stacks=stacks)
             loss = np.mean([m.loss for r in res for m in r.values()])
             acc = np.mean([m.accuracy for r in res for m in r.values()])
             rel = float((norms / a_norm).mean())

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.ml.affinity.finetune import finetune  # noqa: E402
 from shared.ml.affinity.params import AffinityParams  # noqa: E402
 from shared.ml.affinity.runtime import Runtime  # noqa: E402
-from shared.ml.affinity.store import batch_plan, gradient_batches  # noqa: E402
+from shared.ml.affinity.store import gradient_batches, plan_for  # noqa: E402
 from shared.ml.encoding import collate  # noqa: E402
 from shared.ml.models import answer_logits, lora_state  # noqa: E402
 from shared.ml.training.costs import peak_memory, reset_peak_memory  # noqa: E402
@@ -92,13 +93,15 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "rows": len(rt_rows),
                       "tokens": tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}))
     work = Path(tempfile.mkdtemp(prefix="stage1-costs-"))
-    warm = batch_plan(rt_rows, 32)[:2]
-    plain_pass(rt, rt_rows, warm, True)
+    auto = rt.batching  # the device's defaults; each run below keeps its token cap and sets the rows
+    rt.batching = replace(auto, rows=32)
+    plain_pass(rt, rt_rows, plan_for(rt, rt_rows)[:2], True)  # warm-up
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
-        plan = batch_plan(rt_rows, bs)
+        rt.batching = replace(auto, rows=bs)
+        plan = plan_for(rt, rt_rows)
         reset_peak_memory(dev)
-        row = {"batch_size": bs, "batches": len(plan)}
-        row["grad_s"] = timed(lambda: gradient_batches(rt, rt_rows, work / f"g{bs}", 0, len(plan), bs), dev)
+        row = {"batch_size": bs, "batch_tokens": rt.batching.tokens, "batches": len(plan)}
+        row["grad_s"] = timed(lambda: gradient_batches(rt, rt_rows, work / f"g{bs}", 0, len(plan)), dev)
         row["grad_peak_gib"] = round(peak_memory(dev)[0] / 2**30, 2)
         row["plain_s"] = timed(lambda: plain_pass(rt, rt_rows, plan, True), dev)
         row["forward_s"] = timed(lambda: plain_pass(rt, rt_rows, plan, False), dev)
@@ -118,10 +121,11 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        plan = batch_plan(rt_rows, 128)
+        rt.batching = replace(auto, rows=128)
+        plan = plan_for(rt, rt_rows)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            gradient_batches(rt, rt_rows, work / "profiled", 0, min(4, len(plan)), 128)
+            gradient_batches(rt, rt_rows, work / "profiled", 0, min(4, len(plan)))
             sync(dev)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
         if dev.type == "cuda":

@@ -202,7 +202,7 @@ def test_representer_backmap_sketches_back_to_w(run_dir, tmp_path):
     rows = rt.rows("train", p.max_train)
     subsets = [[0, 1], [1, 2]]
     sol = solve_subsets(G, f0, [subset_rows(rows, s) for s in subsets], p.lam)
-    stacks = representer_deltas(rt, rows, subsets, sol.w, G, f0, p.lam, batch_size=4)
+    stacks = representer_deltas(rt, rows, subsets, sol.w, G, f0, p.lam)
     flat = torch.cat([stacks[q.name].reshape(2, -1) for q in rt.spec.params], dim=1)
     sketched = rt.projector.project_flat(flat)
     assert torch.allclose(sketched, sol.w, rtol=1e-3, atol=1e-4 * float(sol.w.abs().max()))
@@ -245,3 +245,40 @@ def test_fanned_out_run_is_bitwise_the_single_run(run_dir, tmp_path):
         assert np.array_equal(np.load(one / name), np.load(wd / name)), name
     a, b = (json.loads((d / "affinity.json").read_text()) for d in (one, wd))
     assert a["per_subset"] == b["per_subset"] and a["matrices"] == b["matrices"]
+
+
+def test_token_capped_fan_out_cuts_at_projection_groups_and_matches_the_single_run(tmp_path):
+    """With a token cap the batches are unequal (4 short rows, down to 1 long one); the gradient phase may then
+    only be cut where a projection group starts, and the pieces still give the one-piece run bitwise."""
+    from shared.jobs.registry import load_ref
+    from shared.ml.sharding import use_sharder
+
+    phases = []
+
+    class Reversed:
+        shards = 3
+
+        def run(self, phase, workdir, progress, cache):
+            ranges = phase.ranges(self.shards)
+            phases.append((phase.name, phase.size, ranges))
+            for start, end in reversed(ranges):
+                load_ref(phase.fn)(phase.args, workdir, progress, start, end, {})
+
+    p = _params(project_rows=6, subsets_per_forward=1, batch_tokens=400)
+    wd = tmp_path / "fanned"
+    with use_sharder(Reversed()):
+        run_affinity(p, wd)
+    # 30 rows in 15 batches of 4, 4, 3, 3, 2 x 5, 1 x 6 rows; projection groups start at batches 0, 2, 4, 7, 11
+    assert phases[0] == ("gradients:train", 15, [(0, 2), (2, 7), (7, 15)])
+    one = tmp_path / "one"
+    run_affinity(p, one)
+    for name in ("grads_train.npy", "f0_train.npy", "weights.npy"):
+        assert np.array_equal(np.load(one / name), np.load(wd / name)), name
+    doc = json.loads((one / "affinity.json").read_text())
+    assert doc["params"]["batch_tokens"] == 400 and doc["params"]["batch_size"] == 4
+    # the token cap changes the batches, not the gradients beyond float noise
+    capped = np.load(one / "grads_train.npy")
+    plain = tmp_path / "plain"
+    run_affinity(_params(project_rows=6, subsets_per_forward=1), plain)
+    ref = np.load(plain / "grads_train.npy")
+    assert np.allclose(capped, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

@@ -34,6 +34,10 @@ _LAM_SCALE = Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||
 _DEVICE = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 _INIT = Annotated[str, typer.Option(help="theta0: base (fresh LoRA, B = 0) or meta (LoRA first fine-tuned on all the tasks).")]
 _META_EPOCHS = Annotated[int, typer.Option(help="Epochs of the all-task fine-tune of --init meta.")]
+_BATCH = Annotated[Optional[int], typer.Option(help="Rows per gradient-pass batch (default: 16 on a CPU, 512 on a GPU).")]
+_BATCH_TOKENS = Annotated[Optional[int], typer.Option(
+    help="Padded tokens per gradient-pass batch (default: none on a CPU; on a GPU sized from its memory and the model).")]
+_EVAL_BATCH = Annotated[Optional[int], typer.Option(help="Rows per estimation forward (default: 64 on a CPU, 512 on a GPU).")]
 
 
 def affinity_command(
@@ -55,8 +59,9 @@ def affinity_command(
     mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
     backmap: Annotated[str, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = "sketch",
     metric: Annotated[str, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = "accuracy",
-    batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
-    eval_batch_size: Annotated[int, typer.Option(help="Rows per estimation forward.")] = 64,
+    batch_size: _BATCH = None,
+    batch_tokens: _BATCH_TOKENS = None,
+    eval_batch_size: _EVAL_BATCH = None,
     max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
     quantization: _QUANT = "none",
     device: _DEVICE = "auto",
@@ -69,7 +74,7 @@ def affinity_command(
     params = validate(AffinityParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
         init=init, meta_epochs=meta_epochs, subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
-        eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
+        batch_tokens=batch_tokens, eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
     summary = run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
     T = summary["matrix"]
     table = Table("i \\ j", *params.tasks, title=f"T[i, j] = estimated {params.metric} of i (mean over subsets with i, j)")
@@ -125,8 +130,9 @@ def approx_error_command(
     lam: Annotated[Optional[float], typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = None,
     lam_scale: _LAM_SCALE = "gradient",
     output: _OUTPUT = "choice",
-    batch_size: Annotated[int, typer.Option()] = 16,
-    eval_batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: _BATCH = None,
+    batch_tokens: _BATCH_TOKENS = None,
+    eval_batch_size: _EVAL_BATCH = None,
     max_length: Annotated[int, typer.Option()] = 256,
     quantization: _QUANT = "none",
     device: _DEVICE = "auto",
@@ -141,7 +147,8 @@ def approx_error_command(
 
     params = validate(ApproxErrorParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), scales=floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
-        seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, output=output, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, output=output, batch_size=batch_size, batch_tokens=batch_tokens,
+        eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device, precision=precision))
     if out is not None:
         summary = run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
@@ -189,8 +196,9 @@ def validate_command(
     select: Annotated[str, typer.Option(help="best (lowest mean val loss epoch) or last.")] = "best",
     backmap: Annotated[str, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = "sketch",
     compare_backmaps: Annotated[bool, typer.Option(help="Also report the other back-map (untimed).")] = True,
-    batch_size: Annotated[int, typer.Option(help="Rows per gradient-pass batch.")] = 16,
-    eval_batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: _BATCH = None,
+    batch_tokens: _BATCH_TOKENS = None,
+    eval_batch_size: _EVAL_BATCH = None,
     max_length: Annotated[int, typer.Option()] = 256,
     quantization: _QUANT = "none",
     device: _DEVICE = "auto",
@@ -208,7 +216,7 @@ def validate_command(
         outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None,
         step_scales=floats(step_scales, "--step-scales") if step_scales else None,
         init=init, meta_epochs=meta_epochs, train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
-        batch_size=batch_size, eval_batch_size=eval_batch_size,
+        batch_size=batch_size, batch_tokens=batch_tokens, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device))
     if out is not None:
         summary = run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, TqdmProgress()))

@@ -37,11 +37,12 @@ class Phase:
     fn: str  # "package.module:function" (see the module docstring)
     args: dict[str, Any] = field(default_factory=dict)
     unit: str = "items"  # ... of these (for messages)
-    align: int = 1  # shard boundaries are multiples of this
+    align: int = 1  # shard boundaries are multiples of this ...
     prepare: str | None = None  # "package.module:function" (see the module docstring)
+    starts: tuple[int, ...] | None = None  # ... or, when given, members of this (the places a piece may start)
 
     def ranges(self, shards: int) -> list[tuple[int, int]]:
-        return split_ranges(self.size, shards, self.align)
+        return split_ranges(self.size, shards, self.align, self.starts)
 
 
 class Sharder(Protocol):
@@ -67,13 +68,16 @@ def use_sharder(sharder: Sharder | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def split_ranges(size: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
-    """[0, size) cut into at most `shards` contiguous, non-empty ranges of nearly equal length whose
-    boundaries are multiples of `align` (the last range ends at `size`)."""
+def split_ranges(size: int, shards: int, align: int = 1, starts: tuple[int, ...] | list[int] | None = None,
+                 ) -> list[tuple[int, int]]:
+    """[0, size) cut into at most `shards` contiguous, non-empty ranges of nearly equally many units, a unit
+    running from one allowed start to the next: the multiples of `align`, or the given `starts` (0 among them)."""
     if size <= 0:
         return []
-    align = max(1, int(align))
-    units = -(-size // align)
-    k = max(1, min(int(shards), units))
-    bounds = [min(size, align * (units * i // k)) for i in range(k + 1)]
+    if starts is None:
+        align = max(1, int(align))
+        starts = range(0, size, align)
+    units = sorted({int(x) for x in starts if 0 <= x < size} | {0})
+    k = max(1, min(int(shards), len(units)))
+    bounds = [units[len(units) * i // k] for i in range(k)] + [size]
     return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i] < bounds[i + 1]]

@@ -69,8 +69,8 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     atomic_write_text(workdir / "projection_spec.json", json.dumps(rt.spec.to_dict(), indent=2))
     train_rows = rt.rows("train", params.max_train)
     val_rows = rt.rows("val", params.max_val)
-    G, f0 = gradient_pass(rt, train_rows, workdir, params.batch_size, progress)
-    Gv, fv = gradient_pass(rt, val_rows, workdir, params.batch_size, progress)
+    G, f0 = gradient_pass(rt, train_rows, workdir, progress)
+    Gv, fv = gradient_pass(rt, val_rows, workdir, progress)
     n = len(params.tasks)
     size = min(_subset_size(params, n), n)
     subsets = _seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
@@ -91,8 +91,8 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     for t, name in enumerate(params.tasks):
         rows = val_rows.task_rows(t)
         items = [(val_rows.items[i], s) for s in range(len(slots)) for i in rows]
-        out = multiplexed_forward(rt.model, rt.sites, stacks, items, rt.bound[name].choice_token_ids, params.eval_batch_size,
-                                  pad, rt.device, progress, "approx-error forwards", name, rt.output)
+        out = multiplexed_forward(rt.model, rt.sites, stacks, items, rt.bound[name].choice_token_ids, rt.batching.eval_rows,
+                                  pad, rt.device, progress, "approx-error forwards", name, rt.output, rt.batching.eval_tokens)
         f_true[:, torch.as_tensor(rows)] = out.f.reshape(len(slots), len(rows))
     f_lin = fv[None, :].double() + (W.double() @ Gv.double().T)
     denom = torch.maximum(f_true.double().abs(), fv[None, :].double().abs()).clamp_min(1e-12)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.ml.affinity.batching import cut_sorted
 from shared.ml.affinity.gradients import LoraSite, output_f
 from shared.ml.encoding import Encoded, collate
 from shared.ml.evaluate import TaskMetrics, TaskScores, metrics_from_scores
@@ -75,16 +76,18 @@ class RowOutputs:
 def multiplexed_forward(model: Any, sites: Sequence[LoraSite], stacks: Mapping[str, torch.Tensor],
                         items: Sequence[tuple[Encoded, int]], choice_ids: Sequence[int], batch_size: int,
                         pad_id: int, device: torch.device, progress: Progress = silent, stage: str = "estimate",
-                        message: str = "", output: str = "vocab") -> RowOutputs:
-    """Evaluate (example, adapter slot) pairs of ONE task; rows are length-sorted and padded per batch."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][0].input_ids), items[i][1]))
+                        message: str = "", output: str = "vocab", max_tokens: int | None = None) -> RowOutputs:
+    """Evaluate (example, adapter slot) pairs of ONE task; rows are length-sorted and padded per batch (at most
+    batch_size rows and max_tokens padded tokens)."""
+    lengths = [len(ex.input_ids) for ex, _ in items]
+    order = sorted(range(len(items)), key=lambda i: (lengths[i], items[i][1]))
     choice = torch.tensor(list(choice_ids), device=device)
     n = len(items)
     out_choice = torch.zeros(n, len(choice_ids))
     out_nll = torch.zeros(n)
     out_f = torch.zeros(n)
     dev_stacks = {k: v.to(device, torch.float32) for k, v in stacks.items()}
-    chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    chunks = cut_sorted(order, lengths, batch_size, max_tokens)
     with RowLoRA(sites, dev_stacks) as mux:
         for b, chunk in enumerate(chunks):
             batch = collate([items[i][0] for i in chunk], pad_id).to(device)
@@ -119,7 +122,7 @@ def delta_norms(stacks: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def evaluate_subsets_forward(rt: Any, subsets: Sequence[Sequence[int]], W: torch.Tensor | None, val_rows: Any,
-                             batch_size: int, progress: Progress = silent, stage: str = "estimate",
+                             progress: Progress = silent, stage: str = "estimate",
                              message: str = "", stacks: Mapping[str, torch.Tensor] | None = None,
                              ) -> tuple[list[dict[str, TaskMetrics]], torch.Tensor]:
     """Real forward at theta0 + Delta_k on each task of subset k (task indices into val_rows.tasks).
@@ -142,8 +145,8 @@ def evaluate_subsets_forward(rt: Any, subsets: Sequence[Sequence[int]], W: torch
         examples = [val_rows.items[i] for i in rows]
         items = [(ex, slot) for slot in range(len(members)) for ex in examples]
         sub = {k: v[members] for k, v in stacks.items()}
-        out = multiplexed_forward(rt.model, rt.sites, sub, items, rt.bound[name].choice_token_ids, batch_size, pad,
-                                  rt.device, progress, stage, message or name)
+        out = multiplexed_forward(rt.model, rt.sites, sub, items, rt.bound[name].choice_token_ids, rt.batching.eval_rows, pad,
+                                  rt.device, progress, stage, message or name, max_tokens=rt.batching.eval_tokens)
         n = len(examples)
         for slot, k in enumerate(members):
             part = RowOutputs(out.choice_logits[slot * n : (slot + 1) * n], out.nll[slot * n : (slot + 1) * n], out.f[slot * n : (slot + 1) * n])
@@ -152,7 +155,7 @@ def evaluate_subsets_forward(rt: Any, subsets: Sequence[Sequence[int]], W: torch
 
 
 def representer_deltas(rt: Any, train_rows: Any, subsets: Sequence[Sequence[int]], W: torch.Tensor, G: torch.Tensor,
-                        f0: torch.Tensor, lam: float, batch_size: int, progress: Progress = silent,
+                        f0: torch.Tensor, lam: float, progress: Progress = silent,
                         stage: str = "representer") -> dict[str, torch.Tensor]:
     """Delta_k = sum_{i in S_k} c_ki g_i with c_ki = sigmoid(-(f0_i + g~_i . w_k)) / (2 lam |S_k|), in full space.
 
@@ -171,8 +174,9 @@ def representer_deltas(rt: Any, train_rows: Any, subsets: Sequence[Sequence[int]
         z = f0[rows].double() + G[rows].double() @ W[k].double()
         C[k, rows] = torch.sigmoid(-z) / (2 * lam * len(rows))
     used = torch.nonzero(C.abs().sum(0) > 0).flatten().tolist()
-    used.sort(key=lambda i: len(train_rows.items[i].input_ids))
-    chunks = [used[i : i + batch_size] for i in range(0, len(used), batch_size)]
+    lengths = [len(it.input_ids) for it in train_rows.items]
+    used.sort(key=lambda i: lengths[i])
+    chunks = cut_sorted(used, lengths, rt.batching.rows, rt.batching.tokens)
     stacks = {site.param_name: torch.zeros(K, *site.shape, device=rt.device) for site in rt.sites}
     pad = rt.tokenizer.pad_token_id or 0
     Cd = C.float().to(rt.device)
@@ -203,7 +207,7 @@ def evaluate_subsets_linear(subsets: Sequence[Sequence[int]], W: torch.Tensor, G
 
 
 @torch.no_grad()
-def evaluate_base(rt: Any, val_rows: Any, batch_size: int, progress: Progress = silent) -> dict[str, TaskMetrics]:
+def evaluate_base(rt: Any, val_rows: Any, progress: Progress = silent) -> dict[str, TaskMetrics]:
     """Metrics at theta0 (the base model for init='base', B = 0) on each task's validation rows."""
     zero = {s.param_name: torch.zeros(1, *s.shape) for s in rt.sites}
     pad = rt.tokenizer.pad_token_id or 0
@@ -211,7 +215,8 @@ def evaluate_base(rt: Any, val_rows: Any, batch_size: int, progress: Progress = 
     for t, name in enumerate(val_rows.tasks):
         examples = [val_rows.items[i] for i in val_rows.task_rows(t)]
         res = multiplexed_forward(rt.model, rt.sites, zero, [(ex, 0) for ex in examples], rt.bound[name].choice_token_ids,
-                                  batch_size, pad, rt.device, progress, "base eval", name)
+                                  rt.batching.eval_rows, pad, rt.device, progress, "base eval", name,
+                                  max_tokens=rt.batching.eval_tokens)
         out[name] = task_metrics(res, examples, rt.bound[name].num_choices)
     return out
 

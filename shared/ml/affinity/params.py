@@ -67,8 +67,14 @@ class _ModelRun(BaseModel):
         default="gradient",
         description="gradient: the penalty is lam * mean_i ||g~_i||^2 (training rows of the run), which makes lam "
                     "invariant to the scale of the model's gradients; absolute: the penalty is lam itself")
-    batch_size: int = Field(default=16, ge=1, le=4096, description="rows per gradient-pass batch")
-    eval_batch_size: int = Field(default=64, ge=1, le=8192, description="rows per estimation forward")
+    batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="rows per gradient-pass batch (default: 16 on a CPU, 512 on a GPU)")
+    batch_tokens: int | None = Field(
+        default=None, ge=16, le=2**24,
+        description="padded tokens per gradient-pass batch (default: none on a CPU; on a GPU what half the memory the "
+                    "weights leave free holds, estimated from the model's size)")
+    eval_batch_size: int | None = Field(
+        default=None, ge=1, le=8192, description="rows per estimation forward (default: 64 on a CPU, 512 on a GPU)")
     project_rows: int = Field(default=64, ge=1, le=65536, description="examples buffered per sketch projection")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
     device: Literal["auto", "cpu", "cuda"] = "auto"

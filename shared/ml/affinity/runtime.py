@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.ml.affinity.batching import Batching, resolve_batching
 from shared.ml.affinity.gradients import LoraSite, lora_sites, spec_for
 from shared.ml.affinity.projection import Projector, ProjectionSpec
 from shared.ml.data import subsample
@@ -138,6 +139,7 @@ class Runtime:
     tasks: list[str]
     seed: int
     max_length: int
+    batching: Batching  # rows / tokens per gradient batch and per forward (params, or the device's defaults)
     output: str = "vocab"  # the differentiated f (gradients.output_f)
     _rows: dict[tuple[str, int | None], SplitRows] = field(default_factory=dict)
 
@@ -166,7 +168,8 @@ class Runtime:
         spec = spec_for(peft_model, params.seed, params.dim)
         bound = {name: bind(get_task(name), tokenizer) for name in params.tasks}
         return cls(peft_model, tokenizer, info, device, lora_sites(peft_model), spec, Projector(spec, device), bound,
-                   list(params.tasks), params.seed, params.max_length, params.output)
+                   list(params.tasks), params.seed, params.max_length, resolve_batching(params, peft_model, device),
+                   params.output)
 
     def rows(self, split: str, max_n: int | None, tasks: list[str] | None = None) -> SplitRows:
         key = (split, max_n)

@@ -43,7 +43,7 @@ from shared.ml.affinity.runtime import (
     Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy,
 )
 from shared.ml.affinity.solver import solve_subsets
-from shared.ml.affinity.store import batch_plan, gradient_batches, merge_gradients
+from shared.ml.affinity.store import gradient_batches, merge_gradients, plan_for, projection_starts
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
@@ -51,7 +51,7 @@ from shared.ml.sharding import Phase, Sharder, current_sharder
 
 FORMAT_VERSION = 1
 # params that may differ between the pieces of one run (they do not change the results' meaning)
-_RUNTIME_ONLY = {"device", "batch_size", "eval_batch_size", "subsets_per_forward", "project_rows"}
+_RUNTIME_ONLY = {"device", "batch_size", "batch_tokens", "eval_batch_size", "subsets_per_forward", "project_rows"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -146,12 +146,11 @@ def run_gradient_batches(params: AffinityParams, workdir: Path, progress: Progre
     resumable, and bitwise the same gradients however the plan is cut (see store.gradient_batches)."""
     rt = runtime or prepare_affinity(params, workdir)
     rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
-    n_batches = len(batch_plan(rows, params.batch_size))
+    n_batches = len(plan_for(rt, rows))
     first = 0 if first is None else first
     last = n_batches if last is None else last
     t0 = time.perf_counter()
-    info = gradient_batches(rt, rows, workdir, first, last, params.batch_size, progress, f"gradients {split}",
-                            params.project_rows)
+    info = gradient_batches(rt, rows, workdir, first, last, progress, f"gradients {split}", params.project_rows)
     _timing(workdir, f"gradients_{split}", time.perf_counter() - t0)
     return {"split": split, **info, "total_rows": len(rows)}
 
@@ -203,8 +202,7 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
     t1 = time.perf_counter()
     rep: dict[str, torch.Tensor] | None = None
     if params.mode == "forward" and params.backmap == "representer":
-        rep = representer_deltas(rt, train_rows, [subsets[k] for k in todo], sol.w, G, f0, lam,
-                                 params.batch_size, progress, "representer")
+        rep = representer_deltas(rt, train_rows, [subsets[k] for k in todo], sol.w, G, f0, lam, progress, "representer")
     offsets = np.cumsum([0] + [len(grp) for grp in groups]).tolist()
     for c, ks in zip(offsets, groups):
         W = sol.w[c : c + len(ks)]
@@ -216,8 +214,8 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
                 progress("estimate", _c, len(todo), message)  # lets a job runner cancel between batches
 
             stacks = {name: v[c : c + len(ks)] for name, v in rep.items()} if rep is not None else None
-            results, norms = evaluate_subsets_forward(rt, subs, W, val_rows, params.eval_batch_size, inner,
-                                                      "estimate", f"subsets {ks[0]}-{ks[-1]}", stacks)
+            results, norms = evaluate_subsets_forward(rt, subs, W, val_rows, inner, "estimate", f"subsets {ks[0]}-{ks[-1]}",
+                                                      stacks)
         else:
             results = evaluate_subsets_linear(subs, W, Gv, fv, val_rows)
             norms = delta_norms(rt.projector.backmap(W))
@@ -244,7 +242,7 @@ def run_base_eval(params: AffinityParams, workdir: Path, progress: Progress = si
         return json.loads(path.read_text())
     rt = runtime or prepare_affinity(params, workdir)
     t0 = time.perf_counter()
-    base = evaluate_base(rt, rt.rows("val", params.max_val), params.eval_batch_size, progress)
+    base = evaluate_base(rt, rt.rows("val", params.max_val), progress)
     _timing(workdir, "base_eval", time.perf_counter() - t0)
     data = {name: _metrics_dict(m) for name, m in base.items()}
     atomic_write_json(path, data)
@@ -352,7 +350,8 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
 
 
 def _runtime_key(params: AffinityParams) -> str:
-    return "affinity-runtime:" + json.dumps(_fingerprint(params), sort_keys=True)
+    batching = {k: getattr(params, k) for k in ("batch_size", "batch_tokens", "eval_batch_size")}
+    return "affinity-runtime:" + json.dumps({**_fingerprint(params), **batching}, sort_keys=True)
 
 
 def affinity_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any]) -> tuple[AffinityParams, Runtime]:
@@ -385,16 +384,15 @@ _PREPARE_FN = f"{__name__}:affinity_prepare"
 def _gradient_pass(params: AffinityParams, workdir: Path, progress: Progress, rt: Runtime, split: str,
                    sharder: Sharder | None, cache: dict[str, Any]) -> None:
     rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
-    n_batches = len(batch_plan(rows, params.batch_size))
+    plan = plan_for(rt, rows)
     if sharder is None:
-        run_gradient_batches(params, workdir, progress, 0, n_batches, split, rt)
+        run_gradient_batches(params, workdir, progress, 0, len(plan), split, rt)
     else:
         args = {"kind": "gradients", "split": split, "params": params.model_dump(mode="json")}
-        # shards of whole projection groups (every batch but the last has batch_size rows), so every
-        # sketch projection sees the same rows as in the one-piece pass: bitwise the same gradients
-        align = -(-params.project_rows // params.batch_size)
-        phase = Phase(f"gradients:{split}", f"gradients {split}", n_batches, _SHARD_FN, args, unit="batches", align=align,
-                      prepare=_PREPARE_FN)
+        # shards of whole projection groups, so every sketch projection sees the same rows as in the one-piece
+        # pass: bitwise the same gradients
+        phase = Phase(f"gradients:{split}", f"gradients {split}", len(plan), _SHARD_FN, args, unit="batches",
+                      starts=tuple(projection_starts(plan, params.project_rows)), prepare=_PREPARE_FN)
         sharder.run(phase, workdir, progress, cache)
     merge_gradients(workdir, split, len(rows), rt.spec.dim)
 
@@ -405,6 +403,8 @@ def run_affinity(params: AffinityParams, workdir: Path, progress: Progress = sil
     workdir = Path(workdir)
     t0 = time.perf_counter()
     rt = prepare_affinity(params, workdir, progress)
+    # the batch sizes this process chose, explicit for every piece (a helper on another GPU cuts the same batches)
+    params = params.model_copy(update=rt.batching.params())
     _timing(workdir, "load_prepare", time.perf_counter() - t0)
     sharder = current_sharder()
     if sharder is not None and sharder.shards <= 1:

@@ -1,7 +1,7 @@
 """Persisted gradient passes: shards of whole batches, resumable, merged into one float32 [N, d] matrix.
 
 Layout under a run directory:
-    gradients/<split>/batches-<bs>-<first>-<last>/rows.npy  int64   [n]     (row ids of the shard)
+    gradients/<split>/batches-<bs>[x<tokens>]-<first>-<last>/rows.npy  int64 [n]  (row ids of the shard)
                                                   g.npy     float32 [n, d]  (memory-mapped while written)
                                                   f0.npy    float32 [n]
                                                   done.npy  bool    [n]     (set after the rows are flushed)
@@ -9,7 +9,8 @@ Layout under a run directory:
 A shard re-run skips rows already marked done, so a killed pass resumes where it stopped; several
 workers can run disjoint shards of the same split and `merge_gradients` assembles them. A shard takes
 whole batches of the split's canonical plan (`batch_plan`: all rows sorted by length, cut every
-batch_size), so the gradients are bitwise the same whether the pass runs in one piece or in many.
+batch_size rows or at the token cap), so the gradients are bitwise the same whether the pass runs in one piece
+or in many.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.ml.affinity.batching import cut_sorted
 from shared.ml.affinity.gradients import BGradCapture, BufferedProjection, b_only_grad
 from shared.ml.affinity.runtime import Runtime, SplitRows, atomic_save_npy, load_npy
 from shared.ml.encoding import collate
@@ -38,30 +40,50 @@ def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return arr
 
 
-def batch_plan(rows: SplitRows, batch_size: int) -> list[list[int]]:
+def batch_plan(rows: SplitRows, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """The canonical batches of a split's gradient pass: all rows sorted by length (stable), cut every
-    batch_size rows."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows.items[i].input_ids))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batch_size rows or before a batch would pad past max_tokens tokens (batching.cut_sorted)."""
+    lengths = [len(it.input_ids) for it in rows.items]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    return cut_sorted(order, lengths, batch_size, max_tokens)
 
 
-def batches_dir(run_dir: Path, split: str, batch_size: int, first: int, last: int) -> Path:
-    return run_dir / "gradients" / split / f"batches-{batch_size:06d}-{first:09d}-{last:09d}"
+def plan_for(rt: Runtime, rows: SplitRows) -> list[list[int]]:
+    """The split's plan at the runtime's batching."""
+    return batch_plan(rows, rt.batching.rows, rt.batching.tokens)
 
 
-def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, last: int, batch_size: int,
+def projection_starts(plan: list[list[int]], project_rows: int) -> list[int]:
+    """The batches that start a projection group: groups are consecutive batches closed as soon as they hold
+    >= project_rows rows, as BufferedProjection forms them. A shard [first, last) whose ends are group starts (or
+    the plan's end) projects exactly the groups of the one-piece pass."""
+    starts, rows = [0] if plan else [], 0
+    for j, batch in enumerate(plan):
+        rows += len(batch)
+        if rows >= project_rows and j + 1 < len(plan):
+            starts.append(j + 1)
+            rows = 0
+    return starts
+
+
+def batches_dir(run_dir: Path, split: str, batch_size: int, first: int, last: int, max_tokens: int | None = None) -> Path:
+    size = f"{batch_size:06d}" if max_tokens is None else f"{batch_size:06d}x{max_tokens:09d}"
+    return run_dir / "gradients" / split / f"batches-{size}-{first:09d}-{last:09d}"
+
+
+def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, last: int,
                      progress: Progress = silent, stage: str | None = None, project_rows: int = 64) -> dict:
-    """Compute batches [first, last) of `batch_plan(rows, batch_size)` (skipping batches already done).
+    """Compute batches [first, last) of the split's plan at rt.batching (skipping batches already done).
 
     Every batch is the same as in the one-piece pass, and so is every sketch projection (groups of whole
-    batches of >= project_rows rows) when `first` and `last` are multiples of ceil(project_rows /
-    batch_size): then the gradients do not depend on how the plan is cut into shards, nor on a resume
+    batches of >= project_rows rows) when `first` and `last` are group starts (`projection_starts`) or the
+    plan's end: then the gradients do not depend on how the plan is cut into shards, nor on a resume
     (a projection group is marked done as a whole, never partly).
     """
-    plan = batch_plan(rows, batch_size)
+    plan = plan_for(rt, rows)
     if not 0 <= first < last <= len(plan):
         raise ValueError(f"gradient batches [{first}, {last}) are outside the {len(plan)} batches of split {rows.split!r}")
-    folder = batches_dir(run_dir, rows.split, batch_size, first, last)
+    folder = batches_dir(run_dir, rows.split, rt.batching.rows, first, last, rt.batching.tokens)
     batches = plan[first:last]
     ids = np.asarray([i for b in batches for i in b], dtype=np.int64)
     if (folder / "rows.npy").exists():
@@ -135,11 +157,11 @@ def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Pa
     return out_g, out_f
 
 
-def gradient_pass(rt: Runtime, rows: SplitRows, run_dir: Path, batch_size: int, progress: Progress = silent) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_pass(rt: Runtime, rows: SplitRows, run_dir: Path, progress: Progress = silent) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as one shard (resumable), merged; returns (G [N, d], f0 [N]) as CPU float32 tensors."""
     out_g, out_f = run_dir / f"grads_{rows.split}.npy", run_dir / f"f0_{rows.split}.npy"
     if not (out_g.exists() and out_f.exists()):
-        gradient_batches(rt, rows, run_dir, 0, len(batch_plan(rows, batch_size)), batch_size, progress)
+        gradient_batches(rt, rows, run_dir, 0, len(plan_for(rt, rows)), progress)
         merge_gradients(run_dir, rows.split, len(rows), rt.spec.dim)
     G = torch.from_numpy(load_npy(out_g).copy())
     F = torch.from_numpy(load_npy(out_f).copy())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     a_norm = rt.a_norm()
     # --- estimation pipeline (timed)
     t_est = time.perf_counter()
-    G, f0 = gradient_pass(rt, train_rows, workdir, params.batch_size, progress)
+    G, f0 = gradient_pass(rt, train_rows, workdir, progress)
     t_grad = time.perf_counter() - t_est
     def estimate(lam_param: float, backmap: str, stage: str, output: str, step: float = 1.0,
                  ) -> tuple[list[dict[str, TaskMetrics]], Any]:
@@ -79,10 +80,10 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         rt.output = output
         if backmap == "representer":
             if key not in representers:
-                representers[key] = representer_deltas(rt, train_rows, local, sol.w, Go, fo, lam, params.batch_size,
-                                                       progress, f"representer lam={lam:g}")
+                representers[key] = representer_deltas(rt, train_rows, local, sol.w, Go, fo, lam, progress,
+                                                       f"representer lam={lam:g}")
             stacks = {k: v * step for k, v in representers[key].items()}
-        return evaluate_subsets_forward(rt, local, sol.w * step, val_rows, params.eval_batch_size, progress, stage, "", stacks)
+        return evaluate_subsets_forward(rt, local, sol.w * step, val_rows, progress, stage, "", stacks)
 
     solutions: dict[tuple[str, float], Any] = {}
     solve_seconds: dict[tuple[str, float], float] = {}
@@ -96,7 +97,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     outputs = [params.output] + [o for o in (params.outputs or []) if o != params.output]
     for o in outputs[1:]:
         rt.output = o
-        grads[o] = gradient_pass(rt, train_rows, workdir / f"output-{o}", params.batch_size, progress)
+        grads[o] = gradient_pass(rt, train_rows, workdir / f"output-{o}", progress)
     backmaps = [params.backmap] + ([b for b in ("sketch", "representer") if b != params.backmap] if params.compare_backmaps else [])
     lams = [params.lam] + [x for x in (params.lams or []) if x != params.lam]
     steps = [1.0] + [x for x in (params.step_scales or []) if x != 1.0]
@@ -112,13 +113,13 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     # the linear proxy (f0 + g . w on the validation rows' own gradients; mode "linear" of the affinity stage),
     # timed on its own: it separates what the linear model predicts from what the real forward gives
     t_vgrad = time.perf_counter()
-    Gv, fv = gradient_pass(rt, val_rows, workdir, params.batch_size, progress)
+    Gv, fv = gradient_pass(rt, val_rows, workdir, progress)
     t_vgrad = time.perf_counter() - t_vgrad
     lam0 = effective_lambda(params.lam, params.lam_scale, G)
     t_lin = time.perf_counter()
     linear = evaluate_subsets_linear(local, solutions[(params.output, params.lam)].w, Gv, fv, val_rows)
     t_lin = time.perf_counter() - t_lin + solve_seconds[(params.output, params.lam)]
-    at_theta0 = evaluate_base(rt, val_rows, params.eval_batch_size, progress)
+    at_theta0 = evaluate_base(rt, val_rows, progress)
 
     # --- real fine-tunes (timed)
     ft_seconds = 0.0
@@ -129,7 +130,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         items = [train_rows.items[i] for i in subset_rows(train_rows, s)]
         vsets = {val_rows.tasks[t]: [val_rows.items[i] for i in val_rows.task_rows(t)] for t in s}
         res = finetune(rt, items, vsets, params.epochs, params.lr, params.train_batch_size, params.seed + k,
-                       params.weight_decay, params.select, params.eval_batch_size, progress, f"fine-tune {k + 1}/{len(local)}")
+                       params.weight_decay, params.select, rt.batching.eval_rows, progress, f"fine-tune {k + 1}/{len(local)}")
         ft_seconds += res.seconds
         true.append(res.chosen)
         ft_info.append({"epoch": res.chosen_epoch, "seconds": round(res.seconds, 3), "steps": res.steps,
@@ -207,7 +208,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
         "compute_ratio_with_init": ft_seconds / (est_seconds + init_seconds) if est_seconds > 0 else None,
         "compute_ratio_amortised_with_init": ((ft_seconds / len(local)) / (per_subset_est + init_seconds / full_subsets)
                                               if per_subset_est > 0 else None),
-        "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"),
+        "finetunes": ft_info, "rows": rows, "params": params.model_dump(mode="json"), "batching": asdict(rt.batching),
         "ratio_definition": "compute_ratio = wall(fine-tunes of the K subsets) / wall(gradient pass over their tasks' "
                             "train rows + solve + estimate forwards); model load excluded on both sides",
     })
