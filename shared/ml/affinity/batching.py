@@ -63,7 +63,8 @@ def gpu_batching(config: Any, total_bytes: int, weights: int) -> Batching:
                          "pass batch_size and batch_tokens")
     free = max(total_bytes - weights, total_bytes // 8)
     train, forward = activation_bytes(config)
-    return Batching(GPU_MAX_ROWS, max(16, int(free * GRAD_MEMORY_SHARE) // train),
+    # within the bounds params.batch_tokens accepts (16 .. 2**24), as the pieces of a run re-validate it
+    return Batching(GPU_MAX_ROWS, min(2**24, max(16, int(free * GRAD_MEMORY_SHARE) // train)),
                     GPU_MAX_ROWS, max(16, int(free * EVAL_MEMORY_SHARE) // forward))
 
 
