@@ -38,7 +38,7 @@ from shared.ml.affinity.gradients import BGradCapture, BufferedProjection, b_onl
 from shared.ml.affinity.projection import Projector  # noqa: E402
 from shared.ml.encoding import Batch  # noqa: E402
 from shared.ml.models import answer_logits, attach_lora, lora_state  # noqa: E402
-from shared.ml.training.costs import peak_memory, reset_peak_memory  # noqa: E402
+from shared.ml.training.costs import peak_memory, reset_peak_memory, synchronize  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M
@@ -57,14 +57,14 @@ SHAPES = {
 
 def reset_peak(device: torch.device) -> None:
     gc.collect()
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()
     reset_peak_memory(device)
 
 
 def peak_bytes(device: torch.device) -> int:
-    sync(device)
+    synchronize(device)
     return peak_memory(device)[0]
 
 
@@ -104,11 +104,6 @@ def make_batches(n: int, batch_size: int, seq_len: int, vocab: int, device: torc
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------ methods
 
 
@@ -121,7 +116,7 @@ def run_ours(model, batches, dim: int, seed: int, device: torch.device, project_
         for batch in batches:
             outs.extend(proj for _, _, proj in buffer.add(batch, batch.example_ids))
         outs.append(buffer.flush()[2])
-    sync(device)
+    synchronize(device)
     return torch.cat(outs)
 
 
@@ -164,7 +159,7 @@ def run_plain(model, batches, device: torch.device) -> None:
                 loss.backward()
             for p in params:
                 p.grad = None
-        sync(device)
+        synchronize(device)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -172,10 +167,10 @@ def run_plain(model, batches, device: torch.device) -> None:
 
 def timed(fn, device: torch.device, n_examples: int, label: str) -> dict:
     reset_peak(device)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     result = fn()
-    sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - t0
     peak = peak_bytes(device)
     rate = n_examples / seconds

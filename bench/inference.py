@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shared.ml.training.costs import synchronize  # noqa: E402
+
 SHAPES = {
     "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                     intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
@@ -44,11 +46,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TEMP_DIRS: list[Path] = []
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                 "down": "down_proj"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -113,12 +110,12 @@ def interleaved(fns: dict[str, Any], device: torch.device, warmup: int, iters: i
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
-        sync(device)
+        synchronize(device)
         for _ in range(iters):
             for name, fn in fns.items():
                 start = time.perf_counter()
                 fn()
-                sync(device)
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -221,12 +218,12 @@ def main() -> None:
     cold, cold_read, warm, hit = [], [], [], []
     for i in range(args.loads):
         key = f"cold{i}"
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         engine.load_folder(key, folders[n_ad + i], info)
         mid = time.perf_counter()
         engine.activate(key)
-        sync(device)
+        synchronize(device)
         end = time.perf_counter()
         cold.append(end - start)
         cold_read.append(mid - start)
@@ -234,10 +231,10 @@ def main() -> None:
     engine.load_folder("warm", folders[n_ad], info)
     for _ in range(max(args.loads, 20)):
         engine.evict("warm") if engine.slot_of("warm") is not None else None
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         engine.activate("warm")
-        sync(device)
+        synchronize(device)
         warm.append(time.perf_counter() - start)
         start = time.perf_counter()
         engine.activate("warm")
@@ -285,14 +282,14 @@ def main() -> None:
         results["peft"]["c_over_b"] = pc / pb
         loads, switches = [], []
         for i in range(min(args.loads, 10)):
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             peft_model.load_adapter(str(folders[n_ad + i]), adapter_name=f"p{i}")
-            sync(device)
+            synchronize(device)
             loads.append(time.perf_counter() - start)
             start = time.perf_counter()
             peft_model.set_adapter(f"p{i}" if i % 2 else "ad0")
-            sync(device)
+            synchronize(device)
             switches.append(time.perf_counter() - start)
         results["peft"]["latency"] = {
             "load_adapter_ms": {"p50": percentile(loads, 0.5) * 1e3, "p99": percentile(loads, 0.99) * 1e3},

@@ -34,25 +34,21 @@ from shared.ml.affinity.runtime import Runtime  # noqa: E402
 from shared.ml.affinity.store import gradient_batches, plan_for  # noqa: E402
 from shared.ml.encoding import collate  # noqa: E402
 from shared.ml.models import answer_logits, lora_state  # noqa: E402
-from shared.ml.training.costs import peak_memory, reset_peak_memory  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from shared.ml.training.costs import peak_memory, reset_peak_memory, synchronize  # noqa: E402
 
 
 def timed(fn, device: torch.device) -> float:
-    sync(device)
+    synchronize(device)
     t = time.perf_counter()
     fn()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - t
 
 
 def plain_pass(rt: Runtime, rows: Any, batches: list[list[int]], train: bool) -> None:
     model, pad = rt.model, rt.tokenizer.pad_token_id or 0
     params = list(lora_state(model).values())
+    saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(train)
     try:
@@ -67,8 +63,8 @@ def plain_pass(rt: Runtime, rows: Any, batches: list[list[int]], train: bool) ->
                 with torch.no_grad():
                     answer_logits(model, batch)
     finally:
-        for p in params:
-            p.requires_grad_(False)
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
 
 
 def main() -> None:
@@ -92,7 +88,13 @@ def main() -> None:
     tokens = sum(len(it.input_ids) for it in rt_rows.items)
     print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "rows": len(rt_rows),
                       "tokens": tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}))
-    work = Path(tempfile.mkdtemp(prefix="stage1-costs-"))
+    with tempfile.TemporaryDirectory(prefix="stage1-costs-") as tmp:  # the gradient shards written by the runs
+        measure(args, rt, rt_rows, Path(tmp))
+
+
+def measure(args: argparse.Namespace, rt: Runtime, rt_rows: Any, work: Path) -> None:
+    """Print the per-batch-size rows, the fine-tune row and (--profile) the profiler tables."""
+    dev = rt.device
     auto = rt.batching  # the device's defaults; each run below keeps its token cap and sets the rows
     rt.batching = replace(auto, rows=32)
     plain_pass(rt, rt_rows, plan_for(rt, rt_rows)[:2], True)  # warm-up
@@ -126,7 +128,7 @@ def main() -> None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
             gradient_batches(rt, rt_rows, work / "profiled", 0, min(4, len(plan)))
-            sync(dev)
+            synchronize(dev)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
         if dev.type == "cuda":
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))

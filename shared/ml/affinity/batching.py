@@ -79,8 +79,7 @@ def auto_batching(model: Any, device: torch.device) -> Batching:
 def resolve_batching(params: Any, model: Any, device: torch.device) -> Batching:
     """The params' batch sizes where given, the device's defaults for the rest."""
     auto = auto_batching(model, device)
-    tokens = getattr(params, "batch_tokens", None)
-    return Batching(params.batch_size or auto.rows, tokens if tokens is not None else auto.tokens,
+    return Batching(params.batch_size or auto.rows, params.batch_tokens if params.batch_tokens is not None else auto.tokens,
                     params.eval_batch_size or auto.eval_rows, auto.eval_tokens)
 
 

@@ -172,6 +172,12 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def synchronize(device: torch.device | None = None) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), so that a wall-clock reading covers it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reset_peak_memory(device: torch.device | None = None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
