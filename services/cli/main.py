@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "services.cli.core",      # tasks, import, eval
     "services.cli.stage1",    # affinity, group, approx-error, validate-estimates
     "services.cli.stage2",    # train, pipeline
+    "services.cli.study",     # study
     "services.cli.jobs",      # api, worker, up, submit, status, cancel, results
     "services.cli.serve",     # inference
     "services.cli.demo",      # demo

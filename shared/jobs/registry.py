@@ -99,6 +99,8 @@ JOB_TYPES: dict[str, JobType] = {
                 f"{_TRAIN}.params:TrainingParams", f"{_TRAIN}.stage:run_training"),
         JobType("pipeline", "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
                 f"{_TRAIN}.params:PipelineParams", f"{_TRAIN}.stage:pipeline_stages", multi_stage=True),
+        JobType("study", "The method against its controls (single, per-task, random groups) over seeds.",
+                "shared.ml.study.params:StudyParams", "shared.ml.study.run:run_study"),
         JobType("evaluation", "Evaluate a base model on tasks (loss, accuracy, macro-F1).",
                 "shared.ml.eval_params:EvalParams", "shared.ml.evaluate:run_evaluation"),
     )

@@ -1,0 +1,88 @@
+"""Params of a study (torch-free, so the API validates them without the ML stack)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, known_tasks
+
+ARMS = ("single", "per_task", "random", "affinity")
+Arm = Literal["single", "per_task", "random", "affinity"]
+
+
+class StudyParams(BaseModel):
+    """Every arm trained by the same trainer, budget rule and selection rule, for each seed.
+
+    Shared knobs are set once; `affinity`, `grouping` and `training` take the fields of Stage 1's
+    AffinityParams, GroupingParams and Stage 2's TrainingParams (as in a pipeline job).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    quantization: Literal["none", "nf4"] = "nf4"
+    tasks: list[str] = Field(min_length=2)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="seeds of the study (an integer S means seeds 0..S-1)")
+    groups: GroupCount = "auto"
+    max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
+    max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
+    max_test: int | None = Field(default=500, ge=1, description="test examples per task; None = all")
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    grouping: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    bootstrap: int = Field(default=2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
+    workers: int = Field(default=1, ge=1, le=64,
+                         description="processes that train arms at once (spread round-robin over visible GPUs)")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"seeds must be a positive count or a list of seeds, got {v}")
+            return list(range(v))
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        names = known_tasks(v)
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks must be distinct, got {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyParams:
+        self.pipeline_params(self.seeds[0])  # the stages' own validation, before anything runs
+        return self
+
+    def pipeline_params(self, seed: int) -> Any:
+        """The affinity arm of one seed: a pipeline job whose training stage also trains the single baseline."""
+        from shared.ml.training.params import PipelineParams
+
+        training = dict(self.training)
+        baselines = dict(training.get("baselines") or {})
+        baselines.update({"single": True, "per_task": False})
+        training["baselines"] = baselines
+        return PipelineParams(
+            model=self.model, quantization=self.quantization, tasks=self.tasks, groups=self.groups, seed=seed,
+            max_train=self.max_train, max_val=self.max_val, max_test=self.max_test, max_length=self.max_length,
+            affinity=self.affinity, grouping=self.grouping, training=training,
+        )
+
+    def arm_training_params(self, seed: int, groups: list[list[str]]) -> Any:
+        """Stage 2 of a control arm (random groups, per-task): same trainer and rules, no baselines."""
+        tp = self.pipeline_params(seed).training_params(groups)
+        return tp.model_copy(update={"baselines": tp.baselines.model_copy(update={"single": False, "per_task": False}),
+                                     "zero_shot": False})

@@ -1,0 +1,255 @@
+"""Run a study: for every seed, the affinity arm (a pipeline job: Stage 1, grouping, group adapters, with
+the single all-task adapter as its baseline), random groups of the affinity groups' sizes, and one adapter
+per task, all trained and selected the same way; then paired statistics on the test rows.
+
+Folder layout (every arm is resumable on its own: a finished arm is never trained again):
+
+    OUT/seed_<s>/affinity/   pipeline run (report.json, train_report.json, predictions.json, ...)
+    OUT/seed_<s>/random/     training run on the random groups
+    OUT/seed_<s>/per_task/   training run on singleton groups
+    OUT/study.json  study.md  study.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.ml.progress import Progress, silent
+from shared.ml.study.params import StudyParams
+
+PREDICTIONS = "predictions.json"
+# Reported arms: name -> (run folder, prediction column). "_no_boost" is the group adapters alone with
+# weight 1; "_no_fit" keeps the boosters with the default weights (the same trained adapters).
+ARM_COLUMNS: dict[str, tuple[str, str]] = {
+    "single": ("affinity", "single"),
+    "per_task": ("per_task", "ensemble"),
+    "per_task_no_boost": ("per_task", "ensemble_no_boost"),
+    "per_task_no_fit": ("per_task", "ensemble_no_fit"),
+    "random": ("random", "ensemble"),
+    "random_no_boost": ("random", "ensemble_no_boost"),
+    "random_no_fit": ("random", "ensemble_no_fit"),
+    "affinity": ("affinity", "ensemble"),
+    "affinity_no_boost": ("affinity", "ensemble_no_boost"),
+    "affinity_no_fit": ("affinity", "ensemble_no_fit"),
+    "zero_shot": ("affinity", "zero_shot"),
+}
+HEADLINE = ("single", "per_task", "random", "affinity")
+# "chorus" is what the pipeline deploys: the affinity groups when T shows structure, else the arm that
+# validation favours (single, per-task or groups); its column is read from the run's selection record.
+SELECTED_COLUMN = {"groups": "ensemble", "single": "single", "per_task": "per_task"}
+
+
+def _selection(folder: Path) -> dict[str, Any] | None:
+    return json.loads((folder / "train_report.json").read_text()).get("selection")
+
+
+def random_groups(tasks: list[str], sizes: list[int], seed: int) -> list[list[str]]:
+    """A seeded random partition of `tasks` into groups of the given sizes."""
+    if sum(sizes) != len(tasks):
+        raise ValueError(f"group sizes {sizes} do not add up to the {len(tasks)} tasks")
+    order = np.random.default_rng(10_007 + seed).permutation(len(tasks))
+    out, start = [], 0
+    for size in sizes:
+        out.append(sorted((tasks[i] for i in order[start:start + size]), key=tasks.index))
+        start += size
+    return out
+
+
+def _done(folder: Path) -> bool:
+    return (folder / PREDICTIONS).is_file() and (folder / "train_report.json").is_file()
+
+
+def _set_device(slot: int) -> None:
+    """Pin a worker process to one GPU (round-robin over the visible ones) before torch initialises CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x for x in visible.split(",") if x.strip()] if visible else None
+    if ids is None:
+        try:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        except Exception:  # noqa: BLE001 - no CUDA: nothing to pin
+            ids = []
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+
+
+def _run_affinity_arm(params_json: str, seed: int, folder: str, slot: int) -> str:
+    _set_device(slot)
+    from shared.ml.training.stage import run_pipeline
+
+    params = StudyParams.model_validate_json(params_json)
+    run_pipeline(params.pipeline_params(seed), Path(folder))
+    return folder
+
+
+def _run_control_arm(params_json: str, seed: int, groups: list[list[str]], folder: str, slot: int) -> str:
+    _set_device(slot)
+    from shared.ml.training.stage import run_training
+
+    params = StudyParams.model_validate_json(params_json)
+    run_training(params.arm_training_params(seed, groups), Path(folder))
+    return folder
+
+
+def _affinity_groups(folder: Path) -> list[list[str]]:
+    return [list(g) for g in json.loads((folder / "groups.json").read_text())["groups"]]
+
+
+def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) -> dict[int, dict[str, Any]]:
+    """Train every arm of every seed (skipping finished ones); returns per seed the groups of each arm."""
+    tasks = list(params.tasks)
+    blob = params.model_dump_json()
+    jobs_total = 3 * len(params.seeds)
+    done = 0
+    started = time.perf_counter()
+
+    def tick(message: str) -> None:
+        nonlocal done
+        done += 1
+        progress("study", done, jobs_total, f"{message} ({time.perf_counter() - started:.0f} s)")
+
+    folders = {s: {arm: workdir / f"seed_{s}" / arm for arm in ("affinity", "random", "per_task")} for s in params.seeds}
+    singletons = [[t] for t in tasks]
+    progress("study", 0, jobs_total, "training arms")
+    if params.workers == 1:
+        for k, s in enumerate(params.seeds):
+            if not _done(folders[s]["affinity"]):
+                _run_affinity_arm(blob, s, str(folders[s]["affinity"]), k)
+            tick(f"seed {s} affinity")
+            if not _done(folders[s]["per_task"]):
+                _run_control_arm(blob, s, singletons, str(folders[s]["per_task"]), k)
+            tick(f"seed {s} per_task")
+            sizes = [len(g) for g in _affinity_groups(folders[s]["affinity"])]
+            if not _done(folders[s]["random"]):
+                _run_control_arm(blob, s, random_groups(tasks, sizes, s), str(folders[s]["random"]), k)
+            tick(f"seed {s} random")
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(params.workers, mp_context=mp.get_context("spawn")) as pool:
+            slot = iter(range(10**6))
+            futures: dict[Any, tuple[int, str]] = {}
+            for s in params.seeds:
+                for arm, fn, args in (("affinity", _run_affinity_arm, ()), ("per_task", _run_control_arm, (singletons,))):
+                    if _done(folders[s][arm]):
+                        tick(f"seed {s} {arm}")
+                    else:
+                        futures[pool.submit(fn, blob, s, *args, str(folders[s][arm]), next(slot))] = (s, arm)
+            pending = set(futures)
+            while pending:
+                finished = {f for f in pending if f.done()}
+                if not finished:
+                    time.sleep(0.5)
+                    continue
+                pending -= finished
+                for f in finished:
+                    f.result()  # re-raise a failed arm
+                    s, arm = futures[f]
+                    tick(f"seed {s} {arm}")
+                    if arm == "affinity":
+                        sizes = [len(g) for g in _affinity_groups(folders[s]["affinity"])]
+                        if _done(folders[s]["random"]):
+                            tick(f"seed {s} random")
+                        else:
+                            g = pool.submit(_run_control_arm, blob, s, random_groups(tasks, sizes, s),
+                                            str(folders[s]["random"]), next(slot))
+                            futures[g] = (s, "random")
+                            pending.add(g)
+    out: dict[int, dict[str, Any]] = {}
+    for s in params.seeds:
+        aff = _affinity_groups(folders[s]["affinity"])
+        out[s] = {"affinity": aff, "random": random_groups(tasks, [len(g) for g in aff], s), "per_task": singletons}
+    return out
+
+
+def load_correct(params: StudyParams, workdir: Path, split: str = "test") -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per arm, per seed, per task: the boolean correctness of every row of `split`."""
+    out: dict[str, list[dict[str, np.ndarray]]] = {arm: [] for arm in [*ARM_COLUMNS, "chorus"]}
+    for s in params.seeds:
+        preds = {run: json.loads((workdir / f"seed_{s}" / run / PREDICTIONS).read_text())[split]
+                 for run in ("affinity", "random", "per_task")}
+        selection = _selection(workdir / f"seed_{s}" / "affinity")
+        chosen = ("affinity", SELECTED_COLUMN[selection["chosen"]]) if selection else ("affinity", "ensemble")
+        for arm, (run, column) in [*ARM_COLUMNS.items(), ("chorus", chosen)]:
+            rows: dict[str, np.ndarray] = {}
+            for t in params.tasks:
+                entry = preds[run][t]
+                cols = entry["columns"]
+                col = column if column in cols else ("ensemble" if column.endswith("_no_fit") else None)
+                if col is None or col not in cols:
+                    break
+                rows[t] = np.asarray(cols[col]) == np.asarray(entry["labels"])
+            else:
+                out[arm].append(rows)
+    return {arm: v for arm, v in out.items() if len(v) == len(params.seeds)}
+
+
+def arm_costs(params: StudyParams, workdir: Path) -> dict[str, Any]:
+    """FLOPs per arm (mean over seeds), with and without Stage 1 (meta fine-tune included), members run
+    per example at inference, and wall seconds of training."""
+    per: dict[str, list[float]] = {}
+    extra: dict[str, list[float]] = {}
+
+    def add(store: dict[str, list[float]], key: str, value: Any) -> None:
+        if isinstance(value, (int, float)):
+            store.setdefault(key, []).append(float(value))
+
+    for s in params.seeds:
+        reports = {run: json.loads((workdir / f"seed_{s}" / run / "train_report.json").read_text())
+                   for run in ("affinity", "random", "per_task")}
+        aff = reports["affinity"]["cost"]
+        stage1 = aff.get("affinity_flops") or 0.0
+        add(per, "single", (aff.get("single") or {}).get("total_flops"))
+        for run in ("random", "per_task", "affinity"):
+            cost = reports[run]["cost"]
+            add(per, f"{run}_without_stage1", cost["ensemble_training"]["total_flops"])
+            add(extra, f"{run}_members_per_example", cost["inference"]["mean_members_per_example"])
+            add(extra, f"{run}_train_seconds", sum(v.get("seconds", 0.0) for k, v in (cost.get("stages") or {}).items()
+                                                    if k in ("group_adapters", "baselines", "boosting", "ensemble_weights")))
+        add(per, "stage1", stage1)
+        add(per, "affinity", aff["ensemble_training"]["total_flops"] + stage1)
+        # the deployed arm: Stage 1 + groups, plus the per-task adapters trained for the validation fallback
+        fallback = (aff.get("per_task") or {}).get("total_flops", 0.0) if reports["affinity"].get("selection") else 0.0
+        add(per, "chorus", aff["ensemble_training"]["total_flops"] + stage1 + fallback)
+    flops = {k: float(np.mean(v)) for k, v in per.items()}
+    for run in ("random", "per_task"):
+        flops[run] = flops[f"{run}_without_stage1"]
+    single = flops.get("single")
+    ratios = {k: v / single for k, v in flops.items() if single}
+    return {"flops": flops, "vs_single": ratios, "other": {k: float(np.mean(v)) for k, v in extra.items()}}
+
+
+def validation_choice(params: StudyParams, workdir: Path) -> dict[str, Any]:
+    """Which headline arm validation accuracy favours, per seed (what groups=auto's fallback would pick)."""
+    val = load_correct(params, workdir, "val")
+    picks = []
+    for k, s in enumerate(params.seeds):
+        scores = {arm: float(np.mean([np.mean(v) for v in val[arm][k].values()])) for arm in HEADLINE if arm in val}
+        picks.append({"seed": s, "choice": max(scores, key=scores.get), "val_accuracy": scores})
+    return {"per_seed": picks}
+
+
+def run_study(params: StudyParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Train all arms for every seed, then write study.json, study.md and study.png into `workdir`."""
+    from shared.ml.study.report import write_report
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorded = workdir / "study_params.json"
+    blob = params.model_dump(mode="json")
+    if recorded.exists() and json.loads(recorded.read_text()) != blob:
+        raise ValueError(f"{workdir} holds a study with different parameters; use another output folder")
+    recorded.write_text(json.dumps(blob, indent=2))
+    groups = train_arms(params, workdir, progress)
+    study = write_report(params, workdir, groups)
+    return {"arms": {k: v["average"] for k, v in study["arms"].items()},
+            "differences": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in study["differences"].items()},
+            "artifacts": {"study": "study.json", "table": "study.md", "chart": "study.png"}}

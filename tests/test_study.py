@@ -1,0 +1,162 @@
+"""The study: paired statistics, random groups, the structure test, the validation fallback, and
+`chorus study` end to end on tiny-llama (every headline figure recomputed from the saved predictions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from services.cli.main import app
+from shared.ml.affinity.structure import structure_test
+from shared.ml.study.run import random_groups
+from shared.ml.study.stats import hierarchical_bootstrap, macro_accuracy, mcnemar
+
+runner = CliRunner()
+
+
+def _arm(rng: np.random.Generator, p: float, seeds: int = 3, tasks: int = 4, rows: int = 200) -> list[dict[str, np.ndarray]]:
+    return [{f"t{k}": rng.random(rows) < p for k in range(tasks)} for _ in range(seeds)]
+
+
+def test_bootstrap_difference_is_the_paired_mean_and_its_ci_covers_it():
+    rng = np.random.default_rng(0)
+    a, b = _arm(rng, 0.8), _arm(rng, 0.6)
+    res = hierarchical_bootstrap(a, b, 500, seed=1)
+    manual = np.mean([macro_accuracy(x) - macro_accuracy(y) for x, y in zip(a, b, strict=True)])
+    assert res["mean"] == pytest.approx(manual)
+    assert res["per_seed"] == pytest.approx([macro_accuracy(x) - macro_accuracy(y) for x, y in zip(a, b, strict=True)])
+    assert 0.1 < res["ci95"][0] < res["mean"] < res["ci95"][1] < 0.3
+    assert res["sd_over_seeds"] == pytest.approx(np.std(res["per_seed"], ddof=1))
+
+
+def test_bootstrap_of_an_arm_against_itself_is_exactly_zero_and_noise_covers_zero():
+    rng = np.random.default_rng(1)
+    a = _arm(rng, 0.7)
+    assert hierarchical_bootstrap(a, a, 200)["ci95"] == [0.0, 0.0]
+    b = _arm(rng, 0.7)
+    lo, hi = hierarchical_bootstrap(a, b, 1000)["ci95"]
+    assert lo < 0 < hi
+
+
+def test_seed_level_spread_widens_the_interval():
+    """Seeds that disagree must widen the CI beyond the rows-only interval (the hierarchy is real)."""
+    rows = 400
+    a = [{"t": np.ones(rows, bool)}, {"t": np.zeros(rows, bool)}, {"t": np.ones(rows, bool)}]
+    b = [{"t": np.zeros(rows, bool)}, {"t": np.ones(rows, bool)}, {"t": np.zeros(rows, bool)}]
+    res = hierarchical_bootstrap(a, b, 2000, seed=0)
+    assert res["mean"] == pytest.approx(1 / 3)
+    assert res["ci95"][0] == pytest.approx(-1.0) and res["ci95"][1] == pytest.approx(1.0)
+
+
+def test_unpaired_arms_are_refused():
+    rng = np.random.default_rng(2)
+    with pytest.raises(ValueError, match="rows"):
+        hierarchical_bootstrap(_arm(rng, 0.5, rows=10), _arm(rng, 0.5, rows=11))
+
+
+def test_mcnemar_counts_discordant_rows_over_seeds():
+    a = [{"t": np.array([1, 1, 0, 0, 1], bool)}, {"t": np.array([1, 0], bool)}]
+    b = [{"t": np.array([0, 1, 1, 0, 0], bool)}, {"t": np.array([0, 0], bool)}]
+    res = mcnemar(a, b)["t"]
+    assert (res["only_a"], res["only_b"]) == (3, 1)
+    assert res["p"] == pytest.approx(0.625)  # exact two-sided binomial, 1 of 4 discordant
+
+
+def test_random_groups_keep_sizes_and_depend_on_the_seed():
+    tasks = [f"t{k}" for k in range(8)]
+    g0 = random_groups(tasks, [3, 3, 2], 0)
+    assert [len(g) for g in g0] == [3, 3, 2] and sorted(t for g in g0 for t in g) == sorted(tasks)
+    assert random_groups(tasks, [3, 3, 2], 0) == g0
+    assert any(random_groups(tasks, [3, 3, 2], s) != g0 for s in range(1, 5))
+    with pytest.raises(ValueError, match="add up"):
+        random_groups(tasks, [3, 3], 0)
+
+
+def test_structure_test_separates_planted_groups_from_noise():
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    planted = (labels[:, None] == labels[None, :]) + 0.3 * rng.normal(size=(8, 8)) + rng.normal(size=(8, 1))
+    res = structure_test(planted, 199, 0.05, seed=0)
+    assert res["significant"] and res["p"] <= 0.01 and res["statistic"] > res["null_p95"]
+    noise = structure_test(np.random.default_rng(4).normal(size=(8, 8)), 199, 0.05, seed=0)
+    assert not noise["significant"] and "no group structure" in noise["reason"]
+    # a per-task level (row constant) alone is not structure
+    level = structure_test(np.repeat(rng.normal(size=(8, 1)), 8, axis=1) + 1e-3 * rng.normal(size=(8, 8)), 199)
+    assert not level["significant"]
+    assert structure_test(np.ones((2, 2)))["significant"] is False
+
+
+TASKS = ["cb", "rte", "sst2"]
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    params = tmp_path_factory.mktemp("params") / "p.json"
+    params.write_text(json.dumps({"max_length": 128, "affinity": {"dim": 8}, "bootstrap": 200,
+                                  "training": {"lr": 5e-3, "boosting": {"error_threshold": 0, "max_rounds": 1},
+                                               "ensemble": {"fit_weights": True}}}))
+    result = runner.invoke(app, ["study", "--model", "tiny-llama", "--tasks", ",".join(TASKS), "--seeds", "1",
+                                 "--groups", "auto", "--max-train", "12", "--max-val", "6", "--max-test", "6",
+                                 "--epochs", "1", "--params", str(params), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_study_writes_the_contract_and_its_figures_recompute(study_out):
+    out, output = study_out
+    study = json.loads((out / "study.json").read_text())
+    assert (out / "study.png").stat().st_size > 1000 and "affinity" in (out / "study.md").read_text()
+    assert study["tasks"] == TASKS and study["seeds"] == [0]
+    assert {"single", "per_task", "random", "affinity", "chorus"} <= set(study["arms"])
+    # every arm's accuracy recomputed from the saved per-row predictions
+    where = {"single": ("affinity", "single"), "per_task": ("per_task", "ensemble"), "random": ("random", "ensemble"),
+             "affinity": ("affinity", "ensemble"), "affinity_no_boost": ("affinity", "ensemble_no_boost")}
+    for arm, (run, col) in where.items():
+        preds = json.loads((out / "seed_0" / run / "predictions.json").read_text())["test"]
+        acc = np.mean([np.mean(np.array(preds[t]["columns"][col]) == np.array(preds[t]["labels"])) for t in TASKS])
+        assert study["arms"][arm]["average"] == pytest.approx(acc), arm
+        assert study["arms"][arm]["per_seed"] == pytest.approx([acc])
+    for arm in ("per_task", "random", "affinity"):
+        d = study["differences"][f"{arm}-single"]
+        assert d["mean"] == pytest.approx(study["arms"][arm]["average"] - study["arms"]["single"]["average"])
+        assert d["ci95"][0] <= d["mean"] + 1e-12 and d["mean"] - 1e-12 <= d["ci95"][1]
+    assert study["differences"]["affinity-random"]["mean"] == pytest.approx(
+        study["arms"]["affinity"]["average"] - study["arms"]["random"]["average"])
+    # FLOPs: affinity = its group training + Stage 1 (which includes the meta fine-tune), from the run reports
+    aff = json.loads((out / "seed_0" / "affinity" / "train_report.json").read_text())["cost"]
+    rnd = json.loads((out / "seed_0" / "random" / "train_report.json").read_text())["cost"]
+    flops = study["flops"]
+    assert flops["stage1"] == pytest.approx(aff["affinity_flops"]) and flops["stage1"] > 0
+    assert flops["affinity"] == pytest.approx(aff["ensemble_training"]["total_flops"] + aff["affinity_flops"])
+    assert flops["random"] == pytest.approx(rnd["ensemble_training"]["total_flops"])
+    assert flops["single"] == pytest.approx(aff["single"]["total_flops"])
+    assert study["flops_vs_single"]["affinity"] == pytest.approx(flops["affinity"] / flops["single"])
+    # random groups have the affinity groups' sizes
+    groups = study["groups"]["0"]
+    assert sorted(map(len, groups["random"])) == sorted(map(len, groups["affinity"]))
+    assert "affinity-single" in output or "affinity" in output
+
+
+def test_the_deployed_arm_follows_the_structure_test_and_validation(study_out):
+    out, _ = study_out
+    run = out / "seed_0" / "affinity"
+    grouping = json.loads((run / "groups.json").read_text())
+    report = json.loads((run / "train_report.json").read_text())
+    assert grouping["structure"]["permutations"] >= 99 and 0 < grouping["structure"]["p"] <= 1
+    manifest = json.loads((run / "ensemble.json").read_text())
+    if grouping["selection"] == "validation":
+        sel = report["selection"]
+        scores = sel["validation_accuracy"]
+        assert set(scores) == {"groups", "single", "per_task"}
+        assert scores[sel["chosen"]] == max(scores.values())
+        assert manifest["fingerprint"] == sel["fingerprint"] == report["ensemble"]["fingerprint"]
+        assert (run / "ensemble_groups.json").is_file()
+        members = {m["name"] for m in manifest["members"]}
+        expected = {"single": {"single"}, "per_task": {f"task_{t}" for t in TASKS}}.get(sel["chosen"])
+        assert expected is None or members == expected
+    else:
+        assert "selection" not in report or report["selection"] is None
