@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from services.cli.common import fail
@@ -47,10 +48,12 @@ def import_command(
     try:
         task = import_dataset(file, name, fields, label_field, template=template, label_names=labels, id_field=id_field)
     except DatasetValidationError as exc:
-        fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
-    console.print(f"imported task [bold]{task.name}[/]: sizes {task.sizes()}, choices {task.choices}")
+        fail(escape(str(exc)))  # rows and templates are the user's text: never read as console markup
+    except ValueError as exc:
+        fail(escape(str(exc)))
+    except OSError as exc:
+        fail(escape(f"cannot read {file}: {exc.strerror or type(exc).__name__}"))
+    console.print(f"imported task [bold]{task.name}[/]: sizes {task.sizes()}, choices {escape(str(task.choices))}")
 
 
 def eval_command(

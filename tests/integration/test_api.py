@@ -185,23 +185,24 @@ def test_dataset_upload_use_and_delete(api, make_key):  # type: ignore[no-untype
     r = _upload(api, key, name, _jsonl(_rows()))
     assert r.status_code == 201, r.text
     ds = r.json()
-    assert ds["num_rows"] == 20 and ds["label_names"] == ["neg", "pos"] and ds["task_name"] == name
+    assert ds["num_rows"] == 20 and ds["label_names"] == ["neg", "pos"] and ds["task_name"].startswith(name + "-")
+    task = ds["task_name"]  # names are per owner; jobs name the task
     assert sum(ds["sizes"].values()) == 20
     assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(key)).json()["sha256"] == ds["sha256"]
     raw = api.get(f"/v1/artifacts/{ds['artifact_id']}/content", headers=auth(key))
     assert raw.status_code == 200 and raw.content == _jsonl(_rows())
     assert _upload(api, key, name, _jsonl(_rows())).status_code == 409
     # The owner can train on it; nobody else can even see that it exists.
-    mine = api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "tasks": [name, "cb"]}})
+    mine = api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "tasks": [task, "cb"]}})
     assert mine.status_code == 201, mine.text
     other = make_key(_owner("ds"))
-    theirs = api.post("/v1/jobs", headers=auth(other), json={"type": "evaluation", "params": {**EVAL, "tasks": [name]}})
+    theirs = api.post("/v1/jobs", headers=auth(other), json={"type": "evaluation", "params": {**EVAL, "tasks": [task]}})
     assert theirs.status_code == 422 and theirs.json()["error"]["param"] == "params.tasks"
-    assert name in theirs.json()["error"]["message"] and "unknown task" in theirs.json()["error"]["message"]
+    assert task in theirs.json()["error"]["message"] and "unknown task" in theirs.json()["error"]["message"]
     gone = api.delete(f"/v1/datasets/{ds['id']}", headers=auth(key))
     assert gone.json() == {"id": ds["id"], "object": "dataset", "deleted": True}
     assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(key)).status_code == 404
-    assert name not in _user_tasks()
+    assert task not in _user_tasks()
 
 
 def test_bad_uploads_are_refused_and_store_nothing(api, make_key, monkeypatch):  # type: ignore[no-untyped-def]

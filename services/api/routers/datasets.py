@@ -1,19 +1,25 @@
 """/v1/datasets: multipart JSONL/CSV/TSV upload (size cap enforced while streaming), list, get, delete.
 
-An upload is validated row by row (every problem reported with its line), imported as a task named
-`name` (usable in job params), and its raw file kept as an artifact. Nothing is stored when anything
-fails: not the task folder, not the file, not a row.
+An upload is validated row by row (every problem reported with its line), imported as a task, and its
+raw file kept as an artifact. Nothing is stored when anything fails: not the task folder, not the file,
+not a row.
+
+Dataset names are per owner: `name` is unique among the caller's datasets only, so whether another owner
+uses a name cannot be probed. The task it is imported as (`task_name`, what job params name) is
+`<name>-<8 random hex digits>`, unique across owners and unguessable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import PurePath
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from services.api.common import MAX_LIMIT, get_owned, page, scoped
 from services.api.deps import DB, Submitter, rate_limit
@@ -27,6 +33,8 @@ from shared.storage import ArtifactStore, record_artifact, release_object
 log = logging.getLogger("chorus.api")
 router = APIRouter(tags=["datasets"])
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+_ARG_FIELDS = frozenset({"name", "text_fields", "label_field", "template", "label_names", "id_field"})
+_TASK_SUFFIX_HEX = 8
 
 
 def _user_import():  # type: ignore[no-untyped-def]
@@ -43,19 +51,30 @@ def _label_names(raw: str | None) -> list[str] | None:
     if raw.lstrip().startswith("["):
         try:
             value = json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(422, "invalid_request", f"label_names: not a JSON list: {exc}", "label_names") from exc
+        except (ValueError, RecursionError) as exc:
+            reason = str(exc).split(";")[0][:200] if isinstance(exc, ValueError) else "nested too deeply"
+            raise ApiError(422, "invalid_request", f"label_names: not a JSON list: {reason}", "label_names") from None
         if not isinstance(value, list):
             raise ApiError(422, "invalid_request", "label_names: expected a JSON list of strings", "label_names")
         return [str(v) for v in value]
     return [p.strip() for p in raw.split(",")]
 
 
+def _task_name(name: str) -> str:
+    """A fresh task name for dataset `name`: the name (cut to fit 64 characters) and random hex digits."""
+    return f"{name[:63 - _TASK_SUFFIX_HEX]}-{secrets.token_hex(_TASK_SUFFIX_HEX // 2)}"
+
+
+def _taken(name: str) -> ApiError:
+    return ApiError(409, "name_taken", f"you already have a dataset named {name!r}; choose another name", "name")
+
+
 @router.post("/datasets", status_code=201, response_model=DatasetOut, dependencies=[rate_limit("upload")])
 def upload_dataset(
     principal: Submitter, db: DB,
     file: Annotated[UploadFile, File(description="JSONL (one object per line), CSV or TSV with a header row.")],
-    name: Annotated[str, Form(description="Task name: 2-64 chars, a-z first, then a-z 0-9 _ -.")],
+    name: Annotated[str, Form(description="Dataset name, unique among your datasets: 2-64 chars, a-z first, then "
+                                          "a-z 0-9 _ -. Jobs use the returned task_name.")],
     text_fields: Annotated[str, Form(description="Comma-separated text column(s).")],
     label_field: Annotated[str, Form(description="The label column.")],
     format: Annotated[str | None, Form(description="jsonl, csv or tsv (default: from the file name).")] = None,
@@ -78,8 +97,8 @@ def upload_dataset(
     if count >= get_service_settings().max_datasets:
         raise ApiError(429, "quota_exceeded", f"this owner already has {count} datasets (limit "
                        f"{get_service_settings().max_datasets}); delete some first")
-    if db.scalar(select(Dataset.id).where(Dataset.task_name == name)) is not None:
-        raise ApiError(409, "name_taken", f"a dataset named {name!r} already exists; choose another name", "name")
+    if db.scalar(select(Dataset.id).where(Dataset.owner == principal.owner, Dataset.name == name)) is not None:
+        raise _taken(name)
     data = file.file.read(cap + 1)
     if len(data) > cap:
         raise ApiError(413, "payload_too_large", f"file is over the {cap:,}-byte upload limit", "file")
@@ -90,20 +109,25 @@ def upload_dataset(
     except ui.DatasetValidationError as exc:
         first = exc.errors[0] if exc.errors else None
         field = first.field if first is not None and first.field else None
-        arg_fields = {"name", "text_fields", "label_field", "template", "label_names", "id_field"}
-        param = field if field in arg_fields and first is not None and first.line is None else "file"
-        raise ApiError(422, "invalid_dataset", str(exc)[:8000], param) from exc
-    try:
-        task = ui.register_dataset(parsed, name, description=description)
-    except ui.TaskExistsError as exc:
-        raise ApiError(409, "name_taken", f"a task named {name!r} already exists; choose another name", "name") from exc
-    except ui.DatasetValidationError as exc:
-        raise ApiError(422, "invalid_dataset", str(exc)[:8000], "name") from exc
+        by_argument = first is not None and (first.line is None or field == "template")
+        param = field if field in _ARG_FIELDS and by_argument else "file"
+        raise ApiError(422, "invalid_dataset", str(exc)[:8000], param) from None
+    task = None
+    for _ in range(3):  # a clash of the random suffix is astronomically rare; retry anyway
+        try:
+            task = ui.register_dataset(parsed, _task_name(name), description=description)
+            break
+        except ui.TaskExistsError:
+            continue
+        except ui.DatasetValidationError as exc:
+            raise ApiError(422, "invalid_dataset", str(exc)[:8000], "name") from None
+    if task is None:
+        raise ApiError(503, "unavailable", "could not pick a free task name; try again")
     store = ArtifactStore()
     stored = None
     try:
         stored = store.put_bytes(data)
-        spec = ui.user_task_spec(name)
+        spec = ui.user_task_spec(task.name)
         ds_id = new_id("ds")
         art = record_artifact(db, stored, owner=principal.owner, name=filename, meta={"dataset_id": ds_id})
         ds = Dataset(id=ds_id, owner=principal.owner, name=name, task_name=task.name, format=fmt, filename=filename,
@@ -112,11 +136,13 @@ def upload_dataset(
                                                      "label_field", "id_field", "template", "description")})
         db.add(ds)
         db.commit()
-    except BaseException:
+    except BaseException as exc:
         db.rollback()
-        ui.delete_user_task(name)
+        ui.delete_user_task(task.name)
         if stored is not None:
             release_object(db, store, stored.sha256, stored.path)
+        if isinstance(exc, IntegrityError):  # the same owner uploaded the same name meanwhile
+            raise _taken(name) from None
         raise
     return DatasetOut.of(ds)
 

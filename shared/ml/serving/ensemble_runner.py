@@ -163,12 +163,10 @@ class LoadedEnsemble:
 
 
 def template_fields(task: Any) -> tuple[str, ...]:
-    """The variables a task's Jinja template needs, sorted."""
-    import jinja2
-    from jinja2 import meta
+    """The variables a task's Jinja template needs, sorted (parsed and checked in the template sandbox)."""
+    from shared.ml.tasks.templates import template_variables
 
-    env = jinja2.Environment()
-    return tuple(sorted(meta.find_undeclared_variables(env.parse(task.template))))
+    return template_variables(task.template)
 
 
 def adapter_key(sha256: str, config: Mapping[str, Any]) -> str:

@@ -7,11 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jinja2
+from shared.ml.tasks.templates import TemplateError, render_template, validate_template
 
 SPLITS = ("train", "val", "test")
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 _WS = re.compile(r"\s+")
 
 
@@ -36,6 +35,8 @@ class Task:
     The prompt is `template` rendered with an example's fields (whitespace-normalised); the answer is
     the first token of " " + choices[label]. `truncate_field` names the long context field that is cut
     from the LEFT when a prompt does not fit, so the question and the answer position always survive.
+    The template is checked by `validate_template` (against `field_names` when given) and rendered in the
+    sandbox of shared/ml/tasks/templates.py.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Task:
     truncate_field: str | None = None
     description: str = ""
     source: str = "builtin"
+    field_names: Sequence[str] | None = None  # the fields every example has (None: not checked)
     _splits: dict[str, list[Example]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,9 +56,9 @@ class Task:
         if len(set(self.choices)) != len(self.choices):
             raise ValueError(f"task {self.name!r}: answer choices must be distinct, got {self.choices!r}")
         try:
-            _ENV.parse(self.template)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ValueError(f"task {self.name!r}: bad template: {exc}") from exc
+            validate_template(self.template, self.field_names)
+        except TemplateError as exc:
+            raise ValueError(f"task {self.name!r}: refused template: {exc}") from exc
         if self.label_names is None:
             self.label_names = list(self.choices)
 
@@ -82,7 +84,7 @@ class Task:
 
     def render(self, fields: dict[str, Any], options: Sequence[str] | None = None) -> str:
         """The normalised prompt for `fields`. `options` (lettered fallback) lists the choices before the cue."""
-        prompt = normalise(_ENV.from_string(self.template).render(**fields))
+        prompt = normalise(render_template(self.template, fields))
         if options is not None:
             listed = " ".join(f"{letter}: {choice}" for letter, choice in zip(options, self.choices, strict=True))
             cue = "Answer:"

@@ -29,11 +29,16 @@ def task_names() -> list[str]:
     return [*BUILTIN_TASKS, *(task.name for task in list_user_tasks())]
 
 
+def _unknown(listed: str) -> str:
+    """The message for unknown names: built-in names only (imported task names may belong to other API owners)."""
+    return f"unknown {listed}; built-in tasks: {', '.join(BUILTIN_TASKS)} (imported tasks: `chorus tasks`)"
+
+
 def get_task(name: str) -> Task:
-    """A built-in or user-imported task; ValueError listing the known names for anything else."""
+    """A built-in or user-imported task; ValueError for anything else (UserTaskError for one that cannot load)."""
     task = _builtins().get(name) or load_user_task(name)
     if task is None:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+        raise ValueError(_unknown(f"task {name!r}"))
     return task
 
 
@@ -57,5 +62,5 @@ def parse_task_list(spec: str | Iterable[str]) -> list[str]:
     known = set(BUILTIN_TASKS)
     unknown = [n for n in names if n not in known and load_user_task(n) is None]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(task_names())}")
+        raise ValueError(_unknown(f"task(s) {', '.join(map(repr, unknown))}"))
     return names

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import keyword
+import logging
 import math
 import os
 import re
@@ -23,22 +24,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import jinja2
-from jinja2 import meta
-
 from shared.config import get_settings
 from shared.ml.tasks.base import SPLITS, Example, Task, normalise
 from shared.ml.tasks.builtin import BUILTIN_TASKS
 from shared.ml.tasks.splits import SEED, three_way
+from shared.ml.tasks.templates import (
+    MAX_TEMPLATE_CHARS,
+    TemplateError,
+    render_template,
+    template_variables,
+    validate_template,
+)
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]{1,63}$")
+log = logging.getLogger("chorus.tasks")
+
+NAME_RE = re.compile(r"[a-z][a-z0-9_\-]{1,63}")  # always with fullmatch (a "$" would let a final newline in)
 RESERVED_NAMES = frozenset({"all", "builtin", "core", "user"})
 FORMATS = ("jsonl", "csv", "tsv")
 SPEC_FILE, DATA_FILE = "task.json", "data.json"
 SPEC_VERSION = 1
 MAX_SHOWN = 50  # errors listed in str(); all of them stay in .errors
+MAX_INT_DIGITS = 1000  # a longer integer in a JSON row is refused (Python refuses to convert > 4300)
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 _JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "loop", "self"}
 
 
@@ -84,6 +91,10 @@ class TaskExistsError(DatasetValidationError):
     """A user task with that name already exists (pass overwrite=True to replace it)."""
 
 
+class UserTaskError(ValueError):
+    """A stored user task that cannot be loaded (unreadable or tampered files, a refused template)."""
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 
@@ -122,7 +133,7 @@ class ParsedDataset:
 
 def validate_name(name: str, errors: list[RowError]) -> None:
     """Append a problem when `name` is not a valid, free task name (builtin names are taken)."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         errors.append(RowError(None, "name", f"invalid task name {name!r}: use 2-64 chars, a-z first, then a-z 0-9 _ -"))
     elif name in BUILTIN_TASKS or name in RESERVED_NAMES:
         errors.append(RowError(None, "name", f"task name {name!r} is reserved (a built-in task or keyword)"))
@@ -165,17 +176,37 @@ def _decode_lines(data: bytes, errors: list[RowError]) -> list[str]:
     return out
 
 
+class _LongInteger(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _LongInteger(f"an integer with {digits:,} digits (at most {MAX_INT_DIGITS:,}; quote it to keep it as text)")
+    return int(text)
+
+
 def _jsonl_records(lines: list[str], errors: list[RowError]) -> list[tuple[int, dict[str, Any]]]:
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             array = number == 1 and line.lstrip().startswith("[")
             hint = " (the file looks like a JSON array; use one JSON object per line)" if array else ""
             errors.append(RowError(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}{hint}"))
+            continue
+        except _LongInteger as exc:
+            errors.append(RowError(number, None, f"unreadable JSON: {exc}"))
+            continue
+        except RecursionError:
+            errors.append(RowError(number, None, "unreadable JSON: nested too deeply"))
+            continue
+        except ValueError as exc:  # anything else the decoder refuses
+            errors.append(RowError(number, None, f"unreadable JSON: {str(exc).split(';')[0][:200]}"))
             continue
         if not isinstance(obj, dict):
             errors.append(RowError(number, None, f"expected a JSON object, got {type(obj).__name__}"))
@@ -226,7 +257,8 @@ def _scalar(value: Any) -> str | None:
 
 
 def _sort_labels(labels: set[str]) -> list[str]:
-    if all(re.fullmatch(r"-?\d+", x) for x in labels):
+    """Integer labels in numeric order (when short enough to convert), anything else as text."""
+    if all(re.fullmatch(r"-?\d{1,%d}" % MAX_INT_DIGITS, x) for x in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 
@@ -289,7 +321,12 @@ def validate_dataset_bytes(
     if labelled and len({index[label] for label in counts if label in index}) < 2:
         errors.append(RowError(None, label_field, "need examples of at least 2 different labels"))
     final_template = template if template is not None else default_template(fields, keys, names)
-    _check_template(final_template, keys, rows, errors, user_given=template is not None)
+    if template is None and len(final_template) > MAX_TEMPLATE_CHARS:
+        message = (f"the default template (listing {len(names):,} label names) would be {len(final_template):,} "
+                   f"characters, over the {MAX_TEMPLATE_CHARS:,}-character limit; pass a template")
+        errors.append(RowError(None, "template", message))
+    else:
+        _check_template(final_template, keys, rows, errors, user_given=template is not None)
     if errors:
         raise DatasetValidationError(errors)
     return ParsedDataset(
@@ -397,23 +434,23 @@ def _resolve_labels(
 
 
 def _check_template(template: str, keys: list[str], rows: list[ParsedRow], errors: list[RowError], user_given: bool) -> None:
+    """Refuse an unsafe or unknown-field template (see templates.py), then render every row (capped output)."""
     try:
-        variables = meta.find_undeclared_variables(_ENV.parse(template))
-    except jinja2.TemplateSyntaxError as exc:
-        errors.append(RowError(None, "template", f"invalid Jinja template: {exc.message} (template line {exc.lineno})"))
+        validate_template(template, keys)
+    except TemplateError as exc:
+        errors.append(RowError(None, "template", str(exc)))
         return
-    unknown = sorted(variables - set(keys))
-    if unknown:
-        message = f"template uses unknown field(s) {', '.join(unknown)}; available: {', '.join(keys)}"
-        errors.append(RowError(None, "template", message))
-        return
-    if user_given and not variables:
+    if user_given and not template_variables(template):
         errors.append(RowError(None, "template", "template uses none of the text fields"))
-    if rows:
+    failed = 0
+    for row in rows:
         try:
-            _ENV.from_string(template).render(**rows[0].texts)
-        except Exception as exc:  # noqa: BLE001 - any render failure is a template problem
-            errors.append(RowError(None, "template", f"template fails on line {rows[0].line}: {exc}"))
+            render_template(template, row.texts)
+        except TemplateError as exc:
+            errors.append(RowError(row.line, "template", str(exc)))
+            failed += 1
+            if failed >= MAX_SHOWN:
+                break
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -544,6 +581,16 @@ _cache: dict[str, tuple[tuple[int, int], Task]] = {}
 
 
 def _spec_to_task(spec: dict[str, Any], folder: Path) -> Task:
+    """The Task a stored spec describes; its template is re-validated against its fields (specs are files
+    that may have been written by an older version or edited since)."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"{SPEC_FILE} is not a JSON object")
+    if spec.get("name") != folder.name:
+        raise ValueError(f"{SPEC_FILE} names task {spec.get('name')!r}, not {folder.name!r}")
+    keys = spec.get("field_keys")
+    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+        raise TypeError(f"{SPEC_FILE}: field_keys is not a list of names")
+
     def load() -> dict[str, list[Example]]:
         stored = json.loads((folder / DATA_FILE).read_text(encoding="utf-8"))
         return {
@@ -553,13 +600,17 @@ def _spec_to_task(spec: dict[str, Any], folder: Path) -> Task:
     return Task(
         name=spec["name"], template=spec["template"], choices=list(spec["choices"]), loader=load,
         label_names=list(spec["label_names"]), truncate_field=spec.get("truncate_field"),
-        description=spec.get("description", ""), source="user",
+        description=spec.get("description", ""), source="user", field_names=keys,
     )
 
 
 def load_user_task(name: str) -> Task | None:
-    """The user task `name`, or None when there is none (cached until its spec file changes)."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """The user task `name`, or None when there is none (cached until its spec file changes).
+
+    UserTaskError when it exists but cannot be loaded: unreadable files or a template the validator refuses
+    (such a task is never rendered). Messages name the task, never a server path.
+    """
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         return None
     folder = _root() / name
     try:
@@ -571,10 +622,18 @@ def load_user_task(name: str) -> Task | None:
     cached = _cache.get(name)
     if cached is not None and cached[0] == stamp:
         return cached[1]
+    problem = f"user task {name!r} cannot be loaded"
     try:
         task = _spec_to_task(json.loads((folder / SPEC_FILE).read_text(encoding="utf-8")), folder)
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:  # deleted meanwhile
+        _cache.pop(name, None)
         return None
+    except OSError as exc:
+        raise UserTaskError(f"{problem}: its {SPEC_FILE} is unreadable ({exc.strerror or type(exc).__name__})") from None
+    except KeyError as exc:
+        raise UserTaskError(f"{problem}: its {SPEC_FILE} has no {exc.args[0]!r}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise UserTaskError(f"{problem}: {exc}") from None
     _cache[name] = (stamp, task)
     return task
 
@@ -584,8 +643,18 @@ def list_user_tasks() -> list[Task]:
     root = _root()
     if not root.is_dir():
         return []
-    tasks = (load_user_task(p.name) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
-    return [t for t in tasks if t is not None]
+    tasks = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            task = load_user_task(folder.name)
+        except UserTaskError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        if task is not None:
+            tasks.append(task)
+    return tasks
 
 
 def delete_user_task(name: str) -> None:
@@ -593,7 +662,7 @@ def delete_user_task(name: str) -> None:
     if name in BUILTIN_TASKS:
         raise ValueError(f"{name!r} is a built-in task and cannot be deleted")
     folder = _root() / name
-    if not NAME_RE.match(name) or not (folder / SPEC_FILE).exists():
+    if not NAME_RE.fullmatch(name) or not (folder / SPEC_FILE).exists():
         raise ValueError(f"no user task named {name!r}")
     trash = folder.with_name(f".{name}.deleted-{os.getpid()}-{time.time_ns()}")
     folder.rename(trash)  # atomic: other processes see it gone at once
@@ -604,6 +673,6 @@ def delete_user_task(name: str) -> None:
 def user_task_spec(name: str) -> dict[str, Any]:
     """The stored task.json of a user task (fields, source, sha256, label counts, sizes)."""
     path = _root() / name / SPEC_FILE
-    if not NAME_RE.match(name) or not path.exists():
+    if not NAME_RE.fullmatch(name) or not path.exists():
         raise ValueError(f"no user task named {name!r}")
     return json.loads(path.read_text(encoding="utf-8"))
