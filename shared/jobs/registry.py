@@ -95,6 +95,8 @@ JOB_TYPES: dict[str, JobType] = {
                 f"{_AFF}.params:ApproxErrorParams", f"{_AFF}.stage:run_approx_error"),
         JobType("validate_estimates", "Compare estimated subset performance with real fine-tunes.",
                 f"{_AFF}.params:ValidateParams", f"{_AFF}.stage:run_validate_estimates"),
+        JobType("validate_affinity", "Validate Stage 1's affinity against Stage-2 fine-tunes of every subset.",
+                f"{_AFF}.params:ValidateAffinityParams", f"{_AFF}.validate_affinity:run_validate_affinity"),
         JobType("training", "Train group adapters, boost, and build the ensemble.",
                 f"{_TRAIN}.params:TrainingParams", f"{_TRAIN}.stage:run_training"),
         JobType("pipeline", "affinity -> grouping -> training (adapters, boosting, ensemble, report).",

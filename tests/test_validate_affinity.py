@@ -1,0 +1,228 @@
+"""validate-affinity: the agreement statistics on synthetic tables with known answers, and the CLI end to end
+on tiny-llama (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from shared.ml.affinity import agreement as ag
+from shared.ml.affinity.params import AffinityParams, ValidateAffinityParams
+from shared.ml.affinity.subsets import pair_counts
+from shared.ml.affinity.validate_affinity import METRICS, agreement_report, plan_subsets
+
+TWELVE = ["cb", "rte", "sst2", "boolq", "mr", "cr", "subj", "trec", "sst5", "mpqa", "copa", "wic"]
+N, GROUPS = 12, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+CONTRACT = {"spearman_within_task", "pairwise_order_accuracy", "change_skill", "t_correlation", "t_true_reliability", "ari"}
+
+
+def _planted(seeds: int = 2, noise: float = 0.05, seed: int = 0):
+    """Subsets of 3 of 12 tasks in 3 planted groups: perf_i(S) = level_i + sum_{j in S, j != i} (+1 same group, -1
+    other), plus seed noise. Returns (subsets, member [K, n], true [seeds, K, n], truth without noise [K, n])."""
+    subsets, _ = plan_subsets(N, 3, enumerate_limit=20, min_subsets=40, coverage=5, seed=0)
+    group = {i: g for g, members in enumerate(GROUPS) for i in members}
+    rng = np.random.default_rng(seed)
+    level = rng.normal(0, 1, N)
+    member = np.zeros((len(subsets), N), dtype=bool)
+    clean = np.full((len(subsets), N), np.nan)
+    for k, s in enumerate(subsets):
+        member[k, list(s)] = True
+        for i in s:
+            clean[k, i] = level[i] + sum(1.0 if group[i] == group[j] else -1.0 for j in s if j != i)
+    true = np.stack([clean + rng.normal(0, noise, clean.shape) for _ in range(seeds)])
+    return subsets, member, true, clean
+
+
+def _records(params, subsets, est, true, theta0):
+    """Per-seed estimate / truth records as validate_affinity writes them, from [S, K, n] tables."""
+    def metrics(v):
+        return {m: float(v) for m in METRICS}
+
+    est_recs, truth_recs = [], []
+    for s in range(est.shape[0]):
+        est_recs.append({"seed": s, "init": "base", "theta0": {t: metrics(theta0[i]) for i, t in enumerate(params.tasks)},
+                         "estimates": [{params.tasks[i]: metrics(est[s, k, i]) for i in sub} for k, sub in enumerate(subsets)]})
+        truth_recs.append({"seed": s, "all_tasks": None,
+                           "adapters": [{"metrics": {params.tasks[i]: metrics(true[s, k, i]) for i in sub}}
+                                        for k, sub in enumerate(subsets)]})
+    return est_recs, truth_recs
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_plan_subsets_enumerates_small_and_samples_at_least_the_minimum():
+    all6, info = plan_subsets(6, 3, enumerate_limit=20)
+    assert len(all6) == 20 and info["rule"] == "all"
+    drawn, info = plan_subsets(8, 3, enumerate_limit=20, min_subsets=40, coverage=1)
+    assert info["rule"] == "sampled" and len(drawn) >= 40 and len(set(drawn)) == len(drawn)
+    counts = np.array(pair_counts(8, drawn))
+    assert counts[~np.eye(8, dtype=bool)].min() >= 1
+    with pytest.raises(ValueError, match="subset size"):
+        plan_subsets(3, 3)
+
+
+def test_perfect_estimate_scores_one_everywhere():
+    subsets, member, true, _ = _planted()
+    params = ValidateAffinityParams(tasks=TWELVE, groups=3)
+    true_mean = ag.seed_mean(true, member)
+    est = np.stack([true_mean] * 2)
+    theta0 = np.zeros(N)
+    rep = agreement_report(params, subsets, *_records(params, subsets, est, true, theta0))
+    assert CONTRACT <= set(rep)
+    assert rep["spearman_within_task"]["value"] == pytest.approx(1.0)
+    assert rep["spearman_within_task"]["ci95"] == pytest.approx([1.0, 1.0])
+    assert rep["pairwise_order_accuracy"] == pytest.approx(1.0)
+    assert rep["change_skill"] == pytest.approx(1.0)
+    assert rep["t_correlation"]["value"] == pytest.approx(1.0) and rep["t_correlation"]["p"] < 0.01
+    assert rep["ari"]["est_vs_true"] == pytest.approx(1.0) and rep["ari"]["random_p95"] < 1.0
+    assert 0.9 < rep["t_true_reliability"] <= 1.0  # small seed noise: the two seeds' T_true nearly agree
+    groups = rep["detail"]["groups"]["true"]
+    assert sorted(sorted(g) for g in groups) == sorted(sorted(params.tasks[i] for i in g) for g in GROUPS)
+
+
+def test_negated_and_independent_estimates():
+    subsets, member, true, _ = _planted()
+    true_mean = ag.seed_mean(true, member)
+    neg = ag.within_task_spearman(np.stack([-true_mean] * 2), true, member, bootstrap=300, seed=1)
+    assert neg["value"] == pytest.approx(-1.0)
+    rng = np.random.default_rng(7)
+    noise = np.where(member[None], rng.normal(0, 1, (2, *member.shape)), np.nan)
+    ind = ag.within_task_spearman(noise, true, member, bootstrap=500, seed=1)
+    lo, hi = ind["ci95"]
+    assert lo < 0 < hi and abs(ind["value"]) < 0.3
+    assert set(ind["per_task"]) == set(range(N))
+
+
+def test_pairwise_order_counts_only_pairs_beyond_the_seed_noise():
+    member = np.ones((3, 1), dtype=bool)
+    true = np.array([[0.0, 1.0, 1.1], [0.1, 1.1, 1.0]])[:, :, None]  # seed noise 0.0707; gap(1, 2) = 0 is excluded
+    right = ag.pairwise_order(np.array([[0.0, 2.0, 1.0]])[:, :, None], true, member)
+    assert right["pairs"] == 2 and right["value"] == 1.0
+    half = ag.pairwise_order(np.array([[1.0, 0.0, 2.0]])[:, :, None], true, member)
+    assert half["value"] == 0.5
+    assert ag.seed_noise(true, member)[0] == pytest.approx(math.sqrt(0.005))
+
+
+def test_change_skill_is_one_for_the_truth_and_zero_for_no_change():
+    t = np.array([0.5, -0.2, 0.1, np.nan])
+    assert ag.change_skill(t, t) == pytest.approx(1.0)
+    assert ag.change_skill(np.zeros(4), t) == pytest.approx(0.0)
+    assert ag.change_skill(2 * t, t) == pytest.approx(0.0)
+
+
+def test_mantel_p_small_for_planted_structure_and_large_for_noise():
+    subsets, member, true, clean = _planted()
+    T_true = ag.affinity_from_table(ag.seed_mean(true, member), member)
+    rng = np.random.default_rng(3)
+    planted = T_true + rng.normal(0, 0.3, T_true.shape)
+    hit = ag.mantel(planted, T_true, permutations=999, seed=0)
+    assert hit["value"] > 0.5 and hit["p"] < 0.01
+    miss = ag.mantel(rng.normal(0, 1, T_true.shape), T_true, permutations=999, seed=0)
+    assert miss["p"] > 0.05
+
+
+def test_affinity_from_table_matches_the_definition():
+    member = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=bool)
+    values = np.array([[1.0, 2.0, np.nan], [3.0, np.nan, 4.0], [5.0, 6.0, 7.0]])
+    T = ag.affinity_from_table(values, member)
+    assert T[0, 0] == pytest.approx(3.0) and T[0, 1] == pytest.approx(3.0) and T[0, 2] == pytest.approx(4.0)
+    assert T[1, 2] == pytest.approx(6.0) and T[2, 1] == pytest.approx(7.0)
+
+
+def test_ari_of_identical_groups_is_one_and_random_partitions_rarely_match():
+    res = ag.ari_vs_random(GROUPS, [GROUPS], N, random_partitions=1000, seed=0)
+    assert res["value"] == pytest.approx(1.0) and res["random_p95"] < 0.5
+    other = [[0, 4, 8, 1], [5, 9, 2, 6], [10, 3, 7, 11]]
+    assert ag.ari_vs_random(GROUPS, [other], N)["value"] < 0.2
+
+
+def test_adjusted_rand_matches_sklearn():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a, b = rng.integers(0, rng.integers(1, 5), 10), rng.integers(0, rng.integers(1, 5), 10)
+        assert ag.adjusted_rand(a, b) == pytest.approx(adjusted_rand_score(a, b))
+    assert ag.adjusted_rand(np.arange(6), np.arange(6)) == adjusted_rand_score(np.arange(6), np.arange(6))
+
+
+def test_params_refuse_what_the_validation_sets_itself():
+    with pytest.raises(ValueError, match="affinity.seed"):
+        ValidateAffinityParams(tasks=["cb", "rte", "sst2"], affinity={"seed": 3})
+    with pytest.raises(ValueError, match="backmap"):
+        ValidateAffinityParams(tasks=["cb", "rte", "sst2"], affinity={"backmap": "representer"})
+    with pytest.raises(ValueError, match="subset_size"):
+        ValidateAffinityParams(tasks=["cb", "rte", "sst2"], subset_size=3)
+    with pytest.raises(ValueError, match="not in tasks"):
+        AffinityParams(tasks=["cb", "rte"], subsets=[["cb", "sst2"]])
+    assert AffinityParams(tasks=["cb", "rte", "sst2"], subsets=[["sst2", "cb"]]).subsets == [["sst2", "cb"]]
+    p = ValidateAffinityParams(tasks=["cb", "rte", "sst2"], training={"rank": 8}, seeds=[4])
+    assert p.affinity_params(4, [["cb", "rte"]]).rank == 8 and p.training_params(4).seed == 4
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    import torch
+
+    from services.cli.main import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's forwards are all overhead: one thread is several times faster
+    out = tmp_path_factory.mktemp("va") / "run"
+    args = ["validate-affinity", "--model", "tiny-llama", "--tasks", "cb,rte,sst2", "--seeds", "2", "--max-train", "8",
+            "--max-val", "6", "--epochs", "1", "--subset-size", "2", "--dim", "16", "--init", "base", "--max-length", "128",
+            "--quantization", "none", "--device", "cpu", "--out", str(out)]
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_cli_writes_every_contract_key(cli_run):
+    out, output = cli_run
+    doc = json.loads((out / "validate_affinity.json").read_text())
+    assert CONTRACT <= set(doc)
+    assert set(doc["spearman_within_task"]) == {"value", "ci95"} and set(doc["t_correlation"]) == {"value", "p"}
+    assert set(doc["ari"]) == {"est_vs_true", "random_p95"}
+    finite = [doc["spearman_within_task"]["value"], *doc["spearman_within_task"]["ci95"], doc["change_skill"],
+              doc["t_correlation"]["value"], doc["t_correlation"]["p"], doc["t_true_reliability"],
+              doc["ari"]["est_vs_true"], doc["ari"]["random_p95"]]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in finite), finite
+    assert doc["pairwise_order_accuracy"] is None or 0.0 <= doc["pairwise_order_accuracy"] <= 1.0
+    assert doc["seeds"] == [0, 1] and doc["metric"] == "neg_loss" and len(doc["subsets"]) == 3
+    assert len(doc["table"]) == 2 * 3 * 2  # seeds x subsets x tasks per subset
+    # the re-read estimates reproduce Stage 1's table; the re-scored adapters reproduce the trainer's accuracy
+    for s in ("0", "1"):
+        assert doc["consistency"]["estimate_reread_vs_stage1"][s]["max_abs_accuracy"] == 0.0
+        assert doc["consistency"]["rescore_vs_trainer"][s] <= 1 / 6 + 1e-9  # at most one of 6 rows (trainer's numerics)
+        assert doc["costs"]["stage1"][s]["flops"]["total"] > 0 and doc["costs"]["finetunes"][s]["subsets_cost"]["total_flops"] > 0
+    assert doc["change_reference"].startswith("theta0")
+    assert (out / "validate_affinity.csv").exists() and (out / "seed-1" / "affinity" / "affinity.json").exists()
+    assert "within-task Spearman" in output
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
+    from services.cli.main import app
+
+    base = ["validate-affinity", "--model", "tiny-llama", "--out", str(tmp_path / "x")]
+    result = runner.invoke(app, [*base, "--tasks", "cb,rte,sst2", "--seeds", "0"])
+    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(app, [*base, "--tasks", "cb,rte,sst2", "--seeds", "1,1"])
+    assert result.exit_code == 2 and "--seeds" in result.output
+    result = runner.invoke(app, [*base, "--tasks", "cb,nosuchtask"])
+    assert result.exit_code == 2 and "nosuchtask" in result.output
+    result = runner.invoke(app, [*base, "--tasks", "cb,rte,sst2", "--metric", "f1"])
+    assert result.exit_code == 2 and "--metric" in result.output
+    assert not list(tmp_path.iterdir())
