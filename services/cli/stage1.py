@@ -1,4 +1,4 @@
-"""Stage-1 CLI commands: affinity, group, approx-error, validate-estimates.
+"""Stage-1 CLI commands: affinity, group, approx-error, validate-estimates, validate-affinity.
 
 Bad input (unknown task, bad option value, malformed affinity.json, more groups than tasks) prints an
 error naming the wrong thing and exits with status 2 before anything is written. `affinity` computes in a
@@ -264,8 +264,82 @@ def validate_command(
                      f"({summary['compute_ratio_amortised_with_init']:.1f}x amortised)" if th.get("init") == "meta" else ""))
 
 
+def seeds_option(text: str) -> list[int]:
+    """--seeds: comma-separated seeds ("0,1", "3,"), or a count S meaning seeds 0..S-1 ("2")."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        fail(f"--seeds: expected a number of seeds or comma-separated seeds, got {text!r}")
+    if not values:
+        fail("--seeds: give a number of seeds or comma-separated seeds")
+    if "," not in text:
+        if values[0] < 1:
+            fail(f"--seeds: a number of seeds must be >= 1, got {values[0]}")
+        return list(range(values[0]))
+    if len(set(values)) != len(values) or min(values) < 0:
+        fail(f"--seeds: seeds must be distinct non-negative integers, got {values}")
+    return values
+
+
+def validate_affinity_command(
+    out: Annotated[Path, typer.Option(help="Output directory (validate_affinity.json/.csv, seed-<s>/ with Stage 1's files).")],
+    model: _MODEL = "smollm2-135m",
+    tasks: _TASKS = "",
+    seeds: Annotated[str, typer.Option(help="Seeds: comma-separated (0,1) or a count S meaning 0..S-1.")] = "0,1",
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (both sides).")] = 500,
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task (both sides).")] = 1000,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs of the true subsets (Stage-2 trainer).")] = 3,
+    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 8,
+    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
+    metric: Annotated[str, typer.Option(help="neg_loss (-choice cross-entropy), accuracy, margin or neg_vocab_loss.")] = "neg_loss",
+    groups: Annotated[str, typer.Option(help="Number of groups M for the ARI, or 'auto' (chosen on T_true).")] = "auto",
+    dim: Annotated[Optional[int], typer.Option(min=1, max=65536, help="Stage 1's projection dimension d (default 400).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Stage 1's theta0: base or meta (default meta).")] = None,
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
+    quantization: Annotated[str, typer.Option(help="none or nf4 (both sides; Stage 2 trains on nf4).")] = "nf4",
+    device: _DEVICE = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the headline metrics as JSON.")] = False,
+) -> None:
+    """Stage 1's estimate vs Stage-2 fine-tunes of every subset: within-task order, T matrices, groups."""
+    from shared.ml.affinity.params import ValidateAffinityParams
+    from shared.ml.affinity.validate_affinity import run_validate_affinity
+    from shared.ml.progress import TqdmProgress
+
+    if init is not None and init not in ("base", "meta"):
+        fail(f"--init: expected base or meta, got {init!r}")
+    affinity = {k: v for k, v in (("dim", dim), ("init", init)) if v is not None}
+    params = validate(ValidateAffinityParams, drop_none=True, data=dict(
+        model=model, tasks=task_list(tasks), seeds=seeds_option(seeds), max_train=max_train, max_val=max_val, epochs=epochs,
+        lr=lr, batch_size=batch_size, subset_size=subset_size, metric=metric, groups=groups_option(groups),
+        max_length=max_length, quantization=quantization, device=device, affinity=affinity))
+    summary = run_into(out, "validate-affinity", "validate_affinity.json",
+                       lambda wd: run_validate_affinity(params, wd, TqdmProgress()))
+    keys = ("spearman_within_task", "pairwise_order_accuracy", "change_skill", "t_correlation", "t_true_reliability", "ari")
+    if as_json:
+        typer.echo(json.dumps({k: summary[k] for k in keys}, indent=2))
+        return
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    sp, tc, ari = summary["spearman_within_task"], summary["t_correlation"], summary["ari"]
+    table = Table("metric", "value", "reference", title=f"Stage 1 vs fine-tuned subsets ({params.metric}, seeds {params.seeds})")
+    table.add_row("within-task Spearman", num(sp["value"]), f"95% CI [{num(sp['ci95'][0])}, {num(sp['ci95'][1])}]")
+    table.add_row("pairwise order accuracy", num(summary["pairwise_order_accuracy"]), "pairs beyond 2x seed noise")
+    table.add_row("change skill", num(summary["change_skill"]), "vs theta0 (0 = no-change predictor)")
+    table.add_row("T correlation", num(tc["value"]), f"Mantel p {num(tc['p'])}; ceiling {num(summary['t_true_reliability'])}")
+    table.add_row("ARI (groups)", num(ari["est_vs_true"]), f"random p95 {num(ari['random_p95'])}")
+    console.print(table)
+    c = summary["costs"]
+    console.print(f"{summary['subsets']} subsets; Stage 1 {c['stage1_wall_seconds']:.1f} s, fine-tunes {c['finetune_wall_seconds']:.1f} s "
+                  f"(FLOP ratio {num(c['flop_ratio'])}); wrote {out / 'validate_affinity.json'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("affinity")(affinity_command)
     app.command("group")(group_command)
     app.command("approx-error")(approx_error_command)
     app.command("validate-estimates")(validate_command)
+    app.command("validate-affinity")(validate_affinity_command)

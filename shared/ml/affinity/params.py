@@ -7,7 +7,7 @@ sampler (each derives its own stream from it).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -113,12 +113,34 @@ class AffinityParams(_ModelRun):
     metric: Literal["accuracy", "neg_loss", "macro_f1"] = "accuracy"
     solver_max_iter: int = Field(default=50, ge=1, le=1000)
     subsets_per_forward: int = Field(default=8, ge=1, le=512, description="subset adapters evaluated in one batched forward")
+    subsets: list[list[str]] | None = Field(
+        default=None, description="explicit subsets (lists of task names) used instead of sampled ones; "
+                                  "subset_size, coverage and enumerate_limit are then ignored")
+
+    @field_validator("subsets")
+    @classmethod
+    def _subset_names(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("subsets: give at least one subset (or leave it unset to sample them)")
+        out = []
+        for k, s in enumerate(v):
+            names = known_tasks(s) if s else []
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"subsets: subset {k} ({s}) must be a non-empty list of distinct task names")
+            out.append(names)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> AffinityParams:
         n = len(self.tasks)
         if self.subset_size is not None and self.subset_size > n:
             raise ValueError(f"subset_size={self.subset_size} is more than the {n} tasks")
+        for k, s in enumerate(self.subsets or []):
+            unknown = [t for t in s if t not in self.tasks]
+            if unknown:
+                raise ValueError(f"subsets: subset {k} names task(s) {unknown} that are not in tasks {self.tasks}")
         return self
 
 
@@ -135,6 +157,11 @@ class GroupingParams(BaseModel):
     seed: int = Field(default=0, ge=0)
     sdp_max_n: int = Field(default=40, ge=2, le=500, description="above this many tasks use spectral clustering")
     m_max: int | None = Field(default=None, ge=2, description="largest m tried by groups=auto")
+    structure_alpha: float = Field(
+        default=0.05, gt=0.0, lt=1.0,
+        description="groups=auto: level of the permutation test for group structure in T; above it the "
+                    "pipeline falls back to the arm validation favours (single, per-task or groups)")
+    permutations: int = Field(default=999, ge=99, le=100_000, description="permutations of the structure test")
     tasks: list[str] | None = Field(default=None, description="if given, must match the affinity file's tasks")
 
     @model_validator(mode="after")
@@ -192,3 +219,120 @@ class ValidateParams(_ModelRun):
         if v is not None and any(x <= 0 for x in v):
             raise ValueError("every value must be > 0")
         return v
+
+
+class ValidateAffinityParams(BaseModel):
+    """Stage 1's affinity estimate against the truth it stands for: every subset really fine-tuned the way Stage 2
+    trains group adapters, over several seeds; agreement of within-task orders, T matrices and groups.
+
+    Shared knobs (model, quantization, tasks, max_train, max_val, max_length, device) are set once for both sides,
+    so the estimate and the fine-tunes of one seed see the same rows. `affinity` holds any other AffinityParams
+    field (e.g. {"dim": 64, "init": "base"}); `training` any other TrainingParams field (e.g. {"patience": 0});
+    the LoRA shape (rank, alpha, targets) of `training` is shared with Stage 1, as in the pipeline.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m"
+    quantization: Literal["none", "nf4"] = "nf4"
+    tasks: list[str] = Field(min_length=2, description="task names (built-in or imported)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+                             description="one Stage-1 run and one fine-tune per subset for each seed")
+    max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
+    max_val: int | None = Field(default=1000, ge=1, description="validation examples per task; None = all")
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(default=3, ge=1, le=100, description="fine-tuning epochs (Stage 2's default)")
+    lr: float = Field(default=5e-4, gt=0, le=1.0, description="fine-tuning learning rate")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="fine-tuning batch size")
+    subset_size: int | None = Field(default=None, ge=2, description="tasks per subset (default: Stage 1's rule)")
+    enumerate_limit: int = Field(default=20, ge=1, description="use every subset when C(n, s) is at most this")
+    min_subsets: int = Field(default=40, ge=2, description="otherwise sample at least this many (pair-covering)")
+    coverage: int = Field(default=5, ge=1, le=1000, description="pair coverage of the sampled subsets (raised until min_subsets)")
+    subset_seed: int = Field(default=0, ge=0, description="seed of the subset sampler (the same subsets for every seed)")
+    metric: Literal["neg_loss", "accuracy", "margin", "neg_vocab_loss"] = Field(
+        default="neg_loss",
+        description="target: neg_loss = -cross-entropy over the task's answer choices; accuracy; margin = gold choice "
+                    "logit minus the best other one; neg_vocab_loss = -answer-token cross-entropy over the vocabulary")
+    groups: GroupCount = Field(default="auto", description="m for the ARI (auto: the silhouette choice on T_true)")
+    noise_factor: float = Field(default=2.0, ge=0, description="pairwise order: true gap must exceed this x seed noise")
+    bootstrap: int = Field(default=2000, ge=200, le=100_000)
+    permutations: int = Field(default=999, ge=999, le=1_000_000)
+    random_partitions: int = Field(default=1000, ge=1000, le=1_000_000)
+    stats_seed: int = Field(default=0, ge=0, description="seed of the bootstrap, permutations and random partitions")
+    all_task_reference: bool = Field(default=True, description="also fine-tune one all-task adapter per seed (a reference)")
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        names = known_tasks(v)
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"need at least 2 distinct tasks, got {names}")
+        return names
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateAffinityParams:
+        n = len(self.tasks)
+        if self.subset_size is not None and self.subset_size >= n:
+            raise ValueError(f"subset_size={self.subset_size} must be less than the {n} tasks (subsets must differ)")
+        if isinstance(self.groups, int) and self.groups > n:
+            raise ValueError(f"groups={self.groups} is more than the {n} tasks")
+        fixed = {"tasks", "seed", "subsets", "model", "quantization", "max_train", "max_val", "max_length", "device"}
+        for label, overrides in (("affinity", self.affinity), ("training", self.training)):
+            clash = sorted((fixed | {"groups", "groups_source"}) & set(overrides))
+            if clash:
+                raise ValueError(f"{label}.{clash[0]} is set by the validation itself; use the top-level field")
+        aff = self.affinity_params(self.seeds[0], [self.tasks[:2]])
+        if aff.mode != "forward" or aff.backmap != "sketch":
+            raise ValueError("affinity: the validation re-reads Stage 1's estimates with mode 'forward' and backmap 'sketch'")
+        self.training_params(self.seeds[0])
+        return self
+
+    def training_params(self, seed: int) -> Any:
+        """The Stage-2 TrainingParams of one seed (no groups: the subsets are passed as adapter specs)."""
+        from shared.ml.training.params import TrainingParams
+
+        data: dict[str, Any] = {
+            "model": self.model, "quantization": self.quantization, "seed": seed, "max_train": self.max_train,
+            "max_val": self.max_val, "max_length": self.max_length, "epochs": self.epochs, "lr": self.lr,
+            "batch_size": self.batch_size,
+        }
+        data.update(self.training)
+        return _validated(TrainingParams, data, "training")
+
+    def affinity_params(self, seed: int, subsets: list[list[str]]) -> AffinityParams:
+        """Stage 1 of one seed on the given subsets, with the training's LoRA shape."""
+        data: dict[str, Any] = {
+            "model": self.model, "quantization": self.quantization, "tasks": list(self.tasks), "seed": seed,
+            "max_train": self.max_train, "max_val": self.max_val, "max_length": self.max_length, "device": self.device,
+            "metric": "neg_loss", "subsets": subsets,
+        }
+        for key in ("rank", "alpha", "targets"):
+            if key in self.training:
+                data[key] = self.training[key]
+        data.update(self.affinity)
+        return _validated(AffinityParams, data, "affinity")
+
+
+def _validated(cls: type[BaseModel], data: dict[str, Any], label: str) -> Any:
+    """cls.model_validate(data); an unknown or bad option raises a ValueError naming `label`.option."""
+    from pydantic import ValidationError
+
+    unknown = sorted(set(data) - set(cls.model_fields))
+    if unknown:
+        raise ValueError(f"{label}: unknown option(s) {unknown}; {cls.__name__} accepts {sorted(cls.model_fields)}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        parts = [f"{label}.{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]
+        raise ValueError("; ".join(parts)) from None

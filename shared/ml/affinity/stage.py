@@ -36,6 +36,7 @@ from shared.ml.affinity.estimate import (
     delta_norms, evaluate_base, evaluate_subsets_forward, evaluate_subsets_linear, representer_deltas, subset_rows,
 )
 from shared.ml.affinity.grouping import group_auto, group_fixed
+from shared.ml.affinity.structure import structure_test
 from shared.ml.affinity.initialise import load_runtime, theta0_info
 from shared.ml.affinity.params import AffinityParams, ApproxErrorParams, GroupingParams, ValidateParams, effective_lambda
 from shared.ml.affinity.projection import ProjectionSpec
@@ -122,14 +123,19 @@ def prepare_affinity(params: AffinityParams, workdir: Path, progress: Progress =
         vrows.write_csv(workdir / "rows_val.csv")
     if not (workdir / "subsets.json").exists():
         n = len(params.tasks)
-        size = _subset_size(params, n)
-        subsets = sample_subsets(n, size, params.coverage, params.seed, params.enumerate_limit)
+        if params.subsets is not None:  # explicit subsets (each in task order), e.g. the ones a validation fixes
+            subsets = [tuple(sorted(params.tasks.index(t) for t in s)) for s in params.subsets]
+            size = max(len(s) for s in subsets)
+        else:
+            size = _subset_size(params, n)
+            subsets = sample_subsets(n, size, params.coverage, params.seed, params.enumerate_limit)
         counts = np.array(pair_counts(n, subsets))
         off = counts[~np.eye(n, dtype=bool)]
         atomic_write_json(workdir / "subsets.json", {
             "tasks": params.tasks, "size": size, "coverage_target": params.coverage,
             "min_pair_coverage": int(off.min()) if off.size else 0,
             "enumerated_all": len(subsets) == math.comb(n, size),
+            "explicit": params.subsets is not None,
             "subsets": [[params.tasks[i] for i in s] for s in subsets],
             "indices": [list(s) for s in subsets],
         })
@@ -482,21 +488,28 @@ def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = sil
         raise ValueError(f"groups={params.groups} is more than the {n} tasks in {str(path)!r}")
     C = mx.clustering_matrix(T, centre=params.centre)
     progress("grouping", 0, 1, "clustering")
+    structure = structure_test(T, params.permutations, params.structure_alpha, params.seed)
     if params.groups == "auto":
         result = group_auto(C, params.method, params.seed, params.m_max, params.sdp_max_n)
     else:
         result = group_fixed(C, int(params.groups), params.method, params.seed, params.sdp_max_n)
+    # With no structure above noise, auto's partition is only a candidate: the pipeline also trains the
+    # single and per-task arms and deploys whichever validation favours.
+    fallback = params.groups == "auto" and not structure["significant"]
     groups = [[tasks[i] for i in g] for g in result.groups]
     workdir.mkdir(parents=True, exist_ok=True)
     mx.heatmap(workdir / "groups.png", tasks, T, f"affinity ({metric}) with {result.m} groups ({result.method})", groups)
     doc = json_safe({
         "groups": groups, "method": result.method, "m": result.m, "requested": params.groups, "metric": metric,
-        "objective": result.objective, "details": result.details, "tasks": tasks,
+        "objective": result.objective, "details": result.details, "tasks": tasks, "structure": structure,
+        "selection": "validation" if fallback else "groups",
         "affinity": str(path), "params": params.model_dump(mode="json"),
     })
     atomic_write_json(workdir / "groups.json", doc)
     progress("grouping", 1, 1, f"{result.m} groups")
-    return {"groups": groups, "method": result.method, "m": result.m, "artifacts": {"groups": "groups.json", "heatmap": "groups.png"}}
+    return {"groups": groups, "method": result.method, "m": result.m, "structure_p": structure["p"],
+            "selection": "validation" if fallback else "groups",
+            "artifacts": {"groups": "groups.json", "heatmap": "groups.png"}}
 
 
 # ------------------------------------------------------------------------------------------ re-exports
