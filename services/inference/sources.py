@@ -7,6 +7,11 @@ Never a user-supplied path or URL: ids must match ENSEMBLE_ID and are looked up
   default root `<artifacts>/ensembles`, for bundles deployed by hand).
 Every resolved path must stay inside its root (no `..`, no symlink escapes).
 
+Integrity: a folder manifest must record its fingerprint (checked against its content by `load_manifest`);
+a stored manifest and each member's stored adapter folder must still have the sha256 of their artifact rows
+(`IntegrityError` otherwise). Either way a file edited after the fact is refused before anything is loaded;
+the engine then checks each adapter's weights against the sha256 the manifest records.
+
 Ownership: a database ensemble carries its row's `owner` (the owner of the job that produced it); a folder
 has none (the loading admin decides: see services/inference/app.py).
 """
@@ -32,6 +37,14 @@ class EnsembleNotFound(LookupError):
 
 class InvalidEnsemble(ValueError):
     """The ensemble exists but its manifest or layout is unusable."""
+
+
+class IntegrityError(InvalidEnsemble):
+    """A stored file no longer matches its record (edited or corrupted after it was written)."""
+
+    def __init__(self, message: str, param: str = "id") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -68,6 +81,19 @@ def _load_manifest(path: Path) -> Any:
         raise InvalidEnsemble(f"invalid ensemble manifest: {exc}") from exc
 
 
+def _check_stored(path: Path, art: Any, what: str, param: str = "id") -> None:
+    """IntegrityError unless the stored object at `path` still has its artifact row's sha256."""
+    from shared.storage import folder_digest, folder_manifest, sha256_file
+
+    try:
+        actual = folder_digest(folder_manifest(path)) if art.kind == "folder" else sha256_file(path)
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{what} cannot be read from the artifact store", param) from exc
+    if actual != art.sha256:
+        raise IntegrityError(f"{what} was modified in the artifact store: sha256 {actual[:16]}... differs from the "
+                             f"recorded {art.sha256[:16]}...; refusing to load it", param)
+
+
 class DirectoryEnsembleSource:
     """`<root>/<id>/ensemble.json`; member paths relative to that folder."""
 
@@ -82,6 +108,9 @@ class DirectoryEnsembleSource:
             raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
         folder = _inside(self.root, folder)
         manifest = _load_manifest(_inside(folder, manifest_path))
+        if manifest.fingerprint is None:  # nothing to check an edit against
+            raise InvalidEnsemble(f"ensemble {ensemble_id!r}: {MANIFEST_FILE} records no fingerprint; write it with "
+                                 "shared.ml.training.ensemble.write_manifest")
         members = {}
         for member in manifest.members:
             if member.path is not None:
@@ -111,11 +140,12 @@ class StoreEnsembleSource:
             if art is None:
                 raise InvalidEnsemble(f"ensemble {ensemble_id!r}: its manifest artifact is missing")
             path = store.resolve(art.path)
+            _check_stored(path, art, f"ensemble {ensemble_id!r}: its manifest")
             if path.is_dir():
                 path = path / MANIFEST_FILE
             manifest = _load_manifest(path)
             members: dict[str, Path] = {}
-            for member in manifest.members:
+            for index, member in enumerate(manifest.members):
                 if member.path is None:
                     continue
                 adapter_id = (row.members or {}).get(member.name)
@@ -124,6 +154,8 @@ class StoreEnsembleSource:
                 if adapter_art is None:
                     raise InvalidEnsemble(f"ensemble {ensemble_id!r}: member {member.name!r} has no stored adapter")
                 members[member.name] = store.resolve(adapter_art.path)
+                _check_stored(members[member.name], adapter_art,
+                              f"ensemble {ensemble_id!r}: member {member.name!r}'s adapter", f"members[{index}]")
             owner = row.owner
         return ResolvedEnsemble(ensemble_id, manifest, members, "store", owner)
 

@@ -266,7 +266,8 @@ class Adapter(Base):
 
 
 class Ensemble(Base):
-    """An ensemble manifest produced by a job; `fingerprint` is the sha256 of the manifest file."""
+    """An ensemble manifest produced by a job; `fingerprint` is the manifest's own (`compute_fingerprint`, as the
+    inference service reports it); the file's sha256 is its artifact's."""
 
     __tablename__ = "ensembles"
     __table_args__ = (UniqueConstraint("job_id", "name"),)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.models import Adapter, Artifact, Ensemble, new_id
-from shared.storage import ArtifactStore, media_type_for, record_artifact
+from shared.storage import ArtifactStore, media_type_for, record_artifact, sha256_file
 
 
 def jsonable(value: Any) -> Any:
@@ -81,7 +81,7 @@ def ingest_stage(session: Session, store: ArtifactStore, *, job_id: str, owner: 
     """
     paths = stage_artifact_paths(workdir, summary)
     ids: dict[str, str] = {}
-    adapters: dict[str, Adapter] = {}
+    adapters: dict[Path, Adapter] = {}  # resolved adapter folder -> its row
     # Folders (adapters) first so an ensemble manifest can point at their ids.
     for name, path in sorted(paths.items(), key=lambda kv: (not kv[1].is_dir(), kv[0])):
         stored = store.put(path)
@@ -90,10 +90,10 @@ def ingest_stage(session: Session, store: ArtifactStore, *, job_id: str, owner: 
                               media_type=media_type_for(path.name, stored.kind))
         ids[name] = art.id
         if stored.kind == "folder" and (path / "adapter_config.json").is_file():
-            adapters[name] = _record_adapter(session, art, path, owner, job_id, path.name)
+            adapters[path] = _record_adapter(session, art, path, owner, job_id, path.name)
     for name, path in paths.items():
         if _is_ensemble(name, path):
-            _record_ensemble(session, session.get(Artifact, ids[name]), path, owner, job_id)
+            _record_ensemble(session, session.get(Artifact, ids[name]), path, owner, job_id, adapters)
     session.flush()
     return ids
 
@@ -122,32 +122,46 @@ def _record_adapter(session: Session, art: Artifact, folder: Path, owner: str, j
     return row
 
 
-def _record_ensemble(session: Session, art: Artifact, path: Path, owner: str, job_id: str) -> Ensemble:
-    manifest = _read_json(path)
-    name = str(manifest.get("name") or path.stem)
-    known = {a.name: a.id for a in session.scalars(select(Adapter).where(Adapter.job_id == job_id))}
+def _record_ensemble(session: Session, art: Artifact, path: Path, owner: str, job_id: str | None,
+                     folders: dict[Path, Adapter]) -> Ensemble:
+    """The ensemble row of a manifest: validated with `load_manifest` (a recorded fingerprint must match its
+    content); `fingerprint` is the manifest's fingerprint, the one the inference service reports (the file's
+    own sha256 stays on the artifact row). Every adapter member must be one of the job's stored adapters whose
+    weights have the sha256 the manifest records; anything else is a ValueError naming the member."""
+    from shared.ml.training.adapters import WEIGHTS_FILE
+    from shared.ml.training.ensemble import compute_fingerprint, load_manifest
+
+    try:
+        manifest = load_manifest(path)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        message = str(exc).replace(str(path), path.name)  # no server paths in a job's error
+        raise ValueError(message if path.name in message else f"ensemble manifest {path.name!r}: {message}") from exc
+    # Adapters of the job's earlier stages, by folder name (this stage's own are matched by folder).
+    earlier = select(Adapter).where(Adapter.job_id == job_id, Adapter.owner == owner)
+    known = {a.name: a for a in session.scalars(earlier)}
     members: dict[str, str] = {}
-    raw_members = manifest.get("members") or []
-    for member in raw_members if isinstance(raw_members, list) else []:
-        if isinstance(member, str):
-            key = member
-        elif isinstance(member, dict):
-            key = str(member.get("name") or member.get("adapter") or member.get("path") or "")
-        else:
+    for member in manifest.members:
+        if member.path is None:
             continue
-        path_key = str(member.get("path") or "") if isinstance(member, dict) else ""
-        for candidate in (key, Path(key).name, Path(path_key).name if path_key else ""):
-            if candidate in known:
-                members[key] = known[candidate]
-                break
+        folder = (path.parent / member.path).resolve()
+        adapter = folders.get(folder) or known.get(folder.name) or known.get(member.name)
+        if adapter is None:
+            raise ValueError(f"ensemble manifest {path.name!r}: member {member.name!r} ({member.path}) is not an "
+                             "adapter folder stored by this job")
+        weights = folder / WEIGHTS_FILE
+        if folder in folders and (not weights.is_file() or sha256_file(weights) != member.sha256):
+            raise ValueError(f"ensemble manifest {path.name!r}: member {member.name!r}: {member.path}/{WEIGHTS_FILE} "
+                             "does not have the sha256 the manifest records")
+        members[member.name] = adapter.id
+    raw = _read_json(path)
+    name = manifest.name or path.stem
     row = session.scalars(select(Ensemble).where(Ensemble.job_id == job_id, Ensemble.name == name)).one_or_none()
     if row is None:
         row = Ensemble(id=new_id("ens"), owner=owner, job_id=job_id, name=name)
         session.add(row)
-    row.artifact_id, row.fingerprint = art.id, art.sha256
-    base = manifest.get("base") or manifest.get("base_model")
-    base = (base.get("base_model") or base.get("name")) if isinstance(base, dict) else base
-    row.base_model = str(base) if base else None
-    row.manifest = jsonable(manifest)
+    row.artifact_id = art.id
+    row.fingerprint = manifest.fingerprint or compute_fingerprint(manifest)
+    row.base_model = manifest.base.base_model
+    row.manifest = jsonable(raw)
     row.members = members
     return row

@@ -13,7 +13,7 @@ from services.api.deps import DB, Submitter
 from services.api.errors import ApiError
 from services.api.schemas import AdapterOut, ArtifactOut, EnsembleOut, ListResponse, artifact_filename
 from shared.db.models import Adapter, Artifact, Ensemble
-from shared.storage import ArtifactStore, safe_name
+from shared.storage import ArtifactStore, safe_name, sha256_file
 
 router = APIRouter(tags=["artifacts"])
 ArchiveFormat = Literal["tar.gz", "zip"]
@@ -110,4 +110,17 @@ def ensemble_content(ensemble_id: str, principal: Submitter, db: DB) -> FileResp
     art = db.get(Artifact, ens.artifact_id)
     if art is None:
         raise ApiError(500, "artifact_unavailable", f"ensemble {ensemble_id} has no stored manifest")
+    _check_unmodified(art, f"ensemble {ensemble_id}: its stored manifest")
     return download(art, "tar.gz", f"{ens.name}.json")
+
+
+def _check_unmodified(art: Artifact, what: str) -> None:
+    """409 when a stored file no longer has its artifact row's sha256 (edited after it was stored)."""
+    try:
+        path = ArtifactStore().resolve(art.path)
+        actual = sha256_file(path) if art.kind == "file" and path.is_file() else art.sha256
+    except (OSError, ValueError) as exc:
+        raise ApiError(500, "artifact_unavailable", f"{what} cannot be read from the store") from exc
+    if actual != art.sha256:
+        raise ApiError(409, "artifact_integrity", f"{what} was modified in the store (sha256 {actual[:16]}... differs "
+                       f"from the recorded {art.sha256[:16]}...); refusing to serve it")
