@@ -4,6 +4,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     CHORUS_HOME=/var/lib/chorus CHORUS_DATA_DIR=/data CHORUS_MODEL_CACHE_DIR=/var/lib/chorus/models
+# `chorus api` / `chorus inference` trust X-Forwarded-For only from these proxies (empty: none).
+ENV CHORUS_FORWARDED_ALLOW_IPS=""
 
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./

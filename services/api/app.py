@@ -7,25 +7,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Security
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from services.api.deps import authenticate
 from services.api.errors import install_error_handlers
 from services.api.metrics import ApiMetrics
+from services.api.outage import install_outage_handling
 from services.api.rate_limits import EarlyRefusalMiddleware, build_rate_limiter
 from services.api.routers import artifacts, datasets, jobs, keys
-from services.api.schemas import ErrorResponse
 from services.api.settings import ApiSettings, get_api_settings
 from services.body_limit import BodyLimitMiddleware
+from services.http_errors import error_responses
 from services.http_metrics import RequestMetricsMiddleware, add_metrics_route
+from services.request_guard import NulGuardMiddleware, document_nul_guard
 from shared.config import get_settings
-from shared.db.session import get_engine, migrate
+from shared.db.session import migrate
 from shared.jobs.config import get_service_settings
 
 log = logging.getLogger("chorus.api")
 API_VERSION = "0.1.0"
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 501)}
+_ERRORS = error_responses(400, 401, 403, 404, 405, 409, 413, 422, 429, 500, 501, 503)
 
 
 @asynccontextmanager
@@ -54,19 +54,13 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     metrics = ApiMetrics()
     app.state.metrics = metrics
+    app.state.api_settings = edge
     app.state.rate_limiter = build_rate_limiter(edge, get_settings().broker_url,
                                                 lambda kind: metrics.rate_limited.labels(kind).inc())
     for router in (datasets.router, jobs.router, artifacts.router, keys.router):
         app.include_router(router, prefix="/v1", responses=_ERRORS)  # type: ignore[arg-type]
 
-    @app.get("/health", include_in_schema=False)
-    def health() -> JSONResponse:
-        try:
-            with get_engine().connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:  # pragma: no cover - reported, not raised
-            return JSONResponse({"status": "error", "database": str(exc)[:200]}, status_code=503)
-        return JSONResponse({"status": "ok"})
+    install_outage_handling(app)  # database down: 503 + Retry-After; /health
 
     # /metrics: no key when CHORUS_METRICS_PUBLIC (default, as the inference service), else an admin key.
     add_metrics_route(app, metrics, [] if edge.metrics_public else [Security(authenticate, scopes=["admin"])])
@@ -76,6 +70,8 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
         routes=[("POST", r"/v1/datasets/?", lambda: get_settings().max_upload_bytes + 64 * 1024)],
     )
     app.add_middleware(EarlyRefusalMiddleware, limiter=app.state.rate_limiter)  # type: ignore[arg-type]
+    app.add_middleware(NulGuardMiddleware)  # type: ignore[arg-type]
+    document_nul_guard(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DataError
 
 from services import http_errors
 from services.http_errors import ApiError, error_body, error_response
@@ -31,3 +33,11 @@ def pydantic_error(exc: ValidationError | RequestValidationError, prefix: tuple[
 
 def install_error_handlers(app: FastAPI) -> None:
     http_errors.install_error_handlers(app, log, loc_param)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refused (out of range, too long, a character it cannot store): the routes
+        # validate their input first, so this is a backstop that keeps such a request a 4xx.
+        log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                    str(exc.orig).splitlines()[0][:300] if exc.orig else type(exc).__name__)
+        return error_response(422, "invalid_request", "a value in the request cannot be stored")

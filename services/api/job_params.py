@@ -1,7 +1,10 @@
 """Job params as the API accepts them: validated with the job type's own pydantic model, after closing
 the doors the library leaves open for local CLI users (server paths, other owners' datasets).
 
-* `model` must be a registered model name: a path would let a caller load any folder on the server.
+* `model` must be a registered model name (shared/ml/model_names.py), or the absolute path of a folder
+  inside a directory the operator allowed (CHORUS_ALLOWED_MODEL_DIRS): any other path would let a caller
+  load a folder of the server, and unbounded tiny-llama seeds would each build and cache a model.
+* `training.groups` is required (the job would only fail in the worker without it).
 * `grouping.affinity` is an artifact id (`art-...`) of the caller, or an inline affinity object that is
   stored as the caller's artifact; a file path is refused. The worker materialises the artifact.
 * `training.groups` may be an artifact id of a groups.json (inlined here as task lists); never a path.
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,9 +27,9 @@ from services.api.deps import Principal, owned
 from services.api.errors import ApiError, pydantic_error
 from shared.db.models import Artifact, Dataset
 from shared.jobs.registry import JobType, JobTypeUnavailable
+from shared.ml.model_names import ModelNameError, check_api_model
 from shared.storage import ArtifactStore, record_artifact
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ARTIFACT_ID = re.compile(r"^art-[0-9a-f]{24}$")
 MAX_INLINE_BYTES = 8 << 20
 
@@ -33,10 +38,13 @@ def _invalid(message: str, param: str) -> ApiError:
     return ApiError(422, "invalid_params", f"{param}: {message}", param)
 
 
-def _check_model(value: Any, param: str) -> None:
-    if isinstance(value, str) and not MODEL_NAME.match(value):
-        raise _invalid("must be a registered model name such as smollm2-135m or tiny-llama "
-                       "(server paths are not accepted)", param)
+def _check_model(value: Any, param: str, allowed_dirs: Sequence[Path]) -> None:
+    if isinstance(value, str):
+        try:
+            check_api_model(value, allowed_dirs)
+        except ModelNameError as exc:
+            raise _invalid(f"{exc} (server paths are not accepted outside the allowed model directories)",
+                           param) from exc
 
 
 def owned_artifact(db: Session, art_id: str, principal: Principal, param: str) -> Artifact:
@@ -59,15 +67,15 @@ INLINE_PLACEHOLDER = "art-" + "0" * 24
 
 
 def prepare(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal,
-            inline: dict[str, Any]) -> dict[str, Any]:
+            inline: dict[str, Any], allowed_model_dirs: Sequence[Path] = ()) -> dict[str, Any]:
     """A copy of `params` with references resolved and unsafe values refused (raises ApiError).
     Inline objects to store once validation passed are put in `inline` (param name -> object)."""
     params = dict(params)
-    _check_model(params.get("model"), "params.model")
+    _check_model(params.get("model"), "params.model", allowed_model_dirs)
     for section in ("affinity", "grouping", "training"):
         sub = params.get(section)
         if isinstance(sub, dict):
-            _check_model(sub.get("model"), f"params.{section}.model")
+            _check_model(sub.get("model"), f"params.{section}.model", allowed_model_dirs)
     if job_type.name == "grouping":
         ref = params.get("affinity")
         if isinstance(ref, dict):
@@ -87,6 +95,9 @@ def prepare(db: Session, job_type: JobType, params: dict[str, Any], principal: P
         grouping = params.get("grouping")
         if isinstance(grouping, dict) and "affinity" in grouping:
             raise _invalid("is produced by the pipeline's affinity stage and cannot be set", "params.grouping.affinity")
+    if job_type.name == "training" and params.get("groups") is None:
+        raise _invalid("required: the groups to train, as lists of task names ([[\"cb\", \"rte\"], [\"sst2\"]]) "
+                       "or an artifact id (art-...) of a groups.json, e.g. from a grouping job", "params.groups")
     if job_type.name == "training" and isinstance(params.get("groups"), str):
         ref = params["groups"]
         art = owned_artifact(db, ref, principal, "params.groups")
@@ -110,15 +121,17 @@ def task_names(model: BaseModel) -> list[str]:
     return names
 
 
-def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal) -> dict[str, Any]:
-    """The params to store: the job type's model, validated and dumped with every default filled in."""
+def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal,
+             allowed_model_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+    """The params to store: the job type's model, validated and dumped with every default filled in.
+    `allowed_model_dirs`: where model folders may be (CHORUS_ALLOWED_MODEL_DIRS; empty: registered names only)."""
     try:
         cls = job_type.params_class()
     except JobTypeUnavailable as exc:
         raise ApiError(501, "job_type_unavailable", f"job type {job_type.name!r} is not available in this "
                        f"deployment yet: {exc}", "type") from exc
     inline: dict[str, Any] = {}
-    prepared = prepare(db, job_type, params, principal, inline)
+    prepared = prepare(db, job_type, params, principal, inline, allowed_model_dirs)
     try:
         model = cls.model_validate(prepared)
     except ValidationError as exc:

@@ -14,8 +14,9 @@ dependency would already have been received (up to the body cap). `EarlyRefusalM
 refuses uploads and job creations of a key whose bucket is already empty before reading the body, when the
 key is in the auth cache (no database lookup there); the dependency still takes the token.
 
-The client IP is the ASGI client address; behind a reverse proxy run uvicorn with --forwarded-allow-ips so
-that it is the real client's (uvicorn trusts X-Forwarded-For from 127.0.0.1 by default).
+The client IP is the ASGI client address. chorus starts uvicorn without proxy headers unless
+CHORUS_FORWARDED_ALLOW_IPS names the reverse proxies to trust (services/cli/serve.py); uvicorn's own default
+would trust X-Forwarded-For from 127.0.0.1, letting a local caller pick the address it is limited by.
 
 Buckets are in-process on the embedded defaults and in Redis when BROKER_URL (or CHORUS_RATE_LIMIT_REDIS_URL)
 is redis://..., so several API processes share each limit (services/rate_limit.py).

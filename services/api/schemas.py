@@ -7,26 +7,20 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.http_errors import ErrorDetail, ErrorResponse
 from shared.db.models import Adapter, ApiKey, Artifact, Dataset, Ensemble, Job, JobEvent
 from shared.jobs.ingest import merge_stage_artifacts
 
 T = TypeVar("T")
+# Text stored in the database: no control characters (PostgreSQL text cannot even hold NUL).
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+PRINTABLE_OR_EMPTY = r"^[^\x00-\x1f\x7f]*$"
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def ts(value: datetime | None) -> int | None:
     """Unix seconds (the OpenAI convention for created_at / finished_at)."""
     return int(value.timestamp()) if value is not None else None
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class ListResponse(BaseModel, Generic[T]):
@@ -263,9 +257,11 @@ class EnsembleOut(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    owner: str = Field(min_length=1, max_length=200)
+    owner: str = Field(min_length=1, max_length=200, pattern=PRINTABLE,
+                       description="Who the key acts for (no control characters).")
     scopes: list[Literal["admin", "submit", "infer"]] = Field(min_length=1)
-    name: str = Field(default="", max_length=200)
+    name: str = Field(default="", max_length=200, pattern=PRINTABLE_OR_EMPTY,
+                      description="A label for humans (no control characters).")
 
 
 class KeyOut(BaseModel):

@@ -7,11 +7,13 @@ these live here so the API can own them without touching the worker's settings m
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.rate_limit import Limit
+from shared.ml.model_names import parse_dirs
 
 
 class ApiSettings(BaseSettings):
@@ -36,6 +38,20 @@ class ApiSettings(BaseSettings):
     rate_limit_redis_url: str | None = Field(
         None, description="Redis for limits shared by every API process (default: BROKER_URL when it is "
                           "redis:// or rediss://; 'memory' forces in-process buckets).")
+
+    allowed_model_dirs: str = Field(
+        "", description="Comma-separated directories whose model folders jobs may name as `model` (by absolute "
+                        "path); empty: registered models only (smollm2-135m, tiny-llama[-seedN]).")
+    forwarded_allow_ips: str = Field(
+        "", description="Proxies whose X-Forwarded-For / X-Forwarded-Proto uvicorn trusts (comma-separated IPs "
+                        "or networks, '*' for any); empty: none, the client address is the TCP peer's. Read by "
+                        "`chorus api`, `chorus inference` and `chorus up`.")
+    admin_key_file: Path | None = Field(
+        None, description="Where the bootstrap admin key is written (mode 0600; default CHORUS_HOME/admin-key).")
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        return parse_dirs(self.allowed_model_dirs)
 
     def limits(self) -> dict[str, Limit]:
         return {

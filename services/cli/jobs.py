@@ -49,18 +49,24 @@ def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 # -- services ----------------------------------------------------------------------------------------
-def bootstrap_admin_key() -> None:
-    """Create the first admin key (printed once) unless one exists or CHORUS_ADMIN_KEY is set."""
+def bootstrap_admin_key() -> Path | None:
+    """Create the first admin key unless one exists or CHORUS_ADMIN_KEY is set. The secret goes to a file
+    readable by this user only (CHORUS_ADMIN_KEY_FILE, default CHORUS_HOME/admin-key), never to the logs;
+    only the file's path is printed. Returns that path when a key was created."""
+    from services.cli.admin_key import admin_key_path, write_secret
     from shared.db.keys import ensure_admin_key
     from shared.db.session import get_sessionmaker
     from shared.jobs.config import get_service_settings
 
     with get_sessionmaker()() as session:
         plaintext = ensure_admin_key(session, get_service_settings().admin_key)
-    if plaintext:
-        err_console.print("[bold yellow]created the first admin API key (shown only once):[/]")
-        print(plaintext, flush=True)
-        err_console.print("export CHORUS_API_KEY=<that key>; create more with `chorus keys create`.")
+    if not plaintext:
+        return None
+    path = write_secret(admin_key_path(), plaintext)
+    err_console.print(f"[bold yellow]created the first admin API key; it is in {path} (mode 0600)[/]")
+    err_console.print(f"export CHORUS_API_KEY=$(cat {path}); create more with `chorus keys create`, then "
+                      "delete the file or keep it out of backups.")
+    return path
 
 
 def migrate_command() -> None:
@@ -86,15 +92,17 @@ def api_command(
                                                 "replicas: uvicorn's multi-process mode adds ~40 ms per response).")] = 1,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run the job API (migrates the database and bootstraps an admin key first)."""
+    """Run the job API (migrates the database and bootstraps an admin key first). Behind a reverse proxy set
+    CHORUS_FORWARDED_ALLOW_IPS to its address so that rate limits see the real client address."""
     import uvicorn
 
+    from services.cli.serve import uvicorn_proxy_options
     from shared.db.session import migrate
 
     migrate()
     bootstrap_admin_key()
     uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, access_log=False)
+                log_level=log_level, access_log=False, **uvicorn_proxy_options())
 
 
 def worker_command(
@@ -126,8 +134,10 @@ def _inference_cmd(host: str, port: int) -> list[str] | None:
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in cli_app.registered_commands}
     if "inference" in names:
         return [sys.executable, "-m", "services.cli.main", "inference", "--host", host, "--port", str(port)]
+    from services.cli.serve import uvicorn_proxy_args
+
     return [sys.executable, "-m", "uvicorn", "services.inference.app:create_app", "--factory", "--host", host,
-            "--port", str(port)]
+            "--port", str(port), *uvicorn_proxy_args()]
 
 
 def up_command(

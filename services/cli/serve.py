@@ -1,11 +1,33 @@
-"""`chorus inference`: run the inference service (one process, the base model loaded once)."""
+"""`chorus inference`: run the inference service (one process, the base model loaded once); and how every
+chorus command starts uvicorn behind (or without) a reverse proxy."""
 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+
+def forwarded_allow_ips() -> str:
+    """CHORUS_FORWARDED_ALLOW_IPS: the proxies whose X-Forwarded-* headers are trusted ("" = none)."""
+    from services.api.settings import ApiSettings
+
+    return ApiSettings().forwarded_allow_ips.strip()
+
+
+def uvicorn_proxy_options() -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config keyword arguments: proxy headers only from the configured proxies. By
+    default uvicorn trusts X-Forwarded-For from 127.0.0.1, which lets any local process (or a proxy that
+    passes the header through) choose the client address the rate limits see."""
+    ips = forwarded_allow_ips()
+    return {"proxy_headers": bool(ips), "forwarded_allow_ips": ips}
+
+
+def uvicorn_proxy_args() -> list[str]:
+    """The same for the `uvicorn` command line."""
+    ips = forwarded_allow_ips()
+    return ["--proxy-headers", "--forwarded-allow-ips", ips] if ips else ["--no-proxy-headers"]
 
 
 def inference_command(
@@ -29,7 +51,7 @@ def inference_command(
             os.environ[f"CHORUS_INFERENCE_{name}"] = value
     # One worker: the model lives in this process; concurrency comes from the dynamic batcher.
     uvicorn.run("services.inference.app:create_app", factory=True, host=host, port=port, workers=1,
-                log_level=log_level)
+                log_level=log_level, **uvicorn_proxy_options())
 
 
 def register(app: typer.Typer) -> None:

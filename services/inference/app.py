@@ -27,64 +27,33 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Path as PathParam
 
 from services.body_limit import BodyLimitMiddleware
+from services.http_errors import error_responses
 from services.http_metrics import RequestMetricsMiddleware, add_metrics_route
 from services.inference.auth import Authenticator, DbKeyAuthenticator, Principal, require
 from services.inference.errors import install_error_handlers
 from services.inference.metrics import InferenceMetrics
+from services.inference.schemas import ClassifyRequest, ClassifyResponse, LoadRequest, check_field_text
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
-from services.inference.sources import EnsembleSource, default_source
+from services.inference.sources import ENSEMBLE_ID, EnsembleSource, default_source
+from services.request_guard import NulGuardMiddleware, document_nul_guard
+from shared.ml.model_names import portable_name
 
 log = logging.getLogger("chorus.inference")
 
 Infer = Annotated[Principal, Depends(require("infer"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    owner: str | None = Field(None, min_length=1, max_length=200,
-                              description="Owner of a folder-deployed ensemble (default: the loading key's owner). "
-                                          "An ensemble recorded by a job always belongs to the job's owner.")
-
-
-class Row(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(min_length=1, max_length=200, description="A task served by the ensemble.")
-    fields: dict[str, Any] | None = Field(None, description="The task template's fields (strings or numbers).")
-    text: str | None = Field(None, description="Shorthand for a task with a single text field.")
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rows: list[Row] = Field(min_length=1, description="Rows to classify; each names its task.")
-
-
-class MemberScores(BaseModel):
-    weight: float
-    logits: dict[str, float]
-
-
-class RowOut(BaseModel):
-    task: str
-    label: str
-    probabilities: dict[str, float]
-    logits: dict[str, float]
-    members: dict[str, MemberScores]
-
-
-class ClassifyResponse(BaseModel):
-    ensemble: str
-    name: str
-    version: int
-    fingerprint: str
-    results: list[RowOut]
+# The error answers of the /v1 routes, documented with the one error shape.
+READ_ERRORS = error_responses(400, 401, 403, 404, 405, 422, 500)
+LOAD_ERRORS = error_responses(400, 401, 403, 404, 405, 409, 413, 422, 500)
+CLASSIFY_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 422, 500)
+# The ids `load` accepts (sources.check_id answers 422 for others), documented for clients.
+LoadId = Annotated[str, PathParam(description="An ensemble id: a job's ensemble id, or a folder under the "
+                                              "ensembles directory.",
+                                  json_schema_extra={"pattern": r"^(?!.*\.\.)" + ENSEMBLE_ID.pattern.lstrip("^")})]
 
 
 def create_app(
@@ -131,13 +100,15 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(NulGuardMiddleware)  # type: ignore[arg-type]
+    document_nul_guard(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         info = base.info
         return {
-            "status": "ok", "base": {"base_model": info.name, "quantization": info.quantization,
+            "status": "ok", "base": {"base_model": portable_name(info.name), "quantization": info.quantization,
                                      "compute_dtype": info.compute_dtype},
             "device": str(service.engine.device), "ensembles": len(service.ensembles),
             "uptime_seconds": round(time.time() - service.started_at, 1),
@@ -145,31 +116,32 @@ def create_app(
 
     add_metrics_route(app, metrics, [] if settings.metrics_public else [Depends(require("admin"))])
 
-    @app.get("/v1/ensembles")
+    @app.get("/v1/ensembles", responses=READ_ERRORS)
     async def list_ensembles(principal: Infer) -> dict[str, Any]:
         return {
             "data": [service.describe(e) for e in service.visible(principal.owner_filter)],
             "base": base.info.identity(), "engine": service.engine.describe(),
         }
 
-    @app.get("/v1/ensembles/{ensemble_id}")
+    @app.get("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
     async def get_ensemble(ensemble_id: str, principal: Infer) -> dict[str, Any]:
         return service.describe(service.get(ensemble_id, principal.owner_filter))
 
-    @app.post("/v1/ensembles/{ensemble_id}/load")
-    async def load_ensemble(ensemble_id: str, principal: Admin, body: LoadRequest | None = None) -> dict[str, Any]:
+    @app.post("/v1/ensembles/{ensemble_id}/load", responses=LOAD_ERRORS)
+    async def load_ensemble(ensemble_id: LoadId, principal: Admin, body: LoadRequest | None = None) -> dict[str, Any]:
         ensemble, loaded = await service.load(ensemble_id, owner=body.owner if body else None,
                                               default_owner=principal.owner)
         return {**service.describe(ensemble), "loaded": loaded}
 
-    @app.delete("/v1/ensembles/{ensemble_id}")
+    @app.delete("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
     async def unload_ensemble(ensemble_id: str, _: Admin) -> dict[str, Any]:
         ensemble = await service.unload(ensemble_id)
         return {"id": ensemble.id, "fingerprint": ensemble.fingerprint, "unloaded": True,
                 "in_flight": ensemble.in_flight}
 
-    @app.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse)
+    @app.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse, responses=CLASSIFY_ERRORS)
     async def classify(ensemble_id: str, body: ClassifyRequest, principal: Infer) -> dict[str, Any]:
+        check_field_text(body.rows)
         rows = [row.model_dump(exclude_none=True) for row in body.rows]
         ensemble, results = await service.classify(ensemble_id, rows, principal.owner_filter)
         return {

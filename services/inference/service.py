@@ -22,7 +22,7 @@ import torch
 from services.inference.errors import ApiError
 from services.inference.metrics import InferenceMetrics
 from services.inference.settings import InferenceSettings
-from services.inference.sources import EnsembleNotFound, EnsembleSource, InvalidEnsemble, check_id
+from services.inference.sources import EnsembleNotFound, EnsembleSource, IntegrityError, InvalidEnsemble, check_id
 from shared.ml.serving.batcher import DynamicBatcher
 from shared.ml.serving.ensemble_runner import EnsembleLoadError, EnsembleRunner, LoadedEnsemble, RowError
 from shared.ml.serving.multi_lora import MultiLoRAEngine, NoFreeSlotError
@@ -120,6 +120,8 @@ class InferenceService:
                 resolved = await self._on(self.io_executor, self.source.resolve, ensemble_id)
             except EnsembleNotFound as exc:
                 raise ApiError(404, "not_found", str(exc), "id") from exc
+            except IntegrityError as exc:  # a stored file no longer matches its record
+                raise ApiError(409, "artifact_integrity", str(exc), exc.param) from exc
             except InvalidEnsemble as exc:
                 raise ApiError(422, "invalid_ensemble", str(exc), "id") from exc
             if resolved.owner is not None and owner is not None and owner != resolved.owner:

@@ -15,6 +15,7 @@ import torch
 
 from shared.config import get_settings
 from shared.ml.defaults import DEFAULT_TARGETS, QUANTIZATIONS
+from shared.ml.model_names import tiny_llama_seed
 from shared.storage import sha256_file
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -163,11 +164,12 @@ def tiny_llama_folder(seed: int = 0, cache: Path | None = None) -> Path:
 
 
 def resolve_model(name: str) -> tuple[Path, str, str]:
-    """(folder, canonical name, revision) for a model name: smollm2-135m, tiny-llama[-seedN] or a local folder."""
+    """(folder, canonical name, revision) for a model name: smollm2-135m, tiny-llama[-seedN] (N in
+    model_names.TINY_LLAMA_SEEDS) or a local folder."""
+    seed = tiny_llama_seed(name)  # ModelNameError (a ValueError) for a seed outside the registry's range
     if name == "smollm2-135m":
         folder = smollm2_folder()
-    elif name == "tiny-llama" or name.startswith("tiny-llama-seed"):
-        seed = int(name.removeprefix("tiny-llama-seed")) if name.startswith("tiny-llama-seed") else 0
+    elif seed is not None:
         folder = tiny_llama_folder(seed)
     else:
         folder = Path(name).expanduser()

@@ -41,13 +41,14 @@ def test_every_chorus_command_in_the_deploy_files_parses() -> None:
 
 
 def test_compose_env_vars_are_settings() -> None:
+    from services.api.settings import ApiSettings
     from shared.config import Settings
     from shared.jobs.config import ServiceSettings
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     known = {"DATABASE_URL", "BROKER_URL"}
-    known |= {f"CHORUS_{name.upper()}" for name in Settings.model_fields}
-    known |= {f"CHORUS_{name.upper()}" for name in ServiceSettings.model_fields}
+    for settings in (Settings, ServiceSettings, ApiSettings):
+        known |= {f"CHORUS_{name.upper()}" for name in settings.model_fields}
     for name, svc in compose["services"].items():
         if name in ("postgres", "redis"):
             continue

@@ -30,6 +30,9 @@ from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable
 log = logging.getLogger("chorus.api")
 router = APIRouter(tags=["jobs"])
 STAGES = [selectinload(Job.stages)]
+MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT on PostgreSQL, INTEGER (int64) on SQLite
+# Printable ASCII without leading or trailing spaces (what clients put in headers; stored as given).
+IDEMPOTENCY_KEY = r"^[!-~]([ -~]*[!-~])?$"
 
 
 def request_hash(body: JobCreate) -> str:
@@ -54,7 +57,10 @@ def _enqueue(job_id: str, task_id: str) -> None:
 @router.post("/jobs", status_code=201, response_model=JobOut, dependencies=[rate_limit("create")],
              responses={200: {"model": JobOut, "description": "Replayed: same Idempotency-Key and body."}})
 def create_job(body: JobCreate, principal: Submitter, db: DB, request: Request, response: Response,
-               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None) -> JobOut:
+               idempotency_key: Annotated[str | None, Header(
+                   alias="Idempotency-Key", min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY,
+                   description="1-255 printable ASCII characters, unique per request body (e.g. a UUID).")] = None,
+               ) -> JobOut:
     """Create a job. With `Idempotency-Key`, retrying the same body returns the same job (200); reusing the
     key with a different body is refused (422). Job creation has a per-key rate limit of its own (429 with
     Retry-After), stricter than the general one; a replay counts against it too."""
@@ -67,7 +73,8 @@ def create_job(body: JobCreate, principal: Submitter, db: DB, request: Request, 
         if existing is not None:
             response.status_code = 200
             return JobOut.of(existing)
-    params = job_params.validate(db, job_type, body.params, principal)
+    edge = getattr(request.app.state, "api_settings", None)
+    params = job_params.validate(db, job_type, body.params, principal, edge.model_dirs if edge else ())
     settings = get_service_settings()
     active = db.scalar(select(func.count()).select_from(Job).where(
         Job.owner == principal.owner, Job.status.in_(("queued", "running"))))
@@ -134,7 +141,8 @@ def get_job(job_id: str, principal: Submitter) -> Response:
 
 
 @router.get("/jobs/{job_id}/events", response_model=ListResponse[EventOut])
-def list_events(job_id: str, principal: Submitter, db: DB, after: int | None = None,
+def list_events(job_id: str, principal: Submitter, db: DB,
+                after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="The last id seen.")] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """Events oldest first; pass the last seen id as `after` to follow a job."""
     get_owned(db, Job, job_id, principal, "job")

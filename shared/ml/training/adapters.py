@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.ml.model_names import portable_name
 from shared.ml.models import ModelInfo
 from shared.storage import sha256_file
 
@@ -112,7 +113,8 @@ def save_adapter_state(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = dict(peft_config)
         config["inference_mode"] = True
-        config.setdefault("base_model_name_or_path", meta_obj.base_model)
+        # PEFT fills in the local folder the base was loaded from; downloads carry a portable identity.
+        config["base_model_name_or_path"] = portable_name(meta_obj.base_model)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         meta_obj = meta_obj.model_copy(update={
             "sha256": sha256_file(tmp / WEIGHTS_FILE),
@@ -209,7 +211,10 @@ def lora_config_from_dict(config: dict[str, Any]) -> Any:
     from peft import LoraConfig
 
     names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "inference_mode")}
+    # base_model_name_or_path is the portable identity written for downloads (a hub id): PEFT would look it
+    # up on the Hub when extracting state; the base actually loaded is known from the model itself.
+    dropped = ("peft_type", "inference_mode", "base_model_name_or_path")
+    kwargs = {k: v for k, v in config.items() if k in names and k not in dropped}
     return LoraConfig(**kwargs)
 
 
