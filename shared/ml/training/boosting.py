@@ -145,7 +145,7 @@ def train_booster(
     trained = fit_lora(
         base, data, config, name=name, loss_fn=increment_loss(choice_ids, residual_by_id, base_train_by_id),
         evaluate_fn=evaluate, progress=progress, init_state=init_state, lr=lr, epochs=epochs,
-        stage=f"boost {name}",
+        stage=f"boost {name}", batching="task",  # the residual targets of a batch share its task's choices
     )
     return trained, val_logits[trained.best_epoch - 1]
 

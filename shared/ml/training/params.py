@@ -123,6 +123,18 @@ class TrainingParams(BaseModel):
     patience: int | None = Field(default=2, ge=0, description="epochs without improvement before stopping; 0/None = off")
     seed: int = 0
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
+    trainer: Literal["multi", "sequential"] = Field(
+        default="multi", description="multi: the group adapters and baselines train together in one fused run; "
+                                     "sequential: one after the other (same results up to float noise)")
+    batching: Literal["task", "length"] = Field(
+        default="task", description="task: one task per batch, tasks interleaved; length: tasks mixed, "
+                                    "length-sorted batches capped by batch_tokens (less padding)")
+    batch_tokens: int | None = Field(default=None, ge=16, le=2**24,
+                                     description="padded tokens per batch at most (length batching); None = no cap")
+    step_rows: int | None = Field(default=None, ge=1, description="rows per fused forward/backward at most (multi "
+                                  "trainer; a larger step is split into micro-steps, same results); None = no cap")
+    step_tokens: int | None = Field(default=None, ge=16, le=2**24,
+                                    description="padded tokens per fused forward/backward at most; None = no cap")
     baselines: BaselineOptions = Field(default_factory=BaselineOptions)
     boosting: BoostingOptions = Field(default_factory=BoostingOptions)
     ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions)

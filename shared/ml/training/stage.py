@@ -40,6 +40,7 @@ from shared.ml.training.ensemble import (
     fit_weights,
     write_manifest,
 )
+from shared.ml.training.many import AdapterSpec, train_many
 from shared.ml.training.params import PipelineParams, TrainingParams, read_groups_file
 from shared.ml.training.trainer import (
     TaskData,
@@ -47,12 +48,12 @@ from shared.ml.training.trainer import (
     mean,
     prepare_tasks,
     score_split,
-    train_adapter,
     trainable_4bit,
 )
 
 BASE_MEMBER = "base"
-COLUMNS = ("ensemble", "single", "zero_shot", "ensemble_no_boost")
+COLUMNS = ("ensemble", "single", "zero_shot", "ensemble_no_boost", "ensemble_no_fit", "per_task")
+PREDICTIONS_FILE = "predictions.json"  # per-row gold labels and every column's predicted label, per split
 StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any]]
 
 
@@ -140,9 +141,9 @@ class _Run:
         return metrics_from_scores(scores, self.data[task].bound.num_choices)
 
 
-def _train(run: _Run, tasks: list[str], name: str, role: str) -> tuple[TrainedAdapter, AdapterMeta]:
-    trained = train_adapter(run.base, tasks, run.params, run.progress, name=name, data=run.data)
-    return trained, run.save(trained, role)
+def _train_all(run: _Run, specs: list[AdapterSpec]) -> dict[str, TrainedAdapter]:
+    """Every adapter of `specs` in one train_many call (fused: one pass over the base per step)."""
+    return {t.name: t for t in train_many(run.base, specs, run.params, run.data, run.progress)}
 
 
 def run_training(
@@ -162,39 +163,51 @@ def run_training(
     group_of = {t: group_names[i] for i, g in enumerate(groups) for t in g}
     trained: dict[str, TrainedAdapter] = {}
 
-    # 1. one adapter per group
-    with clock.stage("group_adapters"):
-        for name, g in zip(group_names, groups, strict=True):
-            trained[name], _ = _train(run, g, name, "group")
-            run.costs.setdefault("groups", Cost())
-            run.costs["groups"] = run.costs["groups"].merge(trained[name].cost)
-
-    # 2. baselines (the single all-task adapter is the group adapter when there is one group)
-    single_name: str | None = None
+    # 1.+2. one adapter per group and the baselines, trained together in one fused run (the single all-task
+    # adapter is the group adapter when there is one group, a per-task adapter the group of that one task)
+    single_name: str | None = "single" if params.baselines.single else None
+    reuse: dict[str, str] = {}  # baseline name -> the group adapter it is
+    specs = [AdapterSpec(name, list(g)) for name, g in zip(group_names, groups, strict=True)]
+    roles: dict[str, str] = {name: "group" for name in group_names}
+    if single_name:
+        same = [n for n, g in zip(group_names, groups, strict=True) if sorted(g) == sorted(tasks)]
+        if same:
+            reuse["single"] = same[0]
+        else:
+            specs.append(AdapterSpec("single", list(tasks)))
+        roles["single"] = "single"
     per_task: dict[str, str] = {}
-    with clock.stage("baselines"):
-        if params.baselines.single:
-            single_name = "single"
-            same = [n for n, g in zip(group_names, groups, strict=True) if sorted(g) == sorted(tasks)]
+    if params.baselines.per_task:
+        for t in tasks:
+            name = f"task_{t}"
+            same = [n for n, g in zip(group_names, groups, strict=True) if g == [t]]
             if same:
-                src = trained[same[0]]
-                trained["single"] = TrainedAdapter(**{**src.__dict__, "name": "single"})
-                run.save(trained["single"], "single")
+                reuse[name] = same[0]
             else:
-                trained["single"], _ = _train(run, tasks, "single", "single")
-            run.costs["single"] = trained["single"].cost
-        if params.baselines.per_task:
-            for t in tasks:
-                name = f"task_{t}"
-                same = [n for n, g in zip(group_names, groups, strict=True) if g == [t]]
-                if same:
-                    src = trained[same[0]]
-                    trained[name] = TrainedAdapter(**{**src.__dict__, "name": name})
-                    run.save(trained[name], "task")
-                else:
-                    trained[name], _ = _train(run, [t], name, "task")
-                per_task[t] = name
+                specs.append(AdapterSpec(name, [t]))
+            roles[name] = "task"
+            per_task[t] = name
+    with clock.stage("group_adapters"):
+        fresh = _train_all(run, specs)
+        for name in group_names:
+            trained[name] = fresh[name]
+            run.save(trained[name], "group")
+            run.costs["groups"] = run.cost("groups").merge(trained[name].cost)
+    with clock.stage("baselines"):
+        for name, role in roles.items():
+            if role == "group":
+                continue
+            if name in reuse:
+                src = trained[reuse[name]]
+                trained[name] = TrainedAdapter(**{**src.__dict__, "name": name})
+            else:
+                trained[name] = fresh[name]
+            run.save(trained[name], role)
+            if role == "single":
+                run.costs["single"] = trained[name].cost
+            else:
                 run.costs["per_task"] = run.cost("per_task").merge(trained[name].cost)
+
 
     # 3. boosting of hard groups
     opts = params.boosting
@@ -286,6 +299,8 @@ def run_training(
     splits = ["val"] + (["test"] if params.evaluate_test else [])
     table: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
     metrics: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
+    predictions: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
+    unfitted = default_weights(list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER)
     with clock.stage("evaluation"):
         units = [(s, t) for s in splits for t in tasks]
         for k, (split, t) in enumerate(units):
@@ -295,6 +310,9 @@ def run_training(
             cols["ensemble"] = combine(weights[t], zs)
             zg = run.member_logits(group_of[t], t, split, "evaluation")
             cols["ensemble_no_boost"] = combine(no_boost[t], {group_of[t]: zg})
+            if fitted:
+                cols["ensemble_no_fit"] = combine(unfitted[t], {m: run.member_logits(m, t, split, "evaluation")
+                                                                for m in unfitted[t] if unfitted[t][m]})
             if single_name:
                 cols["single"] = run.member_logits("single", t, split, "evaluation")
             if params.zero_shot:
@@ -304,6 +322,8 @@ def run_training(
             ms = {c: run.metrics(z, t, split) for c, z in cols.items()}
             table[split][t] = {c: m.accuracy for c, m in ms.items()}
             metrics[split][t] = {c: m.to_dict() for c, m in ms.items()}
+            predictions[split][t] = {"labels": run.labels(t, split).tolist(),
+                                     "columns": {c: z.argmax(-1).tolist() for c, z in cols.items()}}
         run.progress("evaluate", len(units), len(units), "done")
     run.pool.close()
 
@@ -374,6 +394,8 @@ def run_training(
         "model": info.to_dict(),
         "params": params.model_dump(mode="json"),
     }
+    write_json(workdir / PREDICTIONS_FILE, predictions)
+    artifacts["predictions"] = PREDICTIONS_FILE
     write_json(workdir / report_name, report)
     return {"report": {k: report[k] for k in ("tasks", "average", "groups", "split")},
             "cost": {k: cost[k] for k in ("ensemble_vs_single_flops", "inference")},
@@ -536,11 +558,20 @@ def pipeline_stages(params: PipelineParams) -> list[tuple[str, StageFn]]:
             groups_path = workdir / groups_path
         groups = read_groups_file(groups_path)
         tp = params.training_params(groups).model_copy(update={"groups_source": str(groups_path)})
+        grouping_doc = json.loads(groups_path.read_text())
+        fallback = grouping_doc.get("selection") == "validation"
+        if fallback:  # no structure in T: train the other arms too and let validation choose
+            tp = tp.model_copy(update={"baselines": tp.baselines.model_copy(update={"single": True, "per_task": True})})
 
         def body() -> dict[str, Any]:
             affinity_path = Path(inputs.get("affinity") or (workdir / "affinity.json"))
             doc = json.loads(affinity_path.read_text()) if affinity_path.is_file() else None
             summary = run_training(tp, workdir, progress, stage_costs=_stage_costs(workdir, inputs), affinity=doc)
+            if fallback:
+                from shared.ml.training.selection import select_on_validation
+
+                summary["selection"] = select_on_validation(workdir, grouping_doc["structure"]["reason"])
+                summary["fingerprint"] = summary["selection"]["fingerprint"]
             _write_pipeline_report(workdir, params)
             summary["artifacts"]["pipeline_report"] = "report.json"
             return summary
@@ -560,6 +591,7 @@ def _write_pipeline_report(workdir: Path, params: PipelineParams) -> dict[str, A
         "validation": train["validation"], "cost": train["cost"], "groups": train["groups"],
         "grouping": {k: v for k, v in grouping.items() if k != "groups"} if isinstance(grouping, dict) else {},
         "ensemble": train["ensemble"], "boosting": train["boosting"], "metrics": train["metrics"],
+        "selection": train.get("selection"),
         "model": train["model"], "params": params.model_dump(mode="json"),
     }
     write_json(workdir / "report.json", report)

@@ -15,7 +15,6 @@ another loss and another selection score.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import re
 import time
@@ -106,19 +105,65 @@ def prepare_tasks(tokenizer: Any, tasks: Sequence[TaskLike], config: Any) -> dic
     return out
 
 
-def epoch_batches(
-    encoded: dict[str, list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int = 0
-) -> list[Batch]:
-    """One task per batch, tasks interleaved: shuffle each task's examples, cut into batches, shuffle
-    the batches of all tasks together. Deterministic for (seed, epoch). Example ids travel in the batch."""
+BATCHINGS = ("task", "length")
+LENGTH_POOL = 64  # "length" batching sorts pools of this many batches' rows by length before cutting them
+
+
+def epoch_plan(
+    lengths: dict[str, Sequence[int]], batch_size: int, seed: int, epoch: int, batching: str = "task",
+    batch_tokens: int | None = None,
+) -> list[list[tuple[str, int]]]:
+    """The training batches of one epoch as (task, row index) lists. Deterministic for (seed, epoch).
+
+    "task": one task per batch, tasks interleaved: shuffle each task's rows, cut into batches of
+    `batch_size`, shuffle the batches of all tasks together (`batch_tokens` is not used).
+    "length": tasks mixed: shuffle all rows, sort pools of LENGTH_POOL * batch_size rows by length and cut
+    them into batches of at most `batch_size` rows and (when set) `batch_tokens` padded tokens, then shuffle
+    the batches (less padding; a row longer than the cap gets a batch of its own)."""
+    if batching not in BATCHINGS:
+        raise ValueError(f"unknown batching {batching!r}; expected one of {BATCHINGS}")
     rng = random.Random(seed * 1_000_003 + epoch)
-    out: list[Batch] = []
-    for name in sorted(encoded):
-        items = list(encoded[name])
+    out: list[list[tuple[str, int]]] = []
+    if batching == "task":
+        for name in sorted(lengths):
+            items = [(name, i) for i in range(len(lengths[name]))]
+            rng.shuffle(items)
+            out.extend(items[i : i + batch_size] for i in range(0, len(items), batch_size))
+    else:
+        items = [(name, i) for name in sorted(lengths) for i in range(len(lengths[name]))]
         rng.shuffle(items)
-        out.extend(collate(items[i : i + batch_size], pad_id) for i in range(0, len(items), batch_size))
+        pool = LENGTH_POOL * batch_size
+        for start in range(0, len(items), pool):
+            chunk = sorted(items[start : start + pool], key=lambda it: lengths[it[0]][it[1]])
+            cur: list[tuple[str, int]] = []
+            for it in chunk:
+                n = lengths[it[0]][it[1]]
+                if cur and (len(cur) >= batch_size or (batch_tokens is not None and (len(cur) + 1) * n > batch_tokens)):
+                    out.append(cur)
+                    cur = []
+                cur.append(it)
+            if cur:
+                out.append(cur)
     rng.shuffle(out)
     return out
+
+
+def epoch_batches(
+    encoded: dict[str, list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int = 0,
+    batching: str = "task", batch_tokens: int | None = None,
+) -> list[Batch]:
+    """The collated batches of `epoch_plan` (default: one task per batch, tasks interleaved). Example ids
+    travel in the batch."""
+    lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
+    plan = epoch_plan(lengths, batch_size, seed, epoch, batching, batch_tokens)
+    return [collate([encoded[t][i] for t, i in b], pad_id) for b in plan]
+
+
+def batching_of(config: Any) -> tuple[str, int | None]:
+    """(batching, batch_tokens) of a config (default: task batching, no token cap)."""
+    batching = str(cfg(config, "batching", None) or "task")
+    tokens = cfg(config, "batch_tokens", None)
+    return batching, (int(tokens) if tokens is not None else None)
 
 
 # ------------------------------------------------------------------------------------ adapter state
@@ -323,8 +368,12 @@ def fit_lora(
     epochs: int | None = None,
     seed: int | None = None,
     stage: str | None = None,
+    batching: str | None = None,
 ) -> TrainedAdapter:
-    """Train a fresh LoRA on `data`'s training examples; keep the epoch with the best `evaluate_fn` score."""
+    """Train a fresh LoRA on `data`'s training examples; keep the epoch with the best `evaluate_fn` score.
+
+    `batching` overrides the config's ("task" or "length"; losses that need one task per batch pass "task").
+    A loss may return (loss, hits) with hits an int (rows correct; one task per batch) or {task: rows correct}."""
     seed = int(cfg(config, "seed", 0) if seed is None else seed)
     epochs = int(epochs or cfg(config, "epochs", 3))
     lr = float(lr or cfg(config, "lr", 5e-4))
@@ -338,12 +387,15 @@ def fit_lora(
     weight_decay = float(cfg(config, "weight_decay", 0.0))
     max_grad_norm = cfg(config, "max_grad_norm", 1.0)
     stage = stage or f"train {name}"
+    batching_cfg, batch_tokens = batching_of(config)
+    batching = batching or batching_cfg
     tokenizer = base.tokenizer
     pad_id = tokenizer.pad_token_id or 0
     device = base.device
     shape = ModelShape.from_model(base.model, rank, targets)
     encoded = {t: d.encodings("train", tokenizer, max_length) for t, d in data.items()}
-    per_epoch = sum(math.ceil(len(v) / batch_size) for v in encoded.values())
+    lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
+    per_epoch = len(epoch_plan(lengths, batch_size, seed, 1, batching, batch_tokens))  # "length": epoch 1's count
     meter = Meter(device)
     history: list[dict[str, Any]] = []
     best: tuple[tuple[float, ...], int, dict[str, torch.Tensor], dict[str, TaskMetrics]] | None = None
@@ -362,7 +414,7 @@ def fit_lora(
                 loss_sum, rows = 0.0, 0
                 correct: dict[str, int] = {}
                 seen: dict[str, int] = {}
-                for batch in epoch_batches(encoded, batch_size, seed, epoch, pad_id):
+                for batch in epoch_batches(encoded, batch_size, seed, epoch, pad_id, batching, batch_tokens):
                     batch = batch.to(device)
                     out = loss_fn(model, batch)
                     loss, hits = out if isinstance(out, tuple) else (out, None)
@@ -379,9 +431,11 @@ def fit_lora(
                     loss_sum += float(loss.detach()) * len(batch)
                     rows += len(batch)
                     if hits is not None:
-                        task = batch.tasks[0]
-                        correct[task] = correct.get(task, 0) + int(hits)
-                        seen[task] = seen.get(task, 0) + len(batch)
+                        per_task = hits if isinstance(hits, dict) else {batch.tasks[0]: int(hits)}
+                        for task, n in per_task.items():
+                            correct[task] = correct.get(task, 0) + int(n)
+                        for task in batch.tasks:
+                            seen[task] = seen.get(task, 0) + 1
                     done += 1
                     progress(stage, done, epochs * per_epoch, f"epoch {epoch} loss {loss_sum / rows:.4f}")
                 model.eval()
@@ -410,7 +464,7 @@ def fit_lora(
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank, "alpha": alpha, "targets": list(targets),
         "dropout": dropout, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "patience": patience,
         "seed": seed, "max_length": max_length, "max_train": cfg(config, "max_train"), "max_val": cfg(config, "max_val"),
-        "optimizer": "adamw",
+        "optimizer": "adamw", **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
     }
     return TrainedAdapter(
         name=name, tasks=list(data), state=best_state, val_metrics=best_metrics, history=history,
@@ -423,15 +477,29 @@ def answer_ce_loss(model: Any, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(answer_logits(model, batch), batch.answer_tokens)
 
 
-def answer_ce_with_accuracy(choice_ids: dict[str, list[int]]) -> LossFn:
-    """answer_ce_loss, plus the number of rows whose argmax over the task's choices is the gold label
-    (the running training accuracy of the epoch, at no extra forward cost)."""
+def choice_hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[b] bool: the row's argmax over its task's choices (batch.choice_tokens, -1 = padding) is the gold label."""
+    assert batch.choice_tokens is not None, "batch has no choice tokens"
+    choices = batch.choice_tokens.to(logits.device)
+    z = logits.detach().gather(1, choices.clamp(min=0)).masked_fill(choices < 0, float("-inf"))
+    return z.argmax(-1) == batch.labels.to(logits.device)
 
-    def loss(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+
+def answer_ce_with_accuracy(choice_ids: dict[str, list[int]]) -> LossFn:
+    """answer_ce_loss, plus the rows whose argmax over the task's choices is the gold label (the running
+    training accuracy of the epoch, at no extra forward cost): an int for a one-task batch, else per task."""
+
+    def loss(model: Any, batch: Batch) -> tuple[torch.Tensor, int | dict[str, int]]:
         logits = answer_logits(model, batch)
-        ids = torch.tensor(choice_ids[batch.tasks[0]], device=logits.device)
-        hits = int((logits.detach()[:, ids].argmax(-1) == batch.labels).sum())
-        return F.cross_entropy(logits, batch.answer_tokens), hits
+        ce = F.cross_entropy(logits, batch.answer_tokens)
+        if len(set(batch.tasks)) == 1:
+            ids = torch.tensor(choice_ids[batch.tasks[0]], device=logits.device)
+            return ce, int((logits.detach()[:, ids].argmax(-1) == batch.labels).sum())
+        hit = choice_hits(logits, batch).tolist()
+        per_task: dict[str, int] = {}
+        for task, h in zip(batch.tasks, hit, strict=True):
+            per_task[task] = per_task.get(task, 0) + int(h)
+        return ce, per_task
 
     return loss
 

@@ -1,0 +1,29 @@
+"""bench/training.py runs on tiny-llama (NF4 on CPU) and writes one well-formed result per trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from shared.config import REPO_ROOT as REPO
+
+
+def test_training_bench_compares_the_peft_loop_with_our_trainers(tmp_path) -> None:
+    out = tmp_path / "training.json"
+    cmd = [sys.executable, str(REPO / "bench" / "training.py"), "--model", "tiny-llama", "--device", "cpu",
+           "--tasks", "sst2,cb", "--max-train", "6", "--max-val", "4", "--epochs", "1", "--batch-size", "4",
+           "--ks", "2", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = 12  # 6 per task, one epoch
+    assert result["setup"]["train_rows"] == rows
+    for entry in [result["peft_loop"], result["single"], *result["multi"]]:
+        assert entry["rows_per_s"] > 0 and entry["peak_memory_bytes"] > 0
+        assert 0.0 <= entry["val_accuracy"] <= 1.0
+    assert result["peft_loop"]["train_rows"] == rows and result["single"]["train_rows"] == rows
+    assert [m["k"] for m in result["multi"]] == [2] and result["multi"][0]["train_rows"] == 2 * rows
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [next(iter(p)) for p in printed[1:]] == ["peft_loop", "single", "multi"]
