@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import REPO_ROOT, get_settings
@@ -20,6 +21,10 @@ _LOCK = threading.Lock()
 _ENGINES: dict[str, Engine] = {}
 _MAKERS: dict[str, sessionmaker[Session]] = {}
 _MIGRATION_LOCK_ID = 0x63686F72  # "chor": the Postgres advisory lock held while migrating
+
+# The database cannot serve us right now (connection refused or dropped, server shutting down, too many
+# connections, pool exhausted): the same request may succeed later, so nothing should be failed for good.
+UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
 
 
 def normalize_url(url: str) -> str:

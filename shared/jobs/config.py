@@ -21,6 +21,10 @@ class ServiceSettings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0)
     reap_interval: float = Field(10.0, gt=0, description="Seconds between reaper sweeps in each worker.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails as worker_lost.")
+    # A queued job whose message no worker took within this time is sent again (the broker may have lost
+    # it, e.g. Redis restarted without its data); the claim makes an extra delivery a no-op. Later re-sends
+    # of the same job wait twice as long each time, up to 8x (a long queue is not flooded with copies).
+    resend_after_seconds: float = Field(300.0, gt=0, description="Re-send a queued job not picked up after this.")
     job_time_limit: int = Field(24 * 3600, gt=60, description="Hard time limit of one job (seconds).")
     visibility_timeout: int | None = Field(None, description="Broker visibility timeout (default: time limit + 1 h).")
     queue: str = "chorus"

@@ -1,16 +1,19 @@
 """The reaper: requeues jobs whose worker died (lease expired, or the lease holder's pid is gone on this
-host) and (re)sends jobs that were never handed to the broker. Runs periodically in every worker's
-parent process; several reapers at once are safe (every change is a compare-and-set)."""
+host), sends jobs that were never handed to the broker, and re-sends queued jobs whose message no worker
+took within resend_after_seconds (a broker that lost its data). Runs periodically in every worker's
+parent process; several reapers at once are safe (every change is a compare-and-set, and a worker
+claims a job by compare-and-set, so an extra message for a job is a no-op when it is delivered)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
-from shared.db.models import Job, utcnow
+from shared.db.models import Job, JobEvent, utcnow
 from shared.db.session import get_sessionmaker
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
@@ -19,14 +22,16 @@ log = logging.getLogger("chorus.reaper")
 
 # enqueue(job_id) -> broker task id; raises when the broker is unreachable.
 Enqueue = Callable[[str], str]
+RESENT = "message not picked up"  # how re-send events start (counted for the back-off)
+MAX_BACKOFF = 8  # a job's n-th re-send waits resend_after_seconds * min(2**(n-1), MAX_BACKOFF)
 
 
 def reap(enqueue: Enqueue, settings: ServiceSettings | None = None, unsent_grace: float = 5.0) -> dict[str, list[str]]:
-    """One sweep. Returns {"requeued": [...], "failed": [...], "sent": [...]} job ids."""
+    """One sweep. Returns {"requeued": [...], "failed": [...], "sent": [...], "resent": [...]} job ids."""
     settings = settings or get_service_settings()
     maker = get_sessionmaker()
     now = utcnow()
-    report: dict[str, list[str]] = {"requeued": [], "failed": [], "sent": []}
+    report: dict[str, list[str]] = {"requeued": [], "failed": [], "sent": [], "resent": []}
     with maker() as session:
         running = session.scalars(select(Job).where(Job.status == "running")).all()
         for job in running:
@@ -44,9 +49,13 @@ def reap(enqueue: Enqueue, settings: ServiceSettings | None = None, unsent_grace
         unsent = session.scalars(select(Job.id).where(
             Job.status == "queued", Job.enqueued_at.is_(None),
             or_(Job.id.in_(report["requeued"]), Job.created_at < now - timedelta(seconds=unsent_grace)))).all()
+        stale = _stale(session, now, settings.resend_after_seconds)
     for job_id in unsent:
         if send(job_id, enqueue):
             report["sent"].append(job_id)
+    for job_id, sent_at, count in stale:
+        if resend(job_id, sent_at, count, enqueue):
+            report["resent"].append(job_id)
     if any(report.values()):
         log.warning("reaper: %s", report)
     return report
@@ -62,5 +71,50 @@ def send(job_id: str, enqueue: Enqueue) -> bool:
     with get_sessionmaker()() as session:
         session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
                         .values(enqueued_at=utcnow(), task_id=task_id))
+        session.commit()
+    return True
+
+
+def _stale(session: Session, now: datetime, after: float) -> list[tuple[str, datetime, int]]:
+    """(job id, when its message was sent, re-sends so far) of queued jobs due for a re-send."""
+    rows = session.execute(select(Job.id, Job.enqueued_at).where(
+        Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=after))).all()
+    if not rows:
+        return []
+    counts = dict(session.execute(
+        select(JobEvent.job_id, func.count()).where(JobEvent.job_id.in_([r.id for r in rows]),
+                                                   JobEvent.message.startswith(RESENT)).group_by(JobEvent.job_id)).all())
+    out: list[tuple[str, datetime, int]] = []
+    for job_id, sent_at in rows:
+        count = counts.get(job_id, 0)
+        if sent_at < now - timedelta(seconds=after * min(2 ** count, MAX_BACKOFF)):
+            out.append((job_id, sent_at, count))
+    return out
+
+
+def resend(job_id: str, sent_at: datetime, count: int, enqueue: Enqueue) -> bool:
+    """Send a queued job's message again. The send time is taken by compare-and-set first, so of several
+    reapers one re-sends; if the broker fails the old time is put back and a later sweep tries again."""
+    maker = get_sessionmaker()
+    now = utcnow()
+    with maker() as session:
+        won = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == sent_at)
+                              .values(enqueued_at=now).execution_options(synchronize_session=False))
+        session.commit()
+    if won.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    try:
+        task_id = enqueue(job_id)
+    except Exception as exc:  # broker down: the next sweep retries
+        log.warning("could not re-send %s: %s", job_id, exc)
+        with maker() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.enqueued_at == now).values(enqueued_at=sent_at))
+            session.commit()
+        return False
+    waited = (now - sent_at).total_seconds()
+    with maker() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(task_id=task_id))
+        state.add_event(session, job_id, f"{RESENT} {waited:.0f}s after it was sent; re-sent to the queue", "warning",
+                        {"type": "resend", "resends": count + 1, "task_id": task_id, "waited_seconds": round(waited, 1)})
         session.commit()
     return True

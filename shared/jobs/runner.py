@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
 from shared.db.models import Artifact, Job, JobStage, utcnow
-from shared.db.session import get_sessionmaker
+from shared.db.session import UNAVAILABLE, get_sessionmaker
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
 from shared.jobs.fanout import Dispatch, JobSharder
@@ -239,6 +239,8 @@ class JobRunner:
             self._fail(validation_error(exc), name)
         except ValueError as exc:
             self._fail(state.error_obj("invalid_params", str(exc) or type(exc).__name__), name)
+        except UNAVAILABLE:
+            raise  # database outage (e.g. a progress write): end this attempt unfinished; the job is retried
         except Exception as exc:
             if type(exc).__name__ in TIMEOUT_EXCEPTIONS:
                 self._fail(state.error_obj("timeout", f"stage {name} exceeded the job time limit"), name)
