@@ -170,6 +170,11 @@ class DatasetOut(BaseModel):
     text_fields: list[str]
     label_field: str
     artifact_id: str | None
+    artifact_ids: list[str] = Field(default_factory=list, description="Every uploaded file (one per split given).")
+    split_source: str = Field(default="carved", description="column (a split column), files (one per split) or "
+                                                            "carved (80/10/10, stratified by label).")
+    warnings: list[str] = Field(default_factory=list, description="What the import could not check for you, e.g. "
+                                                                  "integer labels without label names.")
     created_at: int
 
     @classmethod
@@ -179,7 +184,10 @@ class DatasetOut(BaseModel):
                    size_bytes=ds.size_bytes, sha256=ds.sha256, num_rows=ds.num_rows,
                    label_names=info.get("label_names", []), label_counts=info.get("label_counts", {}),
                    sizes=info.get("sizes", {}), text_fields=info.get("text_fields", []),
-                   label_field=info.get("label_field", ""), artifact_id=ds.artifact_id, created_at=ts(ds.created_at) or 0)
+                   label_field=info.get("label_field", ""), artifact_id=ds.artifact_id,
+                   artifact_ids=info.get("artifact_ids") or ([ds.artifact_id] if ds.artifact_id else []),
+                   split_source=info.get("split_source") or "carved", warnings=info.get("warnings") or [],
+                   created_at=ts(ds.created_at) or 0)
 
 
 # -- artifacts, adapters, ensembles -----------------------------------------------------------------

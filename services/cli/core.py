@@ -1,4 +1,4 @@
-"""Core CLI commands: list tasks, import a dataset, evaluate a model."""
+"""Core CLI commands: list and delete tasks, import a dataset, evaluate a model."""
 
 from __future__ import annotations
 
@@ -16,44 +16,174 @@ from services.cli.common import fail
 console = Console()
 
 
-def tasks_command(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
-    """List the tasks (built-in and imported) with their answer choices and split sizes."""
-    from shared.ml.tasks.registry import list_tasks
+tasks_app = typer.Typer(help="List the tasks (built-in and imported); `chorus tasks rm NAME` deletes an imported one.")
 
-    described = [task.describe() for task in list_tasks()]
+
+@tasks_app.callback(invoke_without_command=True)
+def tasks_command(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False
+) -> None:
+    """List the tasks (built-in and imported) with their answer choices and split sizes, then the data folders
+    skipped and why."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from shared.ml.tasks.registry import scan_tasks
+
+    tasks, skipped = scan_tasks()
+    described = [task.describe() for task in tasks]
     if as_json:
         typer.echo(json.dumps(described, indent=2))
+        for item in skipped:  # stdout stays one JSON document
+            typer.echo(f"skipped {item.name}: {item.reason}", err=True)
         return
     table = Table("task", "choices", "train", "val", "test", "source")
     for d in described:
         s = d["sizes"]
-        table.add_row(d["name"], " / ".join(d["choices"]), str(s["train"]), str(s["val"]), str(s["test"]), d["source"])
+        table.add_row(escape(d["name"]), escape(" / ".join(d["choices"])), str(s["train"]), str(s["val"]),
+                      str(s["test"]), d["source"])
     console.print(table)
+    if skipped:
+        console.print(f"skipped {len(skipped)} data folder(s):")
+        for item in skipped:
+            console.print(f"  {escape(item.name)}: {escape(item.reason)}", highlight=False)
+
+
+def _in_use(name: str) -> tuple[str | None, str | None]:
+    """(why `name` must not be deleted, why that could not be checked): an API dataset owns it, or a queued or
+    running job in the job database names it."""
+    from sqlalchemy import inspect, select
+
+    from shared.config import get_settings
+    from shared.db.models import Dataset
+    from shared.db.session import UNAVAILABLE, get_engine, session_scope
+    from shared.jobs.task_refs import active_jobs_using
+
+    settings = get_settings()
+    if settings.database_url is None and not (settings.home / "chorus.db").exists():
+        return None, None  # no job database yet: no job can name it
+    try:
+        if not inspect(get_engine()).has_table("jobs"):
+            return None, None
+        with session_scope() as session:
+            dataset = session.scalar(select(Dataset).where(Dataset.task_name == name))
+            if dataset is not None:
+                return (f"task {name!r} belongs to dataset {dataset.id} uploaded through the API; delete it there "
+                        f"(DELETE /v1/datasets/{dataset.id})"), None
+            jobs = active_jobs_using(session, name)
+    except UNAVAILABLE as exc:
+        return None, f"cannot check the job database ({type(exc).__name__})"
+    if jobs:
+        return (f"task {name!r} is used by queued or running job(s) {', '.join(jobs)}; wait for them or cancel "
+                "them (chorus cancel JOB)"), None
+    return None, None
+
+
+@tasks_app.command("rm")
+def tasks_rm_command(
+    name: Annotated[str, typer.Argument(help="The imported task to delete.")],
+    force: Annotated[bool, typer.Option("--force", help="Delete even when the job database cannot be checked.")] = False,
+) -> None:
+    """Delete an imported task (refused while a queued or running job uses it)."""
+    from shared.ml.tasks.registry import BUILTIN_TASKS
+    from shared.ml.tasks.user_import import delete_user_task, user_task_exists
+
+    if name in BUILTIN_TASKS:
+        fail(f"{escape(repr(name))} is a built-in task and cannot be deleted")
+    if not user_task_exists(name):
+        fail(f"no imported task named {escape(repr(name))} (see `chorus tasks`)")
+    blocker, unchecked = _in_use(name)
+    if blocker:
+        fail(escape(blocker))
+    if unchecked and not force:
+        fail(escape(f"{unchecked}: a queued or running job may use {name!r}; pass --force to delete anyway"))
+    try:
+        delete_user_task(name)
+    except ValueError as exc:  # deleted meanwhile
+        fail(escape(str(exc)))
+    console.print(f"deleted task {escape(name)}")
+
+
+def _label_names(raw: str | None) -> list[str] | None:
+    """--label-names: "a,b", '["a","b"]', or @file (one name per line, or a JSON list)."""
+    from shared.ml.tasks.user_import import parse_label_names, read_label_names_file
+
+    if raw is not None and raw.startswith("@"):
+        return read_label_names_file(Path(raw[1:]).expanduser())
+    return parse_label_names(raw)
 
 
 def import_command(
-    file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file.")],
-    name: Annotated[str, typer.Option(help="Task name to register.")],
-    text_field: Annotated[list[str], typer.Option("--text-field", help="Text field (repeat or comma-separate).")],
-    label_field: Annotated[str, typer.Option(help="Label field.")],
+    file: Annotated[Optional[Path], typer.Argument(
+        help="The dataset: .csv, .tsv (tab-separated), .jsonl (one JSON object per line), .json (a JSON array of "
+             "objects, or JSON lines), .parquet, .arrow, or a folder written by datasets' save_to_disk. "
+             "Leave it out when giving --train.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Task name (default: from the file name: reviews.csv -> reviews).")] = None,
+    text_field: Annotated[Optional[list[str]], typer.Option(
+        "--text-field", help="Text column(s), repeat or comma-separate (default: text).", show_default=False)] = None,
+    label_field: Annotated[str, typer.Option(help="Label column.")] = "label",
+    label_names: Annotated[Optional[str], typer.Option(
+        help="Label names in label order (integer labels index them): negative,positive or "
+             "'[\"negative\",\"positive\"]' or @names.txt (one per line, or a JSON list).")] = None,
     template: Annotated[Optional[str], typer.Option(help="Jinja prompt template ending with 'Answer:'.")] = None,
-    label_names: Annotated[Optional[str], typer.Option(help="Comma-separated label names, in label order.")] = None,
-    id_field: Annotated[Optional[str], typer.Option(help="Field holding a unique example id.")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="Column holding a unique example id.")] = None,
+    train: Annotated[Optional[Path], typer.Option("--train", help="The train split's file (one file per split).")] = None,
+    validation: Annotated[Optional[Path], typer.Option("--validation", "--val", help="The validation split's file.")] = None,
+    test: Annotated[Optional[Path], typer.Option("--test", help="The test split's file.")] = None,
+    split_field: Annotated[str, typer.Option(
+        help="Column giving each row's split (train, validation or val, test), used when present; '' ignores it. "
+             "Without splits the rows are split 80/10/10, stratified by label.")] = "split",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, json, csv, tsv, parquet or arrow "
+                                                                "(default: from the file name).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an imported task of that name.")] = False,
+    description: Annotated[Optional[str], typer.Option(help="A description shown with the task.")] = None,
 ) -> None:
-    """Import a labelled JSONL/CSV file as a task (every bad row is reported; nothing is kept on error)."""
-    from shared.ml.tasks.user_import import DatasetValidationError, import_dataset
+    """Import a labelled dataset as a task: `chorus import reviews.csv` reads the columns text and label.
+    Every bad row is reported; nothing is kept on error."""
+    from shared.ml.tasks.user_import import (
+        DatasetValidationError,
+        default_task_name,
+        register_dataset,
+        user_task_exists,
+        validate_dataset_paths,
+        validate_name,
+    )
 
-    fields = [f.strip() for item in text_field for f in item.split(",") if f.strip()]
-    labels = [x.strip() for x in label_names.split(",")] if label_names else None
+    if file is None and train is None:
+        fail("give the dataset FILE, or one file per split with --train (and --validation, --test)")
+    if file is not None and train is not None:
+        fail("give the dataset FILE or --train, not both (with --validation/--test, FILE is the train split)")
+    splits = {k: v for k, v in (("train", train), ("validation", validation), ("test", test)) if v is not None}
+    first = file if file is not None else train
+    assert first is not None
+    if name is None:
+        name, problems = default_task_name(first), []
+        validate_name(name, problems)
+        if problems:
+            fail(escape(f"the name {first.name!r} gives no valid task name ({problems[0].message}); pass --name"))
+    fields = [f.strip() for item in (text_field or ["text"]) for f in item.split(",") if f.strip()]
     try:
-        task = import_dataset(file, name, fields, label_field, template=template, label_names=labels, id_field=id_field)
+        labels = _label_names(label_names)
+        if not overwrite and user_task_exists(name):
+            fail(escape(f"a task named {name!r} already exists; pass --overwrite to replace it"))
+        parsed = validate_dataset_paths(file, fields, label_field, template, labels, id_field, fmt, splits=splits,
+                                        name=name, split_field=split_field or None)
+        task = register_dataset(parsed, name, overwrite=overwrite, description=description)
     except DatasetValidationError as exc:
-        fail(escape(str(exc)))  # rows and templates are the user's text: never read as console markup
+        hint = ""
+        if any("no column(s)" in e.message for e in exc.errors):
+            hint = "\nname the columns with --text-field and --label-field"
+        fail(escape(str(exc) + hint))  # rows and templates are the user's text: never read as console markup
     except ValueError as exc:
         fail(escape(str(exc)))
     except OSError as exc:
-        fail(escape(f"cannot read {file}: {exc.strerror or type(exc).__name__}"))
-    console.print(f"imported task [bold]{task.name}[/]: sizes {task.sizes()}, choices {escape(str(task.choices))}")
+        fail(escape(f"cannot read {exc.filename or first}: {exc.strerror or type(exc).__name__}"))
+    for warning in parsed.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    sizes = task.sizes()
+    spec_note = "splits as given" if parsed.split_source else "split 80/10/10"
+    console.print(f"imported task [bold]{escape(task.name)}[/]: {len(parsed.rows):,} rows ({spec_note}: train "
+                  f"{sizes['train']:,}, val {sizes['val']:,}, test {sizes['test']:,}), choices "
+                  f"{escape(str(task.choices))}", highlight=False)
 
 
 def eval_command(
@@ -102,6 +232,6 @@ def print_metrics_table(tasks: dict[str, dict[str, float]], title: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("tasks")(tasks_command)
+    app.add_typer(tasks_app, name="tasks")
     app.command("import")(import_command)
     app.command("eval")(eval_command)

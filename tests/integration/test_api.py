@@ -199,6 +199,9 @@ def test_dataset_upload_use_and_delete(api, make_key):  # type: ignore[no-untype
     theirs = api.post("/v1/jobs", headers=auth(other), json={"type": "evaluation", "params": {**EVAL, "tasks": [task]}})
     assert theirs.status_code == 422 and theirs.json()["error"]["param"] == "params.tasks"
     assert task in theirs.json()["error"]["message"] and "unknown task" in theirs.json()["error"]["message"]
+    busy = api.delete(f"/v1/datasets/{ds['id']}", headers=auth(key))  # the queued job names the task
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "dataset_in_use", busy.text
+    assert api.post(f"/v1/jobs/{mine.json()['id']}/cancel", headers=auth(key)).status_code == 200
     gone = api.delete(f"/v1/datasets/{ds['id']}", headers=auth(key))
     assert gone.json() == {"id": ds["id"], "object": "dataset", "deleted": True}
     assert api.get(f"/v1/datasets/{ds['id']}", headers=auth(key)).status_code == 404

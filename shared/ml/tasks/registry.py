@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 from shared.ml.tasks.base import Task
 from shared.ml.tasks.builtin import BUILTIN_TASKS, CORE_TASKS, make_builtin_tasks
-from shared.ml.tasks.user_import import list_user_tasks, load_user_task
+from shared.ml.tasks.user_import import SkippedTask, list_user_tasks, load_user_task, scan_user_tasks
 
-__all__ = ["BUILTIN_TASKS", "CORE_TASKS", "get_task", "list_tasks", "parse_task_list", "task_names"]
+__all__ = ["BUILTIN_TASKS", "CORE_TASKS", "get_task", "list_tasks", "parse_task_list", "scan_tasks", "task_names"]
 
 _builtin: dict[str, Task] | None = None
 
@@ -45,6 +45,12 @@ def get_task(name: str) -> Task:
 def list_tasks() -> list[Task]:
     """All tasks: built-in ones (in BUILTIN_TASKS order), then user tasks sorted by name."""
     return [*_builtins().values(), *list_user_tasks()]
+
+
+def scan_tasks() -> tuple[list[Task], list[SkippedTask]]:
+    """All tasks (as list_tasks) and the user task folders skipped, each with the reason."""
+    user, skipped = scan_user_tasks()
+    return [*_builtins().values(), *user], skipped
 
 
 def parse_task_list(spec: str | Iterable[str]) -> list[str]:
