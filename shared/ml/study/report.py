@@ -126,7 +126,7 @@ def chart(study: dict[str, Any], path: Path) -> None:
     left.set_ylabel("test accuracy (%)")
     left.set_title("per task (mean over seeds)")
     left.legend(fontsize=8)
-    names = [n for n in study["differences"] if n.endswith("-single")] + \
+    names = [n for n in study["differences"] if n.endswith("-single") and not n.startswith("zero_shot")] + \
         [n for n in study["differences"] if n.startswith("affinity-") and not n.endswith("-single")]
     for k, name in enumerate(names):
         d = study["differences"][name]

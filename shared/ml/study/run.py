@@ -134,7 +134,8 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(params.workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(params.workers, mp_context=mp.get_context("spawn"))
+        try:
             slot = iter(range(10**6))
             futures: dict[Any, tuple[int, str]] = {}
             for s in params.seeds:
@@ -163,6 +164,10 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
                                             str(folders[s]["random"]), next(slot))
                             futures[g] = (s, "random")
                             pending.add(g)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # a failed arm stops the study; queued arms never start
+            raise
+        pool.shutdown(wait=True)
     out: dict[int, dict[str, Any]] = {}
     for s in params.seeds:
         aff = _affinity_groups(folders[s]["affinity"])
