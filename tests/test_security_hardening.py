@@ -238,3 +238,16 @@ def test_inference_openapi_documents_the_error_shape(inference) -> None:  # type
     r = client.options(f"/v1/ensembles/{ENSEMBLE}", headers=auth(keys["infer"]))
     assert r.status_code == 405 and r.headers["allow"] == "GET, DELETE"
     assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_names_with_a_trailing_newline_are_refused():
+    """`$` matches before a final newline: every name pattern is applied with fullmatch."""
+    import pydantic
+
+    from services.api.job_params import ARTIFACT_ID
+    from shared.ml.training.params import TrainingParams
+
+    for bad in ({"ensemble": {"name": "chorus\n"}}, {"targets": ["q_proj\n"]}):
+        with pytest.raises(pydantic.ValidationError):
+            TrainingParams(**bad)
+    assert ARTIFACT_ID.fullmatch("art-" + "0" * 24) and not ARTIFACT_ID.fullmatch("art-" + "0" * 24 + "\n")

@@ -48,7 +48,7 @@ def _check_model(value: Any, param: str, allowed_dirs: Sequence[Path]) -> None:
 
 
 def owned_artifact(db: Session, art_id: str, principal: Principal, param: str) -> Artifact:
-    art = db.get(Artifact, art_id) if ARTIFACT_ID.match(art_id) else None
+    art = db.get(Artifact, art_id) if ARTIFACT_ID.fullmatch(art_id) else None
     if art is None or not owned(principal, art.owner):
         raise _invalid(f"no artifact {art_id!r} (give the id of one of your artifacts; server paths are not accepted)", param)
     if art.kind != "file":

@@ -15,7 +15,7 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _module_names(v: list[str]) -> list[str]:
     for t in v:
-        if not _MODULE_NAME.match(t):
+        if not _MODULE_NAME.fullmatch(t):
             raise ValueError(f"LoRA target {t!r} is not a module name")
     return v
 

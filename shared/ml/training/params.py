@@ -93,7 +93,7 @@ class EnsembleOptions(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"ensemble name {v!r} must match {NAME_RE.pattern}")
         return v
 
