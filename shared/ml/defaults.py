@@ -40,3 +40,24 @@ def known_tasks(names: list[str]) -> list[str]:
     from shared.ml.tasks.registry import parse_task_list
 
     return list(parse_task_list(",".join(names)))
+
+
+def _distinct_tasks(v: list[str]) -> list[str]:
+    names = known_tasks(v)
+    if len(set(names)) != len(names) or len(names) != len(v):
+        raise ValueError(f"tasks must be distinct, got {v}")
+    if len(names) < 2:
+        raise ValueError(f"need at least 2 tasks, got {names}")
+    return names
+
+
+def _distinct_seeds(v: list[int]) -> list[int]:
+    if len(set(v)) != len(v) or any(s < 0 for s in v):
+        raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+    return v
+
+
+# At least two distinct task names, canonicalised through the task registry.
+TaskNames = Annotated[list[str], AfterValidator(_distinct_tasks)]
+# Distinct non-negative seeds (at least one).
+Seeds = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct_seeds)]

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.ml.plotting import save_png
+
 METRICS = ("accuracy", "neg_loss", "macro_f1")
 
 
@@ -118,15 +120,4 @@ def heatmap(path: Path, tasks: Sequence[str], T: np.ndarray, title: str, groups:
     for start, length in bounds:
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), length, length, fill=False, edgecolor="red", linewidth=2))
     fig.tight_layout()
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_png(fig, path)

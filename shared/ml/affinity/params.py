@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, known_tasks
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, Seeds, TaskNames, known_tasks
 
 if TYPE_CHECKING:
     import torch
@@ -235,9 +235,8 @@ class ValidateAffinityParams(BaseModel):
 
     model: str = "smollm2-135m"
     quantization: Literal["none", "nf4"] = "nf4"
-    tasks: list[str] = Field(min_length=2, description="task names (built-in or imported)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
-                             description="one Stage-1 run and one fine-tune per subset for each seed")
+    tasks: TaskNames = Field(description="task names (built-in or imported)")
+    seeds: Seeds = Field(default_factory=lambda: [0, 1], description="one Stage-1 run and one fine-tune per subset for each seed")
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=1000, ge=1, description="validation examples per task; None = all")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
@@ -263,21 +262,6 @@ class ValidateAffinityParams(BaseModel):
     all_task_reference: bool = Field(default=True, description="also fine-tune one all-task adapter per seed (a reference)")
     affinity: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        names = known_tasks(v)
-        if len(set(names)) != len(names) or len(names) < 2:
-            raise ValueError(f"need at least 2 distinct tasks, got {names}")
-        return names
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or any(s < 0 for s in v):
-            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> ValidateAffinityParams:

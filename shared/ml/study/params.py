@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, known_tasks
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, Seeds, TaskNames
 
 ARMS = ("single", "per_task", "random", "affinity")
 Arm = Literal["single", "per_task", "random", "affinity"]
@@ -23,9 +23,8 @@ class StudyParams(BaseModel):
 
     model: str = "smollm2-135m"
     quantization: Literal["none", "nf4"] = "nf4"
-    tasks: list[str] = Field(min_length=2)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
-                             description="seeds of the study (an integer S means seeds 0..S-1)")
+    tasks: TaskNames
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2], description="seeds of the study (an integer S means seeds 0..S-1)")
     groups: GroupCount = "auto"
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
@@ -46,21 +45,6 @@ class StudyParams(BaseModel):
                 raise ValueError(f"seeds must be a positive count or a list of seeds, got {v}")
             return list(range(v))
         return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or any(s < 0 for s in v):
-            raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
-        return v
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        names = known_tasks(v)
-        if len(set(names)) != len(names):
-            raise ValueError(f"tasks must be distinct, got {names}")
-        return names
 
     @model_validator(mode="after")
     def _check(self) -> StudyParams:

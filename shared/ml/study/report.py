@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.ml.plotting import save_png
 from shared.ml.study.params import StudyParams
 from shared.ml.study.run import HEADLINE, arm_costs, load_correct, validation_choice
 from shared.ml.study.stats import hierarchical_bootstrap, mcnemar, per_seed
@@ -139,14 +140,7 @@ def chart(study: dict[str, Any], path: Path) -> None:
     right.set_xlabel("difference in accuracy (points, 95 % CI)")
     right.set_title("paired differences")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_png(fig, path)
 
 
 def write_report(params: StudyParams, workdir: Path, groups: dict[int, dict[str, Any]]) -> dict[str, Any]:

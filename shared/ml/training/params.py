@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, known_tasks
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, TaskNames, known_tasks
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -213,7 +213,7 @@ class PipelineParams(BaseModel):
 
     model: str = "smollm2-135m"
     quantization: Literal["none", "nf4"] = "nf4"
-    tasks: list[str] = Field(min_length=2)
+    tasks: TaskNames
     groups: GroupCount = "auto"
     seed: int = 0
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
@@ -223,14 +223,6 @@ class PipelineParams(BaseModel):
     affinity: dict[str, Any] = Field(default_factory=dict)
     grouping: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        names = known_tasks(v)
-        if len(set(names)) != len(names):
-            raise ValueError(f"tasks must be distinct, got {names}")
-        return names
 
     @model_validator(mode="after")
     def _check(self) -> PipelineParams:
