@@ -3,6 +3,7 @@ typed, option parsing, and running a stage into --out through a hidden partial f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -116,8 +117,37 @@ def check_out(out: Path) -> Path:
     return out
 
 
+def _replace_in_strings(value: Any, old: str, new: str) -> Any:
+    """`value` (JSON data) with every occurrence of `old` inside its strings replaced by `new`."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_replace_in_strings(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {_replace_in_strings(k, old, new): _replace_in_strings(v, old, new) for k, v in value.items()}
+    return value
+
+
+def _rewrite_paths(partial: Path, out: Path) -> None:
+    """Point paths that JSON files of `partial` record inside `partial` at `out`, where they are published."""
+    old, new = str(partial), str(out)
+    for path in partial.rglob("*.json"):
+        text = path.read_text()
+        if json.dumps(old)[1:-1] not in text:
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue  # not one JSON document: left as written
+        tmp = path.with_name(f".{path.name}.publish")
+        tmp.write_text(json.dumps(_replace_in_strings(data, old, new), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
 def _publish(partial: Path, out: Path, last: str) -> None:
-    """Move the finished files of `partial` into `out`; `last` (the index/report file) moves last."""
+    """Move the finished files of `partial` into `out`; `last` (the index/report file) moves last. Paths
+    the JSON files record inside `partial` are rewritten to `out` first."""
+    _rewrite_paths(partial, out)
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, out)

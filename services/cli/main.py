@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "services.cli.study",     # study
     "services.cli.jobs",      # api, worker, up, submit, status, cancel, results
     "services.cli.serve",     # inference
+    "services.cli.export",    # export
     "services.cli.demo",      # demo
 )
 
