@@ -84,13 +84,26 @@ class JobRunner:
         self.lease = Lease(self.job_id, self.token, self.settings.lease_seconds,
                            self.settings.cancel_grace_seconds, self.hard_stop).start()
         try:
-            outcome = self._execute()
+            outcome = self._timed_out_outside_stage()
         except _Stop as stop:
             outcome = stop.outcome
         finally:
             self.lease.stop()
         log.info("job %s: %s", self.job_id, outcome)
         return {"job_id": self.job_id, "outcome": outcome}
+
+    def _timed_out_outside_stage(self) -> str:
+        """_execute, where a time limit that fires outside a stage (e.g. while its module is imported) fails
+        the job as `timeout` instead of escaping and leaving it running for the reaper to retry."""
+        try:
+            return self._execute()
+        except _Stop:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ not in TIMEOUT_EXCEPTIONS:
+                raise
+            self._fail(state.error_obj("timeout", "the job exceeded its time limit before its stage started"))
+            raise  # unreachable: _fail raises _Stop
 
     # -- helpers ------------------------------------------------------------------------------------
     def _fail(self, error: dict[str, Any], stage: str | None = None, detail: str | None = None) -> None:
