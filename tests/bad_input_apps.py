@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 SCOPES = ("admin", "submit", "infer")
@@ -118,3 +119,36 @@ def inference_app(root: Path, **overrides: Any) -> Any:
                **overrides}
     return create_app(base=base, source=DirectoryEnsembleSource(root), authenticator=DbKeyAuthenticator(0),
                       **options)
+
+
+def dataset_api(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
+    """The job API on a fresh SQLite home with `submit` keys for owners alice and bob (a module fixture body)."""
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.api.settings import ApiSettings, get_api_settings
+    from shared.config import get_settings
+    from shared.db.keys import create_key
+    from shared.db.session import migrate, session_scope
+    from shared.jobs.config import get_service_settings
+
+    home = tmp_path_factory.mktemp("api") / "home"
+
+    def clear() -> None:
+        get_settings.cache_clear()
+        get_service_settings.cache_clear()
+        get_api_settings.cache_clear()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHORUS_HOME", str(home))
+        for name in ("DATABASE_URL", "BROKER_URL", "CHORUS_MAX_UPLOAD_BYTES"):
+            mp.delenv(name, raising=False)
+        clear()
+        migrate()
+        keys = {}
+        with session_scope() as session:
+            for owner in ("alice", "bob"):
+                keys[owner] = create_key(session, owner, "submit", f"test {owner}")[1]
+        with TestClient(create_app(ApiSettings(rate_limit_enabled=False)), raise_server_exceptions=False) as client:
+            yield {"client": client, "keys": keys, "home": home}
+        clear()

@@ -14,39 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.bad_input_apps import dataset_api
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The API on a fresh SQLite home, with keys for two owners."""
-    from fastapi.testclient import TestClient
-
-    from services.api.app import create_app
-    from services.api.settings import ApiSettings, get_api_settings
-    from shared.config import get_settings
-    from shared.db.keys import create_key
-    from shared.db.session import migrate, session_scope
-    from shared.jobs.config import get_service_settings
-
-    home = tmp_path_factory.mktemp("api") / "home"
-
-    def clear() -> None:
-        get_settings.cache_clear()
-        get_service_settings.cache_clear()
-        get_api_settings.cache_clear()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHORUS_HOME", str(home))
-        for name in ("DATABASE_URL", "BROKER_URL", "CHORUS_MAX_UPLOAD_BYTES"):
-            mp.delenv(name, raising=False)
-        clear()
-        migrate()
-        keys = {}
-        with session_scope() as session:
-            for owner in ("alice", "bob"):
-                keys[owner] = create_key(session, owner, "submit", f"test {owner}")[1]
-        with TestClient(create_app(ApiSettings(rate_limit_enabled=False)), raise_server_exceptions=False) as client:
-            yield {"client": client, "keys": keys, "home": home}
-        clear()
+    yield from dataset_api(tmp_path_factory)
 
 
 def _headers(env: dict[str, Any], owner: str) -> dict[str, str]:
