@@ -38,7 +38,10 @@ def isolated_home(home: Path) -> Iterator[Path]:
     cache stays shared. The Celery app is rebuilt so that the API enqueues into this home's broker."""
     from services.worker import celery_app as worker_module
 
+    # The integration suite's session fixtures set DATABASE_URL / BROKER_URL for the whole run: this home
+    # must use its own embedded database and broker whatever ran before.
     saved_env = os.environ.get("CHORUS_HOME")
+    saved_urls = {k: os.environ.pop(k, None) for k in ("DATABASE_URL", "BROKER_URL", "CHORUS_ADMIN_KEY")}
     saved_app = worker_module.celery_app
     os.environ["CHORUS_HOME"] = str(home)
     _clear_caches()
@@ -54,6 +57,7 @@ def isolated_home(home: Path) -> Iterator[Path]:
             os.environ.pop("CHORUS_HOME", None)
         else:
             os.environ["CHORUS_HOME"] = saved_env
+        os.environ.update({k: v for k, v in saved_urls.items() if v is not None})
         _clear_caches()
 
 
