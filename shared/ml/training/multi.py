@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.ml.encoding import DEFAULT_MAX_LENGTH, Encoded
+from shared.ml.encoding import Encoded
 from shared.ml.evaluate import TaskMetrics, TaskScores, metrics_from_scores
-from shared.ml.models import DEFAULT_TARGETS, Base, answer_logits
+from shared.ml.models import Base, answer_logits
 from shared.ml.progress import Progress, silent
 from shared.ml.training.costs import Cost, Meter, ModelShape
 from shared.ml.training.trainer import (
@@ -57,7 +57,7 @@ from shared.ml.training.trainer import (
     cfg,
     epoch_plan,
     extract_state,
-    lora_alpha,
+    loop_knobs,
     mean,
     peft_config_dict,
     temporary_adapter,
@@ -443,16 +443,8 @@ def train_stacked(
         return []
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    batch_size = int(cfg(config, "batch_size", 8))
+    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
     eval_batch_size = int(cfg(config, "eval_batch_size", 32))
-    max_length = int(cfg(config, "max_length", DEFAULT_MAX_LENGTH))
-    patience = cfg(config, "patience")
-    rank = int(cfg(config, "rank", 4))
-    alpha = lora_alpha(config)
-    targets = tuple(cfg(config, "targets", DEFAULT_TARGETS))
-    dropout = float(cfg(config, "dropout", 0.0))
-    weight_decay = float(cfg(config, "weight_decay", 0.0))
-    max_grad_norm = cfg(config, "max_grad_norm", 1.0)
     step_rows = cfg(config, "step_rows")
     step_tokens = cfg(config, "step_tokens")
     batching, batch_tokens = batching_of(config)

@@ -48,6 +48,16 @@ def cfg(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
+def loop_knobs(config: Any) -> tuple[int, int, Any, int, float, tuple[str, ...], float, float, Any]:
+    """(batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm) of a
+    config, with the trainer's defaults: the knobs every training loop reads the same way."""
+    return (
+        int(cfg(config, "batch_size", 8)), int(cfg(config, "max_length", DEFAULT_MAX_LENGTH)), cfg(config, "patience"),
+        int(cfg(config, "rank", 4)), lora_alpha(config), tuple(cfg(config, "targets", DEFAULT_TARGETS)),
+        float(cfg(config, "dropout", 0.0)), float(cfg(config, "weight_decay", 0.0)), cfg(config, "max_grad_norm", 1.0),
+    )
+
+
 def lora_alpha(config: Any) -> float:
     alpha = cfg(config, "alpha")
     return float(alpha) if alpha is not None else 8.0 * int(cfg(config, "rank", 4))
@@ -377,15 +387,7 @@ def fit_lora(
     seed = int(cfg(config, "seed", 0) if seed is None else seed)
     epochs = int(epochs or cfg(config, "epochs", 3))
     lr = float(lr or cfg(config, "lr", 5e-4))
-    batch_size = int(cfg(config, "batch_size", 8))
-    max_length = int(cfg(config, "max_length", DEFAULT_MAX_LENGTH))
-    patience = cfg(config, "patience")
-    rank = int(cfg(config, "rank", 4))
-    alpha = lora_alpha(config)
-    targets = tuple(cfg(config, "targets", DEFAULT_TARGETS))
-    dropout = float(cfg(config, "dropout", 0.0))
-    weight_decay = float(cfg(config, "weight_decay", 0.0))
-    max_grad_norm = cfg(config, "max_grad_norm", 1.0)
+    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
     stage = stage or f"train {name}"
     batching_cfg, batch_tokens = batching_of(config)
     batching = batching or batching_cfg
