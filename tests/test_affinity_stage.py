@@ -20,8 +20,11 @@ TASKS = ["cb", "rte", "sst2"]
 
 
 def _params(**kw) -> AffinityParams:
+    # forward mode and the accuracy metric: these tests pin the forward estimate's machinery (the defaults are
+    # mode linear, metric neg_loss: test_defaults_are_the_measured_stage1)
     base = dict(model="tiny-llama", tasks=TASKS, max_train=10, max_val=6, dim=16, subset_size=2, lam=0.05, device="cpu",
-                batch_size=4, eval_batch_size=8, init="base")
+                batch_size=4, eval_batch_size=8, init="base", mode="forward", metric="accuracy", meta_batch_size=8,
+                meta_lr=5e-4)
     base.update(kw)
     return AffinityParams(**base)
 
@@ -282,3 +285,23 @@ def test_token_capped_fan_out_cuts_at_projection_groups_and_matches_the_single_r
     run_affinity(_params(project_rows=6, subsets_per_forward=1), plain)
     ref = np.load(plain / "grads_train.npy")
     assert np.allclose(capped, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_defaults_are_the_measured_stage1(tmp_path):
+    """The default Stage 1 is the one the H200 studies measured: meta-initialised, first-order (linear) estimates of
+    the answer-choice loss, on at most STAGE1_TRAIN_ROWS training rows per task, also inside a pipeline."""
+    from shared.ml.defaults import STAGE1_TRAIN_ROWS
+    from shared.ml.training.params import PipelineParams
+
+    p = AffinityParams(tasks=TASKS)
+    assert (p.mode, p.metric, p.init, p.max_train, p.meta_batch_size, p.meta_lr) == ("linear", "neg_loss", "meta",
+                                                                                      STAGE1_TRAIN_ROWS, 32, 1e-3)
+    assert PipelineParams(tasks=TASKS, max_train=1000).affinity_params().max_train == STAGE1_TRAIN_ROWS
+    assert PipelineParams(tasks=TASKS, max_train=40).affinity_params().max_train == 40
+    assert PipelineParams(tasks=TASKS, max_train=1000, affinity={"max_train": 600}).affinity_params().max_train == 600
+    # a linear run writes the validation gradients its estimates come from, and its estimates are finite
+    wd = tmp_path / "lin"
+    run_affinity(_params(mode="linear", metric="neg_loss"), wd)
+    doc = json.loads((wd / "affinity.json").read_text())
+    assert doc["mode"] == "linear" and (wd / "grads_val.npy").exists()
+    assert all(np.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0 for r in doc["per_subset"])

@@ -155,7 +155,7 @@ def test_params_refuse_what_the_validation_sets_itself():
     with pytest.raises(ValueError, match="affinity.seed"):
         ValidateAffinityParams(tasks=["cb", "rte", "sst2"], affinity={"seed": 3})
     with pytest.raises(ValueError, match="backmap"):
-        ValidateAffinityParams(tasks=["cb", "rte", "sst2"], affinity={"backmap": "representer"})
+        ValidateAffinityParams(tasks=["cb", "rte", "sst2"], affinity={"mode": "forward", "backmap": "representer"})
     with pytest.raises(ValueError, match="subset_size"):
         ValidateAffinityParams(tasks=["cb", "rte", "sst2"], subset_size=3)
     with pytest.raises(ValueError, match="not in tasks"):
@@ -226,3 +226,58 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     result = runner.invoke(app, [*base, "--tasks", "cb,rte,sst2", "--metric", "f1"])
     assert result.exit_code == 2 and "--metric" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_variants_are_checked_like_the_main_estimator():
+    tasks = ["cb", "rte", "sst2"]
+    with pytest.raises(ValueError, match=r"variants\.sub\.max_train=900 must be at most the top-level max_train=500"):
+        ValidateAffinityParams(tasks=tasks, variants={"sub": {"max_train": 900}})
+    with pytest.raises(ValueError, match="variants: name 'Bad-Name'"):
+        ValidateAffinityParams(tasks=tasks, variants={"Bad-Name": {}})
+    with pytest.raises(ValueError, match=r"variants\.lin: mode 'linear' estimates only"):
+        ValidateAffinityParams(tasks=tasks, metric="margin", affinity={"mode": "forward"}, variants={"lin": {"mode": "linear"}})
+    with pytest.raises(ValueError, match=r"error, affinity: mode 'linear' estimates only"):
+        ValidateAffinityParams(tasks=tasks, metric="margin")
+    with pytest.raises(ValueError, match=r"variants\.x\.seed is set by the validation"):
+        ValidateAffinityParams(tasks=tasks, variants={"x": {"seed": 1}})
+    with pytest.raises(ValueError, match=r"training\.max_train is set by the validation"):
+        ValidateAffinityParams(tasks=tasks, training={"max_train": 10})
+    p = ValidateAffinityParams(tasks=tasks, affinity={"dim": 32}, variants={"sub": {"max_train": 100, "init": "base"}})
+    main, sub = p.affinity_params(0, [tasks[:2]]), p.affinity_params(0, [tasks[:2]], "sub")
+    # Stage 1 defaults to min(max_train, STAGE1_TRAIN_ROWS) rows per task, as in a pipeline
+    assert (main.dim, main.max_train, main.init) == (32, 150, "meta") and (sub.dim, sub.max_train, sub.init) == (32, 100, "base")
+
+
+def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
+    """Adding variants to a finished validation scores them against the same fine-tunes (truth.json untouched);
+    a subsampled Stage 1 costs fewer FLOPs; a linear one reports its own first-order estimates."""
+    import torch
+
+    from shared.ml.affinity.validate_affinity import run_validate_affinity
+
+    out, _ = cli_run
+    truth = out / "seed-0" / "truth.json"
+    stamp = truth.stat().st_mtime_ns
+    params = ValidateAffinityParams.model_validate(
+        {**json.loads((out / "params.json").read_text()),
+         "variants": {"sub": {"max_train": 4}, "fwd": {"mode": "forward"}}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_validate_affinity(params, out)
+    finally:
+        torch.set_num_threads(threads)
+    assert truth.stat().st_mtime_ns == stamp
+    doc = json.loads((out / "validate_affinity.json").read_text())
+    assert set(doc["variants"]) == {"sub", "fwd"}
+    for v in doc["variants"].values():
+        assert CONTRACT <= set(v) and v["stage1_flops"] > 0
+    main = np.mean([doc["costs"]["stage1"][s]["flops"]["total"] for s in ("0", "1")])
+    assert doc["variants"]["sub"]["stage1_flops"] < main
+    assert doc["variants"]["sub"]["affinity_params"]["max_train"] == 4
+    lin = json.loads((out / "seed-0" / "estimates.json").read_text())  # the main estimator: linear by default
+    fwd = json.loads((out / "seed-0" / "variant-fwd" / "estimates.json").read_text())
+    assert lin["mode"] == "linear" and fwd["mode"] == "forward"
+    assert lin["reread_vs_stage1"]["max_abs_accuracy"] == 0.0 and fwd["reread_vs_stage1"]["max_abs_accuracy"] == 0.0
+    # theta0's linear proxy is f0 itself: its accuracy is the base model's choice accuracy on the same rows
+    assert {t: m["accuracy"] for t, m in lin["theta0"].items()} == pytest.approx({t: m["accuracy"] for t, m in fwd["theta0"].items()})

@@ -7,11 +7,13 @@ sampler (each derives its own stream from it).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, Seeds, TaskNames, known_tasks
+from shared.ml.defaults import DEFAULT_MAX_LENGTH, STAGE1_TRAIN_ROWS, GroupCount, LoraTargets, Seeds, TaskNames, known_tasks
+from shared.ml.training.params import GROUPS_DOC, MAX_LENGTH_DOC, MODEL_DOC, QUANTIZATION_DOC, SEED_DOC
 
 if TYPE_CHECKING:
     import torch
@@ -36,16 +38,16 @@ class _ModelRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "none"
+    model: str = Field(default="smollm2-135m", description=MODEL_DOC)
+    quantization: Literal["none", "nf4"] = Field(default="none", description=QUANTIZATION_DOC)
     tasks: list[str] = Field(min_length=2, description="task names (built-in or imported)")
-    seed: int = Field(default=0, ge=0, le=2**62)
+    seed: int = Field(default=0, ge=0, le=2**62, description=SEED_DOC + " and the projection sketch")
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
     dim: int = Field(default=400, ge=1, le=65536, description="projection dimension d")
-    rank: int = Field(default=4, ge=1, le=256)
+    rank: int = Field(default=4, ge=1, le=256, description="LoRA rank r of the adapter the gradients are taken of")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default 8 * rank)")
-    targets: LoraTargets
+    targets: LoraTargets = Field(description="modules the LoRA adapter wraps (default q_proj, k_proj, v_proj)")
     # Default "choice": on the H200 validation run (issue 3 closing note) it cut the mean relative error of the
     # estimated accuracy from 41% (vocab) to 23%; "vocab" is the reference's full-vocabulary f.
     output: Literal["vocab", "choice"] = Field(
@@ -60,8 +62,8 @@ class _ModelRun(BaseModel):
                     "LoRA first fine-tuned on all the run's tasks for meta_epochs (the paper's setting; every subset's "
                     "fine-tune then starts close to theta0, where the first-order model holds)")
     meta_epochs: int = Field(default=1, ge=1, le=100, description="epochs of the all-task fine-tune of init='meta'")
-    meta_lr: float = Field(default=5e-4, gt=0, le=1.0, description="learning rate of the all-task fine-tune of init='meta'")
-    meta_batch_size: int = Field(default=8, ge=1, le=1024, description="batch size of the all-task fine-tune of init='meta'")
+    meta_lr: float = Field(default=1e-3, gt=0, le=1.0, description="learning rate of the all-task fine-tune of init='meta'")
+    meta_batch_size: int = Field(default=32, ge=1, le=1024, description="batch size of the all-task fine-tune of init='meta'")
     lam: float = Field(default=DEFAULT_LAMBDA, gt=0, le=1e9, description="L2 penalty of the logistic regression (see lam_scale)")
     lam_scale: Literal["gradient", "absolute"] = Field(
         default="gradient",
@@ -76,8 +78,9 @@ class _ModelRun(BaseModel):
     eval_batch_size: int | None = Field(
         default=None, ge=1, le=8192, description="rows per estimation forward (default: 64 on a CPU, 512 on a GPU)")
     project_rows: int = Field(default=64, ge=1, le=65536, description="examples buffered per sketch projection")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where the model runs (auto: cuda "
+                                                                               "when available)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="model compute dtype: auto = bf16 on CUDA, fp32 on CPU (quantization none only for others)")
 
@@ -107,11 +110,21 @@ class AffinityParams(_ModelRun):
     subset_size: int | None = Field(default=None, ge=2, description="tasks per subset (default 3, or 0.3 n above 10 tasks)")
     coverage: int = Field(default=5, ge=1, le=1000, description="every pair co-occurs in at least this many subsets")
     enumerate_limit: int = Field(default=120, ge=1, description="use every subset when C(n, s) is at most this")
-    mode: Literal["forward", "linear"] = "forward"
+    # Default "linear" and metric "neg_loss" on STAGE1_TRAIN_ROWS rows: the H200 studies (README) measured this
+    # Stage 1 at 0.18-0.20x of the single adapter's FLOPs with the best study arm on both development sets.
+    max_train: int | None = Field(default=STAGE1_TRAIN_ROWS, ge=1,
+                                  description="training examples per task for the meta fine-tune and the gradient pass "
+                                              "(stratified); a pipeline uses min(its max_train, this default) unless set")
+    mode: Literal["forward", "linear"] = Field(
+        default="linear", description="how a subset's solution is scored on validation rows: forward = a real forward "
+                                       "pass with the back-mapped adapter; linear = the first-order f0 + g . w (one more "
+                                       "gradient pass, over the validation rows)")
     backmap: Literal["sketch", "representer"] = Field(
         default="sketch", description="Delta = P w (sketch), or sum_i c_i g_i with P^T Delta = w (representer; +1 gradient pass)")
-    metric: Literal["accuracy", "neg_loss", "macro_f1"] = "accuracy"
-    solver_max_iter: int = Field(default=50, ge=1, le=1000)
+    metric: Literal["accuracy", "neg_loss", "macro_f1"] = Field(
+        default="neg_loss", description="the estimated performance the affinity matrix holds: accuracy, neg_loss "
+                                        "(minus the cross-entropy over the answer choices) or macro_f1")
+    solver_max_iter: int = Field(default=50, ge=1, le=1000, description="iterations of the logistic-regression solver")
     subsets_per_forward: int = Field(default=8, ge=1, le=512, description="subset adapters evaluated in one batched forward")
     subsets: list[list[str]] | None = Field(
         default=None, description="explicit subsets (lists of task names) used instead of sampled ones; "
@@ -150,11 +163,13 @@ class GroupingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     affinity: str | None = Field(default=None, description="path of an affinity.json (default: WORKDIR/affinity.json)")
-    groups: GroupCount = "auto"
-    method: Literal["auto", "sdp", "spectral"] = "auto"
+    groups: GroupCount = Field(default="auto", description=GROUPS_DOC)
+    method: Literal["auto", "sdp", "spectral"] = Field(
+        default="auto", description="clustering: sdp (semidefinite relaxation), spectral, or auto (sdp up to "
+                                    "sdp_max_n tasks, spectral above)")
     metric: Literal["accuracy", "neg_loss", "macro_f1"] | None = Field(default=None, description="default: the file's metric")
     centre: bool = Field(default=True, description="row-centre T before symmetrising (removes per-task level)")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="seed of the clustering and of the structure test's permutations")
     sdp_max_n: int = Field(default=40, ge=2, le=500, description="above this many tasks use spectral clustering")
     m_max: int | None = Field(default=None, ge=2, description="largest m tried by groups=auto")
     structure_alpha: float = Field(
@@ -177,11 +192,14 @@ class ApproxErrorParams(_ModelRun):
     precision defaults to fp32: bf16 logits carry rounding noise of ~0.05 in f, which would be a floor
     under the very error this measures."""
 
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="fp32", description="model compute dtype (fp32: "
+                                                                                   "bf16 rounding would hide the error)")
     # the reference's setting: directions around a fresh adapter, scale relative to ||A0||
-    init: Literal["base", "meta"] = "base"
+    init: Literal["base", "meta"] = Field(default="base", description="theta0: base (a fresh adapter, the reference's "
+                                                                      "setting) or meta")
 
-    scales: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1)
+    scales: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1,
+                                description="step sizes: ||P w|| as a fraction of ||A0||, each in (0, 10]")
     directions: int = Field(default=4, ge=1, le=256, description="subset solutions used as directions")
     subset_size: int | None = Field(default=None, ge=1, description="tasks per direction's subset (1 = single tasks)")
 
@@ -199,16 +217,16 @@ class ValidateParams(_ModelRun):
 
     subsets: int = Field(default=8, ge=1, le=1000, description="number of sampled subsets K")
     subset_size: int | None = Field(default=None, ge=1, description="1 = single-task fine-tunes")
-    coverage: int = Field(default=5, ge=1)
+    coverage: int = Field(default=5, ge=1, description="every pair of tasks co-occurs in at least this many subsets")
     lams: list[float] | None = Field(default=None, description="extra lambdas to report (estimation error per lambda)")
     outputs: list[Literal["vocab", "choice"]] | None = Field(
         default=None, description="extra differentiated outputs to report (one more gradient pass each; untimed)")
     step_scales: list[float] | None = Field(
         default=None, description="extra multipliers of the solved step w to report (diagnoses a too short/long step)")
-    epochs: int = Field(default=5, ge=1, le=100)
-    lr: float = Field(default=5e-4, gt=0, le=1.0)
-    train_batch_size: int = Field(default=8, ge=1, le=1024)
-    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=5, ge=1, le=100, description="epochs of each real fine-tune")
+    lr: float = Field(default=5e-4, gt=0, le=1.0, description="learning rate of each real fine-tune")
+    train_batch_size: int = Field(default=8, ge=1, le=1024, description="batch size of each real fine-tune")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of each real fine-tune")
     select: Literal["best", "last"] = Field(default="best", description="which epoch is the true fine-tuned model (best = lowest mean val loss)")
     backmap: Literal["sketch", "representer"] = Field(default="sketch", description="back-map of the timed estimate")
     compare_backmaps: bool = Field(default=True, description="also report the other back-map's errors (not timed)")
@@ -233,14 +251,15 @@ class ValidateAffinityParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "nf4"
+    model: str = Field(default="smollm2-135m", description=MODEL_DOC)
+    quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
     tasks: TaskNames = Field(description="task names (built-in or imported)")
     seeds: Seeds = Field(default_factory=lambda: [0, 1], description="one Stage-1 run and one fine-tune per subset for each seed")
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=1000, ge=1, description="validation examples per task; None = all")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where the models run (auto: cuda "
+                                                                               "when available)")
     epochs: int = Field(default=3, ge=1, le=100, description="fine-tuning epochs (Stage 2's default)")
     lr: float = Field(default=5e-4, gt=0, le=1.0, description="fine-tuning learning rate")
     batch_size: int = Field(default=8, ge=1, le=1024, description="fine-tuning batch size")
@@ -255,13 +274,22 @@ class ValidateAffinityParams(BaseModel):
                     "logit minus the best other one; neg_vocab_loss = -answer-token cross-entropy over the vocabulary")
     groups: GroupCount = Field(default="auto", description="m for the ARI (auto: the silhouette choice on T_true)")
     noise_factor: float = Field(default=2.0, ge=0, description="pairwise order: true gap must exceed this x seed noise")
-    bootstrap: int = Field(default=2000, ge=200, le=100_000)
-    permutations: int = Field(default=999, ge=999, le=1_000_000)
-    random_partitions: int = Field(default=1000, ge=1000, le=1_000_000)
+    bootstrap: int = Field(default=2000, ge=200, le=100_000, description="bootstrap resamples for the confidence intervals")
+    permutations: int = Field(default=999, ge=999, le=1_000_000, description="permutations of the Mantel test of T")
+    random_partitions: int = Field(default=1000, ge=1000, le=1_000_000,
+                                   description="random partitions the groups' agreement (ARI) is compared with")
     stats_seed: int = Field(default=0, ge=0, description="seed of the bootstrap, permutations and random partitions")
     all_task_reference: bool = Field(default=True, description="also fine-tune one all-task adapter per seed (a reference)")
-    affinity: dict[str, Any] = Field(default_factory=dict)
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Stage-1 settings (AffinityParams fields); max_train/max_val may be set lower than the top-level "
+                    "values to run Stage 1 on a subsample of the rows the fine-tunes see")
     training: dict[str, Any] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="other Stage-1 estimators scored against the SAME fine-tunes: name -> AffinityParams fields applied "
+                    "on top of `affinity` (e.g. {\"base\": {\"init\": \"base\"}, \"rows200\": {\"max_train\": 200}}); "
+                    "adding variants to a finished validation reuses its fine-tunes")
 
     @model_validator(mode="after")
     def _check(self) -> ValidateAffinityParams:
@@ -270,14 +298,28 @@ class ValidateAffinityParams(BaseModel):
             raise ValueError(f"subset_size={self.subset_size} must be less than the {n} tasks (subsets must differ)")
         if isinstance(self.groups, int) and self.groups > n:
             raise ValueError(f"groups={self.groups} is more than the {n} tasks")
-        fixed = {"tasks", "seed", "subsets", "model", "quantization", "max_train", "max_val", "max_length", "device"}
-        for label, overrides in (("affinity", self.affinity), ("training", self.training)):
-            clash = sorted((fixed | {"groups", "groups_source"}) & set(overrides))
+        fixed = {"tasks", "seed", "subsets", "model", "quantization", "max_length", "device", "groups", "groups_source"}
+        overrides = [("affinity", self.affinity), ("training", self.training)]
+        overrides += [(f"variants.{name}", v) for name, v in self.variants.items()]
+        for label, values in overrides:
+            clash = sorted((fixed | ({"max_train", "max_val"} if label == "training" else set())) & set(values))
             if clash:
                 raise ValueError(f"{label}.{clash[0]} is set by the validation itself; use the top-level field")
-        aff = self.affinity_params(self.seeds[0], [self.tasks[:2]])
-        if aff.mode != "forward" or aff.backmap != "sketch":
-            raise ValueError("affinity: the validation re-reads Stage 1's estimates with mode 'forward' and backmap 'sketch'")
+        for name in self.variants:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,39}", name) or name == "default":
+                raise ValueError(f"variants: name {name!r} must be 1-40 of a-z, 0-9, _ (and not 'default')")
+        for variant in [None, *self.variants]:
+            label = "affinity" if variant is None else f"variants.{variant}"
+            aff = self.affinity_params(self.seeds[0], [self.tasks[:2]], variant)
+            if aff.mode == "forward" and aff.backmap != "sketch":
+                raise ValueError(f"{label}: the validation re-reads forward-mode estimates with backmap 'sketch'")
+            if aff.mode == "linear" and self.metric not in ("neg_loss", "accuracy"):
+                raise ValueError(f"{label}: mode 'linear' estimates only neg_loss and accuracy, not metric {self.metric!r}")
+            for key, top in (("max_train", self.max_train), ("max_val", self.max_val)):
+                mine = getattr(aff, key)
+                if top is not None and (mine is None or mine > top):
+                    raise ValueError(f"{label}.{key}={mine} must be at most the top-level {key}={top} "
+                                     "(Stage 1 may only see a subsample of the fine-tunes' rows)")
         self.training_params(self.seeds[0])
         return self
 
@@ -293,18 +335,25 @@ class ValidateAffinityParams(BaseModel):
         data.update(self.training)
         return _validated(TrainingParams, data, "training")
 
-    def affinity_params(self, seed: int, subsets: list[list[str]]) -> AffinityParams:
-        """Stage 1 of one seed on the given subsets, with the training's LoRA shape."""
+    def affinity_params(self, seed: int, subsets: list[list[str]], variant: str | None = None) -> AffinityParams:
+        """Stage 1 of one seed on the given subsets, with the training's LoRA shape (`variant`: one of `variants`)."""
         data: dict[str, Any] = {
             "model": self.model, "quantization": self.quantization, "tasks": list(self.tasks), "seed": seed,
-            "max_train": self.max_train, "max_val": self.max_val, "max_length": self.max_length, "device": self.device,
-            "metric": "neg_loss", "subsets": subsets,
+            "max_train": stage1_rows(self.max_train), "max_val": self.max_val, "max_length": self.max_length,
+            "device": self.device, "metric": "neg_loss", "subsets": subsets,
         }
         for key in ("rank", "alpha", "targets"):
             if key in self.training:
                 data[key] = self.training[key]
         data.update(self.affinity)
-        return _validated(AffinityParams, data, "affinity")
+        if variant is not None:
+            data.update(self.variants[variant])
+        return _validated(AffinityParams, data, "affinity" if variant is None else f"variants.{variant}")
+
+
+def stage1_rows(max_train: int | None) -> int:
+    """Stage 1's default training rows per task under a run's max_train (see STAGE1_TRAIN_ROWS)."""
+    return STAGE1_TRAIN_ROWS if max_train is None else min(max_train, STAGE1_TRAIN_ROWS)
 
 
 def _validated(cls: type[BaseModel], data: dict[str, Any], label: str) -> Any:

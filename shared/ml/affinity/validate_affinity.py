@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 METRICS = ("neg_loss", "accuracy", "margin", "neg_vocab_loss")
 # params that do not change the per-seed results (a re-run may change them and reuse seed-<s>/)
 _REUSABLE = {"device", "seeds", "metric", "groups", "noise_factor", "bootstrap", "permutations", "random_partitions",
-             "stats_seed"}
+             "stats_seed", "variants"}
 DEFINITIONS = {
     "neg_loss": "-mean cross-entropy of the gold label over the task's answer-choice logits (validation rows)",
     "accuracy": "share of validation rows whose highest answer-choice logit is the gold one",
@@ -149,43 +149,76 @@ def _stage1_flops(rt: Any, aff: Any, subsets: list[tuple[int, ...]], theta0_reco
     tr = _lengths(train)
     train_pass = shape.forward_flops(*tr) + shape.backward_flops(*tr)
     per_task = [_lengths(rt.rows("val", aff.max_val, [name])) for name in val.tasks]
-    forwards = sum(shape.forward_flops(*per_task[t]) for s in subsets for t in s)
+    if aff.mode == "linear":  # one gradient pass over the validation rows instead of a forward per subset
+        vl = _lengths(val)
+        forwards = shape.forward_flops(*vl) + shape.backward_flops(*vl)
+    else:
+        forwards = sum(shape.forward_flops(*per_task[t]) for s in subsets for t in s)
     meta = int(theta0_record.get("epochs", 0)) * train_pass if theta0_record.get("init") == "meta" else 0.0
     base_eval = shape.forward_flops(*_lengths(val))
     return {"gradients": train_pass, "theta0_finetune": meta, "base_eval": base_eval, "estimate_forwards": forwards,
             "total": train_pass + meta + base_eval + forwards}
 
 
+def _linear_estimates(rt: Any, aff_dir: Path, doc: dict[str, Any], subsets: list[tuple[int, ...]], max_val: int | None
+                      ) -> tuple[list[dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+    """Mode linear: Stage 1's own first-order estimates z = f0 + g . w (choice log-odds, so softplus(-z) is the
+    choice cross-entropy); theta0's metrics from f0 alone (the proxy at w = 0). margin/vocab loss do not exist."""
+    nan = float("nan")
+    est: list[dict[str, dict[str, float]]] = [{} for _ in subsets]
+    for r in doc["per_subset"]:
+        est[r["subset"]][r["task"]] = {"neg_loss": -r["loss"], "accuracy": r["accuracy"], "margin": nan,
+                                       "neg_vocab_loss": nan, "n": r["n"]}
+    f0 = torch.from_numpy(load_npy(aff_dir / "f0_val.npy").copy()).double()
+    val_rows = rt.rows("val", max_val)
+    theta0 = {}
+    for t, name in enumerate(val_rows.tasks):
+        z = f0[torch.as_tensor(val_rows.task_rows(t))]
+        theta0[name] = {"neg_loss": -float(torch.nn.functional.softplus(-z).mean()), "accuracy": float((z > 0).double().mean()),
+                        "margin": nan, "neg_vocab_loss": nan, "n": int(len(z))}
+    return est, theta0
+
+
 def estimate_seed(params: ValidateAffinityParams, seed: int, subsets: list[tuple[int, ...]], workdir: Path,
-                  progress: Progress = silent) -> dict[str, Any]:
-    """Stage 1 of one seed on the fixed subsets, re-read per task; cached in workdir/estimates.json."""
+                  progress: Progress = silent, variant: str | None = None) -> dict[str, Any]:
+    """Stage 1 of one seed on the fixed subsets, re-read per task; cached in workdir/estimates.json (a variant:
+    workdir/variant-<name>/estimates.json beside its Stage-1 files)."""
     from shared.ml.affinity.stage import prepare_affinity, run_affinity
 
-    path = workdir / "estimates.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    home = workdir if variant is None else workdir / f"variant-{variant}"
+    path = home / "estimates.json"
     names = [[params.tasks[i] for i in s] for s in subsets]
-    aff = params.affinity_params(seed, names)
-    aff_dir = workdir / "affinity"
+    aff = params.affinity_params(seed, names, variant)
+    if path.exists():
+        record = json.loads(path.read_text())
+        if variant is None or record.get("affinity_params") == aff.model_dump(mode="json"):
+            return record
+        raise ValueError(f"{home} holds variant {variant!r} with other settings; remove it or rename the variant")
+    aff_dir = home / "affinity"
     summary = run_affinity(aff, aff_dir, progress)
     doc = json.loads((aff_dir / "affinity.json").read_text())
     if doc["subsets"] != names:
         raise RuntimeError(f"{aff_dir} holds other subsets than the validation planned; remove it")
     rt = prepare_affinity(aff, aff_dir)
     try:
-        W = torch.from_numpy(load_npy(aff_dir / "weights.npy").copy())
         t0 = time.perf_counter()
-        est, theta0 = _rescore_estimates(rt, subsets, W, aff.max_val, progress)
+        if aff.mode == "linear":
+            est, theta0 = _linear_estimates(rt, aff_dir, doc, subsets, aff.max_val)
+        else:
+            W = torch.from_numpy(load_npy(aff_dir / "weights.npy").copy())
+            est, theta0 = _rescore_estimates(rt, subsets, W, aff.max_val, progress)
         reread = time.perf_counter() - t0
         flops = _stage1_flops(rt, aff, subsets, doc.get("theta0") or {})
     finally:
         del rt
         _free()
-    # the re-read must reproduce Stage 1's own table (accuracy, vocab loss)
+    # the re-read must reproduce Stage 1's own table (accuracy; vocab loss in mode forward)
     gaps = [(abs(r["accuracy"] - est[r["subset"]][r["task"]]["accuracy"]),
-             abs(r["loss"] + est[r["subset"]][r["task"]]["neg_vocab_loss"])) for r in doc["per_subset"]]
+             abs(r["loss"] + est[r["subset"]][r["task"]]["neg_vocab_loss"]) if aff.mode == "forward" else 0.0)
+            for r in doc["per_subset"]]
     record = {
-        "seed": seed, "subsets": names, "estimates": est, "theta0": theta0, "init": doc.get("init"),
+        "seed": seed, "variant": variant, "affinity_params": aff.model_dump(mode="json"),
+        "subsets": names, "estimates": est, "theta0": theta0, "init": doc.get("init"), "mode": aff.mode,
         "theta0_record": doc.get("theta0"),
         "stage1": {"wall_seconds": summary.get("wall_seconds"), "timing_seconds": doc.get("timing_seconds"),
                    "flops": flops},
@@ -385,6 +418,30 @@ def _rows(params: ValidateAffinityParams, subsets: list[tuple[int, ...]], est: l
     return rows
 
 
+def _stage1_vs_all_task(est: list[dict], truth: list[dict]) -> float | None:
+    """Stage 1's FLOPs over the all-task reference fine-tune's (the single adapter), summed over seeds."""
+    ref = [((t.get("all_tasks") or {}).get("cost") or {}).get("total_flops") for t in truth]
+    if not all(isinstance(x, (int, float)) and x > 0 for x in ref):
+        return None
+    return sum(e["stage1"]["flops"]["total"] for e in est) / sum(ref)
+
+
+def variant_report(params: ValidateAffinityParams, subsets: list[tuple[int, ...]], est: list[dict],
+                   truth: list[dict]) -> dict[str, Any]:
+    """One estimator's contract metrics against the fine-tunes, with its Stage-1 cost."""
+    report = agreement_report(params, subsets, est, truth)
+    detail = report.pop("detail")
+    flops = [e["stage1"]["flops"]["total"] for e in est]
+    return {**report,
+            "change_mse": {k: detail["no_change"][k] for k in ("mse_estimate", "mse_theta0")},
+            "t_correlation_seed_mean_estimate": detail["t_correlation_seed_mean_estimate"],
+            "groups_est_per_seed": detail["groups"]["est_per_seed"],
+            "stage1_flops": float(np.mean(flops)), "stage1_vs_all_task_flops": _stage1_vs_all_task(est, truth),
+            "stage1_wall_seconds": float(np.mean([e["stage1"]["wall_seconds"] or 0.0 for e in est])),
+            "affinity_params": {k: v for k, v in est[0]["affinity_params"].items()
+                                if k not in ("tasks", "subsets", "seed")} if est[0].get("affinity_params") else None}
+
+
 def _costs(est: list[dict], truth: list[dict]) -> dict[str, Any]:
     s1_flops = sum(e["stage1"]["flops"]["total"] for e in est)
     s1_wall = sum(e["stage1"]["wall_seconds"] or 0.0 for e in est)
@@ -398,6 +455,7 @@ def _costs(est: list[dict], truth: list[dict]) -> dict[str, Any]:
         "rescore": {str(t["seed"]): t["rescore"] for t in truth},
         "stage1_flops": s1_flops, "finetune_flops": ft_flops, "stage1_wall_seconds": s1_wall, "finetune_wall_seconds": ft_wall,
         "flop_ratio": ft_flops / s1_flops if s1_flops else None, "wall_ratio": ft_wall / s1_wall if s1_wall else None,
+        "stage1_vs_all_task_flops": _stage1_vs_all_task(est, truth),
         "note": "stage1 = run_affinity (wall includes model load and theta0; FLOPs analytic, training/costs.py model); "
                 "finetunes = train_many over the subsets (wall of the call; FLOPs from the trainer's Cost: training steps "
                 "+ per-epoch validation). Neither counts the re-reads/re-scores this validation adds.",
@@ -418,6 +476,10 @@ def run_validate_affinity(params: ValidateAffinityParams, workdir: Path, progres
         seed_dir = workdir / f"seed-{s}"
         est.append(estimate_seed(params, s, subsets, seed_dir, progress))
         truth.append(truth_seed(params, s, subsets, seed_dir, progress))
+    variants = {}
+    for name in params.variants:
+        v_est = [estimate_seed(params, s, subsets, workdir / f"seed-{s}", progress, name) for s in params.seeds]
+        variants[name] = variant_report(params, subsets, v_est, truth)
     report = agreement_report(params, subsets, est, truth)
     rows = _rows(params, subsets, est, truth)
     counts = np.array(pair_counts(n, subsets))
@@ -432,6 +494,7 @@ def run_validate_affinity(params: ValidateAffinityParams, workdir: Path, progres
         "consistency": {"estimate_reread_vs_stage1": {str(e["seed"]): e["reread_vs_stage1"] for e in est},
                         "rescore_vs_trainer": {str(t["seed"]): t["rescore"]["max_abs_accuracy_vs_trainer"] for t in truth}},
         "costs": _costs(est, truth),
+        "variants": variants,
         "table": rows,
         "definitions": {k: v for k, v in DEFINITIONS.items() if k not in METRICS or k == params.metric},
         "params": params.model_dump(mode="json"),

@@ -221,8 +221,11 @@ def arm_costs(params: StudyParams, workdir: Path) -> dict[str, Any]:
                                                     if k in ("group_adapters", "baselines", "boosting", "ensemble_weights")))
         add(per, "stage1", stage1)
         add(per, "affinity", aff["ensemble_training"]["total_flops"] + stage1)
-        # the deployed arm: Stage 1 + groups, plus the per-task adapters trained for the validation fallback
-        fallback = (aff.get("per_task") or {}).get("total_flops", 0.0) if reports["affinity"].get("selection") else 0.0
+        # the deployed arm: Stage 1 + groups; when the validation fallback ran, also the single and per-task
+        # adapters it compared (trained only to choose between the arms)
+        fallback = 0.0
+        if reports["affinity"].get("selection"):
+            fallback = sum((aff.get(k) or {}).get("total_flops", 0.0) for k in ("single", "per_task"))
         add(per, "chorus", aff["ensemble_training"]["total_flops"] + stage1 + fallback)
     flops = {k: float(np.mean(v)) for k, v in per.items()}
     for run in ("random", "per_task"):

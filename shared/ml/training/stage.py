@@ -441,13 +441,21 @@ def _affinity_flops(run: _Run, doc: dict[str, Any]) -> float | None:
     if not tasks or any(t not in run.data for t in tasks):
         return None
     sh = run.shape
+    # Stage 1 may run on fewer rows per task than training (affinity.max_train / max_val): count only those
+    caps = {"train": (doc.get("params") or {}).get("max_train"), "val": (doc.get("params") or {}).get("max_val")}
+
+    def lengths(split: str, names: list[str]) -> list[int]:
+        cap = caps.get(split)
+        return [n for t in names
+                for n in run.data[t].lengths(split, run.base.tokenizer, run.params.max_length)[: cap or None]]
 
     def fwd(split: str, names: list[str]) -> float:
-        return _forward_flops(run, names, split)
+        ls = lengths(split, names)
+        return sh.forward_flops(sum(ls), len(ls), sum(n * n for n in ls))
 
     def train_pass(split: str) -> float:
-        lengths = [n for t in tasks for n in run.data[t].lengths(split, run.base.tokenizer, run.params.max_length)]
-        tokens, rows, sq = sum(lengths), len(lengths), sum(n * n for n in lengths)
+        ls = lengths(split, tasks)
+        tokens, rows, sq = sum(ls), len(ls), sum(n * n for n in ls)
         return sh.forward_flops(tokens, rows, sq) + sh.backward_flops(tokens, rows, sq)
 
     total = train_pass("train") + fwd("val", list(tasks))
