@@ -29,9 +29,11 @@ PLAN = {
 SEEN: Counter[str] = Counter()
 # Operations validated beyond what their schema can say: a job's `params` against the job type's own model
 # (GET /v1/job-types publishes those schemas), an upload's file as a dataset, a classify row against the
-# tasks and templates of the ensemble. Schema-valid requests may rightly be refused there, so only the
-# "valid data is accepted" check is left out for them.
-SEMANTIC = {"POST /v1/jobs", "POST /v1/datasets", "POST /v1/ensembles/{ensemble_id}/classify"}
+# tasks and templates of the ensemble, a list's `after` cursor against the ids the caller can see. Schema-valid
+# requests may rightly be refused there, so only the "valid data is accepted" check is left out for them.
+LISTS = ("jobs", "datasets", "artifacts", "adapters", "ensembles", "keys")
+SEMANTIC = {"POST /v1/jobs", "POST /v1/datasets", "POST /v1/ensembles/{ensemble_id}/classify",
+            *(f"GET /v1/{name}" for name in LISTS)}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Security
+from fastapi import Depends, FastAPI, Security
 
-from services.api.deps import authenticate
+from services.api.deps import authenticate, strict_query
+from services.api.docs import install_docs
 from services.api.errors import install_error_handlers
 from services.api.metrics import ApiMetrics
 from services.api.outage import install_outage_handling
+from services.api.params_schema import document_job_params
 from services.api.rate_limits import EarlyRefusalMiddleware, build_rate_limiter
 from services.api.routers import artifacts, datasets, jobs, keys
 from services.api.settings import ApiSettings, get_api_settings
@@ -22,6 +24,7 @@ from services.request_guard import NulGuardMiddleware, document_nul_guard
 from shared.config import get_settings
 from shared.db.session import migrate
 from shared.jobs.config import get_service_settings
+from shared.jobs.registry import JOB_TYPES
 
 log = logging.getLogger("chorus.api")
 API_VERSION = "0.1.0"
@@ -48,8 +51,14 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
         description="Datasets, jobs (affinity, grouping, training, pipeline, ...), artifacts, adapters and "
                     "ensembles. Every /v1 route needs `Authorization: Bearer <API key>`; errors are "
                     '`{"error": {"code", "message", "param"}}`. Requests are rate-limited per key (job creation '
-                    "and dataset uploads more strictly): 429 `rate_limited` with `Retry-After`.",
-        docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+                    "and dataset uploads more strictly): 429 `rate_limited` with `Retry-After`.\n\n"
+                    "Strict input: a job's params are validated against its job type's model when it is "
+                    "submitted (an unknown option, model or task is a 422 whose `param` is the full path, e.g. "
+                    "`params.training.epochs`); an unknown query parameter is a 422 naming it; a list's `after` "
+                    "must be the `last_id` of the previous page. GET /v1/job-types returns every params schema, "
+                    "with defaults and descriptions; they are also in this document's schemas.",
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+        dependencies=[Depends(strict_query)],
     )
     install_error_handlers(app)
     metrics = ApiMetrics()
@@ -72,6 +81,9 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(EarlyRefusalMiddleware, limiter=app.state.rate_limiter)  # type: ignore[arg-type]
     app.add_middleware(NulGuardMiddleware)  # type: ignore[arg-type]
     document_nul_guard(app)
+    if docs:
+        document_job_params(app, JOB_TYPES)
+        install_docs(app)  # /docs and /redoc, with their assets served here (no CDN)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security, params
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from services.api.errors import ApiError
 from services.api.rate_limits import ApiRateLimiter
+from services.api.strict_query import check_query, depends_on, route_dependant
 from services.principal import Principal
 from shared.db.keys import has_scope, hash_key, verify_key
 from shared.db.session import get_sessionmaker
@@ -113,7 +114,23 @@ async def authenticate(request: Request, security_scopes: SecurityScopes,
     for scope in security_scopes.scopes:
         if not has_scope(principal.scopes, scope):
             raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
+    check_query(request)  # here, not before: a request without a valid key gets 401 whatever its query
     return principal
+
+
+_KEYED: dict[int, tuple[Any, bool]] = {}
+
+
+async def strict_query(request: Request) -> None:
+    """App-wide dependency: 422 for a query parameter the route does not declare. Routes that take an API key
+    check in `authenticate` instead, after the key."""
+    dependant = route_dependant(request)
+    cached = _KEYED.get(id(dependant))
+    if cached is None or cached[0] is not dependant:
+        cached = (dependant, depends_on(dependant, authenticate))
+        _KEYED[id(dependant)] = cached
+    if not cached[1]:
+        check_query(request)
 
 
 Submitter = Annotated[Principal, Security(authenticate, scopes=["submit"])]

@@ -13,6 +13,7 @@ the doors the library leaves open for local CLI users (server paths, other owner
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import Principal, owned
 from services.api.errors import ApiError, pydantic_error
+from services.api.params_schema import SET_BY_THE_JOB, section_models
 from shared.db.models import Artifact, Dataset
 from shared.jobs.registry import JobType, JobTypeUnavailable
 from shared.ml.model_names import ModelNameError, check_api_model
@@ -135,10 +137,11 @@ def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: 
     try:
         model = cls.model_validate(prepared)
     except ValidationError as exc:
-        message, param = pydantic_error(exc, ("params",))
+        message, param = section_problem(cls, prepared) or _top_level_problem(cls, exc)
         raise ApiError(422, "invalid_params", message, param) from exc
     except ValueError as exc:  # a validator outside pydantic's wrapping
-        raise ApiError(422, "invalid_params", f"params: {exc}", "params") from exc
+        message, param = section_problem(cls, prepared) or (f"params: {exc}", "params")
+        raise ApiError(422, "invalid_params", message, param) from exc
     names = task_names(model)
     if names and not principal.is_admin:
         foreign = db.scalars(select(Dataset.task_name).where(Dataset.task_name.in_(names),
@@ -149,3 +152,106 @@ def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: 
     for name, value in inline.items():  # stored only now that everything else is valid
         out[name] = _store_inline(db, value, f"{name}.json", principal, f"params.{name}")
     return out
+
+
+# -- where a validation error is ------------------------------------------------------------------------
+def _unknown_option(param: str, name: str, known: Sequence[str], model: str, hint: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = hint or (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"{param}: unknown option{hint}; {model} accepts {', '.join(sorted(known))}"
+
+
+def _more(errors: list[Any]) -> str:
+    return f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+
+
+def _named_path(message: str, first: str | None = None) -> tuple[list[str], str] | None:
+    """The field path a model-level message starts with, and what it says about it: the library's checks write
+    "training.epochs: must be ...", "training.groups is set by ..." or "groups=5 is more than ..." (kept
+    whole). `first`: the path must start with this name."""
+    match = re.match(r"(\w+)((?:\.\w+)*)(:\s*|\s+|=|$)", message)
+    if match is None or (first is not None and match.group(1) != first):
+        return None
+    path = [match.group(1), *match.group(2).split(".")[1:]]
+    rest = message if match.group(3) == "=" else message[match.end():]
+    return path, rest or message
+
+
+def _top_level_problem(cls: type[BaseModel], exc: ValidationError) -> tuple[str, str | None]:
+    """(message, param) of a validation error of the params model itself; an unknown field gets a hint, a
+    model-level check that names its field is reported at that field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ())]
+    if first.get("type") == "extra_forbidden" and len(loc) == 1:
+        param = f"params.{loc[0]}"
+        sections = [s for s, stage in section_models(cls).items()
+                    if loc[0] in stage.model_fields and loc[0] not in SET_BY_THE_JOB.get(s, ())]
+        hint = f" here (set it in {' or '.join(f'params.{s}.{loc[0]}' for s in sections)})" if sections else ""
+        return _unknown_option(param, loc[0], list(cls.model_fields), cls.__name__, hint) + _more(errors), param
+    if not loc and first.get("type") == "value_error":
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        named = _named_path(message)
+        if named is not None and named[0][0] in cls.model_fields:
+            param = "params." + ".".join(named[0])
+            return f"{param}: {named[1]}{_more(errors)}", param
+    return pydantic_error(exc, ("params",))
+
+
+def _failure(cls: type[BaseModel], data: dict[str, Any]) -> Exception | None:
+    try:
+        cls.model_validate(data)
+    except (ValidationError, ValueError) as exc:
+        return exc
+    return None
+
+
+def _located(exc: Exception, section: str, given: dict[str, Any], stage: type[BaseModel]) -> tuple[str, str]:
+    """(message, param) of an error of stage section `section` (whose dict was `given`), with its full path."""
+    errors: list[Any] = exc.errors() if isinstance(exc, ValidationError) else []  # type: ignore[assignment]
+    if errors:
+        loc = [str(x) for x in errors[0]["loc"]]
+        message = str(errors[0]["msg"]).removeprefix("Value error, ")
+        kind = errors[0].get("type")
+    else:
+        loc, message, kind = [], str(exc), None
+    known = [k for k in stage.model_fields if k not in SET_BY_THE_JOB.get(section, ())]
+    unknown = [k for k in given if k not in stage.model_fields]
+    if loc and loc[0] == section:  # the section's own value (not a dict)
+        path = loc
+    elif loc:
+        path = [section, *loc]
+        if kind == "extra_forbidden" and len(loc) == 1:
+            param = f"params.{'.'.join(path)}"
+            return _unknown_option(param, loc[0], known, stage.__name__) + _more(errors), param
+    elif unknown:  # the library's "<section>: unknown option(s) [...]"
+        param = f"params.{section}.{unknown[0]}"
+        return _unknown_option(param, unknown[0], known, stage.__name__), param
+    else:  # a model-level message: "<section>.<field>: what is wrong", "<field>=<value> ..." or other text
+        named = _named_path(message, section) or _named_path(message)
+        if named is not None and named[0][0] == section:
+            path, message = named
+        elif named is not None and named[0][0] in stage.model_fields:
+            path, message = [section, *named[0]], named[1]
+        else:
+            path = [section]
+    param = "params." + ".".join(path)
+    return f"{param}: {message}{_more(errors)}", param
+
+
+def section_problem(cls: type[BaseModel], params: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, param) naming the full path (`params.training.epochs`) when the params fail because of one
+    stage section (`affinity`, `grouping`, `training`), whose errors the library reports without it; None when
+    the shared fields alone fail, or only a combination of sections does."""
+    stages = section_models(cls)
+    sections = [s for s in stages if isinstance(params.get(s), dict) and params[s]]
+    if not sections:
+        return None
+    base = {**params, **{s: {} for s in sections}}
+    if _failure(cls, base) is not None:
+        return None
+    for section in sections:
+        exc = _failure(cls, {**base, section: params[section]})
+        if exc is not None:
+            return _located(exc, section, params[section], stages[section])
+    return None

@@ -9,10 +9,80 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+# Choices of options, spelt as the params models spell them (typer lists them in --help: <none|nf4>).
+Quantization = Literal["none", "nf4"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+Output = Literal["vocab", "choice"]
+Init = Literal["base", "meta"]
+LamScale = Literal["gradient", "absolute"]
+Mode = Literal["forward", "linear"]
+Backmap = Literal["sketch", "representer"]
+AffinityMetric = Literal["accuracy", "neg_loss", "macro_f1"]
+GroupingMethod = Literal["auto", "sdp", "spectral"]
+Candidates = Literal["group", "all"]
+Split = Literal["train", "val", "test"]
+
+
+def _plain_help(command: Any) -> None:
+    """Escape rich markup in the help texts of a command and of its parameters."""
+    for owner in (command, *command.params):
+        for attr in ("help", "short_help"):
+            text = getattr(owner, attr, None)
+            if isinstance(text, str) and text:
+                setattr(owner, attr, escape(text))
+
+
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""  # typer would show the value type: --json <bool>
+    return params
+
+
+class ChorusCommand(TyperCommand):
+    """A command whose help shows what users type: help texts are plain text (brackets such as
+    `[[task, ...], ...]` are not taken for rich markup) and flags show no value type (`--json`, not
+    `--json <bool>`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_help(self)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))  # --help is added here, not in __init__
+
+
+class ChorusGroup(TyperGroup):
+    """The same for a command group (chorus itself, `chorus keys`, `chorus tasks`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_help(self)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+def use_chorus_commands(app: typer.Typer) -> None:
+    """Build `app`, its sub-apps and all their commands as ChorusGroup / ChorusCommand (unless one chose
+    a class of its own)."""
+    if not (isinstance(app.info.cls, type) and app.info.cls is not TyperGroup):
+        app.info.cls = ChorusGroup
+    for info in app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = ChorusCommand
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            use_chorus_commands(group.typer_instance)
+
 
 FLAGS = {  # params field -> CLI flag, so validation errors name what the user typed
     "tasks": "--tasks", "model": "--model", "quantization": "--quantization", "groups": "--groups",
@@ -32,7 +102,7 @@ FLAGS = {  # params field -> CLI flag, so validation errors name what the user t
 
 def fail(message: str, code: int = 2) -> None:
     """Print a clear error and exit (status 2: bad input)."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=code)
 
 

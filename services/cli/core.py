@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from services.cli.common import fail
+from services.cli.common import Quantization, Split, fail
 
 console = Console()
 
@@ -189,10 +189,10 @@ def import_command(
 def eval_command(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
     tasks: Annotated[str, typer.Option(help="Comma-separated task names.")] = "cb,rte,sst2",
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    quantization: Annotated[str, typer.Option(help="none or nf4.")] = "none",
+    split: Annotated[Split, typer.Option(help="The split to evaluate on.")] = "test",
+    quantization: Annotated[Quantization, typer.Option(help="Base model weights (nf4: 4-bit).")] = "none",
     max_examples: Annotated[Optional[int], typer.Option(help="Stratified subsample per task.")] = None,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(help="Rows per scoring batch.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Zero-shot evaluation: accuracy, macro-F1 and answer loss per task."""

@@ -1,8 +1,8 @@
 """Service and job commands: api, worker, up, migrate, keys, submit, jobs, status, cancel, results.
 
 `api`, `worker` and `up` run the services (embedded SQLite + SQLAlchemy broker by default; DATABASE_URL
-and BROKER_URL switch to PostgreSQL and Redis). The job commands talk to the API over HTTP
-(CHORUS_API_URL, CHORUS_API_KEY).
+and BROKER_URL switch to PostgreSQL and Redis). The job commands talk to the API over HTTP: --api-url and
+--api-key, or CHORUS_API_URL and CHORUS_API_KEY.
 """
 
 from __future__ import annotations
@@ -15,23 +15,35 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from services.cli.common import fail
+from services.cli.common import Quantization, fail
 
 console = Console()
 err_console = Console(stderr=True)
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 keys_app = typer.Typer(help="Manage API keys (directly in the database; run on the server).", no_args_is_help=True)
 
 
-def _client():  # type: ignore[no-untyped-def]
+DEFAULT_API_URL = "http://127.0.0.1:8000"  # services.client.DEFAULT_URL (not imported: keeps --help light)
+# Where the job commands find the API; typer reads the environment variables when the options are not given.
+ApiUrl = Annotated[Optional[str], typer.Option(
+    "--api-url", envvar="CHORUS_API_URL", show_default=False,
+    help=f"Base URL of the job API [default: {DEFAULT_API_URL}].")]
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="CHORUS_API_KEY", show_default=False,
+    help="An API key (submit scope); prefer the environment variable, a command line is visible to other users.")]
+
+
+def _client(api_url: str | None = None, api_key: str | None = None):  # type: ignore[no-untyped-def]
     from services.client import Client
 
-    return Client()
+    return Client(api_url, api_key)
 
 
 def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -45,7 +57,9 @@ def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     except ChorusError as exc:
         fail(f"{exc.code}: {exc.message}" + (f" (param: {exc.param})" if exc.param else ""))
     except httpx.HTTPError as exc:
-        fail(f"cannot reach the API at {os.environ.get('CHORUS_API_URL', 'http://127.0.0.1:8000')}: {exc}")
+        url = getattr(getattr(fn, "__self__", None), "base_url", None) or os.environ.get("CHORUS_API_URL",
+                                                                                         DEFAULT_API_URL)
+        fail(f"cannot reach the API at {url}: {exc}")
 
 
 # -- services ----------------------------------------------------------------------------------------
@@ -106,15 +120,14 @@ def api_command(
 
 
 def worker_command(
-    pool: Annotated[str, typer.Option(help="prefork (a fresh process per job) or solo (in-process, debugging).")] = "prefork",
+    pool: Annotated[Literal["prefork", "solo"], typer.Option(
+        help="prefork (a fresh process per job) or solo (in-process, debugging).")] = "prefork",
     concurrency: Annotated[int, typer.Option(help="Job processes; keep 1 per GPU.")] = 1,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     queue: Annotated[Optional[str], typer.Option(help="Queue name (default CHORUS_QUEUE or chorus).")] = None,
     hostname: Annotated[Optional[str], typer.Option(help="Worker node name.")] = None,
 ) -> None:
     """Run a Celery worker: one job per process, recycled after every job, CUDA only in the child."""
-    if pool not in ("prefork", "solo"):
-        fail("--pool must be prefork or solo")
     from services.worker.celery_app import celery_app
     from shared.jobs.config import get_service_settings
 
@@ -140,26 +153,54 @@ def _inference_cmd(host: str, port: int) -> list[str] | None:
             "--port", str(port), *uvicorn_proxy_args()]
 
 
+def _reachable(host: str) -> str:
+    """The address to print for a bind address (a wildcard bind is reachable on the loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def up_plan(host: str, port: int, inference_port: int, inference: bool, inference_model: str | None = None,
+            inference_quantization: str | None = None) -> tuple[dict[str, list[str]], dict[str, str], list[str]]:
+    """What `chorus up` starts: {name: command}, the environment of the subprocesses, and the lines that say
+    where each service answers."""
+    me = [sys.executable, "-m", "services.cli.main"]
+    commands = {"api": [*me, "api", "--host", host, "--port", str(port)], "worker": [*me, "worker"]}
+    env = {**os.environ, "CHORUS_MIGRATE_ON_START": "0"}
+    where = _reachable(host)
+    lines = [f"API on http://{where}:{port}  (docs: http://{where}:{port}/docs)"]
+    if inference:
+        cmd = _inference_cmd(host, inference_port)
+        if cmd:
+            commands["inference"] = cmd
+            for name, value in (("MODEL", inference_model), ("QUANTIZATION", inference_quantization)):
+                if value is not None:
+                    env[f"CHORUS_INFERENCE_{name}"] = value
+            model = env.get("CHORUS_INFERENCE_MODEL", "smollm2-135m")
+            lines.append(f"inference on http://{where}:{inference_port}  (base model {model}; "
+                         f"POST /v1/ensembles/<id>/classify)")
+    return commands, env, lines
+
+
 def up_command(
     host: Annotated[str, typer.Option(help="Bind address of the API and the inference service.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
     inference_port: Annotated[int, typer.Option(help="Inference service port.")] = 8001,
     inference: Annotated[bool, typer.Option(help="Start the inference service when it is installed.")] = True,
+    inference_model: Annotated[Optional[str], typer.Option(
+        help="Base model of the inference service: smollm2-135m, tiny-llama or a local HF folder "
+             "[default: CHORUS_INFERENCE_MODEL or smollm2-135m].")] = None,
+    inference_quantization: Annotated[Optional[Quantization], typer.Option(
+        help="Base weights of the inference service [default: CHORUS_INFERENCE_QUANTIZATION or nf4].")] = None,
 ) -> None:
     """Start the API, a worker and the inference service as subprocesses; Ctrl-C stops them all."""
+    if not inference and (inference_model or inference_quantization):
+        fail("--inference-model and --inference-quantization need the inference service (drop --no-inference)")
     from shared.db.session import migrate
 
     migrate()
     bootstrap_admin_key()
-    me = [sys.executable, "-m", "services.cli.main"]
-    commands = {"api": [*me, "api", "--host", host, "--port", str(port)], "worker": [*me, "worker"]}
-    if inference:
-        cmd = _inference_cmd(host, inference_port)
-        if cmd:
-            commands["inference"] = cmd
-        else:
-            err_console.print("[yellow]inference service not installed; starting api + worker only[/]")
-    env = {**os.environ, "CHORUS_MIGRATE_ON_START": "0"}
+    commands, env, lines = up_plan(host, port, inference_port, inference, inference_model, inference_quantization)
+    if inference and "inference" not in commands:
+        err_console.print("[yellow]inference service not installed; starting api + worker only[/]")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = False
 
@@ -173,7 +214,8 @@ def up_command(
         for name, cmd in commands.items():
             procs[name] = subprocess.Popen(cmd, env=env)
             err_console.print(f"started {name} (pid {procs[name].pid})")
-        err_console.print(f"API on http://{host}:{port}  (docs: /docs)")
+        for line in lines:
+            err_console.print(line, highlight=False, markup=False)
         while not stop:
             for name, proc in procs.items():
                 if proc.poll() is not None:
@@ -282,7 +324,7 @@ def build_params(params: str | None, sets: list[str], shorthand: dict[str, Any])
 
 def submit_command(
     job_type: Annotated[str, typer.Argument(help="pipeline, affinity, grouping, training, approximation_error, "
-                                                 "validate_estimates or evaluation.")],
+                                                 "validate_estimates, validate_affinity, study or evaluation.")],
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model name (smollm2-135m, tiny-llama).")] = None,
     groups: Annotated[Optional[str], typer.Option(help="Number of groups or 'auto' (pipeline, grouping).")] = None,
@@ -293,6 +335,8 @@ def submit_command(
     idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe: same key + body -> same job.")] = None,
     follow: Annotated[bool, typer.Option(help="Follow the job's progress until it finishes.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Submit a job to the API and print its id (optionally follow it)."""
     group_value: Any = groups
@@ -301,7 +345,7 @@ def submit_command(
     shorthand = {"tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, "model": model,
                  "groups": group_value, "seed": seed, "affinity": affinity}
     body = build_params(params, set_ or [], shorthand)
-    client = _client()
+    client = _client(api_url, api_key)
     job = _call(client.create_job, job_type, body, idempotency_key=idempotency_key)
     if as_json:
         print(json.dumps(job, indent=2))
@@ -313,12 +357,18 @@ def submit_command(
 
 
 def jobs_command(
-    status: Annotated[Optional[str], typer.Option(help="Filter by status.")] = None,
-    job_type: Annotated[Optional[str], typer.Option("--type", help="Filter by type.")] = None,
-    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    status: Annotated[Optional[JobStatus], typer.Option(help="Only jobs in this status.")] = None,
+    job_type: Annotated[Optional[str], typer.Option("--type", help="Only jobs of this type.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many (newest first).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON (the API's list object).")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """List recent jobs."""
-    page = _call(_client().list_jobs, status=status, type=job_type, limit=limit)
+    page = _call(_client(api_url, api_key).list_jobs, status=status, type=job_type, limit=limit)
+    if as_json:
+        print(json.dumps(page, indent=2))
+        return
     table = Table("id", "type", "status", "stage", "progress", "created")
     for j in page["data"]:
         pct = j["progress"].get("percent")
@@ -337,7 +387,8 @@ def _print_job(job: dict[str, Any]) -> None:
         console.print(f"  stage {stage['name']}: {stage['status']}")
     if job.get("error"):
         err = job["error"]
-        console.print(f"  [red]error {err['code']}[/]: {err['message']}" + (f" (param {err['param']})" if err.get("param") else ""))
+        console.print(f"  [red]error {err['code']}[/]: {escape(err['message'])}"
+                      + (f" (param {escape(err['param'])})" if err.get("param") else ""))
 
 
 def follow_job(client: Any, job_id: str) -> dict[str, Any]:
@@ -363,7 +414,7 @@ def follow_job(client: Any, job_id: str) -> dict[str, Any]:
                     level = event.get("level", "info")
                     colour = {"error": "red", "warning": "yellow"}.get(level, "dim")
                     stamp = time.strftime("%H:%M:%S", time.localtime(event["created_at"]))
-                    progress.console.print(f"[{colour}]{stamp} {event['message']}[/]")
+                    progress.console.print(f"[{colour}]{stamp} {escape(event['message'])}[/]")
     except ChorusError as exc:
         fail(f"{exc.code}: {exc.message}")
     except httpx.HTTPError as exc:
@@ -377,9 +428,11 @@ def status_command(
     job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Live progress until the job finishes.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Show a job; with --follow, a live progress bar from its events until it finishes."""
-    client = _client()
+    client = _client(api_url, api_key)
     if follow:
         job = follow_job(client, job_id)
     else:
@@ -396,9 +449,10 @@ def status_command(
         raise typer.Exit(code=1)
 
 
-def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).")]) -> None:
+def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).")], api_url: ApiUrl = None,
+                   api_key: ApiKey = None) -> None:
     """Cancel a queued or running job."""
-    job = _call(_client().cancel, job_id)
+    job = _call(_client(api_url, api_key).cancel, job_id)
     console.print(f"{job['id']}: {job['status']}")
 
 
@@ -406,9 +460,11 @@ def results_command(
     job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
     download: Annotated[Optional[Path], typer.Option(help="Download every artifact into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result summary as JSON.")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Print a finished job's summary and artifacts (and download them with --download DIR)."""
-    client = _client()
+    client = _client(api_url, api_key)
     job = _call(client.get_job, job_id)
     artifacts = _call(client.job_artifacts, job_id)
     if as_json:

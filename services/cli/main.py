@@ -6,6 +6,8 @@ import importlib
 
 import typer
 
+from services.cli.common import use_chorus_commands
+
 app = typer.Typer(name="chorus", help="Fine-tune one model on many datasets and serve it as an ensemble of adapters.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -27,6 +29,7 @@ for _module in COMMAND_MODULES:
     except ModuleNotFoundError as exc:  # an area not built yet must not break the others
         if exc.name != _module:
             raise
+use_chorus_commands(app)  # help texts shown as written, flags as flags
 
 
 def main() -> None:

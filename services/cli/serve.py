@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from services.cli.common import Quantization
+
 
 def forwarded_allow_ips() -> str:
     """CHORUS_FORWARDED_ALLOW_IPS: the proxies whose X-Forwarded-* headers are trusted ("" = none)."""
@@ -35,8 +37,8 @@ def inference_command(
     port: Annotated[int, typer.Option(help="Port.")] = 8001,
     model: Annotated[Optional[str], typer.Option(help="Base model: smollm2-135m, tiny-llama or a local HF folder "
                                                       "(default CHORUS_INFERENCE_MODEL or smollm2-135m).")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="nf4 or none (default CHORUS_INFERENCE_QUANTIZATION "
-                                                             "or nf4).")] = None,
+    quantization: Annotated[Optional[Quantization], typer.Option(help="Base weights (default "
+                                                                      "CHORUS_INFERENCE_QUANTIZATION or nf4).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:N or cpu (default: cuda when available).")] = None,
     preload: Annotated[Optional[str], typer.Option(help="Comma-separated ensemble ids to load at startup.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -44,8 +46,6 @@ def inference_command(
     """Serve weighted adapter ensembles on one 4-bit base model (hot-swappable; API keys from the job database)."""
     import uvicorn
 
-    if quantization is not None and quantization not in ("nf4", "none"):
-        raise typer.BadParameter("expected nf4 or none", param_hint="--quantization")
     for name, value in (("MODEL", model), ("QUANTIZATION", quantization), ("DEVICE", device), ("PRELOAD", preload)):
         if value is not None:
             os.environ[f"CHORUS_INFERENCE_{name}"] = value

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.common import check_out, fail, floats, groups_option, run_into, task_list, validate
+from services.cli.common import (
+    AffinityMetric, Backmap, Device, GroupingMethod, Init, LamScale, Mode, Output, Precision, Quantization, check_out,
+    fail, floats, groups_option, run_into, task_list, validate,
+)
 
 console = Console()
 
@@ -27,12 +30,12 @@ console = Console()
 
 # options shared by the commands below
 _TASKS = Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")]
-_QUANT = Annotated[str, typer.Option(help="none or nf4.")]
-_OUTPUT = Annotated[str, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")]
+_QUANT = Annotated[Quantization, typer.Option(help="Base model weights: none or nf4 (4-bit).")]
+_OUTPUT = Annotated[Output, typer.Option(help="differentiated f: choice (log-odds over the answer choices) or vocab (full vocabulary).")]
 _MODEL = Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")]
-_LAM_SCALE = Annotated[str, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")]
-_DEVICE = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-_INIT = Annotated[str, typer.Option(help="theta0: base (fresh LoRA, B = 0) or meta (LoRA first fine-tuned on all the tasks).")]
+_LAM_SCALE = Annotated[LamScale, typer.Option(help="gradient (penalty = lam * mean ||g~||^2) or absolute.")]
+_DEVICE = Annotated[Device, typer.Option(help="Where the model runs (auto: cuda when available).")]
+_INIT = Annotated[Init, typer.Option(help="theta0: base (fresh LoRA, B = 0) or meta (LoRA first fine-tuned on all the tasks).")]
 _META_EPOCHS = Annotated[int, typer.Option(help="Epochs of the all-task fine-tune of --init meta.")]
 _BATCH = Annotated[Optional[int], typer.Option(help="Rows per gradient-pass batch (default: 16 on a CPU, 512 on a GPU).")]
 _BATCH_TOKENS = Annotated[Optional[int], typer.Option(
@@ -56,9 +59,9 @@ def affinity_command(
     meta_epochs: _META_EPOCHS = 1,
     subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
     coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
-    mode: Annotated[str, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
-    backmap: Annotated[str, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = "sketch",
-    metric: Annotated[str, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = "accuracy",
+    mode: Annotated[Mode, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
+    backmap: Annotated[Backmap, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = "sketch",
+    metric: Annotated[AffinityMetric, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = "accuracy",
     batch_size: _BATCH = None,
     batch_tokens: _BATCH_TOKENS = None,
     eval_batch_size: _EVAL_BATCH = None,
@@ -88,8 +91,8 @@ def group_command(
     affinity: Annotated[Path, typer.Option(help="Path of an affinity.json.")],
     groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: the affinity file's folder).")] = None,
-    method: Annotated[str, typer.Option(help="auto (SDP, spectral fallback), sdp or spectral.")] = "auto",
-    metric: Annotated[Optional[str], typer.Option(help="Use another matrix of the file: accuracy, neg_loss, macro_f1.")] = None,
+    method: Annotated[GroupingMethod, typer.Option(help="auto (SDP, spectral fallback), sdp or spectral.")] = "auto",
+    metric: Annotated[Optional[AffinityMetric], typer.Option(help="Use another matrix of the file: accuracy, neg_loss, macro_f1.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the k-means rounding / spectral clustering.")] = 0,
 ) -> None:
     """Group tasks by affinity: DIR/groups.json = {"groups": [[task, ...], ...], "method": ...}."""
@@ -136,7 +139,7 @@ def approx_error_command(
     max_length: Annotated[int, typer.Option()] = 256,
     quantization: _QUANT = "none",
     device: _DEVICE = "auto",
-    precision: Annotated[str, typer.Option(help="Model dtype: fp32 (default: bf16 logits add noise), bf16 or auto.")] = "fp32",
+    precision: Annotated[Precision, typer.Option(help="Model dtype: fp32 (default: bf16 logits add noise), bf16 or auto.")] = "fp32",
     out: Annotated[Optional[Path], typer.Option(help="Keep approx_error.json/csv here (default: not kept).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-scale summary as JSON.")] = False,
 ) -> None:
@@ -193,8 +196,8 @@ def validate_command(
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
     lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = 5e-4,
     train_batch_size: Annotated[int, typer.Option()] = 8,
-    select: Annotated[str, typer.Option(help="best (lowest mean val loss epoch) or last.")] = "best",
-    backmap: Annotated[str, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = "sketch",
+    select: Annotated[Literal["best", "last"], typer.Option(help="best (lowest mean val loss epoch) or last.")] = "best",
+    backmap: Annotated[Backmap, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = "sketch",
     compare_backmaps: Annotated[bool, typer.Option(help="Also report the other back-map (untimed).")] = True,
     batch_size: _BATCH = None,
     batch_tokens: _BATCH_TOKENS = None,

@@ -16,7 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.common import check_model, check_out, fail, groups_option, run_into, task_list, validate
+from services.cli.common import (
+    AffinityMetric, Candidates, GroupingMethod, Init, Mode, Output, Quantization, check_model, check_out, fail,
+    groups_option, run_into, task_list, validate,
+)
 
 console = Console()
 
@@ -89,7 +92,7 @@ def _peak_mib(cost: dict[str, Any]) -> int:
 
 # ------------------------------------------------------------------------------------------ commands
 
-_Q = Annotated[str, typer.Option(help="Base model quantization: nf4 (QLoRA, double-quantized) or none.")]
+_Q = Annotated[Quantization, typer.Option(help="Base model quantization: nf4 (QLoRA, double-quantized) or none.")]
 _EPOCHS = Annotated[int, typer.Option(help="Training epochs per adapter (best epoch by mean val accuracy is kept).")]
 _LR = Annotated[float, typer.Option(help="AdamW learning rate.")]
 _BS = Annotated[int, typer.Option(help="Training batch size (one task per batch).")]
@@ -113,7 +116,7 @@ _BEP = Annotated[Optional[int], typer.Option(help="Epochs of weak learners.")]
 _BBUD = Annotated[Optional[float], typer.Option(
     help="Max boosting FLOPs as a fraction of the group adapters' training FLOPs (hardest groups first).")]
 _FIT = Annotated[bool, typer.Option("--fit-weights/--default-weights", help="Fit per-task non-negative weights on validation data.")]
-_CAND = Annotated[str, typer.Option(help="Members a task's fitted weights may use: group or all.")]
+_CAND = Annotated[Candidates, typer.Option(help="Members a task's fitted weights may use: group or all.")]
 _NAME = Annotated[str, typer.Option(help="Ensemble name in ensemble.json.")]
 _JSON = Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")]
 
@@ -166,11 +169,11 @@ def pipeline_command(
     lam: Annotated[Optional[float], typer.Option(help="Stage 1: L2 penalty of the logistic regressions.")] = None,
     subset_size: Annotated[Optional[int], typer.Option(help="Stage 1: tasks per sampled subset.")] = None,
     coverage: Annotated[Optional[int], typer.Option(help="Stage 1: min co-occurrences of every task pair.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="Stage 1: forward or linear estimation.")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Stage 1: theta0, base or meta (LoRA first fine-tuned on all tasks).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
+    mode: Annotated[Optional[Mode], typer.Option(help="Stage 1: forward or linear estimation.")] = None,
+    metric: Annotated[Optional[AffinityMetric], typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
+    output: Annotated[Optional[Output], typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
+    init: Annotated[Optional[Init], typer.Option(help="Stage 1: theta0, base or meta (LoRA first fine-tuned on all tasks).")] = None,
+    method: Annotated[Optional[GroupingMethod], typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
     as_json: _JSON = False,
 ) -> None:
     """affinity -> grouping -> group adapters -> boosting -> ensemble -> evaluation, into --out."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from services.api.common import MAX_LIMIT, get_owned, page, scoped
+from services.api.common import Cursor, JobFilter, PageSize, get_owned, page, scoped
 from services.api.deps import DB, Submitter
 from services.api.errors import ApiError
 from services.api.schemas import AdapterOut, ArtifactOut, EnsembleOut, ListResponse, artifact_filename
@@ -17,6 +17,7 @@ from shared.storage import ArtifactStore, safe_name, sha256_file
 
 router = APIRouter(tags=["artifacts"])
 ArchiveFormat = Literal["tar.gz", "zip"]
+Format = Annotated[ArchiveFormat, Query(description="The archive format of a folder (a file is sent as it is).")]
 _ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
 
 
@@ -43,12 +44,12 @@ def _listing(rows: list, more: bool, out: type) -> ListResponse:  # type: ignore
 
 
 @router.get("/artifacts", response_model=ListResponse[ArtifactOut])
-def list_artifacts(principal: Submitter, db: DB, job_id: str | None = None, after: str | None = None,
-                   limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20) -> ListResponse[ArtifactOut]:
+def list_artifacts(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
+                   limit: PageSize = 20) -> ListResponse[ArtifactOut]:
     stmt = scoped(select(Artifact), Artifact, principal)
     if job_id:
         stmt = stmt.where(Artifact.job_id == job_id)
-    rows, more = page(db, stmt, Artifact.id, after, limit)
+    rows, more = page(db, stmt, Artifact.id, after, limit, principal=principal)
     return _listing(rows, more, ArtifactOut)
 
 
@@ -59,17 +60,17 @@ def get_artifact(artifact_id: str, principal: Submitter, db: DB) -> ArtifactOut:
 
 @router.get("/artifacts/{artifact_id}/content", response_class=FileResponse,
             responses={200: {"description": "The file, or a folder as an archive (format=tar.gz|zip)."}})
-def artifact_content(artifact_id: str, principal: Submitter, db: DB, format: ArchiveFormat = "tar.gz") -> FileResponse:
+def artifact_content(artifact_id: str, principal: Submitter, db: DB, format: Format = "tar.gz") -> FileResponse:
     return download(get_owned(db, Artifact, artifact_id, principal, "artifact"), format)
 
 
 @router.get("/adapters", response_model=ListResponse[AdapterOut], tags=["adapters"])
-def list_adapters(principal: Submitter, db: DB, job_id: str | None = None, after: str | None = None,
-                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20) -> ListResponse[AdapterOut]:
+def list_adapters(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
+                  limit: PageSize = 20) -> ListResponse[AdapterOut]:
     stmt = scoped(select(Adapter), Adapter, principal)
     if job_id:
         stmt = stmt.where(Adapter.job_id == job_id)
-    rows, more = page(db, stmt, Adapter.id, after, limit)
+    rows, more = page(db, stmt, Adapter.id, after, limit, principal=principal)
     return _listing(rows, more, AdapterOut)
 
 
@@ -80,7 +81,7 @@ def get_adapter(adapter_id: str, principal: Submitter, db: DB) -> AdapterOut:
 
 @router.get("/adapters/{adapter_id}/content", response_class=FileResponse, tags=["adapters"],
             responses={200: {"description": "The PEFT adapter folder as an archive (format=tar.gz|zip)."}})
-def adapter_content(adapter_id: str, principal: Submitter, db: DB, format: ArchiveFormat = "tar.gz") -> FileResponse:
+def adapter_content(adapter_id: str, principal: Submitter, db: DB, format: Format = "tar.gz") -> FileResponse:
     adapter = get_owned(db, Adapter, adapter_id, principal, "adapter")
     art = db.get(Artifact, adapter.artifact_id)
     if art is None:
@@ -89,12 +90,12 @@ def adapter_content(adapter_id: str, principal: Submitter, db: DB, format: Archi
 
 
 @router.get("/ensembles", response_model=ListResponse[EnsembleOut], tags=["ensembles"])
-def list_ensembles(principal: Submitter, db: DB, job_id: str | None = None, after: str | None = None,
-                   limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20) -> ListResponse[EnsembleOut]:
+def list_ensembles(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
+                   limit: PageSize = 20) -> ListResponse[EnsembleOut]:
     stmt = scoped(select(Ensemble), Ensemble, principal)
     if job_id:
         stmt = stmt.where(Ensemble.job_id == job_id)
-    rows, more = page(db, stmt, Ensemble.id, after, limit)
+    rows, more = page(db, stmt, Ensemble.id, after, limit, principal=principal)
     return _listing(rows, more, EnsembleOut)
 
 

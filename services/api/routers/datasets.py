@@ -21,12 +21,12 @@ import secrets
 from pathlib import PurePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.api.common import MAX_LIMIT, page, scoped
+from services.api.common import Cursor, PageSize, page, scoped
 from services.api.deps import DB, Submitter, owned, rate_limit
 from services.api.errors import ApiError
 from services.api.schemas import DatasetOut, Deleted, ListResponse
@@ -107,7 +107,8 @@ def upload_dataset(
     label_names: Annotated[str | None, Form(description="Label order: comma-separated or a JSON list; integer "
                                                         "labels index them.")] = None,
     id_field: Annotated[str | None, Form(description="Optional column of unique row ids.")] = None,
-    description: Annotated[str | None, Form(max_length=2000)] = None,
+    description: Annotated[str | None, Form(max_length=2000, description="What the dataset is, for humans (at most "
+                                                                    "2000 characters).")] = None,
 ) -> DatasetOut:
     cap = get_settings().max_upload_bytes
     count = db.scalar(select(func.count()).select_from(Dataset).where(Dataset.owner == principal.owner)) or 0
@@ -187,9 +188,9 @@ def _find(db: Session, ref: str, principal: Any) -> Dataset:
 
 
 @router.get("/datasets", response_model=ListResponse[DatasetOut])
-def list_datasets(principal: Submitter, db: DB, after: str | None = None,
-                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20) -> ListResponse[DatasetOut]:
-    rows, more = page(db, scoped(select(Dataset), Dataset, principal), Dataset.id, after, limit)
+def list_datasets(principal: Submitter, db: DB, after: Cursor = None,
+                  limit: PageSize = 20) -> ListResponse[DatasetOut]:
+    rows, more = page(db, scoped(select(Dataset), Dataset, principal), Dataset.id, after, limit, principal=principal)
     data = [DatasetOut.of(d) for d in rows]
     return ListResponse[DatasetOut](data=data, has_more=more, first_id=data[0].id if data else None,
                                     last_id=data[-1].id if data else None)

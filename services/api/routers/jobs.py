@@ -8,16 +8,17 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from services.api import job_params
-from services.api.common import MAX_LIMIT, get_owned, page, scoped
+from services.api.common import Cursor, PageSize, get_owned, page, scoped
 from services.api.deps import DB, Principal, Submitter, owned, rate_limit
 from services.api.errors import ApiError
+from services.api.params_schema import params_schema
 from services.api.schemas import (
     ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse, ShardOut,
 )
@@ -48,6 +49,23 @@ def _replay(db: DB, principal: Principal, key: str, digest: str) -> Job | None:
     return job
 
 
+JOB_EXAMPLES = {
+    "pipeline": {"summary": "The whole method on three tasks", "value": {
+        "type": "pipeline", "params": {"tasks": ["cb", "rte", "copa"], "model": "smollm2-135m", "groups": "auto",
+                                       "affinity": {"dim": 200}, "training": {"epochs": 3, "rank": 8}},
+        "metadata": {"experiment": "glue-small"}}},
+    "training": {"summary": "Stage 2 on groups you choose", "value": {
+        "type": "training", "params": {"groups": [["cb", "rte"], ["copa"]], "epochs": 2,
+                                       "boosting": {"enabled": False}}}},
+    "grouping": {"summary": "Groups from an affinity matrix given inline", "value": {
+        "type": "grouping", "params": {"groups": 2, "affinity": {
+            "tasks": ["cb", "rte", "copa", "wic"],
+            "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]}}}},
+    "evaluation": {"summary": "Zero-shot accuracy of the base model", "value": {
+        "type": "evaluation", "params": {"tasks": ["sst2", "rte"], "max_examples": 200}}},
+}
+
+
 def _enqueue(job_id: str, task_id: str) -> None:
     from services.worker.celery_app import enqueue
 
@@ -56,7 +74,8 @@ def _enqueue(job_id: str, task_id: str) -> None:
 
 @router.post("/jobs", status_code=201, response_model=JobOut, dependencies=[rate_limit("create")],
              responses={200: {"model": JobOut, "description": "Replayed: same Idempotency-Key and body."}})
-def create_job(body: JobCreate, principal: Submitter, db: DB, request: Request, response: Response,
+def create_job(body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)], principal: Submitter, db: DB,
+               request: Request, response: Response,
                idempotency_key: Annotated[str | None, Header(
                    alias="Idempotency-Key", min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY,
                    description="1-255 printable ASCII characters, unique per request body (e.g. a UUID).")] = None,
@@ -109,16 +128,17 @@ def create_job(body: JobCreate, principal: Submitter, db: DB, request: Request, 
 
 
 @router.get("/jobs", response_model=ListResponse[JobOut])
-def list_jobs(principal: Submitter, db: DB, after: str | None = None,
-              limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
-              status: JobStatus | None = None, type: str | None = None) -> Response:
+def list_jobs(principal: Submitter, db: DB, after: Cursor = None,
+              limit: PageSize = 20,
+              status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+              type: Annotated[str | None, Query(description="Only jobs of this type.")] = None) -> Response:
     """Jobs, newest first. `after` is the last id of the previous page."""
     stmt = scoped(select(Job).options(*STAGES), Job, principal)
     if status:
         stmt = stmt.where(Job.status == status)
     if type:
         stmt = stmt.where(Job.type == type)
-    rows, more = page(db, stmt, Job.id, after, limit)
+    rows, more = page(db, stmt, Job.id, after, limit, principal=principal)
     data = [JobOut.of(j) for j in rows]
     page_out = ListResponse[JobOut](data=data, has_more=more, first_id=data[0].id if data else None,
                                     last_id=data[-1].id if data else None)
@@ -143,7 +163,7 @@ def get_job(job_id: str, principal: Submitter) -> Response:
 @router.get("/jobs/{job_id}/events", response_model=ListResponse[EventOut])
 def list_events(job_id: str, principal: Submitter, db: DB,
                 after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="The last id seen.")] = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+                limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).")] = 100) -> Response:
     """Events oldest first; pass the last seen id as `after` to follow a job."""
     get_owned(db, Job, job_id, principal, "job")
     rows, more = page(db, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, after, limit,
@@ -197,7 +217,7 @@ def job_types(principal: Submitter) -> ListResponse[JobTypeOut]:
     out = []
     for jt in JOB_TYPES.values():
         try:
-            schema = jt.params_class().model_json_schema()
+            schema = params_schema(jt.params_class())
             out.append(JobTypeOut(name=jt.name, description=jt.description, available=True, params_schema=schema))
         except JobTypeUnavailable as exc:
             out.append(JobTypeOut(name=jt.name, description=jt.description, available=False, reason=str(exc)))

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from services.api.common import MAX_LIMIT, page
+from services.api.common import Cursor, PageSize, page
 from services.api.deps import DB, Admin, key_cache
 from services.api.errors import ApiError
 from services.api.schemas import KeyCreate, KeyOut, ListResponse
@@ -25,12 +25,13 @@ def create_api_key(body: KeyCreate, principal: Admin, db: DB) -> KeyOut:
 
 
 @router.get("/keys", response_model=ListResponse[KeyOut])
-def list_api_keys(principal: Admin, db: DB, owner: str | None = None, after: str | None = None,
-                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20) -> ListResponse[KeyOut]:
+def list_api_keys(principal: Admin, db: DB,
+                  owner: Annotated[str | None, Query(description="Only this owner's keys.")] = None, after: Cursor = None,
+                  limit: PageSize = 20) -> ListResponse[KeyOut]:
     stmt = select(ApiKey)
     if owner:
         stmt = stmt.where(ApiKey.owner == owner)
-    rows, more = page(db, stmt, ApiKey.id, after, limit)
+    rows, more = page(db, stmt, ApiKey.id, after, limit, principal=principal)
     data = [KeyOut.of(r) for r in rows]
     return ListResponse[KeyOut](data=data, has_more=more, first_id=data[0].id if data else None,
                                 last_id=data[-1].id if data else None)

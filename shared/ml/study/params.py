@@ -7,6 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, Seeds, TaskNames
+from shared.ml.training.params import (
+    AFFINITY_SECTION_DOC, GROUPING_SECTION_DOC, GROUPS_DOC, MAX_LENGTH_DOC, MODEL_DOC, QUANTIZATION_DOC, TASKS_DOC,
+    TRAINING_SECTION_DOC,
+)
 
 ARMS = ("single", "per_task", "random", "affinity")
 Arm = Literal["single", "per_task", "random", "affinity"]
@@ -21,18 +25,19 @@ class StudyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "nf4"
-    tasks: TaskNames
+    model: str = Field(default="smollm2-135m", description=MODEL_DOC)
+    quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
+    tasks: TaskNames = Field(description=TASKS_DOC)
     seeds: Seeds = Field(default_factory=lambda: [0, 1, 2], description="seeds of the study (an integer S means seeds 0..S-1)")
-    groups: GroupCount = "auto"
+    groups: GroupCount = Field(default="auto", description=GROUPS_DOC)
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
     max_test: int | None = Field(default=500, ge=1, description="test examples per task; None = all")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    grouping: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
+    affinity: dict[str, Any] = Field(default_factory=dict, description=AFFINITY_SECTION_DOC)
+    grouping: dict[str, Any] = Field(default_factory=dict, description=GROUPING_SECTION_DOC)
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_SECTION_DOC + " (the study sets "
+                                     "baselines itself)")
     bootstrap: int = Field(default=2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
     workers: int = Field(default=1, ge=1, le=64,
                          description="processes that train arms at once (spread round-robin over visible GPUs)")

@@ -18,6 +18,20 @@ from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, Task
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
+# Descriptions of the knobs several params models share (the API publishes them in its schemas).
+MODEL_DOC = ("base model: smollm2-135m, tiny-llama (a tiny random test model; tiny-llama-seedN for others), or a "
+             "local Hugging Face folder (through the API only inside the operator's allowed model directories)")
+QUANTIZATION_DOC = "base weights: nf4 (4-bit NF4, QLoRA) or none (the model's own precision)"
+SEED_DOC = "seed of everything random in the run (LoRA initialisation, subsamples, shuffling)"
+MAX_LENGTH_DOC = "prompt tokens at most (a longer prompt is truncated)"
+TASKS_DOC = "task names, at least 2 distinct (built-in tasks or the task_name of an uploaded dataset)"
+GROUPS_DOC = "number of groups M, or auto (chosen from the affinity matrix by a structure test and validation)"
+AFFINITY_SECTION_DOC = ("Stage-1 options: any AffinityParams field (e.g. {\"dim\": 64}); the shared knobs above are "
+                        "passed to it unless set here")
+GROUPING_SECTION_DOC = "grouping options: any GroupingParams field but affinity (e.g. {\"method\": \"sdp\"})"
+TRAINING_SECTION_DOC = ("Stage-2 options: any TrainingParams field but groups (e.g. {\"epochs\": 5}); the shared "
+                        "knobs above are passed to it unless set here")
+
 
 def read_groups_file(path: str | Path) -> list[list[str]]:
     """The `groups` lists of a groups.json ({"groups": [[task, ...], ...], ...}) or of a bare list."""
@@ -58,8 +72,8 @@ class BaselineOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    single: bool = True
-    per_task: bool = False
+    single: bool = Field(default=True, description="train one adapter on all the tasks (the report's single column)")
+    per_task: bool = Field(default=False, description="also train one adapter per task (the per_task column)")
 
 
 class BoostingOptions(BaseModel):
@@ -67,10 +81,10 @@ class BoostingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    error_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
-    max_rounds: int = Field(default=2, ge=0, le=20)
-    eta: float = Field(default=1.0, gt=0.0, le=10.0)
+    enabled: bool = Field(default=True, description="boost the groups whose training error is above error_threshold")
+    error_threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="training error above which a group is boosted")
+    max_rounds: int = Field(default=2, ge=0, le=20, description="boosting rounds per group at most (one weak learner each)")
+    eta: float = Field(default=1.0, gt=0.0, le=10.0, description="boosting step: the weight of each weak learner's output")
     lr: float | None = Field(default=2e-4, gt=0.0, description="learning rate of weak learners (None: training lr)")
     epochs: int | None = Field(default=1, ge=1, le=100, description="epochs of weak learners (None: training epochs)")
     budget: float | None = Field(
@@ -85,9 +99,11 @@ class EnsembleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "chorus"
-    fit_weights: bool = False  # fit non-negative weights per task on validation data (never on test)
-    candidates: Literal["group", "all"] = "group"  # members a task's weights may use when fitting
+    name: str = Field(default="chorus", description="the ensemble's name (1-64 of A-Z a-z 0-9 _ -, a letter or digit first)")
+    fit_weights: bool = Field(default=False, description="fit non-negative member weights per task on validation data "
+                                                         "(never on test); false: the default weights")
+    candidates: Literal["group", "all"] = Field(default="group", description="members a task's fitted weights may use: "
+                                                                             "its group's adapters, or all of them")
     l2: float = Field(default=0.01, ge=0.0, description="pull of fitted weights towards the default weights")
 
     @field_validator("name")
@@ -103,26 +119,29 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "nf4"
-    groups: list[list[str]] | str | None = None  # lists of tasks, or a groups.json path (read at validation)
-    groups_source: str | None = None  # the groups.json the lists were read from, if any
-    epochs: int = Field(default=3, ge=1, le=100)
-    lr: float = Field(default=5e-4, gt=0.0, le=1.0)
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    eval_batch_size: int = Field(default=32, ge=1, le=4096)
-    rank: int = Field(default=4, ge=1, le=256)
+    model: str = Field(default="smollm2-135m", description=MODEL_DOC)
+    quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
+    groups: list[list[str]] | str | None = Field(
+        default=None, description="the groups to train, one adapter each: lists of task names (a task in one group "
+                                  "only), or a groups.json (through the API: the artifact id of one)")
+    groups_source: str | None = Field(default=None, description="the groups.json the lists were read from, if any")
+    epochs: int = Field(default=3, ge=1, le=100, description="training epochs per adapter (the best epoch by mean "
+                                                             "validation accuracy is kept)")
+    lr: float = Field(default=5e-4, gt=0.0, le=1.0, description="AdamW learning rate")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="training rows per batch")
+    eval_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per scoring batch (validation and test)")
+    rank: int = Field(default=4, ge=1, le=256, description="LoRA rank r")
     alpha: float | None = Field(default=None, gt=0.0, description="LoRA alpha (default 8 * rank)")
-    targets: LoraTargets
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    targets: LoraTargets = Field(description="modules the LoRA adapters wrap (default q_proj, k_proj, v_proj)")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="gradient clipping norm; None = no clipping")
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
     max_test: int | None = Field(default=None, ge=1, description="test examples per task")
     patience: int | None = Field(default=2, ge=0, description="epochs without improvement before stopping; 0/None = off")
-    seed: int = 0
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
+    seed: int = Field(default=0, description=SEED_DOC)
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
     trainer: Literal["multi", "sequential"] = Field(
         default="multi", description="multi: the group adapters and baselines train together in one fused run; "
                                      "sequential: one after the other (same results up to float noise)")
@@ -135,11 +154,12 @@ class TrainingParams(BaseModel):
                                   "trainer; a larger step is split into micro-steps, same results); None = no cap")
     step_tokens: int | None = Field(default=None, ge=16, le=2**24,
                                     description="padded tokens per fused forward/backward at most; None = no cap")
-    baselines: BaselineOptions = Field(default_factory=BaselineOptions)
-    boosting: BoostingOptions = Field(default_factory=BoostingOptions)
-    ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions)
-    zero_shot: bool = True  # evaluate the base model without adapter (report column zero_shot)
-    evaluate_test: bool = True
+    baselines: BaselineOptions = Field(default_factory=BaselineOptions, description=BaselineOptions.__doc__)
+    boosting: BoostingOptions = Field(default_factory=BoostingOptions, description=BoostingOptions.__doc__)
+    ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions, description=EnsembleOptions.__doc__)
+    zero_shot: bool = Field(default=True, description="also evaluate the base model without adapter (the report's "
+                                                      "zero_shot column)")
+    evaluate_test: bool = Field(default=True, description="evaluate on the test splits (false: validation only)")
 
     @field_validator("groups", mode="before")
     @classmethod
@@ -211,18 +231,18 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "smollm2-135m"
-    quantization: Literal["none", "nf4"] = "nf4"
-    tasks: TaskNames
-    groups: GroupCount = "auto"
-    seed: int = 0
+    model: str = Field(default="smollm2-135m", description=MODEL_DOC)
+    quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
+    tasks: TaskNames = Field(description=TASKS_DOC)
+    groups: GroupCount = Field(default="auto", description=GROUPS_DOC)
+    seed: int = Field(default=0, description=SEED_DOC)
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
     max_test: int | None = Field(default=None, ge=1, description="test examples per task; None = all")
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    grouping: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
+    affinity: dict[str, Any] = Field(default_factory=dict, description=AFFINITY_SECTION_DOC)
+    grouping: dict[str, Any] = Field(default_factory=dict, description=GROUPING_SECTION_DOC)
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_SECTION_DOC)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineParams:
@@ -247,7 +267,10 @@ class PipelineParams(BaseModel):
         """Stage 1 shares the model, data sizes, seed and the LoRA shape (theta0) with training."""
         from shared.ml.affinity.params import AffinityParams
 
+        from shared.ml.affinity.params import stage1_rows
+
         shared = self._shared()
+        shared["max_train"] = stage1_rows(self.max_train)  # Stage 1 runs on a subsample unless affinity.max_train
         for key in ("rank", "alpha", "targets"):
             if key in self.training:
                 shared[key] = self.training[key]
