@@ -37,6 +37,7 @@ from shared.ml.encoding import collate  # noqa: E402
 from shared.ml.evaluate import metrics_from_scores  # noqa: E402
 from shared.ml.models import DEFAULT_TARGETS, Base, load_model  # noqa: E402
 from shared.ml.training.costs import peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from shared.ml.training.dequant import resolve  # noqa: E402
 from shared.ml.training.many import AdapterSpec, train_many  # noqa: E402
 from shared.ml.training.trainer import TaskData, mean, prepare_tasks, score_split, trainable_4bit  # noqa: E402
 
@@ -137,6 +138,8 @@ def main() -> None:
     ap.add_argument("--peft-checkpointing", action="store_true",
                     help="gradient checkpointing in the PEFT loop (prepare_model_for_kbit_training's default)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--dequantize", default="auto", choices=["auto", "cached", "per_call"],
+                    help="our trainers' 4-bit base: dequantised once (cached) or by bitsandbytes in every call")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -149,13 +152,13 @@ def main() -> None:
     config = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                   rank=args.rank, seed=args.seed, patience=None, max_length=args.max_length, max_train=args.max_train,
                   max_val=args.max_val, max_test=1, batching=args.batching, batch_tokens=args.batch_tokens,
-                  step_tokens=args.step_tokens)
+                  step_tokens=args.step_tokens, dequantize=args.dequantize)
     base = Base.load(args.model, args.quantization, device)
     trainable_4bit(base.model)
     data = prepare_tasks(base.tokenizer, tasks, config)
     head = {"model": base.info.name, "device": str(device), "tasks": tasks, "train_rows": sum(len(d.train) for d in data.values()),
             "epochs": args.epochs, "batch_size": args.batch_size, "rank": args.rank, "mode": args.mode,
-            "batching": args.batching}
+            "batching": args.batching, "dequantize": resolve(args.dequantize, base.model)}
     print(json.dumps(head), flush=True)
     # warm-up (CUDA context, kernels, allocator) on a few rows, not timed
     first = next(iter(data.values()))

@@ -49,6 +49,7 @@ from shared.ml.evaluate import TaskMetrics, TaskScores, metrics_from_scores
 from shared.ml.models import Base, answer_logits
 from shared.ml.progress import Progress, silent
 from shared.ml.training.costs import Cost, Meter, ModelShape
+from shared.ml.training.dequant import dequantized_base
 from shared.ml.training.trainer import (
     TaskData,
     TrainedAdapter,
@@ -493,7 +494,8 @@ def train_stacked(
     eval_seconds = 0.0
     generator_state = torch.random.get_rng_state()
     results: list[TrainedAdapter] = []
-    with meter, stacked_lora(base, states, rank, alpha, dropout) as (stack, router):
+    with meter, stacked_lora(base, states, rank, alpha, dropout) as (stack, router), \
+            dequantized_base(base.model, cfg(config, "dequantize", "auto")):
         model = base.model
         try:
             torch.manual_seed(jobs[0].seed)  # dropout (if any) is the only random draw

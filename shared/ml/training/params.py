@@ -154,6 +154,11 @@ class TrainingParams(BaseModel):
                                   "trainer; a larger step is split into micro-steps, same results); None = no cap")
     step_tokens: int | None = Field(default=None, ge=16, le=2**24,
                                     description="padded tokens per fused forward/backward at most; None = no cap")
+    dequantize: Literal["auto", "cached", "per_call"] = Field(
+        default="auto",
+        description="4-bit base during training: cached = each NF4 layer dequantised once (compute dtype) and used by "
+                    "plain matmuls; per_call = bitsandbytes dequantises in every forward and backward; auto = cached "
+                    "when the copies take at most a quarter of the device's free memory")
     baselines: BaselineOptions = Field(default_factory=BaselineOptions, description=BaselineOptions.__doc__)
     boosting: BoostingOptions = Field(default_factory=BoostingOptions, description=BoostingOptions.__doc__)
     ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions, description=EnsembleOptions.__doc__)

@@ -34,6 +34,7 @@ from shared.ml.models import DEFAULT_TARGETS, Base, answer_logits, attach_lora
 from shared.ml.progress import Progress, silent
 from shared.ml.tasks.base import Example, Task
 from shared.ml.training.costs import Cost, Meter, ModelShape
+from shared.ml.training.dequant import dequantized_base
 
 TaskLike = str | Task
 
@@ -402,7 +403,8 @@ def fit_lora(
     history: list[dict[str, Any]] = []
     best: tuple[tuple[float, ...], int, dict[str, torch.Tensor], dict[str, TaskMetrics]] | None = None
     trainable_4bit(base.model)
-    with meter, temporary_adapter(base, name, rank, alpha, targets, dropout, seed, init_state) as model:
+    with meter, temporary_adapter(base, name, rank, alpha, targets, dropout, seed, init_state) as model, \
+            dequantized_base(base.model, cfg(config, "dequantize", "auto")):
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         generator_state = torch.random.get_rng_state()
