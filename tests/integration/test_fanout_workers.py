@@ -234,3 +234,33 @@ def test_killed_helper_loses_its_shard_to_the_other_worker(api, key, pair, refer
     assert sorted(d["shard"] for d in done) == list(range(SHARDS))
     assert next(d for d in done if d["shard"] == victim["index"])["worker"] == redone.claimed_by
     _assert_same_as_reference(api, key, job, reference)
+
+
+# Stage 2 fanned out: 6 singleton groups + the single baseline = 7 adapters = 2 canonical chunks of 4.
+TRAIN_PARAMS = {"model": "tiny-llama", "quantization": "none",
+                "groups": [["cb"], ["rte"], ["copa"], ["wic"], ["boolq"], ["mr"]],
+                "max_train": 8, "max_val": 6, "max_test": 4, "epochs": 1, "batch_size": 4, "lr": 2e-3, "seed": 0,
+                "boosting": {"enabled": False}}
+
+
+def test_a_training_jobs_adapters_fan_out_in_chunks_and_match_an_in_process_run(api, key, pair, tmp_path):  # type: ignore[no-untyped-def]
+    from shared.ml.sharding import use_sharder
+    from shared.ml.training import shards
+    from shared.ml.training.params import TrainingParams
+    from shared.ml.training.stage import run_training
+    from tests.test_training_shards import PieceSharder
+
+    r = api.post("/v1/jobs", headers=auth(key), json={"type": "training", "params": TRAIN_PARAMS})
+    assert r.status_code == 201, r.text
+    job = _wait_done(api, key, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    rows = [s for s in _shards(job["id"]) if s.phase == "adapters"]
+    assert [(s.start, s.end) for s in rows] == [(0, 4), (4, 7)]  # whole chunks of shards.CHUNK
+    assert all(s.status == "done" and s.attempts == 1 for s in rows)
+    report = json.loads(_artifact(api, key, job, "report"))
+    # the same training in this process, cut into one piece: bitwise the same adapters
+    with use_sharder(PieceSharder(1)):
+        run_training(TrainingParams.model_validate(TRAIN_PARAMS), tmp_path / "ref")
+    expected = json.loads((tmp_path / "ref" / "train_report.json").read_text())
+    assert {n: a["sha256"] for n, a in report["adapters"].items()} == {n: a["sha256"] for n, a in expected["adapters"].items()}
+    assert len(report["adapters"]) == 7 and shards.CHUNK == 4

@@ -40,7 +40,7 @@ from shared.ml.training.ensemble import (
     fit_weights,
     write_manifest,
 )
-from shared.ml.training.many import AdapterSpec, train_many
+from shared.ml.training.many import AdapterSpec
 from shared.ml.training.params import PipelineParams, TrainingParams, read_groups_file
 from shared.ml.training.trainer import (
     TaskData,
@@ -142,8 +142,10 @@ class _Run:
 
 
 def _train_all(run: _Run, specs: list[AdapterSpec]) -> dict[str, TrainedAdapter]:
-    """Every adapter of `specs` in one train_many call (fused: one pass over the base per step)."""
-    return {t.name: t for t in train_many(run.base, specs, run.params, run.data, run.progress)}
+    """Every adapter of `specs`: one fused train_many call, or fanned out over a job's workers (shards.py)."""
+    from shared.ml.training.shards import train_adapters
+
+    return train_adapters(run.base, specs, run.params, run.data, run.workdir, run.progress)
 
 
 def run_training(
@@ -396,6 +398,10 @@ def run_training(
     }
     write_json(workdir / PREDICTIONS_FILE, predictions)
     artifacts["predictions"] = PREDICTIONS_FILE
+    from shared.ml.plotting import results_chart
+
+    results_chart(report, workdir / "results.png")  # beside the heatmaps of a pipeline
+    artifacts["results_chart"] = "results.png"
     write_json(workdir / report_name, report)
     return {"report": {k: report[k] for k in ("tasks", "average", "groups", "split")},
             "cost": {k: cost[k] for k in ("ensemble_vs_single_flops", "inference")},
