@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo clean compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not integration"
+
+# `docker compose up` for real (tests/compose): needs Docker; `.ci/run` installs and starts it.
+compose-test: install
+	CHORUS_COMPOSE_TEST=1 $(PY) -m pytest -q -s -rs -x tests/compose
 
 demo: install
 	$(VENV)/bin/chorus demo
