@@ -165,14 +165,14 @@ def test_grouping_job_runs_to_success_with_events_and_artifacts(api, keys, parke
     assert messages[0] == "job created (grouping)" and messages[-1] == "job succeeded"
     assert "stage grouping started (1/1)" in messages and "stage grouping finished (2 artifact(s))" in messages
     listed = api.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth(key)).json()["data"]
-    assert {a["name"] for a in listed} == {"groups", "heatmap"} and all(a["stage"] == "grouping" for a in listed)
+    assert {a["name"] for a in listed} == {"groups", "groups_heatmap"} and all(a["stage"] == "grouping" for a in listed)
     assert {a["id"] for a in listed} == set(done["result_artifacts"].values())
     groups_id = done["result_artifacts"]["groups"]
     meta = api.get(f"/v1/artifacts/{groups_id}", headers=auth(key)).json()
     content = api.get(f"/v1/artifacts/{groups_id}/content", headers=auth(key))
     assert content.status_code == 200 and content.headers["x-content-sha256"] == meta["sha256"]
     assert sorted(sorted(g) for g in content.json()["groups"]) == [["cb", "rte"], ["copa", "wic"]]
-    png = api.get(f"/v1/artifacts/{done['result_artifacts']['heatmap']}/content", headers=auth(key))
+    png = api.get(f"/v1/artifacts/{done['result_artifacts']['groups_heatmap']}/content", headers=auth(key))
     assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     # Another owner sees none of it.
     for url in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events", f"/v1/artifacts/{groups_id}/content"):
@@ -427,13 +427,13 @@ def test_python_client_against_the_real_api(server, keys, parked, tmp_path) -> N
         assert followed[0] == "job created (grouping)" and followed[-1] == "job succeeded"
         assert [j["id"] for j in client.iter_jobs(status="succeeded")] == [job["id"]]
         arts = client.job_artifacts(job["id"])
-        assert {a["name"] for a in arts} == {"groups", "heatmap"}
+        assert {a["name"] for a in arts} == {"groups", "groups_heatmap"}
         groups_id = done["result_artifacts"]["groups"]
         path = client.download_artifact(groups_id, tmp_path / "groups.json")
         assert json.loads(path.read_text())["m"] == 2
         assert client.get_artifact(groups_id)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         results = client.download_results(job["id"], tmp_path / "results")
-        assert set(results) == {"groups", "heatmap"} and results["heatmap"].read_bytes()[:4] == b"\x89PNG"
+        assert set(results) == {"groups", "groups_heatmap"} and results["groups_heatmap"].read_bytes()[:4] == b"\x89PNG"
         with pytest.raises(ChorusError) as finished:
             client.cancel(job["id"])
         assert finished.value.status == 409 and finished.value.code == "invalid_state"

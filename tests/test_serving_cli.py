@@ -51,7 +51,8 @@ def test_inference_command_serves_the_app(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/ensembles/x/classify", json={"rows": [{"task": "sst2", "text": "a"}]})
         assert r.status_code == 401  # real DB-backed auth, no key
         r = httpx.get(f"http://127.0.0.1:{port}/docs")
-        assert r.status_code == 404  # no docs on the service by default
+        assert r.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in r.text  # docs by default, no CDN
+        assert httpx.get(f"http://127.0.0.1:{port}/docs-assets/swagger-ui.css").status_code == 200
     finally:
         proc.terminate()
         try:

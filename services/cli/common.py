@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup, TyperOption
@@ -98,6 +99,26 @@ FLAGS = {  # params field -> CLI flag, so validation errors name what the user t
     "max_rounds": "--boost-rounds", "eta": "--eta", "name": "--name", "candidates": "--weight-candidates",
     "init": "--init", "meta_epochs": "--meta-epochs",
 }
+
+
+def model_default(model: type[BaseModel], field: str) -> Any:
+    """The default of a params-model field ("boosting.lr" descends into a nested model): options default to
+    what the same job gets over HTTP, defined once in the model."""
+    *parents, name = field.split(".")
+    for part in parents:
+        nested = model.model_fields[part].annotation
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            raise TypeError(f"{model.__name__}.{part} is not a nested params model")
+        model = nested
+    info = model.model_fields[name]
+    if info.is_required():
+        raise ValueError(f"{model.__name__}.{name} has no default")
+    return info.get_default(call_default_factory=True)
+
+
+def joined(values: list[Any]) -> str:
+    """A list default as the comma-separated text the option takes ([0.02, 0.05] -> "0.02,0.05")."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def fail(message: str, code: int = 2) -> None:

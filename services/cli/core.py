@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from services.cli.common import Quantization, Split, fail
+from services.cli.common import Quantization, Split, fail, model_default
+from shared.ml.eval_params import EvalParams
+from services.cli.tables import print_metrics_table
+from shared.ml.progress import ConsoleProgress
 
 console = Console()
 
@@ -186,13 +189,17 @@ def import_command(
                   f"{escape(str(task.choices))}", highlight=False)
 
 
+def _EVAL(name: str) -> Any:
+    return model_default(EvalParams, name)  # the evaluation job's defaults
+
+
 def eval_command(
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _EVAL("model"),
     tasks: Annotated[str, typer.Option(help="Comma-separated task names.")] = "cb,rte,sst2",
-    split: Annotated[Split, typer.Option(help="The split to evaluate on.")] = "test",
-    quantization: Annotated[Quantization, typer.Option(help="Base model weights (nf4: 4-bit).")] = "none",
-    max_examples: Annotated[Optional[int], typer.Option(help="Stratified subsample per task.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per scoring batch.")] = 16,
+    split: Annotated[Split, typer.Option(help="The split to evaluate on.")] = _EVAL("split"),
+    quantization: Annotated[Quantization, typer.Option(help="Base model weights (nf4: 4-bit).")] = _EVAL("quantization"),
+    max_examples: Annotated[Optional[int], typer.Option(help="Stratified subsample per task.")] = _EVAL("max_examples"),
+    batch_size: Annotated[int, typer.Option(help="Rows per scoring batch.")] = _EVAL("batch_size"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Zero-shot evaluation: accuracy, macro-F1 and answer loss per task."""
@@ -200,8 +207,7 @@ def eval_command(
 
     from pydantic import ValidationError
 
-    from shared.ml.evaluate import EvalParams, run_evaluation
-    from shared.ml.progress import TqdmProgress
+    from shared.ml.evaluate import run_evaluation
 
     try:
         params = EvalParams(model=model, quantization=quantization, tasks=tasks.split(","), split=split,
@@ -209,8 +215,8 @@ def eval_command(
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = run_evaluation(params, Path(tmp), TqdmProgress())["report"]
+        with tempfile.TemporaryDirectory() as tmp, ConsoleProgress() as progress:
+            report = run_evaluation(params, Path(tmp), progress)["report"]
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -218,17 +224,6 @@ def eval_command(
         return
     print_metrics_table(report["tasks"], f"{report['model']['name']} ({params.quantization}) on {split}")
     console.print(f"wall time {report['wall_seconds']:.1f} s")
-
-
-def print_metrics_table(tasks: dict[str, dict[str, float]], title: str) -> None:
-    table = Table("task", "n", "accuracy", "macro-F1", "loss", title=title)
-    for name, m in tasks.items():
-        table.add_row(name, str(m["n"]), f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}", f"{m['loss']:.3f}")
-    n = len(tasks)
-    table.add_row("average", "", f"{100 * sum(m['accuracy'] for m in tasks.values()) / n:.1f}",
-                  f"{100 * sum(m['macro_f1'] for m in tasks.values()) / n:.1f}",
-                  f"{sum(m['loss'] for m in tasks.values()) / n:.3f}", style="bold")
-    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,8 @@
 """`chorus demo`: the main job end to end over HTTP, on the embedded defaults and real data.
 
 It starts the stack (API + worker + inference service, SQLite + a serverless broker), submits a
-pipeline job over HTTP, follows its progress, prints the groups, the heatmap path and the per-task
-table, then loads the resulting ensemble into the inference service and classifies a few test
+pipeline job over HTTP, follows its progress, prints the groups, the heatmap and chart paths and the
+accuracy and cost tables, then loads the resulting ensemble into the inference service and classifies a few test
 examples of each task. Everything is stopped at the end.
 """
 
@@ -71,16 +71,6 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
     }
 
 
-def _print_report(report: dict[str, Any]) -> None:
-    columns = ["zero_shot", "single", "ensemble_no_boost", "ensemble"]
-    table = Table("task", *columns, title="test accuracy (%)")
-    for task, row in report["tasks"].items():
-        table.add_row(task, *(f"{100 * row[c]:.1f}" if row.get(c) is not None else "-" for c in columns))
-    avg = report.get("average", {})
-    table.add_row("average", *(f"{100 * avg[c]:.1f}" if avg.get(c) is not None else "-" for c in columns), style="bold")
-    console.print(table)
-
-
 def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: list[str], per_task: int) -> None:
     import httpx
 
@@ -120,6 +110,7 @@ def demo_command(
 ) -> None:
     """Run the whole service end to end on real data: submit a pipeline job over HTTP, follow it, serve it."""
     from services.cli.jobs import follow_job
+    from services.cli.tables import print_report
     from services.client import Client
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -156,8 +147,8 @@ def demo_command(
 
         groups = json.loads(Path(files["groups"]).read_text())["groups"]
         console.print("groups: " + "  |  ".join("{" + ", ".join(g) + "}" for g in groups))
-        console.print(f"affinity heatmap: {files['grouping/heatmap']}")
-        _print_report(json.loads(Path(files["pipeline_report"]).read_text()))
+        console.print(f"groups heatmap: {files['groups_heatmap']}; results chart: {files['results_chart']}")
+        print_report(json.loads(Path(files["pipeline_report"]).read_text()))  # as `chorus results JOB` prints it
         _wait_healthy(f"{inference_url}/health", stack)
         _classify_examples(inference_url, key, ensembles[0]["id"], task_list, examples)
         console.print(f"results in {out}; demo took {time.perf_counter() - started:.0f} s")

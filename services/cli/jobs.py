@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.cli.common import Quantization, fail
+from shared.ml.progress import LOG_INTERVAL, ConsoleProgress, JobPercent
 
 console = Console()
 err_console = Console(stderr=True)
@@ -391,30 +392,33 @@ def _print_job(job: dict[str, Any]) -> None:
                       + (f" (param {escape(err['param'])})" if err.get("param") else ""))
 
 
-def follow_job(client: Any, job_id: str) -> dict[str, Any]:
-    """Live progress bars (one per step) from the job's progress events; other events as log lines."""
+def follow_job(client: Any, job_id: str, interval: float = LOG_INTERVAL) -> dict[str, Any]:
+    """Follow a job's events until it finishes: one progress bar per step on a terminal; in a log (stdout not
+    a terminal) a plain progress line per step start and end and at least every `interval` seconds, also while
+    no step reports (model loading, a queued job). The job's percent shown never goes backwards (JobPercent).
+    Other events print as log lines."""
     import httpx
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from services.client import ChorusError
 
-    bars: dict[str, Any] = {}
+    percent = JobPercent()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
+        with ConsoleProgress(console=console, interval=interval) as progress:
             for event in client.follow(job_id):
                 data = event.get("data") or {}
                 if data.get("type") == "progress" and data.get("step"):
-                    step, total = str(data["step"]), int(data.get("total") or 0)
-                    label = f"{data.get('stage')}: {step}" if data.get("stage") and data.get("stage") != step else step
-                    if label not in bars:
-                        bars[label] = progress.add_task(label, total=total or None)
-                    progress.update(bars[label], completed=int(data.get("done") or 0), total=total or None)
+                    step, stage = str(data["step"]), data.get("stage")
+                    done, total = int(data.get("done") or 0), int(data.get("total") or 0)
+                    label = f"{stage}: {step}" if stage and stage != step else step
+                    pct = percent.update(str(stage or ""), int(data.get("stage_index") or 0),
+                                         int(data.get("stage_count") or 1), step, done, total)
+                    message = f"job {pct:.0f}%" + (f" {data['message']}" if data.get("message") else "")
+                    progress(label, done, total, message)
                 else:
                     level = event.get("level", "info")
-                    colour = {"error": "red", "warning": "yellow"}.get(level, "dim")
                     stamp = time.strftime("%H:%M:%S", time.localtime(event["created_at"]))
-                    progress.console.print(f"[{colour}]{stamp} {escape(event['message'])}[/]")
+                    progress.log(f"{stamp} {event['message']}", {"error": "red", "warning": "yellow"}.get(level, "dim"))
+                    progress.idle(f"{job_id} running; last event: {event['message']}")  # a quiet spell in a log
     except ChorusError as exc:
         fail(f"{exc.code}: {exc.message}")
     except httpx.HTTPError as exc:
@@ -459,11 +463,14 @@ def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).
 def results_command(
     job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
     download: Annotated[Optional[Path], typer.Option(help="Download every artifact into this folder.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result summary as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw job and artifact objects as JSON.")] = False,
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Print a finished job's summary and artifacts (and download them with --download DIR)."""
+    """Print a job's results as its offline command does (a pipeline or training job: the per-task accuracy
+    table and the cost lines), then its artifacts; --download DIR fetches them."""
+    from services.cli.tables import print_artifacts, print_job_results
+
     client = _client(api_url, api_key)
     job = _call(client.get_job, job_id)
     artifacts = _call(client.job_artifacts, job_id)
@@ -471,12 +478,14 @@ def results_command(
         print(json.dumps({"job": job, "artifacts": artifacts}, indent=2))
     else:
         _print_job(job)
-        if job.get("result"):
-            console.print_json(json.dumps(job["result"].get("stages", {}), default=str))
-        table = Table("artifact", "name", "kind", "size", "sha256")
-        for a in artifacts:
-            table.add_row(a["id"], a["name"], a["kind"], f"{a['size_bytes']:,}", a["sha256"][:16])
-        console.print(table)
+        if job["status"] == "succeeded":
+            ids = job.get("result_artifacts") or {}
+            shown = print_job_results(job, lambda name: _call(client.artifact_bytes, ids[name]))
+            if not shown:
+                console.print("(no table for this job type; --json prints the raw result)")
+            if "results_chart" in ids:
+                console.print("chart: the artifact results_chart (results.png; --download DIR fetches it)")
+        print_artifacts(job, artifacts)
     if download is not None:
         paths = _call(client.download_results, job_id, download)
         for name, path in sorted(paths.items()):

@@ -41,12 +41,17 @@ def inference_command(
                                                                       "CHORUS_INFERENCE_QUANTIZATION or nf4).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:N or cpu (default: cuda when available).")] = None,
     preload: Annotated[Optional[str], typer.Option(help="Comma-separated ensemble ids to load at startup.")] = None,
+    lazy_load: Annotated[Optional[bool], typer.Option(
+        "--lazy-load/--no-lazy-load", show_default=False,
+        help="Load an ensemble on the first classify request that names it, for keys that may see it "
+             "(default: CHORUS_INFERENCE_LAZY_LOAD, else off: InferenceSettings.lazy_load).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve weighted adapter ensembles on one 4-bit base model (hot-swappable; API keys from the job database)."""
     import uvicorn
 
-    for name, value in (("MODEL", model), ("QUANTIZATION", quantization), ("DEVICE", device), ("PRELOAD", preload)):
+    for name, value in (("MODEL", model), ("QUANTIZATION", quantization), ("DEVICE", device), ("PRELOAD", preload),
+                        ("LAZY_LOAD", None if lazy_load is None else str(lazy_load).lower())):
         if value is not None:
             os.environ[f"CHORUS_INFERENCE_{name}"] = value
     # One worker: the model lives in this process; concurrency comes from the dynamic batcher.

@@ -10,23 +10,36 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from services.cli.common import (
     AffinityMetric, Backmap, Device, GroupingMethod, Init, LamScale, Mode, Output, Precision, Quantization, check_out,
-    fail, floats, groups_option, run_into, task_list, validate,
+    fail, floats, groups_option, joined, model_default, run_into, task_list, validate,
 )
+from services.cli.tables import print_affinity, print_approx_error, print_groups, print_validate, print_validate_affinity
+from shared.ml.affinity.params import (
+    AffinityParams, ApproxErrorParams, GroupingParams, ValidateAffinityParams, ValidateParams,
+)
+from shared.ml.progress import ConsoleProgress
 
 console = Console()
 
 
 # ------------------------------------------------------------------------------------------ commands
 
+
+# Option defaults come from the params models (the same job over HTTP gets the same values).
+_AFF = partial(model_default, AffinityParams)
+_GROUP = partial(model_default, GroupingParams)
+_APPROX = partial(model_default, ApproxErrorParams)
+_VAL = partial(model_default, ValidateParams)
+_VA = partial(model_default, ValidateAffinityParams)
+VAMetric = ValidateAffinityParams.model_fields["metric"].annotation  # its Literal choices
 
 # options shared by the commands below
 _TASKS = Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")]
@@ -45,58 +58,52 @@ _EVAL_BATCH = Annotated[Optional[int], typer.Option(help="Rows per estimation fo
 
 def affinity_command(
     out: Annotated[Path, typer.Option(help="Output directory (affinity.json, affinity.png, per-subset CSV/JSON, ...).")],
-    model: _MODEL = "smollm2-135m",
+    model: _MODEL = _AFF("model"),
     tasks: _TASKS = "",
-    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")] = 500,
-    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
-    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = 400,
-    seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subset sampling.")] = 0,
-    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = 4,
-    lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = None,
-    lam_scale: _LAM_SCALE = "gradient",
-    output: _OUTPUT = "choice",
-    init: _INIT = "meta",
-    meta_epochs: _META_EPOCHS = 1,
-    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
-    coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = 5,
-    mode: Annotated[Mode, typer.Option(help="forward (real forward at theta0 + Delta) or linear (proxy).")] = "forward",
-    backmap: Annotated[Backmap, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = "sketch",
-    metric: Annotated[AffinityMetric, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = "accuracy",
-    batch_size: _BATCH = None,
-    batch_tokens: _BATCH_TOKENS = None,
-    eval_batch_size: _EVAL_BATCH = None,
-    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
-    quantization: _QUANT = "none",
-    device: _DEVICE = "auto",
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")] = _AFF("max_train"),
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = _AFF("max_val"),
+    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = _AFF("dim"),
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subset sampling.")] = _AFF("seed"),
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = _AFF("rank"),
+    lam: Annotated[float, typer.Option(help="L2 penalty lambda of the logistic regression (see --lam-scale).")] = _AFF("lam"),
+    lam_scale: _LAM_SCALE = _AFF("lam_scale"),
+    output: _OUTPUT = _AFF("output"),
+    init: _INIT = _AFF("init"),
+    meta_epochs: _META_EPOCHS = _AFF("meta_epochs"),
+    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = _AFF("subset_size"),
+    coverage: Annotated[int, typer.Option(help="Every pair co-occurs in at least this many subsets.")] = _AFF("coverage"),
+    mode: Annotated[Mode, typer.Option(help="forward (real forward at theta0 + Delta) or linear (first-order proxy f0 + g.w).")] = _AFF("mode"),
+    backmap: Annotated[Backmap, typer.Option(help="sketch (Delta = P w) or representer (Delta = sum_i c_i g_i, P^T Delta = w).")] = _AFF("backmap"),
+    metric: Annotated[AffinityMetric, typer.Option(help="accuracy, neg_loss or macro_f1 (the 'matrix' of affinity.json).")] = _AFF("metric"),
+    batch_size: _BATCH = _AFF("batch_size"),
+    batch_tokens: _BATCH_TOKENS = _AFF("batch_tokens"),
+    eval_batch_size: _EVAL_BATCH = _AFF("eval_batch_size"),
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = _AFF("max_length"),
+    quantization: _QUANT = _AFF("quantization"),
+    device: _DEVICE = _AFF("device"),
 ) -> None:
     """Estimate the task-affinity matrix (no fine-tuning): DIR/affinity.json and DIR/affinity.png."""
-    from shared.ml.affinity.params import AffinityParams
     from shared.ml.affinity.stage import run_affinity
-    from shared.ml.progress import TqdmProgress
 
     params = validate(AffinityParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank, lam=lam, lam_scale=lam_scale, output=output,
         init=init, meta_epochs=meta_epochs, subset_size=subset_size, coverage=coverage, mode=mode, backmap=backmap, metric=metric, batch_size=batch_size,
         batch_tokens=batch_tokens, eval_batch_size=eval_batch_size, max_length=max_length, quantization=quantization, device=device))
-    summary = run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, TqdmProgress()))
-    T = summary["matrix"]
-    table = Table("i \\ j", *params.tasks, title=f"T[i, j] = estimated {params.metric} of i (mean over subsets with i, j)")
-    for name, row in zip(params.tasks, T):
-        table.add_row(name, *("-" if v is None else f"{v:.3f}" for v in row))
-    console.print(table)
-    console.print(f"{summary['subsets']} subsets; wall time {summary['wall_seconds']:.1f} s; wrote {out / 'affinity.json'}")
+    with ConsoleProgress() as progress:
+        summary = run_into(out, "affinity", "affinity.json", lambda wd: run_affinity(params, wd, progress))
+    print_affinity(summary)
+    console.print(f"wrote {out / 'affinity.json'}")
 
 
 def group_command(
     affinity: Annotated[Path, typer.Option(help="Path of an affinity.json.")],
-    groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = "auto",
+    groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = str(_GROUP("groups")),
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: the affinity file's folder).")] = None,
-    method: Annotated[GroupingMethod, typer.Option(help="auto (SDP, spectral fallback), sdp or spectral.")] = "auto",
-    metric: Annotated[Optional[AffinityMetric], typer.Option(help="Use another matrix of the file: accuracy, neg_loss, macro_f1.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the k-means rounding / spectral clustering.")] = 0,
+    method: Annotated[GroupingMethod, typer.Option(help="auto (SDP, spectral fallback), sdp or spectral.")] = _GROUP("method"),
+    metric: Annotated[Optional[AffinityMetric], typer.Option(help="Use another matrix of the file: accuracy, neg_loss, macro_f1.")] = _GROUP("metric"),
+    seed: Annotated[int, typer.Option(help="Seed of the k-means rounding / spectral clustering.")] = _GROUP("seed"),
 ) -> None:
     """Group tasks by affinity: DIR/groups.json = {"groups": [[task, ...], ...], "method": ...}."""
-    from shared.ml.affinity.params import GroupingParams
     from shared.ml.affinity.stage import read_affinity, run_grouping
     from shared.ml.progress import silent
 
@@ -115,103 +122,91 @@ def group_command(
         summary = run_grouping(params, target, silent)
     except ValueError as exc:
         fail(str(exc))
-    for i, g in enumerate(summary["groups"]):
-        console.print(f"group {i + 1}: {', '.join(g)}")
-    console.print(f"{summary['m']} groups by {summary['method']}; wrote {target / 'groups.json'}")
+    print_groups(summary)
+    console.print(f"wrote {target / 'groups.json'}")
 
 
 def approx_error_command(
-    model: _MODEL = "smollm2-135m",
+    model: _MODEL = _APPROX("model"),
     tasks: _TASKS = "",
-    scales: Annotated[str, typer.Option(help="Comma-separated relative norms ||Delta|| / ||A0||.")] = "0.02,0.05,0.1",
-    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (for the directions).")] = 100,
-    max_val: Annotated[Optional[int], typer.Option(help="Held-out (validation) examples per task.")] = 50,
-    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = 400,
-    seed: Annotated[int, typer.Option()] = 0,
-    rank: Annotated[int, typer.Option()] = 4,
-    directions: Annotated[int, typer.Option(help="Number of subset solutions used as directions.")] = 4,
-    lam: Annotated[Optional[float], typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = None,
-    lam_scale: _LAM_SCALE = "gradient",
-    output: _OUTPUT = "choice",
-    batch_size: _BATCH = None,
-    batch_tokens: _BATCH_TOKENS = None,
-    eval_batch_size: _EVAL_BATCH = None,
-    max_length: Annotated[int, typer.Option()] = 256,
-    quantization: _QUANT = "none",
-    device: _DEVICE = "auto",
-    precision: Annotated[Precision, typer.Option(help="Model dtype: fp32 (default: bf16 logits add noise), bf16 or auto.")] = "fp32",
+    scales: Annotated[str, typer.Option(help="Comma-separated relative norms ||Delta|| / ||A0||.")] = joined(_APPROX("scales")),
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (for the directions).")] = _APPROX("max_train"),
+    max_val: Annotated[Optional[int], typer.Option(help="Held-out (validation) examples per task.")] = _APPROX("max_val"),
+    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = _APPROX("dim"),
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subsets.")] = _APPROX("seed"),
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = _APPROX("rank"),
+    directions: Annotated[int, typer.Option(help="Number of subset solutions used as directions.")] = _APPROX("directions"),
+    lam: Annotated[float, typer.Option(help="L2 penalty of the subset regressions (see --lam-scale).")] = _APPROX("lam"),
+    lam_scale: _LAM_SCALE = _APPROX("lam_scale"),
+    output: _OUTPUT = _APPROX("output"),
+    batch_size: _BATCH = _APPROX("batch_size"),
+    batch_tokens: _BATCH_TOKENS = _APPROX("batch_tokens"),
+    eval_batch_size: _EVAL_BATCH = _APPROX("eval_batch_size"),
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = _APPROX("max_length"),
+    quantization: _QUANT = _APPROX("quantization"),
+    device: _DEVICE = _APPROX("device"),
+    precision: Annotated[Precision, typer.Option(help="Model dtype: fp32 (bf16 logits add noise), bf16 or auto.")] = _APPROX("precision"),
     out: Annotated[Optional[Path], typer.Option(help="Keep approx_error.json/csv here (default: not kept).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-scale summary as JSON.")] = False,
 ) -> None:
     """First-order approximation error: f0 + g.w vs the true f at theta0 + Delta on held-out examples."""
-    from shared.ml.affinity.params import ApproxErrorParams
     from shared.ml.affinity.stage import run_approx_error
-    from shared.ml.progress import TqdmProgress
 
     params = validate(ApproxErrorParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), scales=floats(scales, "--scales"), max_train=max_train, max_val=max_val, dim=dim,
         seed=seed, rank=rank, directions=directions, lam=lam, lam_scale=lam_scale, output=output, batch_size=batch_size, batch_tokens=batch_tokens,
         eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device, precision=precision))
-    if out is not None:
-        summary = run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, TqdmProgress()))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                summary = run_approx_error(params, Path(tmp) / "run", TqdmProgress())
-            except ValueError as exc:
-                fail(str(exc))
+    with ConsoleProgress() as progress:
+        if out is not None:
+            summary = run_into(out, "approx", "approx_error.json", lambda wd: run_approx_error(params, wd, progress))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    summary = run_approx_error(params, Path(tmp) / "run", progress)
+                except ValueError as exc:
+                    fail(str(exc))
     if as_json:
         typer.echo(json.dumps(summary["per_scale"], indent=2))
         return
-    table = Table("scale", "mean rel. error", "median rel. error", "p90", "mean sq. (ref.)", "0th-order mean", "||dW||/||W||",
-                  title="first-order approximation error on held-out examples")
-    for s in summary["per_scale"]:
-        rwc = s.get("relative_weight_change")
-        table.add_row(f"{s['scale']:g}", f"{100 * s['mean_rel_error']:.3f}%", f"{100 * s['median_rel_error']:.3f}%",
-                      f"{100 * s['p90_rel_error']:.3f}%", f"{100 * s['mean_sq_rel_error']:.4f}%",
-                      f"{100 * s['zeroth_order_mean_rel_error']:.3f}%", "-" if rwc is None else f"{rwc:.2e}")
-    console.print(table)
-    console.print(f"wall time {summary['wall_seconds']:.1f} s")
+    print_approx_error(summary)
 
 
 def validate_command(
-    model: _MODEL = "smollm2-135m",
+    model: _MODEL = _VAL("model"),
     tasks: _TASKS = "",
-    subsets: Annotated[int, typer.Option(help="Number of sampled subsets K to fine-tune.")] = 8,
-    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task.")] = 500,
-    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = 200,
-    dim: Annotated[int, typer.Option()] = 400,
-    seed: Annotated[int, typer.Option()] = 0,
-    rank: Annotated[int, typer.Option()] = 4,
-    lam: Annotated[Optional[float], typer.Option(help="L2 penalty lambda of the estimate (see --lam-scale).")] = None,
-    lam_scale: _LAM_SCALE = "gradient",
-    output: _OUTPUT = "choice",
+    subsets: Annotated[int, typer.Option(help="Number of sampled subsets K to fine-tune.")] = _VAL("subsets"),
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task.")] = _VAL("max_train"),
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task.")] = _VAL("max_val"),
+    dim: Annotated[int, typer.Option(help="Projection dimension d.")] = _VAL("dim"),
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init, subsamples, projection and subsets.")] = _VAL("seed"),
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 8 * rank).")] = _VAL("rank"),
+    lam: Annotated[float, typer.Option(help="L2 penalty lambda of the estimate (see --lam-scale).")] = _VAL("lam"),
+    lam_scale: _LAM_SCALE = _VAL("lam_scale"),
+    output: _OUTPUT = _VAL("output"),
     lams: Annotated[Optional[str], typer.Option(help="Extra lambdas to report, comma-separated.")] = None,
     outputs: Annotated[Optional[str], typer.Option(help="Extra outputs to report (vocab,choice), comma-separated.")] = None,
     step_scales: Annotated[Optional[str], typer.Option(help="Extra multipliers of the solved step to report, comma-separated.")] = None,
-    init: _INIT = "meta",
-    meta_epochs: _META_EPOCHS = 1,
-    subset_size: Annotated[Optional[int], typer.Option()] = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 5,
-    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = 5e-4,
-    train_batch_size: Annotated[int, typer.Option()] = 8,
-    select: Annotated[Literal["best", "last"], typer.Option(help="best (lowest mean val loss epoch) or last.")] = "best",
-    backmap: Annotated[Backmap, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = "sketch",
-    compare_backmaps: Annotated[bool, typer.Option(help="Also report the other back-map (untimed).")] = True,
-    batch_size: _BATCH = None,
-    batch_tokens: _BATCH_TOKENS = None,
-    eval_batch_size: _EVAL_BATCH = None,
-    max_length: Annotated[int, typer.Option()] = 256,
-    quantization: _QUANT = "none",
-    device: _DEVICE = "auto",
+    init: _INIT = _VAL("init"),
+    meta_epochs: _META_EPOCHS = _VAL("meta_epochs"),
+    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (1 = single-task fine-tunes).")] = _VAL("subset_size"),
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = _VAL("epochs"),
+    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (AdamW).")] = _VAL("lr"),
+    train_batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = _VAL("train_batch_size"),
+    select: Annotated[Literal["best", "last"], typer.Option(help="best (lowest mean val loss epoch) or last.")] = _VAL("select"),
+    backmap: Annotated[Backmap, typer.Option(help="Back-map of the timed estimate: sketch or representer.")] = _VAL("backmap"),
+    compare_backmaps: Annotated[bool, typer.Option(help="Also report the other back-map (untimed).")] = _VAL("compare_backmaps"),
+    batch_size: _BATCH = _VAL("batch_size"),
+    batch_tokens: _BATCH_TOKENS = _VAL("batch_tokens"),
+    eval_batch_size: _EVAL_BATCH = _VAL("eval_batch_size"),
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = _VAL("max_length"),
+    quantization: _QUANT = _VAL("quantization"),
+    device: _DEVICE = _VAL("device"),
     out: Annotated[Optional[Path], typer.Option(help="Keep validate.json/csv here (default: not kept).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Estimated vs really fine-tuned validation loss/accuracy on K subsets, and the compute ratio."""
-    from shared.ml.affinity.params import ValidateParams
     from shared.ml.affinity.stage import run_validate_estimates
-    from shared.ml.progress import TqdmProgress
 
     params = validate(ValidateParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), subsets=subsets, max_train=max_train, max_val=max_val, dim=dim, seed=seed, rank=rank,
@@ -221,50 +216,19 @@ def validate_command(
         init=init, meta_epochs=meta_epochs, train_batch_size=train_batch_size, select=select, backmap=backmap, compare_backmaps=compare_backmaps,
         batch_size=batch_size, batch_tokens=batch_tokens, eval_batch_size=eval_batch_size,
         max_length=max_length, quantization=quantization, device=device))
-    if out is not None:
-        summary = run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, TqdmProgress()))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                summary = run_validate_estimates(params, Path(tmp) / "run", TqdmProgress())
-            except ValueError as exc:
-                fail(str(exc))
+    with ConsoleProgress() as progress:
+        if out is not None:
+            summary = run_into(out, "validate", "validate.json", lambda wd: run_validate_estimates(params, wd, progress))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    summary = run_validate_estimates(params, Path(tmp) / "run", progress)
+                except ValueError as exc:
+                    fail(str(exc))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "artifacts"}, indent=2))
         return
-
-    def pct(v: Any) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
-
-    table = Table("subset", "task", "est. loss", "true loss", "rel. err", "est. acc", "true acc", "rel. err", "ep",
-                  title=f"estimated vs fine-tuned (validation), lambda={params.lam:g}")
-    for r in summary["rows"]:
-        table.add_row(r["tasks"], r["task"], f"{r['est_loss']:.4f}", f"{r['true_loss']:.4f}", pct(r["rel_err_loss"]),
-                      f"{r['est_accuracy']:.3f}", f"{r['true_accuracy']:.3f}", pct(r["rel_err_accuracy"]), str(r["ft_epoch"]))
-    console.print(table)
-    console.print(f"mean relative error: loss {pct(summary['mean_rel_err_loss'])}, accuracy {pct(summary['mean_rel_err_accuracy'])}")
-    for v in summary["per_variant"]:
-        console.print(f"  {v['output']:<6s} {v['backmap']:<11s} lambda={v['lam']:g} step x{v['step']:g}: rel. error loss "
-                      f"{pct(v['mean_rel_err_loss'])}, accuracy {pct(v['mean_rel_err_accuracy'])} "
-                      f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
-    lin = summary["linear_proxy"]
-    console.print(f"  linear proxy (f0 + g.w > 0 on validation rows): accuracy rel. error {pct(lin['mean_rel_err_accuracy'])} "
-                  f"(mean est. acc {lin['mean_est_accuracy']:.3f}); compute ratio {lin['compute_ratio']:.1f}x, "
-                  f"amortised {lin['compute_ratio_amortised']:.1f}x")
-    th = summary["theta0"]
-    console.print(f"theta0 = {th.get('init', 'base')}"
-                  + (f" ({th['epochs']} epoch(s) on all tasks, {th['seconds']:.1f} s)" if th.get("init") == "meta" else "")
-                  + "; its validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in th["val_accuracy"].items()))
-    if th.get("no_change_rel_err_accuracy") is not None:
-        r = th.get("change_correlation")
-        console.print(f"  theta0's own accuracy as the estimate: rel. error {pct(th['no_change_rel_err_accuracy'])}; "
-                      f"correlation of estimated and true change from theta0: {'-' if r is None else f'{r:.2f}'}")
-    ratio = summary["compute_ratio"]
-    amort = summary["compute_ratio_amortised"]
-    console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
-                  f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x"
-                  + (f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x "
-                     f"({summary['compute_ratio_amortised_with_init']:.1f}x amortised)" if th.get("init") == "meta" else ""))
+    print_validate(summary, params.lam)
 
 
 def seeds_option(text: str) -> list[int]:
@@ -287,57 +251,42 @@ def seeds_option(text: str) -> list[int]:
 
 def validate_affinity_command(
     out: Annotated[Path, typer.Option(help="Output directory (validate_affinity.json/.csv, seed-<s>/ with Stage 1's files).")],
-    model: _MODEL = "smollm2-135m",
+    model: _MODEL = _VA("model"),
     tasks: _TASKS = "",
-    seeds: Annotated[str, typer.Option(help="Seeds: comma-separated (0,1) or a count S meaning 0..S-1.")] = "0,1",
-    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (both sides).")] = 500,
-    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task (both sides).")] = 1000,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs of the true subsets (Stage-2 trainer).")] = 3,
-    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 8,
-    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = None,
-    metric: Annotated[str, typer.Option(help="neg_loss (-choice cross-entropy), accuracy, margin or neg_vocab_loss.")] = "neg_loss",
-    groups: Annotated[str, typer.Option(help="Number of groups M for the ARI, or 'auto' (chosen on T_true).")] = "auto",
-    dim: Annotated[Optional[int], typer.Option(min=1, max=65536, help="Stage 1's projection dimension d (default 400).")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Stage 1's theta0: base or meta (default meta).")] = None,
-    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = 256,
-    quantization: Annotated[str, typer.Option(help="none or nf4 (both sides; Stage 2 trains on nf4).")] = "nf4",
-    device: _DEVICE = "auto",
+    seeds: Annotated[str, typer.Option(help="Seeds: comma-separated (0,1) or a count S meaning 0..S-1.")] = joined(_VA("seeds")),
+    max_train: Annotated[Optional[int], typer.Option(help="Training examples per task (both sides).")] = _VA("max_train"),
+    max_val: Annotated[Optional[int], typer.Option(help="Validation examples per task (both sides).")] = _VA("max_val"),
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs of the true subsets (Stage-2 trainer).")] = _VA("epochs"),
+    lr: Annotated[float, typer.Option(help="Fine-tuning learning rate.")] = _VA("lr"),
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = _VA("batch_size"),
+    subset_size: Annotated[Optional[int], typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")] = _VA("subset_size"),
+    metric: Annotated[VAMetric, typer.Option(help="neg_loss (-choice cross-entropy), accuracy, margin or neg_vocab_loss.")] = _VA("metric"),
+    groups: Annotated[str, typer.Option(help="Number of groups M for the ARI, or 'auto' (chosen on T_true).")] = str(_VA("groups")),
+    dim: Annotated[Optional[int], typer.Option(min=1, max=65536, help=f"Stage 1's projection dimension d (default {_AFF('dim')}).")] = None,
+    init: Annotated[Optional[Init], typer.Option(help=f"Stage 1's theta0: base or meta (default {_AFF('init')}).")] = None,
+    max_length: Annotated[int, typer.Option(help="Max prompt tokens.")] = _VA("max_length"),
+    quantization: Annotated[Quantization, typer.Option(help="Base weights of both sides (Stage 2 trains on nf4).")] = _VA("quantization"),
+    device: _DEVICE = _VA("device"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the headline metrics as JSON.")] = False,
 ) -> None:
     """Stage 1's estimate vs Stage-2 fine-tunes of every subset: within-task order, T matrices, groups."""
-    from shared.ml.affinity.params import ValidateAffinityParams
     from shared.ml.affinity.validate_affinity import run_validate_affinity
-    from shared.ml.progress import TqdmProgress
 
-    if init is not None and init not in ("base", "meta"):
-        fail(f"--init: expected base or meta, got {init!r}")
     affinity = {k: v for k, v in (("dim", dim), ("init", init)) if v is not None}
     params = validate(ValidateAffinityParams, drop_none=True, data=dict(
         model=model, tasks=task_list(tasks), seeds=seeds_option(seeds), max_train=max_train, max_val=max_val, epochs=epochs,
         lr=lr, batch_size=batch_size, subset_size=subset_size, metric=metric, groups=groups_option(groups),
         max_length=max_length, quantization=quantization, device=device, affinity=affinity))
-    summary = run_into(out, "validate-affinity", "validate_affinity.json",
-                       lambda wd: run_validate_affinity(params, wd, TqdmProgress()))
+    with ConsoleProgress() as progress:
+        summary = run_into(out, "validate-affinity", "validate_affinity.json",
+                           lambda wd: run_validate_affinity(params, wd, progress))
     keys = ("spearman_within_task", "pairwise_order_accuracy", "change_skill", "t_correlation", "t_true_reliability", "ari")
     if as_json:
         typer.echo(json.dumps({k: summary[k] for k in keys}, indent=2))
         return
+    print_validate_affinity(summary, params.metric, params.seeds)
+    console.print(f"wrote {out / 'validate_affinity.json'}")
 
-    def num(v: Any) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    sp, tc, ari = summary["spearman_within_task"], summary["t_correlation"], summary["ari"]
-    table = Table("metric", "value", "reference", title=f"Stage 1 vs fine-tuned subsets ({params.metric}, seeds {params.seeds})")
-    table.add_row("within-task Spearman", num(sp["value"]), f"95% CI [{num(sp['ci95'][0])}, {num(sp['ci95'][1])}]")
-    table.add_row("pairwise order accuracy", num(summary["pairwise_order_accuracy"]), "pairs beyond 2x seed noise")
-    table.add_row("change skill", num(summary["change_skill"]), "vs theta0 (0 = no-change predictor)")
-    table.add_row("T correlation", num(tc["value"]), f"Mantel p {num(tc['p'])}; ceiling {num(summary['t_true_reliability'])}")
-    table.add_row("ARI (groups)", num(ari["est_vs_true"]), f"random p95 {num(ari['random_p95'])}")
-    console.print(table)
-    c = summary["costs"]
-    console.print(f"{summary['subsets']} subsets; Stage 1 {c['stage1_wall_seconds']:.1f} s, fine-tunes {c['finetune_wall_seconds']:.1f} s "
-                  f"(FLOP ratio {num(c['flop_ratio'])}); wrote {out / 'validate_affinity.json'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,17 +9,20 @@ the finished files into --out with the report last, so --out never holds a half-
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from services.cli.common import (
     AffinityMetric, Candidates, GroupingMethod, Init, Mode, Output, Quantization, check_model, check_out, fail,
-    groups_option, run_into, task_list, validate,
+    groups_option, model_default, run_into, task_list, validate,
 )
+from services.cli.tables import print_report
+from shared.ml.progress import ConsoleProgress
+from shared.ml.training.params import PipelineParams, TrainingParams
 
 console = Console()
 
@@ -42,55 +45,11 @@ def _training_options(
     }
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def _flops(v: Any) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def print_report(report: dict[str, Any], title: str) -> None:
-    """The per-task accuracy table (test split) and the cost lines."""
-    columns = [c for c in ("zero_shot", "single", "per_task", "ensemble_no_boost", "ensemble")
-               if any(c in row for row in report["tasks"].values())]
-    group_of = {t: g["name"] for g in report.get("groups", []) for t in g["tasks"]}
-    table = Table("task", "group", *columns, title=title)
-    for task, row in report["tasks"].items():
-        table.add_row(task, group_of.get(task, ""), *(_pct(row.get(c)) for c in columns))
-    table.add_row("average", "", *(_pct(report["average"].get(c)) for c in columns), style="bold")
-    console.print(table)
-    cost = report.get("cost", {})
-    single = cost.get("single") or {}
-    ens = cost.get("ensemble_training") or {}
-    lines = Table("cost", "value", title="cost")
-    lines.add_row("single adapter: training FLOPs (incl. validation passes)", _flops(single.get("total_flops")))
-    lines.add_row("ensemble: group adapters + boosting + weight fit FLOPs", _flops(ens.get("total_flops")))
-    ratio = cost.get("ensemble_vs_single_flops")
-    lines.add_row("ensemble / single training compute", "-" if ratio is None else f"{ratio:.3f}x")
-    if cost.get("ensemble_with_affinity_vs_single_flops") is not None:
-        lines.add_row("incl. affinity estimation", f"{cost['ensemble_with_affinity_vs_single_flops']:.3f}x")
-    inf = cost.get("inference") or {}
-    if inf:
-        lines.add_row("inference: members run per example (mean)", f"{inf.get('mean_members_per_example', 0):.2f}")
-    lines.add_row("peak memory (MiB, max over stages)", str(_peak_mib(cost)))
-    for stage, entry in (cost.get("stages") or {}).items():
-        if isinstance(entry, dict) and "wall_seconds" in entry:
-            lines.add_row(f"wall time: {stage}", f"{entry['wall_seconds']:.1f} s")
-    console.print(lines)
-    groups = report.get("groups") or []
-    if groups:
-        console.print("groups: " + "; ".join(
-            f"{g['name']}={','.join(g['tasks'])}" + (f" (+{len(g['boosters'])} boosters)" if g.get("boosters") else "")
-            for g in groups))
-
-
-def _peak_mib(cost: dict[str, Any]) -> int:
-    peaks = [e.get("peak_memory_bytes", 0) for e in (cost.get("stages") or {}).values() if isinstance(e, dict)]
-    return int(max(peaks, default=0) / 2**20)
-
-
 # ------------------------------------------------------------------------------------------ commands
+
+# Option defaults come from the params models (the same job over HTTP gets the same values).
+_TRAIN = partial(model_default, TrainingParams)
+_PIPE = partial(model_default, PipelineParams)
 
 _Q = Annotated[Quantization, typer.Option(help="Base model quantization: nf4 (QLoRA, double-quantized) or none.")]
 _EPOCHS = Annotated[int, typer.Option(help="Training epochs per adapter (best epoch by mean val accuracy is kept).")]
@@ -102,7 +61,7 @@ _ALPHA = Annotated[Optional[float], typer.Option(help="LoRA alpha (default 8 * r
 _MAXTR = Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")]
 _MAXVAL = Annotated[Optional[int], typer.Option(help="Validation examples per task.")]
 _MAXTEST = Annotated[Optional[int], typer.Option(help="Test examples per task (default: all).")]
-_PAT = Annotated[int, typer.Option(help="Early stopping: epochs without improvement (0 = off).")]
+_PAT = Annotated[Optional[int], typer.Option(help="Early stopping: epochs without improvement (0 = off).")]
 _SEED = Annotated[int, typer.Option(help="Seed of everything random.")]
 _MAXLEN = Annotated[int, typer.Option(help="Max prompt tokens (the context is cut from the left).")]
 _SINGLE = Annotated[bool, typer.Option("--single/--no-single", help="Train the single all-task baseline adapter.")]
@@ -124,18 +83,21 @@ _JSON = Annotated[bool, typer.Option("--json", help="Print the report as JSON in
 def train_command(
     groups: Annotated[Path, typer.Option(help="A groups.json ({\"groups\": [[task, ...], ...]}).")],
     out: Annotated[Path, typer.Option(help="Output directory: adapters/<name>/, ensemble.json, train_report.json.")],
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
-    quantization: _Q = "nf4", epochs: _EPOCHS = 3, lr: _LR = 5e-4, batch_size: _BS = 8, eval_batch_size: _EBS = 32,
-    rank: _RANK = 4, alpha: _ALPHA = None, max_train: _MAXTR = 500, max_val: _MAXVAL = 200, max_test: _MAXTEST = None,
-    patience: _PAT = 2, seed: _SEED = 0, max_length: _MAXLEN = 256, single: _SINGLE = True, per_task: _PERTASK = False,
-    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = 2e-4,
-    boost_epochs: _BEP = 1, boost_budget: _BBUD = None, fit_weights: _FIT = False, weight_candidates: _CAND = "group",
-    name: _NAME = "chorus",
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _TRAIN("model"),
+    quantization: _Q = _TRAIN("quantization"), epochs: _EPOCHS = _TRAIN("epochs"), lr: _LR = _TRAIN("lr"),
+    batch_size: _BS = _TRAIN("batch_size"), eval_batch_size: _EBS = _TRAIN("eval_batch_size"), rank: _RANK = _TRAIN("rank"),
+    alpha: _ALPHA = _TRAIN("alpha"), max_train: _MAXTR = _TRAIN("max_train"), max_val: _MAXVAL = _TRAIN("max_val"),
+    max_test: _MAXTEST = _TRAIN("max_test"), patience: _PAT = _TRAIN("patience"), seed: _SEED = _TRAIN("seed"),
+    max_length: _MAXLEN = _TRAIN("max_length"),
+    single: _SINGLE = _TRAIN("baselines.single"), per_task: _PERTASK = _TRAIN("baselines.per_task"),
+    boost: _BOOST = _TRAIN("boosting.enabled"), boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
+    boost_rounds: _BR = _TRAIN("boosting.max_rounds"), eta: _ETA = _TRAIN("boosting.eta"),
+    boost_lr: _BLR = _TRAIN("boosting.lr"), boost_epochs: _BEP = _TRAIN("boosting.epochs"),
+    boost_budget: _BBUD = _TRAIN("boosting.budget"), fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
+    weight_candidates: _CAND = _TRAIN("ensemble.candidates"), name: _NAME = _TRAIN("ensemble.name"),
     as_json: _JSON = False,
 ) -> None:
     """Train one adapter per group (+ baselines, boosting), write the ensemble and evaluate it on test."""
-    from shared.ml.progress import TqdmProgress
-    from shared.ml.training.params import TrainingParams
     from shared.ml.training.stage import run_training
 
     out = check_out(out)
@@ -145,26 +107,32 @@ def train_command(
     data.update(model=model, groups=str(groups.expanduser()))
     params = validate(TrainingParams, data)
     check_model(model)
-    run_into(out, "train", "train_report.json", lambda wd: run_training(params, wd, TqdmProgress()), keep_partial=False)
+    with ConsoleProgress() as progress:
+        run_into(out, "train", "train_report.json", lambda wd: run_training(params, wd, progress), keep_partial=False)
     report = json.loads((out / "train_report.json").read_text())
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    print_report(report, f"{report['model']['name']} ({params.quantization}): accuracy % on {report['split']}")
+    print_report(report)
     console.print(f"wrote {out / 'ensemble.json'} (fingerprint {report['ensemble']['fingerprint'][:12]}...)")
 
 
 def pipeline_command(
     out: Annotated[Path, typer.Option(help="Output directory: ensemble.json, adapters/, report.json, affinity/groups files.")],
     tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
-    groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = "auto",
-    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = "smollm2-135m",
-    quantization: _Q = "nf4", epochs: _EPOCHS = 3, lr: _LR = 5e-4, batch_size: _BS = 8, eval_batch_size: _EBS = 32,
-    rank: _RANK = 4, alpha: _ALPHA = None, max_train: _MAXTR = 500, max_val: _MAXVAL = 200, max_test: _MAXTEST = None,
-    patience: _PAT = 2, seed: _SEED = 0, max_length: _MAXLEN = 256, single: _SINGLE = True, per_task: _PERTASK = False,
-    boost: _BOOST = True, boost_threshold: _BTH = 0.1, boost_rounds: _BR = 2, eta: _ETA = 1.0, boost_lr: _BLR = 2e-4,
-    boost_epochs: _BEP = 1, boost_budget: _BBUD = None, fit_weights: _FIT = False, weight_candidates: _CAND = "group",
-    name: _NAME = "chorus",
+    groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = str(_PIPE("groups")),
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _PIPE("model"),
+    quantization: _Q = _PIPE("quantization"), epochs: _EPOCHS = _TRAIN("epochs"), lr: _LR = _TRAIN("lr"),
+    batch_size: _BS = _TRAIN("batch_size"), eval_batch_size: _EBS = _TRAIN("eval_batch_size"), rank: _RANK = _TRAIN("rank"),
+    alpha: _ALPHA = _TRAIN("alpha"), max_train: _MAXTR = _PIPE("max_train"), max_val: _MAXVAL = _PIPE("max_val"),
+    max_test: _MAXTEST = _PIPE("max_test"), patience: _PAT = _TRAIN("patience"), seed: _SEED = _PIPE("seed"),
+    max_length: _MAXLEN = _PIPE("max_length"),
+    single: _SINGLE = _TRAIN("baselines.single"), per_task: _PERTASK = _TRAIN("baselines.per_task"),
+    boost: _BOOST = _TRAIN("boosting.enabled"), boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
+    boost_rounds: _BR = _TRAIN("boosting.max_rounds"), eta: _ETA = _TRAIN("boosting.eta"),
+    boost_lr: _BLR = _TRAIN("boosting.lr"), boost_epochs: _BEP = _TRAIN("boosting.epochs"),
+    boost_budget: _BBUD = _TRAIN("boosting.budget"), fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
+    weight_candidates: _CAND = _TRAIN("ensemble.candidates"), name: _NAME = _TRAIN("ensemble.name"),
     dim: Annotated[Optional[int], typer.Option(help="Stage 1: projection dimension d.")] = None,
     lam: Annotated[Optional[float], typer.Option(help="Stage 1: L2 penalty of the logistic regressions.")] = None,
     subset_size: Annotated[Optional[int], typer.Option(help="Stage 1: tasks per sampled subset.")] = None,
@@ -177,8 +145,6 @@ def pipeline_command(
     as_json: _JSON = False,
 ) -> None:
     """affinity -> grouping -> group adapters -> boosting -> ensemble -> evaluation, into --out."""
-    from shared.ml.progress import TqdmProgress
-    from shared.ml.training.params import PipelineParams
     from shared.ml.training.stage import run_pipeline
 
     out = check_out(out)
@@ -203,12 +169,13 @@ def pipeline_command(
         check_workdir(params, partial)
     except ValueError as exc:
         fail(f"{exc} (or delete {partial})")
-    run_into(out, "pipeline", "report.json", lambda wd: run_pipeline(params, wd, TqdmProgress()), keep_partial=True)
+    with ConsoleProgress() as progress:
+        run_into(out, "pipeline", "report.json", lambda wd: run_pipeline(params, wd, progress), keep_partial=True)
     report = json.loads((out / "report.json").read_text())
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    print_report(report, f"{report['model']['name']} ({params.quantization}): accuracy % on {report['split']}")
+    print_report(report)
     console.print(f"wrote {out / 'report.json'} and {out / 'ensemble.json'}")
 
 

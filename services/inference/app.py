@@ -9,7 +9,9 @@ Routes (Authorization: Bearer <API key>):
     GET    /v1/ensembles                 infer   what is loaded (of the key's owner)
     GET    /v1/ensembles/{id}            infer   one loaded ensemble (of the key's owner)
     POST   /v1/ensembles/{id}/classify   infer   {"rows": [{"task", "fields": {...}} | {"task", "text"}]}
+                                                 (lazy_load: loads a not-yet-loaded ensemble first, see below)
     GET    /health, GET /metrics (Prometheus; no key when metrics_public, else an admin key)
+    GET    /docs, /redoc, /openapi.json (settings.docs, on by default; assets served locally, no CDN)
 Errors: {"error": {"code", "message", "param"}}.
 
 Ensembles are owner-scoped (OWASP API1): one recorded by a job (the job database) belongs to that job's
@@ -17,6 +19,13 @@ owner; one deployed by hand as a folder belongs to the owner named in the load r
 owner it has (hot swap), else belongs to the owner of the admin key that loaded it (a folder preloaded at
 startup has no owner: admin keys only). A key sees, lists and classifies only its owner's ensembles
 (another owner's id is 404, as if not loaded); admin keys see all.
+
+Lazy loading (CHORUS_INFERENCE_LAZY_LOAD, off by default because it lets `infer` keys make the service load
+ensembles, each holding adapter slots until an admin unloads it): a classify request naming an ensemble that
+is not loaded loads it first, like LoRAX loads an adapter on its first request, when the key may see it: a
+key of the job's owner for a job's ensemble (named by its ens- id or by the art- id of its ensemble.json),
+an admin key for any ensemble (a folder ensemble then belongs to that key's owner). Otherwise 404, as for
+an ensemble that is not loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 from fastapi import Path as PathParam
 
+from services.api.docs import install_docs
 from services.body_limit import BodyLimitMiddleware
 from services.http_errors import error_responses
 from services.http_metrics import RequestMetricsMiddleware, add_metrics_route
@@ -90,10 +100,11 @@ def create_app(
         await service.close()
 
     app = FastAPI(
-        title="chorus inference", version="1", lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None, redoc_url=None,
+        title="chorus inference", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
+    if settings.docs:
+        install_docs(app)  # /docs and /redoc with their assets served here (no CDN), as the job API does
     app.state.service = service
     app.state.settings = settings
     app.state.authenticator = authenticator
@@ -143,7 +154,7 @@ def create_app(
     async def classify(ensemble_id: str, body: ClassifyRequest, principal: Infer) -> dict[str, Any]:
         check_field_text(body.rows)
         rows = [row.model_dump(exclude_none=True) for row in body.rows]
-        ensemble, results = await service.classify(ensemble_id, rows, principal.owner_filter)
+        ensemble, results = await service.classify(ensemble_id, rows, principal.owner_filter, principal.owner)
         return {
             "ensemble": ensemble.id, "name": ensemble.manifest.name, "version": ensemble.manifest.version,
             "fingerprint": ensemble.fingerprint, "results": [r.to_dict() for r in results],

@@ -24,6 +24,8 @@ class InferenceMetrics(HttpMetrics):
                                         buckets=SIZE_BUCKETS, registry=r)
         self.batch_seconds = Histogram("chorus_inference_batch_seconds", "Model time per batch.",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.lazy_loads = Counter("chorus_inference_lazy_loads", "Ensembles loaded by their first classify request.",
+                                  registry=r)
         self.adapter_loads = Histogram("chorus_inference_ensemble_load_seconds", "Ensemble load time.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.loaded_adapters = Gauge("chorus_inference_loaded_adapters", "Adapters resident in device slots.", registry=r)

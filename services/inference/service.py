@@ -7,6 +7,8 @@ a request takes a reference before its rows are queued, so a load or unload that
 the entry never affects it; the replaced ensemble's adapters are unpinned when its last request ends.
 Ownership: `owners` maps a loaded id to its owner (None: admin keys only); lookups for a key pass its
 owner and get 404 for anyone else's ensemble, exactly as for one that is not loaded (no existence leak).
+Lazy loading (settings.lazy_load, off by default): a classify request naming an ensemble that is not loaded
+loads it first when the key may see it (`load_on_request`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from services.inference.errors import ApiError
 from services.inference.metrics import InferenceMetrics
 from services.inference.settings import InferenceSettings
-from services.inference.sources import EnsembleNotFound, EnsembleSource, IntegrityError, InvalidEnsemble, check_id
+from services.inference.sources import (
+    EnsembleNotFound, EnsembleSource, IntegrityError, InvalidEnsemble, ResolvedEnsemble, check_id,
+)
 from shared.ml.serving.batcher import DynamicBatcher
 from shared.ml.serving.ensemble_runner import EnsembleLoadError, EnsembleRunner, LoadedEnsemble, RowError
 from shared.ml.serving.multi_lora import MultiLoRAEngine, NoFreeSlotError
@@ -116,43 +120,82 @@ class InferenceService:
             raise ApiError(422, "invalid_request", str(exc), "id") from exc
         async with self._admin_lock():
             start = time.perf_counter()
-            try:
-                resolved = await self._on(self.io_executor, self.source.resolve, ensemble_id)
-            except EnsembleNotFound as exc:
-                raise ApiError(404, "not_found", str(exc), "id") from exc
-            except IntegrityError as exc:  # a stored file no longer matches its record
-                raise ApiError(409, "artifact_integrity", str(exc), exc.param) from exc
-            except InvalidEnsemble as exc:
-                raise ApiError(422, "invalid_ensemble", str(exc), "id") from exc
+            resolved = await self._resolve(ensemble_id)
             if resolved.owner is not None and owner is not None and owner != resolved.owner:
                 raise ApiError(422, "invalid_request", f"owner: ensemble {ensemble_id!r} was recorded by a job and "
                                "belongs to that job's owner; leave owner out", "owner")
-            current = self.ensembles.get(ensemble_id)
-            new_owner = resolved.owner or owner or (self.owners.get(ensemble_id) if current else None) or default_owner
-            fingerprint = resolved.manifest.fingerprint
-            if current is not None and fingerprint is not None and current.fingerprint == fingerprint:
-                self.owners[ensemble_id] = new_owner
-                return current, False
+            return await self._install(ensemble_id, resolved, owner, default_owner, start)
+
+    async def load_on_request(self, ensemble_id: str, owner: str | None, default_owner: str | None) -> LoadedEnsemble:
+        """Load a not-yet-loaded ensemble for the request that names it (`lazy_load`, LoRAX-style), if the
+        caller may see it: a key of the owner of a job's ensemble, or an admin key (a folder ensemble has no
+        owner, so only admin keys load one this way; it then belongs to `default_owner`, the admin key's
+        owner, as with POST .../load). Anything else, and any failure to resolve the id for a non-admin key,
+        is 404 "not loaded", exactly as without lazy loading (no existence leak); admin keys get the load
+        route's errors. The ensemble stays loaded (an admin unloads it); concurrent first requests load it once."""
+        not_loaded = ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
+        try:
+            check_id(ensemble_id)
+        except EnsembleNotFound as exc:
+            raise not_loaded from exc
+        async with self._admin_lock():
+            if ensemble_id in self.ensembles:  # a concurrent first request loaded it meanwhile
+                return self.get(ensemble_id, owner)
+            start = time.perf_counter()
             try:
-                ensemble = await self._on(self.io_executor, self.runner.prepare, ensemble_id, resolved.manifest,
-                                          resolved.member_folders)
-            except EnsembleLoadError as exc:
-                status = 409 if exc.kind == "base_mismatch" else 422
-                raise ApiError(status, exc.kind, exc.message, exc.param) from exc
-            try:
-                await self._on(self.model_executor, self.runner.activate, ensemble)
-            except NoFreeSlotError as exc:
-                raise ApiError(409, "adapter_capacity", str(exc)) from exc
-            ensemble.on_last_release = self._unpin_later
-            ensemble.load_seconds = time.perf_counter() - start
-            self.ensembles[ensemble_id] = ensemble
+                resolved = await self._resolve(ensemble_id)
+            except ApiError as exc:
+                if owner is None:
+                    raise
+                log.warning("lazy load of %s for owner %s refused: %s", ensemble_id, owner, exc.message)
+                raise not_loaded from exc
+            if owner is not None and resolved.owner != owner:
+                raise not_loaded
+            ensemble, _ = await self._install(ensemble_id, resolved, None, default_owner, start)
+            self.metrics.lazy_loads.inc()
+            log.info("loaded ensemble %s on its first request", ensemble_id)
+            return ensemble
+
+    async def _resolve(self, ensemble_id: str) -> ResolvedEnsemble:
+        """The source's ensemble for an id, its errors as API errors (404, 409 integrity, 422 invalid)."""
+        try:
+            return await self._on(self.io_executor, self.source.resolve, ensemble_id)
+        except EnsembleNotFound as exc:
+            raise ApiError(404, "not_found", str(exc), "id") from exc
+        except IntegrityError as exc:  # a stored file no longer matches its record
+            raise ApiError(409, "artifact_integrity", str(exc), exc.param) from exc
+        except InvalidEnsemble as exc:
+            raise ApiError(422, "invalid_ensemble", str(exc), "id") from exc
+
+    async def _install(self, ensemble_id: str, resolved: ResolvedEnsemble, owner: str | None,
+                       default_owner: str | None, start: float) -> tuple[LoadedEnsemble, bool]:
+        """Prepare and activate a resolved ensemble under `ensemble_id` (caller holds the admin lock)."""
+        current = self.ensembles.get(ensemble_id)
+        new_owner = resolved.owner or owner or (self.owners.get(ensemble_id) if current else None) or default_owner
+        fingerprint = resolved.manifest.fingerprint
+        if current is not None and fingerprint is not None and current.fingerprint == fingerprint:
             self.owners[ensemble_id] = new_owner
-            if current is not None:
-                current.retire()  # in-flight requests keep it alive until they finish
-            self.metrics.adapter_loads.observe(ensemble.load_seconds)
-            log.info("loaded ensemble %s (%s, fingerprint %s) in %.3f s", ensemble_id, resolved.origin,
-                     ensemble.fingerprint[:12], ensemble.load_seconds)
-            return ensemble, True
+            return current, False
+        try:
+            ensemble = await self._on(self.io_executor, self.runner.prepare, ensemble_id, resolved.manifest,
+                                      resolved.member_folders)
+        except EnsembleLoadError as exc:
+            status = 409 if exc.kind == "base_mismatch" else 422
+            raise ApiError(status, exc.kind, exc.message, exc.param) from exc
+        try:
+            await self._on(self.model_executor, self.runner.activate, ensemble)
+        except NoFreeSlotError as exc:
+            raise ApiError(409, "adapter_capacity", str(exc)) from exc
+        ensemble.on_last_release = self._unpin_later
+        ensemble.load_seconds = time.perf_counter() - start
+        self.ensembles[ensemble_id] = ensemble
+        self.owners[ensemble_id] = new_owner
+        if current is not None:
+            current.retire()  # in-flight requests keep it alive until they finish
+        self.metrics.adapter_loads.observe(ensemble.load_seconds)
+        log.info("loaded ensemble %s (%s, fingerprint %s) in %.3f s", ensemble_id, resolved.origin,
+                 ensemble.fingerprint[:12], ensemble.load_seconds)
+        return ensemble, True
 
     async def unload(self, ensemble_id: str) -> LoadedEnsemble:
         async with self._admin_lock():
@@ -166,17 +209,21 @@ class InferenceService:
 
     # ---- classify --------------------------------------------------------------------------------
 
-    async def classify(self, ensemble_id: str, rows: list[dict[str, Any]],
-                       owner: str | None = None) -> tuple[LoadedEnsemble, list[Any]]:
-        """Rows through ensemble `ensemble_id` if `owner` may see it (None: any)."""
-        ensemble = self.get(ensemble_id, owner)
+    async def classify(self, ensemble_id: str, rows: list[dict[str, Any]], owner: str | None = None,
+                       default_owner: str | None = None) -> tuple[LoadedEnsemble, list[Any]]:
+        """Rows through ensemble `ensemble_id` if `owner` may see it (None: any). With `lazy_load` an
+        ensemble that is not loaded yet is loaded first (see load_on_request; `default_owner`: the caller's)."""
+        if len(rows) > self.settings.max_rows_per_request:
+            raise ApiError(422, "invalid_request",
+                           f"rows: {len(rows)} rows exceed the limit of {self.settings.max_rows_per_request} per request",
+                           "rows")
+        if self.settings.lazy_load and ensemble_id not in self.ensembles:
+            ensemble = await self.load_on_request(ensemble_id, owner, default_owner)
+        else:
+            ensemble = self.get(ensemble_id, owner)
         if not ensemble.acquire():
             raise ApiError(404, "not_found", f"ensemble {ensemble_id!r} is not loaded", "id")
         try:
-            if len(rows) > self.settings.max_rows_per_request:
-                raise ApiError(422, "invalid_request",
-                               f"rows: {len(rows)} rows exceed the limit of {self.settings.max_rows_per_request} per request",
-                               "rows")
             try:
                 encoded = await self._on(self.encode_executor, self.runner.encode_rows, ensemble, rows)
             except RowError as exc:

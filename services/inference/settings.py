@@ -31,7 +31,14 @@ class InferenceSettings(BaseSettings):
     use_database: bool = Field(True, description="Resolve ensemble ids through the job database + artifact store.")
     preload: str = Field("", description="Comma-separated ensemble ids to load at startup.")
     metrics_public: bool = Field(True, description="Serve /metrics without a key (bind to a private interface).")
-    docs: bool = Field(False, description="Serve /docs and /openapi.json.")
+    docs: bool = Field(True, description="Serve /docs (Swagger UI), /redoc and /openapi.json; the pages' scripts and "
+                                         "styles are served by the service itself (they work offline).")
+    # Off by default: with it, any `infer` key can make the service load its owner's ensembles (each takes
+    # adapter slots until an admin unloads it), which an operator should choose knowingly.
+    lazy_load: bool = Field(
+        False, description="Load an ensemble on the first classify request that names it (its id, or the artifact id "
+                           "of a job's ensemble.json), LoRAX-style, when the key may see it: the job owner's keys for a "
+                           "job's ensemble, admin keys for any. Off: only POST /v1/ensembles/{id}/load (admin) loads.")
     migrate_on_start: bool = Field(
         True, description="Create/upgrade the job database tables (API keys) at startup.",
         validation_alias=AliasChoices("CHORUS_INFERENCE_MIGRATE_ON_START", "CHORUS_MIGRATE_ON_START", "migrate_on_start"),

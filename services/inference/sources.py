@@ -1,8 +1,9 @@
 """Where ensembles come from: an id is resolved to a validated manifest and its members' adapter folders.
 
 Never a user-supplied path or URL: ids must match ENSEMBLE_ID and are looked up
-* in the job database (`ensembles` rows written by training jobs) with the files in the artifact store
-  (`StoreEnsembleSource`), and/or
+* in the job database (`ensembles` rows written by training jobs; an id is the row's `ens-...` id or the
+  `art-...` id of its ensemble.json artifact, as a job's result_artifacts lists it) with the files in the
+  artifact store (`StoreEnsembleSource`), and/or
 * as a folder `<root>/<id>/ensemble.json` with member paths relative to it (`DirectoryEnsembleSource`;
   default root `<artifacts>/ensembles`, for bundles deployed by hand).
 Every resolved path must stay inside its root (no `..`, no symlink escapes).
@@ -119,13 +120,16 @@ class DirectoryEnsembleSource:
 
 
 class StoreEnsembleSource:
-    """Ensemble rows of the job database (id `ens-...`), files from the content-addressed artifact store."""
+    """Ensemble rows of the job database (id `ens-...`, or the `art-...` id of the ensemble's manifest artifact),
+    files from the content-addressed artifact store."""
 
     def __init__(self, store: Any = None, db_url: str | None = None) -> None:
         self.store = store
         self.db_url = db_url
 
     def resolve(self, ensemble_id: str) -> ResolvedEnsemble:
+        from sqlalchemy import select
+
         from shared.db.models import Adapter, Artifact, Ensemble
         from shared.db.session import get_sessionmaker
         from shared.storage import ArtifactStore
@@ -134,6 +138,9 @@ class StoreEnsembleSource:
         store = self.store or ArtifactStore()
         with get_sessionmaker(self.db_url)() as session:
             row = session.get(Ensemble, ensemble_id)
+            if row is None and ensemble_id.startswith("art-"):  # the manifest's artifact id
+                row = session.scalars(select(Ensemble).where(Ensemble.artifact_id == ensemble_id)
+                                      .order_by(Ensemble.id)).first()
             if row is None:
                 raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
             art = session.get(Artifact, row.artifact_id)

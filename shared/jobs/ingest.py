@@ -36,7 +36,7 @@ def jsonable(value: Any) -> Any:
 
 def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
     """{logical name: artifact id} over a job's stages; a name produced by several stages is keyed
-    "stage/name" for each of them (e.g. affinity/heatmap and grouping/heatmap)."""
+    "stage/name" for each of them (e.g. two stages that both write a "report")."""
     counts = Counter(name for _, ids in stages for name in ids)
     return {(name if counts[name] == 1 else f"{stage}/{name}"): art for stage, ids in stages for name, art in ids.items()}
 

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from shared.db.models import Job, utcnow
 from shared.db.session import get_sessionmaker
 from shared.jobs import state
-from shared.ml.progress import Cancelled
+from shared.ml.progress import Cancelled, StageMeter
 
 log = logging.getLogger("chorus.jobs")
 
@@ -104,9 +104,10 @@ class JobProgress:
         self._last_write = 0.0
         self._last_event: dict[str, float] = {}
         self._maker = get_sessionmaker()
+        self._meter = StageMeter()  # the stage's fraction from its steps, never decreasing
 
     def snapshot(self, step: str | None, done: int, total: int, message: str = "") -> dict[str, Any]:
-        fraction = (done / total) if total else 0.0
+        fraction = self._meter.update(step or "", done, total) if step is not None else self._meter.fraction
         overall = (self.stage_index + min(max(fraction, 0.0), 1.0)) / max(self.stage_count, 1)
         return {"stage": self.stage, "stage_index": self.stage_index, "stage_count": self.stage_count,
                 "step": step, "done": done, "total": total, "message": message,

@@ -141,7 +141,7 @@ def test_grouping_job_on_an_inline_affinity_matrix(api, key, workers):  # type: 
     assert done["status"] == "succeeded", done
     groups = api.get(f"/v1/artifacts/{done['result_artifacts']['groups']}/content", headers=auth(key)).json()
     assert sorted(sorted(g) for g in groups["groups"]) == [["cb", "rte"], ["copa", "wic"]]
-    heatmap = api.get(f"/v1/artifacts/{done['result_artifacts']['heatmap']}/content", headers=auth(key))
+    heatmap = api.get(f"/v1/artifacts/{done['result_artifacts']['groups_heatmap']}/content", headers=auth(key))
     assert heatmap.headers["content-type"] == "image/png" and heatmap.content[:8] == b"\x89PNG\r\n\x1a\n"
     bad = _submit(api, key, "grouping", {"affinity": {"tasks": tasks, "matrix": [[1.0]]}, "groups": 2})
     failed = _wait_done(api, key, bad["id"])
@@ -211,7 +211,7 @@ def test_killed_worker_job_resumes_after_last_finished_stage_exactly_once(api, k
 def test_pipeline_outputs_are_downloadable_and_owner_scoped(api, key, make_key, pipeline_run):  # type: ignore[no-untyped-def]
     job = pipeline_run["job"]
     arts = job["result_artifacts"]
-    assert {"affinity", "groups", "ensemble", "pipeline_report", "affinity/heatmap", "grouping/heatmap"} <= set(arts)
+    assert {"affinity", "groups", "ensemble", "pipeline_report", "affinity_heatmap", "groups_heatmap"} <= set(arts)
     affinity = api.get(f"/v1/artifacts/{arts['affinity']}/content", headers=auth(key)).json()
     assert affinity["tasks"] == PIPELINE["tasks"] and len(affinity["matrix"]) == 3
     report = api.get(f"/v1/artifacts/{arts['pipeline_report']}/content", headers=auth(key)).json()

@@ -307,7 +307,7 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
     base = json.loads((workdir / "base_metrics.json").read_text()) if (workdir / "base_metrics.json").exists() else {}
     timing = json.loads((workdir / "timing.json").read_text()) if (workdir / "timing.json").exists() else {}
     artifacts = {
-        "affinity": "affinity.json", "heatmap": "affinity.png", "subset_results_csv": "subset_results.csv",
+        "affinity": "affinity.json", "affinity_heatmap": "affinity.png", "subset_results_csv": "subset_results.csv",
         "subset_results": "subset_results.json", "subsets": "subsets.json", "weights": "weights.npy",
         "gradients": "grads_train.npy", "f0": "f0_train.npy", "rows": "rows_train.csv", "rows_val": "rows_val.csv",
         "theta0": "theta0.safetensors", "theta0_info": "theta0.json",
@@ -509,7 +509,7 @@ def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = sil
     progress("grouping", 1, 1, f"{result.m} groups")
     return {"groups": groups, "method": result.method, "m": result.m, "structure_p": structure["p"],
             "selection": "validation" if fallback else "groups",
-            "artifacts": {"groups": "groups.json", "heatmap": "groups.png"}}
+            "artifacts": {"groups": "groups.json", "groups_heatmap": "groups.png"}}
 
 
 # ------------------------------------------------------------------------------------------ re-exports

@@ -30,6 +30,7 @@ from shared.ml.progress import Progress, silent
 from shared.ml.training.adapters import AdapterMeta, save_adapter_state
 from shared.ml.training.boosting import BoostResult, accuracy_and_ce, boost_group
 from shared.ml.training.costs import FLOP_FORMULA, Cost, ModelShape, StageClock, sum_costs
+from shared.ml.training.dequant import resolve as resolve_dequantize
 from shared.ml.training.ensemble import (
     AdapterPool,
     EnsembleManifest,
@@ -347,6 +348,7 @@ def run_training(
     cost = {
         "formula": FLOP_FORMULA,
         "device": str(run.base.device), "compute_dtype": info.compute_dtype, "quantization": info.quantization,
+        "dequantize": resolve_dequantize(params.dequantize, run.base.model),
         "model_shape": run.shape.__dict__,
         "single": single_cost.to_dict() if single_cost else None,
         "groups": groups_cost.to_dict(),
