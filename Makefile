@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean compose-test
+.PHONY: install test test-fast lint demo clean compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -rs
+
+# ruff: lint and format (settings in pyproject.toml)
+lint: install
+	$(PY) -m ruff check shared services bench tests
+	$(PY) -m ruff format --check shared services bench tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not integration"

@@ -44,8 +44,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="polling duration")
     parser.add_argument("--type", default="evaluation")
     parser.add_argument("--params", default='{"model": "tiny-llama", "tasks": ["cb", "rte"], "max_examples": 4}')
-    parser.add_argument("--server-pids", default="", help="comma-separated API process ids (same machine): "
-                        "also report the server's CPU time per poll, read from /proc")
+    parser.add_argument(
+        "--server-pids",
+        default="",
+        help="comma-separated API process ids (same machine): "
+        "also report the server's CPU time per poll, read from /proc",
+    )
     parser.add_argument("--json", dest="json_out", help="also write the figures to this file")
     args = parser.parse_args()
     if not args.key:
@@ -55,6 +59,7 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
 
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as http:
+
         def create(i: int) -> tuple[str, float]:
             body = {"type": args.type, "params": {**params, "seed": i}, "metadata": {"bench": run}}
             start = time.perf_counter()
@@ -114,24 +119,35 @@ def main() -> None:
     all_poll = [x for lat in poll_lat for x in lat]
 
     figures = {
-        "url": args.url, "creates": args.creates,
-        "create_ms_p50": round(percentile(latencies, 50), 2), "create_ms_p99": round(percentile(latencies, 99), 2),
-        "create_ms_mean": round(statistics.fmean(latencies), 2), "create_ms_max": round(max(latencies), 2),
+        "url": args.url,
+        "creates": args.creates,
+        "create_ms_p50": round(percentile(latencies, 50), 2),
+        "create_ms_p99": round(percentile(latencies, 99), 2),
+        "create_ms_mean": round(statistics.fmean(latencies), 2),
+        "create_ms_max": round(max(latencies), 2),
         "creates_per_s_sequential": round(args.creates / create_wall, 1),
-        "poll_clients": args.clients, "polls_per_s": round(polled / elapsed, 1),
+        "poll_clients": args.clients,
+        "polls_per_s": round(polled / elapsed, 1),
         "poll_ms_p50": round(percentile(all_poll, 50), 2) if all_poll else None,
         "poll_ms_p99": round(percentile(all_poll, 99), 2) if all_poll else None,
         "poll_errors": sum(errors),
         "server_cpu_ms_per_poll": round(1000 * cpu_used / max(polled, 1), 3) if pids else None,
-        "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
     }
-    print(f"job create: p50 {figures['create_ms_p50']} ms, p99 {figures['create_ms_p99']} ms "
-          f"(mean {figures['create_ms_mean']} ms, max {figures['create_ms_max']} ms, n={args.creates})")
-    print(f"status polls: {figures['polls_per_s']}/s with {args.clients} clients "
-          f"(p50 {figures['poll_ms_p50']} ms, p99 {figures['poll_ms_p99']} ms, errors {figures['poll_errors']})")
+    print(
+        f"job create: p50 {figures['create_ms_p50']} ms, p99 {figures['create_ms_p99']} ms "
+        f"(mean {figures['create_ms_mean']} ms, max {figures['create_ms_max']} ms, n={args.creates})"
+    )
+    print(
+        f"status polls: {figures['polls_per_s']}/s with {args.clients} clients "
+        f"(p50 {figures['poll_ms_p50']} ms, p99 {figures['poll_ms_p99']} ms, errors {figures['poll_errors']})"
+    )
     if pids:
-        print(f"server CPU per poll: {figures['server_cpu_ms_per_poll']} ms "
-              f"(= {1000 / max(figures['server_cpu_ms_per_poll'], 1e-9):.0f} polls/s per fully available core)")
+        print(
+            f"server CPU per poll: {figures['server_cpu_ms_per_poll']} ms "
+            f"(= {1000 / max(figures['server_cpu_ms_per_poll'], 1e-9):.0f} polls/s per fully available core)"
+        )
     print(f"machine: {figures['cpu_count']} cores, load average {figures['load_average_1m']} during the run")
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -42,13 +42,34 @@ from shared.ml.training.costs import peak_memory, reset_peak_memory, synchronize
 
 SHAPES = {
     # SmolLM2-135M
-    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # Llama-3.2-1B
-    "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=False),
+    "llama1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -98,9 +119,17 @@ def make_batches(n: int, batch_size: int, seq_len: int, vocab: int, device: torc
         b = min(batch_size, n - start)
         ids = torch.randint(3, vocab, (b, seq_len), generator=g)
         answers = torch.randint(3, vocab, (b,), generator=g)
-        out.append(Batch(ids.to(device), torch.ones_like(ids).to(device), torch.full((b,), seq_len - 1, device=device),
-                         torch.zeros(b, dtype=torch.long, device=device), answers.to(device),
-                         [f"x{start + i}" for i in range(b)], ["rand"] * b))
+        out.append(
+            Batch(
+                ids.to(device),
+                torch.ones_like(ids).to(device),
+                torch.full((b,), seq_len - 1, device=device),
+                torch.zeros(b, dtype=torch.long, device=device),
+                answers.to(device),
+                [f"x{start + i}" for i in range(b)],
+                ["rand"] * b,
+            )
+        )
     return out
 
 
@@ -142,7 +171,7 @@ def run_naive(model, batches, P: np.ndarray) -> np.ndarray:
                     flat = torch.cat([g.reshape(-1) for g in grads]).float().cpu().numpy()
                     rows.append(flat @ P)
     finally:
-        for p, s in zip(params, saved):
+        for p, s in zip(params, saved, strict=False):
             p.requires_grad_(s)
     return np.stack(rows)
 
@@ -205,40 +234,70 @@ def main() -> None:
     spec = spec_for(model, args.seed, args.dim)
     d_all = sum(p.numel() for p in lora_state(model).values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"shape={args.shape} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}) "
-          f"dtype={dtype_name} device={name}")
-    print(f"seq_len={args.seq_len} batch={args.batch_size} naive batch={args.naive_batch_size} d={args.dim} "
-          f"LoRA r=4 q,k,v: D_B={spec.total:,} (ours projects B only; A-grads are 0 at B=0), D_A+B={d_all:,} (naive)")
+    print(
+        f"shape={args.shape} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}) "
+        f"dtype={dtype_name} device={name}"
+    )
+    print(
+        f"seq_len={args.seq_len} batch={args.batch_size} naive batch={args.naive_batch_size} d={args.dim} "
+        f"LoRA r=4 q,k,v: D_B={spec.total:,} (ours projects B only; A-grads are 0 at B=0), D_A+B={d_all:,} (naive)"
+    )
 
-    warm = make_batches(min(args.batch_size, args.examples), args.batch_size, args.seq_len, config.vocab_size, device, 99)
+    warm = make_batches(
+        min(args.batch_size, args.examples), args.batch_size, args.seq_len, config.vocab_size, device, 99
+    )
     batches = make_batches(args.examples, args.batch_size, args.seq_len, config.vocab_size, device, args.seed)
     run_ours(model, warm, args.dim, args.seed, device, args.project_rows)
     run_plain(model, warm, device)
 
     res = {}
-    res["ours"] = timed(lambda: run_ours(model, batches, args.dim, args.seed, device, args.project_rows), device, args.examples,
-                        f"(a) ours, hooks + sketch, batch {args.batch_size}")
-    res["plain"] = timed(lambda: run_plain(model, batches, device), device, args.examples,
-                         f"(c) plain fwd+bwd, batch {args.batch_size}")
+    res["ours"] = timed(
+        lambda: run_ours(model, batches, args.dim, args.seed, device, args.project_rows),
+        device,
+        args.examples,
+        f"(a) ours, hooks + sketch, batch {args.batch_size}",
+    )
+    res["plain"] = timed(
+        lambda: run_plain(model, batches, device), device, args.examples, f"(c) plain fwd+bwd, batch {args.batch_size}"
+    )
     for extra in [int(x) for x in args.extra_dims.split(",") if x.strip()]:
-        timed(lambda: run_ours(model, batches[:2], extra, args.seed, device, args.project_rows), device, sum(len(b) for b in batches[:2]),
-              f"    ours at d={extra} (memory check)")
+        timed(
+            lambda extra=extra: run_ours(model, batches[:2], extra, args.seed, device, args.project_rows),
+            device,
+            sum(len(b) for b in batches[:2]),
+            f"    ours at d={extra} (memory check)",
+        )
     if not args.skip_naive:
         n_naive = args.naive_examples or args.examples
         t0 = time.perf_counter()
         P = naive_projection(d_all, args.dim, args.seed)
-        print(f"  (dense projection {P.shape[0]:,} x {P.shape[1]} float64 = {gib(P.nbytes)} in host RAM, built in "
-              f"{time.perf_counter() - t0:.1f} s, not timed)")
+        print(
+            f"  (dense projection {P.shape[0]:,} x {P.shape[1]} float64 = {gib(P.nbytes)} in host RAM, built in "
+            f"{time.perf_counter() - t0:.1f} s, not timed)"
+        )
         nb = make_batches(n_naive, args.naive_batch_size, args.seq_len, config.vocab_size, device, args.seed)
         run_naive(model, nb[:1], P)  # warm-up
-        res["naive"] = timed(lambda: run_naive(model, nb, P), device, n_naive, f"(b) naive per-example loop, batch {args.naive_batch_size}")
+        res["naive"] = timed(
+            lambda: run_naive(model, nb, P),
+            device,
+            n_naive,
+            f"(b) naive per-example loop, batch {args.naive_batch_size}",
+        )
         del P
     print()
     ours, plain = res["ours"]["rate"], res["plain"]["rate"]
-    print(f"ours / naive        : {ours / res['naive']['rate']:.1f}x" if "naive" in res else "ours / naive        : (skipped)")
-    print(f"plain / ours        : {plain / ours:.2f}x  (ours is {'within' if plain / ours <= 1.5 else 'NOT within'} 1.5x of plain fwd+bwd)")
-    print(f"peak memory         : ours {gib(res['ours']['peak'])}, plain {gib(res['plain']['peak'])}"
-          + (f", naive {gib(res['naive']['peak'])}" if "naive" in res else ""))
+    print(
+        f"ours / naive        : {ours / res['naive']['rate']:.1f}x"
+        if "naive" in res
+        else "ours / naive        : (skipped)"
+    )
+    print(
+        f"plain / ours        : {plain / ours:.2f}x  (ours is {'within' if plain / ours <= 1.5 else 'NOT within'} 1.5x of plain fwd+bwd)"
+    )
+    print(
+        f"peak memory         : ours {gib(res['ours']['peak'])}, plain {gib(res['plain']['peak'])}"
+        + (f", naive {gib(res['naive']['peak'])}" if "naive" in res else "")
+    )
     if device.type == "cpu":
         print("(CPU peak = process peak RSS incl. the model; naive includes its dense P)")
 

@@ -37,15 +37,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.ml.training.costs import synchronize  # noqa: E402
 
 SHAPES = {
-    "llama1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
-    "smollm2": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TEMP_DIRS: list[Path] = []
-TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-                "down": "down_proj"}
+TARGET_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,10 +108,17 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, quantization_config=quant,
+        folder,
+        dtype=dtype,
+        quantization_config=quant,
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
     )
     return model.eval().requires_grad_(False), info
@@ -125,7 +155,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama or a local HF folder")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of this shape")
     parser.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default bf16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=64, help="rows (or (row, member) pairs) per forward")
     parser.add_argument("--seq", type=int, default=128)
@@ -153,8 +185,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, info = build_model(args, device, dtype)
-    print(f"model {info.name} ({args.quantization}, {dtype}) on {device}, loaded in {time.perf_counter() - t0:.1f} s; "
-          f"batch {args.batch} x {args.seq} tokens, LoRA rank {args.rank} on {','.join(targets)}", flush=True)
+    print(
+        f"model {info.name} ({args.quantization}, {dtype}) on {device}, loaded in {time.perf_counter() - t0:.1f} s; "
+        f"batch {args.batch} x {args.seq} tokens, LoRA rank {args.rank} on {','.join(targets)}",
+        flush=True,
+    )
     if device.type == "cuda":
         print(f"gpu: {torch.cuda.get_device_name(device)}", flush=True)
     vocab = model.config.vocab_size
@@ -162,21 +197,30 @@ def main() -> None:
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=gen).to(device)
     mask = torch.ones_like(ids)
     B = args.batch
-    results: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "device": str(device), "dtype": str(dtype), "model": info.name}
+    results: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": str(device),
+        "dtype": str(dtype),
+        "model": info.name,
+    }
     rows: list[tuple[str, str, float, float]] = []  # (impl, case, rows/s, ms per forward)
 
     def record(impl: str, case: str, times: list[float], rows_per_forward: float) -> float:
         med = statistics.median(times)
         rate = rows_per_forward / med
         rows.append((impl, case, rate, med * 1000))
-        results.setdefault(impl, {})[case] = {"rows_per_s": rate, "ms_per_forward": med * 1000,
-                                              "rows_per_forward": rows_per_forward}
+        results.setdefault(impl, {})[case] = {
+            "rows_per_s": rate,
+            "ms_per_forward": med * 1000,
+            "rows_per_forward": rows_per_forward,
+        }
         print(f"  {impl:6s} {case:28s} {rate:10.1f} rows/s   {med * 1000:9.2f} ms/forward", flush=True)
         return rate
 
     # ---- (a) base, plain HF forward
-    record("base", "(a) base alone", timed(lambda: forward(model, ids, mask), device, max(2, args.warmup), args.iters), B)
+    record(
+        "base", "(a) base alone", timed(lambda: forward(model, ids, mask), device, max(2, args.warmup), args.iters), B
+    )
 
     # ---- adapters on disk
     workdir = Path(tempfile.mkdtemp(prefix="chorus-bench-adapters-"))
@@ -185,13 +229,15 @@ def main() -> None:
     folders = []
     for i in range(n_ad + args.loads):
         folder = workdir / f"ad{i}"
-        write_random_adapter(folder, model, info, name=f"ad{i}", rank=args.rank, targets=targets, seed=1000 + i,
-                             b_scale=0.02)
+        write_random_adapter(
+            folder, model, info, name=f"ad{i}", rank=args.rank, targets=targets, seed=1000 + i, b_scale=0.02
+        )
         folders.append(folder)
 
     # ---- the engine
-    engine = MultiLoRAEngine(model, max_slots=max(8, n_ad + 2), max_rank=args.rank, targets=targets, dtype=dtype,
-                             mode=args.mode)
+    engine = MultiLoRAEngine(
+        model, max_slots=max(8, n_ad + 2), max_rank=args.rank, targets=targets, dtype=dtype, mode=args.mode
+    )
     slots = []
     for i in range(n_ad):
         engine.load_folder(f"ad{i}", folders[i], info)
@@ -201,13 +247,18 @@ def main() -> None:
         def run() -> Any:
             with engine.route(row_slots):
                 return forward(model, ids, mask)
+
         return run
 
     k = args.adapters
     mixed = [slots[r % k] for r in range(B)]
     two = [slots[(r // 2 + (r % 2)) % k] for r in range(B)]  # row r//2 through adapters j and j+1
-    cases = {"(a) base (no adapter rows)": (eng([-1] * B), B), "(b) one adapter": (eng([slots[0]] * B), B),
-             f"(c) {k} adapters mixed": (eng(mixed), B), "(d) 2 members per row": (eng(two), B / 2)}
+    cases = {
+        "(a) base (no adapter rows)": (eng([-1] * B), B),
+        "(b) one adapter": (eng([slots[0]] * B), B),
+        f"(c) {k} adapters mixed": (eng(mixed), B),
+        "(d) 2 members per row": (eng(two), B / 2),
+    }
     times = interleaved({name: fn for name, (fn, _) in cases.items()}, device, args.warmup, args.iters)
     rates = {name: record("engine", name, times[name], cases[name][1]) for name in cases}
     b_rate, c_rate, d_rate = rates["(b) one adapter"], rates[f"(c) {k} adapters mixed"], rates["(d) 2 members per row"]
@@ -247,10 +298,15 @@ def main() -> None:
         "adapter_mb": sum(f.stat().st_size for f in folders[0].iterdir()) / 1e6,
     }
     results["engine"]["latency"] = lat
-    print(f"  engine cold load     p50 {lat['cold_load_ms']['p50']:.2f} ms  p99 {lat['cold_load_ms']['p99']:.2f} ms "
-          f"(read+verify p50 {lat['cold_read_verify_ms']['p50']:.2f} ms; adapter {lat['adapter_mb']:.2f} MB)")
-    print(f"  engine warm switch   p50 {lat['warm_switch_ms']['p50']:.3f} ms  p99 {lat['warm_switch_ms']['p99']:.3f} ms "
-          f"(resident hit p50 {lat['resident_hit_ms']['p50'] * 1000:.1f} us)", flush=True)
+    print(
+        f"  engine cold load     p50 {lat['cold_load_ms']['p50']:.2f} ms  p99 {lat['cold_load_ms']['p99']:.2f} ms "
+        f"(read+verify p50 {lat['cold_read_verify_ms']['p50']:.2f} ms; adapter {lat['adapter_mb']:.2f} MB)"
+    )
+    print(
+        f"  engine warm switch   p50 {lat['warm_switch_ms']['p50']:.3f} ms  p99 {lat['warm_switch_ms']['p99']:.3f} ms "
+        f"(resident hit p50 {lat['resident_hit_ms']['p50'] * 1000:.1f} us)",
+        flush=True,
+    )
     engine.unwrap()
 
     # ---- plain PEFT for comparison
@@ -295,18 +351,25 @@ def main() -> None:
             "load_adapter_ms": {"p50": percentile(loads, 0.5) * 1e3, "p99": percentile(loads, 0.99) * 1e3},
             "set_adapter_ms": {"p50": percentile(switches, 0.5) * 1e3, "p99": percentile(switches, 0.99) * 1e3},
         }
-        print(f"  peft   load_adapter  p50 {percentile(loads, 0.5) * 1e3:.2f} ms; set_adapter p50 "
-              f"{percentile(switches, 0.5) * 1e3:.2f} ms", flush=True)
+        print(
+            f"  peft   load_adapter  p50 {percentile(loads, 0.5) * 1e3:.2f} ms; set_adapter p50 "
+            f"{percentile(switches, 0.5) * 1e3:.2f} ms",
+            flush=True,
+        )
 
     base_rate = results["engine"]["(a) base (no adapter rows)"]["rows_per_s"]
-    print("\nsummary (rows/s; relative to the engine's one-adapter figure (b), and to the base measured in the same "
-          "interleaved rounds)")
-    for impl, case, rate, ms in rows:
+    print(
+        "\nsummary (rows/s; relative to the engine's one-adapter figure (b), and to the base measured in the same "
+        "interleaved rounds)"
+    )
+    for impl, case, rate, _ms in rows:
         print(f"  {impl:6s} {case:32s} {rate:10.1f}  {rate / b_rate:5.2f}x (b)  {rate / base_rate:4.2f}x base")
     if not args.no_peft:
         print(f"  peft (c)/(b): {results['peft']['c_over_b']:.2f}x")
-    print(f"  goal (c) >= 0.8 x (b): {results['engine']['c_over_b']:.2f}x "
-          f"{'MET' if results['engine']['c_over_b'] >= 0.8 else 'NOT MET'}")
+    print(
+        f"  goal (c) >= 0.8 x (b): {results['engine']['c_over_b']:.2f}x "
+        f"{'MET' if results['engine']['c_over_b'] >= 0.8 else 'NOT MET'}"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

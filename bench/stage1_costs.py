@@ -63,7 +63,7 @@ def plain_pass(rt: Runtime, rows: Any, batches: list[list[int]], train: bool) ->
                 with torch.no_grad():
                     answer_logits(model, batch)
     finally:
-        for p, flag in zip(params, saved):
+        for p, flag in zip(params, saved, strict=False):
             p.requires_grad_(flag)
 
 
@@ -80,14 +80,29 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
-    params = AffinityParams(model=args.model, tasks=args.tasks.split(","), max_train=args.max_train, dim=args.dim,
-                            init="base", output="choice", device=args.device)
+    params = AffinityParams(
+        model=args.model,
+        tasks=args.tasks.split(","),
+        max_train=args.max_train,
+        dim=args.dim,
+        init="base",
+        output="choice",
+        device=args.device,
+    )
     rt = Runtime.load(params)
     rt_rows = rt.rows("train", args.max_train)
     dev = rt.device
     tokens = sum(len(it.input_ids) for it in rt_rows.items)
-    print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "rows": len(rt_rows),
-                      "tokens": tokens, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                "rows": len(rt_rows),
+                "tokens": tokens,
+                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            }
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="stage1-costs-") as tmp:  # the gradient shards written by the runs
         measure(args, rt, rt_rows, Path(tmp))
 
@@ -103,10 +118,12 @@ def measure(args: argparse.Namespace, rt: Runtime, rt_rows: Any, work: Path) -> 
         plan = plan_for(rt, rt_rows)
         reset_peak_memory(dev)
         row = {"batch_size": bs, "batch_tokens": rt.batching.tokens, "batches": len(plan)}
-        row["grad_s"] = timed(lambda: gradient_batches(rt, rt_rows, work / f"g{bs}", 0, len(plan)), dev)
+        row["grad_s"] = timed(
+            lambda bs=bs, plan=plan: gradient_batches(rt, rt_rows, work / f"g{bs}", 0, len(plan)), dev
+        )
         row["grad_peak_gib"] = round(peak_memory(dev)[0] / 2**30, 2)
-        row["plain_s"] = timed(lambda: plain_pass(rt, rt_rows, plan, True), dev)
-        row["forward_s"] = timed(lambda: plain_pass(rt, rt_rows, plan, False), dev)
+        row["plain_s"] = timed(lambda plan=plan: plain_pass(rt, rt_rows, plan, True), dev)
+        row["forward_s"] = timed(lambda plan=plan: plain_pass(rt, rt_rows, plan, False), dev)
         for k in ("grad", "plain", "forward"):
             row[f"{k}_rows_per_s"] = round(len(rt_rows) / row[f"{k}_s"], 1)
             row[f"{k}_s_per_batch"] = round(row[f"{k}_s"] / len(plan), 4)
@@ -117,8 +134,17 @@ def measure(args: argparse.Namespace, rt: Runtime, rt_rows: Any, work: Path) -> 
     theta0 = rt.theta0()
     res = finetune(rt, items, {}, 1, 5e-4, args.ft_batch_size, 0, select="last")
     rt.reset_adapter(theta0)
-    print(json.dumps({"finetune_batch_size": args.ft_batch_size, "steps": res.steps, "seconds": round(res.seconds, 3),
-                      "s_per_step": round(res.seconds / res.steps, 4), "rows_per_s": round(len(items) / res.seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "finetune_batch_size": args.ft_batch_size,
+                "steps": res.steps,
+                "seconds": round(res.seconds, 3),
+                "s_per_step": round(res.seconds / res.steps, 4),
+                "rows_per_s": round(len(items) / res.seconds, 1),
+            }
+        )
+    )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -42,7 +42,9 @@ from shared.ml.training.many import AdapterSpec, train_many  # noqa: E402
 from shared.ml.training.trainer import TaskData, mean, prepare_tasks, score_split, trainable_4bit  # noqa: E402
 
 
-def peft_loop(args: argparse.Namespace, config: dict[str, Any], data: dict[str, TaskData], device: torch.device) -> dict:
+def peft_loop(
+    args: argparse.Namespace, config: dict[str, Any], data: dict[str, TaskData], device: torch.device
+) -> dict:
     """The plain PEFT QLoRA loop; rows/s, peak memory, validation accuracy after the last epoch."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -50,8 +52,14 @@ def peft_loop(args: argparse.Namespace, config: dict[str, Any], data: dict[str, 
     if args.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.peft_checkpointing)
     trainable_4bit(model)  # CPU only: keep bitsandbytes' layers differentiable (no-op on CUDA)
-    lora = LoraConfig(r=args.rank, lora_alpha=8 * args.rank, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=8 * args.rank,
+        target_modules=list(DEFAULT_TARGETS),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(args.seed)
     model = get_peft_model(model, lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -80,13 +88,24 @@ def peft_loop(args: argparse.Namespace, config: dict[str, Any], data: dict[str, 
     mem, kind = peak_memory(device)
     model.eval()
     base = Base(model, tokenizer, info)
-    acc = mean([metrics_from_scores(score_split(model, base, d, "val", config), d.bound.num_choices).accuracy
-                for d in data.values()])
+    acc = mean(
+        [
+            metrics_from_scores(score_split(model, base, d, "val", config), d.bound.num_choices).accuracy
+            for d in data.values()
+        ]
+    )
     n = len(rows) * args.epochs
     del model, optimizer, base
     _release(device)
-    return {"rows_per_s": n / seconds, "val_accuracy": acc, "peak_memory_bytes": mem, "peak_memory_kind": kind,
-            "train_rows": n, "seconds": round(seconds, 3), "final_loss": losses[-1]}
+    return {
+        "rows_per_s": n / seconds,
+        "val_accuracy": acc,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": kind,
+        "train_rows": n,
+        "seconds": round(seconds, 3),
+        "final_loss": losses[-1],
+    }
 
 
 def ours(base: Base, specs: list[AdapterSpec], config: dict[str, Any], data: dict[str, TaskData], mode: str) -> dict:
@@ -103,10 +122,19 @@ def ours(base: Base, specs: list[AdapterSpec], config: dict[str, Any], data: dic
     rows = sum(t.cost.train_rows for t in trained)
     train_s = max(fused["wall_seconds"] - fused["eval_seconds"], 1e-9)
     accs = [mean([m.accuracy for m in t.val_metrics.values()]) for t in trained]
-    return {"k": len(specs), "rows_per_s": rows / train_s, "rows_per_s_with_eval": rows / seconds,
-            "val_accuracy": mean(accs), "val_accuracy_each": accs, "peak_memory_bytes": mem, "peak_memory_kind": kind,
-            "train_rows": rows, "seconds": round(seconds, 3), "eval_seconds": fused["eval_seconds"],
-            "best_epochs": [t.best_epoch for t in trained]}
+    return {
+        "k": len(specs),
+        "rows_per_s": rows / train_s,
+        "rows_per_s_with_eval": rows / seconds,
+        "val_accuracy": mean(accs),
+        "val_accuracy_each": accs,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": kind,
+        "train_rows": rows,
+        "seconds": round(seconds, 3),
+        "eval_seconds": fused["eval_seconds"],
+        "best_epochs": [t.best_epoch for t in trained],
+    }
 
 
 def _release(device: torch.device) -> None:
@@ -135,30 +163,62 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--step-tokens", type=int, default=None, help="padded tokens per fused micro-step at most")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peft-checkpointing", action="store_true",
-                    help="gradient checkpointing in the PEFT loop (prepare_model_for_kbit_training's default)")
+    ap.add_argument(
+        "--peft-checkpointing",
+        action="store_true",
+        help="gradient checkpointing in the PEFT loop (prepare_model_for_kbit_training's default)",
+    )
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--dequantize", default="auto", choices=["auto", "cached", "per_call"],
-                    help="our trainers' 4-bit base: dequantised once (cached) or by bitsandbytes in every call")
+    ap.add_argument(
+        "--dequantize",
+        default="auto",
+        choices=["auto", "cached", "per_call"],
+        help="our trainers' 4-bit base: dequantised once (cached) or by bitsandbytes in every call",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     tasks = [t for t in args.tasks.split(",") if t]
     ks = [int(k) for k in args.ks.split(",") if k]
-    config = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                  rank=args.rank, seed=args.seed, patience=None, max_length=args.max_length, max_train=args.max_train,
-                  max_val=args.max_val, max_test=1, batching=args.batching, batch_tokens=args.batch_tokens,
-                  step_tokens=args.step_tokens, dequantize=args.dequantize)
+    config = dict(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        rank=args.rank,
+        seed=args.seed,
+        patience=None,
+        max_length=args.max_length,
+        max_train=args.max_train,
+        max_val=args.max_val,
+        max_test=1,
+        batching=args.batching,
+        batch_tokens=args.batch_tokens,
+        step_tokens=args.step_tokens,
+        dequantize=args.dequantize,
+    )
     base = Base.load(args.model, args.quantization, device)
     trainable_4bit(base.model)
     data = prepare_tasks(base.tokenizer, tasks, config)
-    head = {"model": base.info.name, "device": str(device), "tasks": tasks, "train_rows": sum(len(d.train) for d in data.values()),
-            "epochs": args.epochs, "batch_size": args.batch_size, "rank": args.rank, "mode": args.mode,
-            "batching": args.batching, "dequantize": resolve(args.dequantize, base.model)}
+    head = {
+        "model": base.info.name,
+        "device": str(device),
+        "tasks": tasks,
+        "train_rows": sum(len(d.train) for d in data.values()),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "mode": args.mode,
+        "batching": args.batching,
+        "dequantize": resolve(args.dequantize, base.model),
+    }
     print(json.dumps(head), flush=True)
     # warm-up (CUDA context, kernels, allocator) on a few rows, not timed
     first = next(iter(data.values()))

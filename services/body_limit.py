@@ -84,7 +84,15 @@ class BodyLimitMiddleware:
 
 async def _send_413(send: Send, limit: int) -> None:
     body = json.dumps(error_body("payload_too_large", f"request body is over the {limit:,}-byte limit")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

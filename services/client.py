@@ -30,8 +30,9 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class ChorusError(Exception):
     """An API error: HTTP status plus the error object's code, message and param."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.param = status, code, message, param
         self.retry_after = retry_after  # seconds, from the Retry-After header of a 429 / 503
@@ -43,9 +44,15 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, max_retries: int = 3,
-                 max_retry_wait: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        max_retries: int = 3,
+        max_retry_wait: float = 60.0,
+    ) -> None:
         self.max_retries, self.max_retry_wait = max_retries, max_retry_wait
         self.base_url = (base_url or os.environ.get("CHORUS_API_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("CHORUS_API_KEY")
@@ -91,8 +98,13 @@ class Client:
         return {k: v for k, v in params.items() if v is not None}
 
     # -- jobs ---------------------------------------------------------------------------------------
-    def create_job(self, type: str, params: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                   idempotency_key: str | None = None) -> dict[str, Any]:
+    def create_job(
+        self,
+        type: str,
+        params: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"type": type, "params": params or {}, "metadata": metadata or {}}
         return self._json("POST", "/v1/jobs", json=body, headers=headers)
@@ -100,10 +112,12 @@ class Client:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
-    def list_jobs(self, status: str | None = None, type: str | None = None, limit: int = 20,
-                  after: str | None = None) -> dict[str, Any]:
-        return self._json("GET", "/v1/jobs", params=self._clean({"status": status, "type": type, "limit": limit,
-                                                                  "after": after}))
+    def list_jobs(
+        self, status: str | None = None, type: str | None = None, limit: int = 20, after: str | None = None
+    ) -> dict[str, Any]:
+        return self._json(
+            "GET", "/v1/jobs", params=self._clean({"status": status, "type": type, "limit": limit, "after": after})
+        )
 
     def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
         after = None
@@ -152,14 +166,32 @@ class Client:
         return self._json("GET", "/v1/job-types")["data"]
 
     # -- datasets -----------------------------------------------------------------------------------
-    def upload_dataset(self, path: str | Path, name: str, text_fields: str | list[str], label_field: str,
-                       format: str | None = None, template: str | None = None, label_names: list[str] | None = None,
-                       id_field: str | None = None, description: str | None = None) -> dict[str, Any]:
+    def upload_dataset(
+        self,
+        path: str | Path,
+        name: str,
+        text_fields: str | list[str],
+        label_field: str,
+        format: str | None = None,
+        template: str | None = None,
+        label_names: list[str] | None = None,
+        id_field: str | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
         path = Path(path)
         fields = ",".join(text_fields) if isinstance(text_fields, list) else text_fields
-        data = self._clean({"name": name, "text_fields": fields, "label_field": label_field, "format": format,
-                            "template": template, "id_field": id_field, "description": description,
-                            "label_names": ",".join(label_names) if label_names else None})
+        data = self._clean(
+            {
+                "name": name,
+                "text_fields": fields,
+                "label_field": label_field,
+                "format": format,
+                "template": template,
+                "id_field": id_field,
+                "description": description,
+                "label_names": ",".join(label_names) if label_names else None,
+            }
+        )
         with path.open("rb") as fh:
             return self._json("POST", "/v1/datasets", data=data, files={"file": (path.name, fh)})
 
@@ -201,7 +233,9 @@ class Client:
         for art in self.job_artifacts(job_id):
             suffix = f".{format}" if art["kind"] == "folder" else ""
             target = dest / (art["stage"] or "inputs") / f"{art['filename']}{suffix}"
-            out[by_id.get(art["id"], f"{art['stage']}/{art['name']}")] = self.download_artifact(art["id"], target, format)
+            out[by_id.get(art["id"], f"{art['stage']}/{art['name']}")] = self.download_artifact(
+                art["id"], target, format
+            )
         return out
 
     def list_adapters(self, job_id: str | None = None) -> list[dict[str, Any]]:

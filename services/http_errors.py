@@ -15,9 +15,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-    429: "rate_limited", 500: "internal_error", 501: "not_implemented", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "unavailable",
 }
 
 LocFormatter = Callable[[Sequence[Any]], "str | None"]
@@ -39,12 +49,18 @@ class ErrorResponse(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "Malformed request (e.g. a NUL byte in the path or query).", 401: "Missing, unknown or revoked API key.",
-    403: "The API key lacks the route's scope.", 404: "No such object (or not the caller's).",
+    400: "Malformed request (e.g. a NUL byte in the path or query).",
+    401: "Missing, unknown or revoked API key.",
+    403: "The API key lacks the route's scope.",
+    404: "No such object (or not the caller's).",
     405: "Method not allowed on this path (`Allow` lists the methods).",
-    409: "Conflict with the object's current state.", 413: "Request body over the size cap.",
-    422: "Invalid request: `param` names the field.", 429: "Rate limited (`Retry-After` says when to retry).",
-    500: "Internal error.", 501: "Not available in this deployment.", 503: "A dependency is unavailable.",
+    409: "Conflict with the object's current state.",
+    413: "Request body over the size cap.",
+    422: "Invalid request: `param` names the field.",
+    429: "Rate limited (`Retry-After` says when to retry).",
+    500: "Internal error.",
+    501: "Not available in this deployment.",
+    503: "A dependency is unavailable.",
 }
 
 
@@ -61,8 +77,9 @@ def scrub_paths(message: str) -> str:
 class ApiError(Exception):
     """Raise anywhere in a request to answer with the standard error body."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
 
@@ -73,13 +90,15 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": scrub_paths(message), "param": param}}
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
 
 
-def pydantic_message(exc: ValidationError | RequestValidationError, loc_param: LocFormatter,
-                     prefix: tuple[str, ...] = ()) -> tuple[str, str | None]:
+def pydantic_message(
+    exc: ValidationError | RequestValidationError, loc_param: LocFormatter, prefix: tuple[str, ...] = ()
+) -> tuple[str, str | None]:
     """(message, param) naming the first invalid field, and how many more problems there are."""
     errors = exc.errors()
     if not errors:
@@ -106,8 +125,9 @@ def install_error_handlers(app: FastAPI, log: logging.Logger, loc_param: LocForm
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
-        return error_response(exc.status_code, STATUS_CODES.get(exc.status_code, "error"), message, None,
-                              headers or None)
+        return error_response(
+            exc.status_code, STATUS_CODES.get(exc.status_code, "error"), message, None, headers or None
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -124,8 +144,14 @@ def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this request's path (Starlette's own 405 names only the first
     matching route's methods): each candidate method is matched against the app's routes."""
     routes = request.app.router.routes
-    scope = {k: v for k, v in request.scope.items() if k in ("type", "path", "raw_path", "root_path", "app_root_path",
-                                                             "headers", "query_string", "scheme", "server")}
-    return [method for method in _METHODS
-            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in routes)]
-
+    scope = {
+        k: v
+        for k, v in request.scope.items()
+        if k
+        in ("type", "path", "raw_path", "root_path", "app_root_path", "headers", "query_string", "scheme", "server")
+    }
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in routes)
+    ]

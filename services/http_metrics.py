@@ -34,10 +34,16 @@ class HttpMetrics:
 
     def __init__(self, prefix: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(f"{prefix}_requests", "HTTP requests.", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram(f"{prefix}_request_seconds", "HTTP request latency.", ["method", "route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            f"{prefix}_requests", "HTTP requests.", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            f"{prefix}_request_seconds",
+            "HTTP request latency.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -72,8 +78,9 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.observe_request(scope.get("method", ""), route_template(scope), status,
-                                         time.perf_counter() - start)
+            self.metrics.observe_request(
+                scope.get("method", ""), route_template(scope), status, time.perf_counter() - start
+            )
 
 
 def route_template(scope: dict[str, Any]) -> str:

@@ -113,8 +113,14 @@ return {allowed, tostring(retry), tostring(tokens)}
 class RedisBuckets:
     """Token buckets in Redis, shared by every process using the same URL and prefix."""
 
-    def __init__(self, url: str, prefix: str = "chorus:ratelimit:", timeout: float = 0.25,
-                 retry_seconds: float = 5.0, fallback: MemoryBuckets | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "chorus:ratelimit:",
+        timeout: float = 0.25,
+        retry_seconds: float = 5.0,
+        fallback: MemoryBuckets | None = None,
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
@@ -130,8 +136,9 @@ class RedisBuckets:
         loop = asyncio.get_running_loop()
         item = self._clients.get(id(loop))
         if item is None:
-            client = aioredis.Redis.from_url(self.url, socket_timeout=self.timeout,
-                                             socket_connect_timeout=self.timeout, health_check_interval=30)
+            client = aioredis.Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, health_check_interval=30
+            )
             item = self._clients[id(loop)] = (client, client.register_script(_TAKE))
         return item[1]
 
@@ -141,11 +148,16 @@ class RedisBuckets:
         if time.monotonic() < self._down_until:
             return self.fallback.take_now(name, limit, consume)
         try:
-            allowed, retry, tokens = await self._script()(keys=[self.prefix + name],
-                                                          args=[repr(limit.rate), limit.burst, 1 if consume else 0])
+            allowed, retry, tokens = await self._script()(
+                keys=[self.prefix + name], args=[repr(limit.rate), limit.burst, 1 if consume else 0]
+            )
         except (RedisError, OSError) as exc:
-            log.warning("rate limiter: Redis at %s failed (%s); using in-process limits for %.0f s",
-                        _safe_url(self.url), exc, self.retry_seconds)
+            log.warning(
+                "rate limiter: Redis at %s failed (%s); using in-process limits for %.0f s",
+                _safe_url(self.url),
+                exc,
+                self.retry_seconds,
+            )
             self._down_until = time.monotonic() + self.retry_seconds
             return self.fallback.take_now(name, limit, consume)
         return Decision(bool(int(allowed)), float(retry), float(tokens))

@@ -33,8 +33,13 @@ from shared.config import get_settings
 CHUNK = 1 << 20
 ARCHIVE_FORMATS = ("tar.gz", "zip")
 _MEDIA_TYPES = {
-    ".json": "application/json", ".jsonl": "application/jsonl", ".csv": "text/csv", ".png": "image/png",
-    ".txt": "text/plain", ".tsv": "text/tab-separated-values", ".safetensors": "application/octet-stream",
+    ".json": "application/json",
+    ".jsonl": "application/jsonl",
+    ".csv": "text/csv",
+    ".png": "image/png",
+    ".txt": "text/plain",
+    ".tsv": "text/tab-separated-values",
+    ".safetensors": "application/octet-stream",
     ".npy": "application/octet-stream",
 }
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -222,8 +227,11 @@ class ArtifactStore:
 
 
 def _write_tar_gz(out: Path, folder: Path, files: list[str], root_name: str) -> None:
-    with out.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        out.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         dirs = sorted({str(Path(f).parent) for f in files} - {"."})
         for d in [""] + dirs:
             info = tarfile.TarInfo(f"{root_name}/{d}".rstrip("/"))
@@ -249,8 +257,15 @@ def _write_zip(out: Path, folder: Path, files: list[str], root_name: str) -> Non
 
 # -- database records ------------------------------------------------------------------------------
 def record_artifact(
-    session: Any, stored: StoredObject, *, owner: str, name: str, job_id: str | None = None,
-    stage: str | None = None, media_type: str | None = None, meta: dict[str, Any] | None = None,
+    session: Any,
+    stored: StoredObject,
+    *,
+    owner: str,
+    name: str,
+    job_id: str | None = None,
+    stage: str | None = None,
+    media_type: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Any:
     """The artifact row for (job, stage, name): created, or updated in place when re-ingested."""
     from sqlalchemy import select

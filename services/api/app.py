@@ -47,25 +47,30 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
     edge = api_settings or get_api_settings()
     docs = svc.api_docs
     app = FastAPI(
-        title="chorus job API", version=API_VERSION, lifespan=lifespan,
+        title="chorus job API",
+        version=API_VERSION,
+        lifespan=lifespan,
         description="Datasets, jobs (affinity, grouping, training, pipeline, ...), artifacts, adapters and "
-                    "ensembles. Every /v1 route needs `Authorization: Bearer <API key>`; errors are "
-                    '`{"error": {"code", "message", "param"}}`. Requests are rate-limited per key (job creation '
-                    "and dataset uploads more strictly): 429 `rate_limited` with `Retry-After`.\n\n"
-                    "Strict input: a job's params are validated against its job type's model when it is "
-                    "submitted (an unknown option, model or task is a 422 whose `param` is the full path, e.g. "
-                    "`params.training.epochs`); an unknown query parameter is a 422 naming it; a list's `after` "
-                    "must be the `last_id` of the previous page. GET /v1/job-types returns every params schema, "
-                    "with defaults and descriptions; they are also in this document's schemas.",
-        docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+        "ensembles. Every /v1 route needs `Authorization: Bearer <API key>`; errors are "
+        '`{"error": {"code", "message", "param"}}`. Requests are rate-limited per key (job creation '
+        "and dataset uploads more strictly): 429 `rate_limited` with `Retry-After`.\n\n"
+        "Strict input: a job's params are validated against its job type's model when it is "
+        "submitted (an unknown option, model or task is a 422 whose `param` is the full path, e.g. "
+        "`params.training.epochs`); an unknown query parameter is a 422 naming it; a list's `after` "
+        "must be the `last_id` of the previous page. GET /v1/job-types returns every params schema, "
+        "with defaults and descriptions; they are also in this document's schemas.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
         dependencies=[Depends(strict_query)],
     )
     install_error_handlers(app)
     metrics = ApiMetrics()
     app.state.metrics = metrics
     app.state.api_settings = edge
-    app.state.rate_limiter = build_rate_limiter(edge, get_settings().broker_url,
-                                                lambda kind: metrics.rate_limited.labels(kind).inc())
+    app.state.rate_limiter = build_rate_limiter(
+        edge, get_settings().broker_url, lambda kind: metrics.rate_limited.labels(kind).inc()
+    )
     for router in (datasets.router, jobs.router, artifacts.router, keys.router):
         app.include_router(router, prefix="/v1", responses=_ERRORS)  # type: ignore[arg-type]
 
@@ -86,4 +91,3 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
         install_docs(app)  # /docs and /redoc, with their assets served here (no CDN)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
-

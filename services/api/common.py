@@ -15,15 +15,21 @@ M = TypeVar("M")
 MAX_LIMIT = 100
 
 # Query parameters of every list: a cursor, the page size, and the job filter of artifact lists.
-Cursor = Annotated[str | None, Query(pattern=r"^[a-z]+-[0-9a-f]{24}$",
-                                     description="The `last_id` of the previous page (leave it out for the first "
-                                                 "page); an id that is not in the list is refused.")]
+Cursor = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[a-z]+-[0-9a-f]{24}$",
+        description="The `last_id` of the previous page (leave it out for the first "
+        "page); an id that is not in the list is refused.",
+    ),
+]
 PageSize = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Objects per page (1-{MAX_LIMIT}).")]
 JobFilter = Annotated[str | None, Query(description="Only those of this job (job-...).")]
 
 
-def get_owned(db: Session, model: type[M], object_id: str, principal: Principal, label: str,
-              options: list[Any] | None = None) -> M:
+def get_owned(
+    db: Session, model: type[M], object_id: str, principal: Principal, label: str, options: list[Any] | None = None
+) -> M:
     """The object if it exists and the caller may see it; 404 otherwise (never 403: no existence leak)."""
     row = db.get(model, object_id, options=options or [])
     if row is None or not owned(principal, row.owner):  # type: ignore[attr-defined]
@@ -42,12 +48,24 @@ def check_cursor(db: Session, id_col: Any, after: str, principal: Principal | No
     row = db.get(model, after)
     if row is None or (principal is not None and hasattr(row, "owner") and not owned(principal, row.owner)):
         label = getattr(model, "__tablename__", "object").removesuffix("s").replace("_", " ")
-        raise ApiError(422, "invalid_request", f"after: no {label} {after[:100]!r}; pass the last_id of the previous "
-                       "page (or leave after out for the first page)", "after")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"after: no {label} {after[:100]!r}; pass the last_id of the previous "
+            "page (or leave after out for the first page)",
+            "after",
+        )
 
 
-def page(db: Session, stmt: Select[Any], id_col: Any, after: Any, limit: int, newest_first: bool = True,
-         principal: Principal | None = None) -> tuple[list[Any], bool]:
+def page(
+    db: Session,
+    stmt: Select[Any],
+    id_col: Any,
+    after: Any,
+    limit: int,
+    newest_first: bool = True,
+    principal: Principal | None = None,
+) -> tuple[list[Any], bool]:
     """Rows after the cursor `after` (an id), at most `limit`, and whether more follow. A string cursor must
     be the id of an object `principal` may see (`check_cursor`); numeric cursors are positions."""
     if isinstance(after, str):

@@ -87,8 +87,11 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def authenticate(request: Request, security_scopes: SecurityScopes,
-                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+async def authenticate(
+    request: Request,
+    security_scopes: SecurityScopes,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
     """401 without a valid key, 403 when the key lacks a scope this route requires, 429 over a rate limit
     (the key's, or the client IP's for requests without a valid key). Verified keys are cached for
     CHORUS_AUTH_CACHE_SECONDS, so the database is asked only on a cache miss (in a thread), and only while

@@ -27,7 +27,9 @@ def loc_param(loc: tuple[Any, ...] | list[Any], drop_source: bool = True) -> str
     return ".".join(parts) or None
 
 
-def pydantic_error(exc: ValidationError | RequestValidationError, prefix: tuple[str, ...] = ()) -> tuple[str, str | None]:
+def pydantic_error(
+    exc: ValidationError | RequestValidationError, prefix: tuple[str, ...] = ()
+) -> tuple[str, str | None]:
     return http_errors.pydantic_message(exc, loc_param, prefix)
 
 
@@ -38,6 +40,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:
         # A value the database refused (out of range, too long, a character it cannot store): the routes
         # validate their input first, so this is a backstop that keeps such a request a 4xx.
-        log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
-                    str(exc.orig).splitlines()[0][:300] if exc.orig else type(exc).__name__)
+        log.warning(
+            "database refused a value on %s %s: %s",
+            request.method,
+            request.url.path,
+            str(exc.orig).splitlines()[0][:300] if exc.orig else type(exc).__name__,
+        )
         return error_response(422, "invalid_request", "a value in the request cannot be stored")

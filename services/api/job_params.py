@@ -45,14 +45,17 @@ def _check_model(value: Any, param: str, allowed_dirs: Sequence[Path]) -> None:
         try:
             check_api_model(value, allowed_dirs)
         except ModelNameError as exc:
-            raise _invalid(f"{exc} (server paths are not accepted outside the allowed model directories)",
-                           param) from exc
+            raise _invalid(
+                f"{exc} (server paths are not accepted outside the allowed model directories)", param
+            ) from exc
 
 
 def owned_artifact(db: Session, art_id: str, principal: Principal, param: str) -> Artifact:
     art = db.get(Artifact, art_id) if ARTIFACT_ID.fullmatch(art_id) else None
     if art is None or not owned(principal, art.owner):
-        raise _invalid(f"no artifact {art_id!r} (give the id of one of your artifacts; server paths are not accepted)", param)
+        raise _invalid(
+            f"no artifact {art_id!r} (give the id of one of your artifacts; server paths are not accepted)", param
+        )
     if art.kind != "file":
         raise _invalid(f"artifact {art_id!r} is a folder, expected a JSON file", param)
     return art
@@ -68,8 +71,14 @@ def _store_inline(db: Session, value: dict[str, Any], name: str, principal: Prin
 INLINE_PLACEHOLDER = "art-" + "0" * 24
 
 
-def prepare(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal,
-            inline: dict[str, Any], allowed_model_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+def prepare(
+    db: Session,
+    job_type: JobType,
+    params: dict[str, Any],
+    principal: Principal,
+    inline: dict[str, Any],
+    allowed_model_dirs: Sequence[Path] = (),
+) -> dict[str, Any]:
     """A copy of `params` with references resolved and unsafe values refused (raises ApiError).
     Inline objects to store once validation passed are put in `inline` (param name -> object)."""
     params = dict(params)
@@ -88,18 +97,23 @@ def prepare(db: Session, job_type: JobType, params: dict[str, Any], principal: P
         elif isinstance(ref, str):
             owned_artifact(db, ref, principal, "params.affinity")
         elif ref is not None:
-            raise _invalid("give an artifact id (art-...) of an affinity.json or the affinity object itself",
-                           "params.affinity")
+            raise _invalid(
+                "give an artifact id (art-...) of an affinity.json or the affinity object itself", "params.affinity"
+            )
         if ref is None:
-            raise _invalid("required: an artifact id (art-...) of an affinity.json, e.g. from an affinity job",
-                           "params.affinity")
+            raise _invalid(
+                "required: an artifact id (art-...) of an affinity.json, e.g. from an affinity job", "params.affinity"
+            )
     if job_type.name == "pipeline":
         grouping = params.get("grouping")
         if isinstance(grouping, dict) and "affinity" in grouping:
             raise _invalid("is produced by the pipeline's affinity stage and cannot be set", "params.grouping.affinity")
     if job_type.name == "training" and params.get("groups") is None:
-        raise _invalid("required: the groups to train, as lists of task names ([[\"cb\", \"rte\"], [\"sst2\"]]) "
-                       "or an artifact id (art-...) of a groups.json, e.g. from a grouping job", "params.groups")
+        raise _invalid(
+            'required: the groups to train, as lists of task names ([["cb", "rte"], ["sst2"]]) '
+            "or an artifact id (art-...) of a groups.json, e.g. from a grouping job",
+            "params.groups",
+        )
     if job_type.name == "training" and isinstance(params.get("groups"), str):
         ref = params["groups"]
         art = owned_artifact(db, ref, principal, "params.groups")
@@ -123,15 +137,24 @@ def task_names(model: BaseModel) -> list[str]:
     return names
 
 
-def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: Principal,
-             allowed_model_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+def validate(
+    db: Session,
+    job_type: JobType,
+    params: dict[str, Any],
+    principal: Principal,
+    allowed_model_dirs: Sequence[Path] = (),
+) -> dict[str, Any]:
     """The params to store: the job type's model, validated and dumped with every default filled in.
     `allowed_model_dirs`: where model folders may be (CHORUS_ALLOWED_MODEL_DIRS; empty: registered names only)."""
     try:
         cls = job_type.params_class()
     except JobTypeUnavailable as exc:
-        raise ApiError(501, "job_type_unavailable", f"job type {job_type.name!r} is not available in this "
-                       f"deployment yet: {exc}", "type") from exc
+        raise ApiError(
+            501,
+            "job_type_unavailable",
+            f"job type {job_type.name!r} is not available in this deployment yet: {exc}",
+            "type",
+        ) from exc
     inline: dict[str, Any] = {}
     prepared = prepare(db, job_type, params, principal, inline, allowed_model_dirs)
     try:
@@ -144,8 +167,9 @@ def validate(db: Session, job_type: JobType, params: dict[str, Any], principal: 
         raise ApiError(422, "invalid_params", message, param) from exc
     names = task_names(model)
     if names and not principal.is_admin:
-        foreign = db.scalars(select(Dataset.task_name).where(Dataset.task_name.in_(names),
-                                                             Dataset.owner != principal.owner)).all()
+        foreign = db.scalars(
+            select(Dataset.task_name).where(Dataset.task_name.in_(names), Dataset.owner != principal.owner)
+        ).all()
         if foreign:
             raise _invalid(f"unknown task(s) {', '.join(map(repr, sorted(foreign)))}", "params.tasks")
     out = model.model_dump(mode="json")
@@ -173,7 +197,7 @@ def _named_path(message: str, first: str | None = None) -> tuple[list[str], str]
     if match is None or (first is not None and match.group(1) != first):
         return None
     path = [match.group(1), *match.group(2).split(".")[1:]]
-    rest = message if match.group(3) == "=" else message[match.end():]
+    rest = message if match.group(3) == "=" else message[match.end() :]
     return path, rest or message
 
 
@@ -185,8 +209,11 @@ def _top_level_problem(cls: type[BaseModel], exc: ValidationError) -> tuple[str,
     loc = [str(x) for x in first.get("loc", ())]
     if first.get("type") == "extra_forbidden" and len(loc) == 1:
         param = f"params.{loc[0]}"
-        sections = [s for s, stage in section_models(cls).items()
-                    if loc[0] in stage.model_fields and loc[0] not in SET_BY_THE_JOB.get(s, ())]
+        sections = [
+            s
+            for s, stage in section_models(cls).items()
+            if loc[0] in stage.model_fields and loc[0] not in SET_BY_THE_JOB.get(s, ())
+        ]
         hint = f" here (set it in {' or '.join(f'params.{s}.{loc[0]}' for s in sections)})" if sections else ""
         return _unknown_option(param, loc[0], list(cls.model_fields), cls.__name__, hint) + _more(errors), param
     if not loc and first.get("type") == "value_error":

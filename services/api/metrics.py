@@ -1,10 +1,10 @@
 """Prometheus metrics of the job API (one registry per app; request metrics from services/http_metrics.py).
 
-    chorus_api_requests_total{method,route,status}    requests by route template and final status
-    chorus_api_request_seconds{method,route}          latency histogram
-    chorus_api_jobs_created_total{type}               jobs created (idempotent replays not counted)
-    chorus_api_rate_limited_total{limit}              requests refused by a rate limit (api|create|upload|anon)
-    chorus_api_jobs{status}                           jobs in the database by status, read at scrape time
+chorus_api_requests_total{method,route,status}    requests by route template and final status
+chorus_api_request_seconds{method,route}          latency histogram
+chorus_api_jobs_created_total{type}               jobs created (idempotent replays not counted)
+chorus_api_rate_limited_total{limit}              requests refused by a rate limit (api|create|upload|anon)
+chorus_api_jobs{status}                           jobs in the database by status, read at scrape time
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ class JobStatusCollector(Collector):
     autocommit read engine). If the database cannot be read, the family is left out of that scrape."""
 
     def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily("chorus_api_jobs", "Jobs in the database by status (read at scrape time).",
-                                 labels=["status"])
+        return GaugeMetricFamily(
+            "chorus_api_jobs", "Jobs in the database by status (read at scrape time).", labels=["status"]
+        )
 
     def describe(self) -> Iterator[Metric]:  # registration must not query the database
         yield self._family()
@@ -40,7 +41,9 @@ class JobStatusCollector(Collector):
         from shared.db.session import read_all
 
         try:
-            counts = {r["status"]: r["n"] for r in read_all(select(Job.status, func.count().label("n")).group_by(Job.status))}
+            counts = {
+                r["status"]: r["n"] for r in read_all(select(Job.status, func.count().label("n")).group_by(Job.status))
+            }
         except Exception as exc:
             log.warning("metrics: cannot count jobs by status: %s", exc)
             return
@@ -55,8 +58,10 @@ class ApiMetrics(HttpMetrics):
 
     def __init__(self) -> None:
         super().__init__("chorus_api")
-        self.jobs_created = Counter("chorus_api_jobs_created", "Jobs created, by type.", ["type"],
-                                    registry=self.registry)
-        self.rate_limited = Counter("chorus_api_rate_limited", "Requests refused by a rate limit.", ["limit"],
-                                    registry=self.registry)
+        self.jobs_created = Counter(
+            "chorus_api_jobs_created", "Jobs created, by type.", ["type"], registry=self.registry
+        )
+        self.rate_limited = Counter(
+            "chorus_api_rate_limited", "Requests refused by a rate limit.", ["limit"], registry=self.registry
+        )
         self.registry.register(JobStatusCollector())

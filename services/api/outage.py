@@ -33,7 +33,9 @@ def health() -> JSONResponse:
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        log.warning("health: database unavailable: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        log.warning(
+            "health: database unavailable: %s", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        )
         return JSONResponse({"status": "error", "database": "unavailable"}, status_code=503, headers=_retry_after())
     return JSONResponse({"status": "ok"})
 

@@ -53,8 +53,14 @@ def _shared_note(name: str, parent: type[BaseModel], section: str, sections: Ite
     return None
 
 
-def _section_schema(parent: type[BaseModel], section: str, stage: type[BaseModel], sections: Iterable[str],
-                    parent_prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+def _section_schema(
+    parent: type[BaseModel],
+    section: str,
+    stage: type[BaseModel],
+    sections: Iterable[str],
+    parent_prop: dict[str, Any],
+    defs: dict[str, Any],
+) -> dict[str, Any]:
     sub = stage.model_json_schema()
     for name, definition in sub.pop("$defs", {}).items():
         defs.setdefault(name, definition)
@@ -73,11 +79,18 @@ def _section_schema(parent: type[BaseModel], section: str, stage: type[BaseModel
     excluded = sorted(SET_BY_THE_JOB.get(section, ()))
     description = parent_prop.get("description") or (
         f"{stage.__name__} fields for this job's {section} stage; a field left out takes the default shown "
-        "(or the job's shared value where noted)")
+        "(or the job's shared value where noted)"
+    )
     if excluded:
         description += f". Set by the job itself, not here: {', '.join(excluded)}"
-    return {"type": "object", "title": f"{parent.__name__}.{section}", "description": description,
-            "properties": props, "additionalProperties": False, "default": {}}
+    return {
+        "type": "object",
+        "title": f"{parent.__name__}.{section}",
+        "description": description,
+        "properties": props,
+        "additionalProperties": False,
+        "default": {},
+    }
 
 
 def params_schema(cls: type[BaseModel]) -> dict[str, Any]:
@@ -95,8 +108,14 @@ def params_schema(cls: type[BaseModel]) -> dict[str, Any]:
 
 def _rewrite_refs(value: Any, prefix: str) -> Any:
     if isinstance(value, dict):
-        return {k: (prefix + v[len(REF_PREFIX):] if k == "$ref" and isinstance(v, str) and v.startswith(REF_PREFIX)
-                    else _rewrite_refs(v, prefix)) for k, v in value.items()}
+        return {
+            k: (
+                prefix + v[len(REF_PREFIX) :]
+                if k == "$ref" and isinstance(v, str) and v.startswith(REF_PREFIX)
+                else _rewrite_refs(v, prefix)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_rewrite_refs(v, prefix) for v in value]
     return value
@@ -145,8 +164,10 @@ def document_job_params(app: Any, job_types: dict[str, JobType], body_model: str
             params.pop("type", None)
             params.pop("additionalProperties", None)
             params["anyOf"] = [*refs, {"type": "object", "additionalProperties": True}]
-            params["description"] = (f"{params.get('description', '')} The model of each job type: {listing} "
-                                     "(GET /v1/job-types returns the same schemas).").strip()
+            params["description"] = (
+                f"{params.get('description', '')} The model of each job type: {listing} "
+                "(GET /v1/job-types returns the same schemas)."
+            ).strip()
             body["properties"]["params"] = params
         return schema  # type: ignore[no-any-return]
 

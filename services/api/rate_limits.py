@@ -44,8 +44,9 @@ _WHAT = {
 
 
 class ApiRateLimiter:
-    def __init__(self, settings: ApiSettings, buckets: Buckets,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, settings: ApiSettings, buckets: Buckets, on_refused: Callable[[str], None] | None = None
+    ) -> None:
         self.limits = settings.limits()
         self.buckets = buckets
         self.on_refused = on_refused
@@ -66,16 +67,21 @@ class ApiRateLimiter:
         if self.on_refused is not None:
             self.on_refused(kind)
         retry = retry_after_header(decision.retry_after)
-        raise ApiError(429, "rate_limited", f"{_WHAT[kind]} ({limit.describe()}); retry in {retry} s",
-                       headers={"Retry-After": retry})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"{_WHAT[kind]} ({limit.describe()}); retry in {retry} s",
+            headers={"Retry-After": retry},
+        )
 
     @property
     def backend(self) -> str:
         return "redis" if isinstance(self.buckets, RedisBuckets) else "memory"
 
 
-def build_rate_limiter(settings: ApiSettings, broker_url: str | None,
-                       on_refused: Callable[[str], None] | None = None) -> ApiRateLimiter | None:
+def build_rate_limiter(
+    settings: ApiSettings, broker_url: str | None, on_refused: Callable[[str], None] | None = None
+) -> ApiRateLimiter | None:
     """None when rate limits are off; Redis buckets when a Redis URL is configured, else in-process."""
     if not settings.rate_limit_enabled:
         return None

@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.http_errors import ErrorDetail, ErrorResponse
+from services.http_errors import ErrorDetail
 from shared.db.models import Adapter, ApiKey, Artifact, Dataset, Ensemble, Job, JobEvent
 from shared.jobs.ingest import merge_stage_artifacts
 
@@ -30,8 +30,9 @@ class ListResponse(BaseModel, Generic[T]):
     data: list[T] = Field(description="The objects of this page, in the list's order.")
     has_more: bool = Field(default=False, description="Whether more objects follow this page.")
     first_id: str | int | None = Field(default=None, description="The id of the page's first object.")
-    last_id: str | int | None = Field(default=None, description="The id of the page's last object: the `after` of "
-                                                                 "the next page.")
+    last_id: str | int | None = Field(
+        default=None, description="The id of the page's last object: the `after` of the next page."
+    )
 
 
 class Deleted(BaseModel):
@@ -46,18 +47,37 @@ class Deleted(BaseModel):
 class JobCreate(BaseModel):
     """A typed job: `params` is validated against the job type's params model (see GET /v1/job-types)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"type": "pipeline", "params": {"tasks": ["cb", "rte", "copa"], "model": "smollm2-135m", "groups": "auto",
-                                        "training": {"epochs": 3}}, "metadata": {"experiment": "glue-small"}},
-        {"type": "training", "params": {"groups": [["cb", "rte"], ["copa"]], "epochs": 2}},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "pipeline",
+                    "params": {
+                        "tasks": ["cb", "rte", "copa"],
+                        "model": "smollm2-135m",
+                        "groups": "auto",
+                        "training": {"epochs": 3},
+                    },
+                    "metadata": {"experiment": "glue-small"},
+                },
+                {"type": "training", "params": {"groups": [["cb", "rte"], ["copa"]], "epochs": 2}},
+            ]
+        },
+    )
 
-    type: str = Field(description="The job type: affinity, grouping, approximation_error, validate_estimates, "
-                                  "validate_affinity, training, pipeline, study or evaluation (GET /v1/job-types).")
-    params: dict[str, Any] = Field(default_factory=dict, description="The job type's params, validated against its "
-                                   "params model; every field left out takes its default.")
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16,
-                                     description="Up to 16 string pairs for the caller's own bookkeeping.")
+    type: str = Field(
+        description="The job type: affinity, grouping, approximation_error, validate_estimates, "
+        "validate_affinity, training, pipeline, study or evaluation (GET /v1/job-types)."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The job type's params, validated against its "
+        "params model; every field left out takes its default.",
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, max_length=16, description="Up to 16 string pairs for the caller's own bookkeeping."
+    )
 
 
 class StageOut(BaseModel):
@@ -68,23 +88,48 @@ class StageOut(BaseModel):
     attempts: int = Field(description="How many times the stage was started.")
     started_at: int | None = Field(description="Unix seconds when the stage last started.")
     finished_at: int | None = Field(description="Unix seconds when the stage finished.")
-    artifacts: dict[str, str] = Field(default_factory=dict, description="The stage's outputs: logical file name -> "
-                                                                        "artifact id.")
+    artifacts: dict[str, str] = Field(
+        default_factory=dict, description="The stage's outputs: logical file name -> artifact id."
+    )
 
 
 class JobOut(BaseModel):
     """A job: its validated params (every default filled in), where it is, and what it produced."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "job-0192f3a4b5c6d7e8f9a0b1c2", "object": "job", "type": "pipeline", "status": "running",
-        "owner": "alice", "params": {"tasks": ["cb", "rte", "copa"], "model": "smollm2-135m", "groups": "auto"},
-        "metadata": {"experiment": "glue-small"},
-        "progress": {"stage": "affinity", "step": "gradients", "done": 120, "total": 400, "percent": 12.0},
-        "error": None, "result": None, "result_artifacts": {}, "current_stage": "affinity",
-        "stages": [{"name": "affinity", "status": "running", "attempts": 1, "started_at": 1767225605,
-                    "finished_at": None, "artifacts": {}}],
-        "attempt": 1, "created_at": 1767225600, "started_at": 1767225605, "finished_at": None,
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "job-0192f3a4b5c6d7e8f9a0b1c2",
+                    "object": "job",
+                    "type": "pipeline",
+                    "status": "running",
+                    "owner": "alice",
+                    "params": {"tasks": ["cb", "rte", "copa"], "model": "smollm2-135m", "groups": "auto"},
+                    "metadata": {"experiment": "glue-small"},
+                    "progress": {"stage": "affinity", "step": "gradients", "done": 120, "total": 400, "percent": 12.0},
+                    "error": None,
+                    "result": None,
+                    "result_artifacts": {},
+                    "current_stage": "affinity",
+                    "stages": [
+                        {
+                            "name": "affinity",
+                            "status": "running",
+                            "attempts": 1,
+                            "started_at": 1767225605,
+                            "finished_at": None,
+                            "artifacts": {},
+                        }
+                    ],
+                    "attempt": 1,
+                    "created_at": 1767225600,
+                    "started_at": 1767225605,
+                    "finished_at": None,
+                }
+            ]
+        }
+    )
 
     id: str = Field(description="The job's id (job-...).")
     object: Literal["job"] = Field(default="job", description="Always `job`.")
@@ -93,8 +138,9 @@ class JobOut(BaseModel):
     owner: str = Field(description="The owner of the API key that created the job.")
     params: dict[str, Any] = Field(description="The params as validated, with every default filled in.")
     metadata: dict[str, Any] = Field(description="The caller's metadata, as given.")
-    progress: dict[str, Any] = Field(description="The latest progress report: stage, step, done, total, percent, "
-                                                 "message.")
+    progress: dict[str, Any] = Field(
+        description="The latest progress report: stage, step, done, total, percent, message."
+    )
     error: ErrorDetail | None = Field(description="Why the job failed (code, message, param), when it did.")
     result: dict[str, Any] | None = Field(description="The summary of a finished job (per stage).")
     result_artifacts: dict[str, str] = Field(description="Every stage's outputs: logical file name -> artifact id.")
@@ -107,32 +153,71 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        stages = [StageOut(name=s.name, status=s.status, attempts=s.attempts, started_at=ts(s.started_at),
-                           finished_at=ts(s.finished_at), artifacts=(s.outputs or {}).get("artifacts") or {})
-                  for s in job.stages]
+        stages = [
+            StageOut(
+                name=s.name,
+                status=s.status,
+                attempts=s.attempts,
+                started_at=ts(s.started_at),
+                finished_at=ts(s.finished_at),
+                artifacts=(s.outputs or {}).get("artifacts") or {},
+            )
+            for s in job.stages
+        ]
         artifacts = merge_stage_artifacts([(s.name, s.artifacts) for s in stages])
-        return cls(id=job.id, type=job.type, status=job.status, owner=job.owner, params=job.params or {},  # type: ignore[arg-type]
-                   metadata=job.metadata_ or {}, progress=job.progress or {},
-                   error=ErrorDetail(**job.error) if job.error else None, result=job.result,
-                   result_artifacts=artifacts, current_stage=job.current_stage, stages=stages, attempt=job.attempt,
-                   created_at=ts(job.created_at) or 0, started_at=ts(job.started_at), finished_at=ts(job.finished_at))
-
+        return cls(
+            id=job.id,
+            type=job.type,
+            status=job.status,
+            owner=job.owner,
+            params=job.params or {},  # type: ignore[arg-type]
+            metadata=job.metadata_ or {},
+            progress=job.progress or {},
+            error=ErrorDetail(**job.error) if job.error else None,
+            result=job.result,
+            result_artifacts=artifacts,
+            current_stage=job.current_stage,
+            stages=stages,
+            attempt=job.attempt,
+            created_at=ts(job.created_at) or 0,
+            started_at=ts(job.started_at),
+            finished_at=ts(job.finished_at),
+        )
 
     @classmethod
     def from_rows(cls, rows: list[Any]) -> JobOut:
         """From the rows of `job LEFT JOIN job_stages` (the polling path skips the ORM)."""
         job = rows[0]
-        stages = [StageOut(name=r["s_name"], status=r["s_status"], attempts=r["s_attempts"],
-                           started_at=ts(r["s_started_at"]), finished_at=ts(r["s_finished_at"]),
-                           artifacts=(r["s_outputs"] or {}).get("artifacts") or {})
-                  for r in rows if r["s_name"] is not None]
-        return cls(id=job["id"], type=job["type"], status=job["status"], owner=job["owner"], params=job["params"] or {},
-                   metadata=job["metadata"] or {}, progress=job["progress"] or {},
-                   error=ErrorDetail(**job["error"]) if job["error"] else None, result=job["result"],
-                   result_artifacts=merge_stage_artifacts([(st.name, st.artifacts) for st in stages]),
-                   current_stage=job["current_stage"], stages=stages, attempt=job["attempt"],
-                   created_at=ts(job["created_at"]) or 0, started_at=ts(job["started_at"]),
-                   finished_at=ts(job["finished_at"]))
+        stages = [
+            StageOut(
+                name=r["s_name"],
+                status=r["s_status"],
+                attempts=r["s_attempts"],
+                started_at=ts(r["s_started_at"]),
+                finished_at=ts(r["s_finished_at"]),
+                artifacts=(r["s_outputs"] or {}).get("artifacts") or {},
+            )
+            for r in rows
+            if r["s_name"] is not None
+        ]
+        return cls(
+            id=job["id"],
+            type=job["type"],
+            status=job["status"],
+            owner=job["owner"],
+            params=job["params"] or {},
+            metadata=job["metadata"] or {},
+            progress=job["progress"] or {},
+            error=ErrorDetail(**job["error"]) if job["error"] else None,
+            result=job["result"],
+            result_artifacts=merge_stage_artifacts([(st.name, st.artifacts) for st in stages]),
+            current_stage=job["current_stage"],
+            stages=stages,
+            attempt=job["attempt"],
+            created_at=ts(job["created_at"]) or 0,
+            started_at=ts(job["started_at"]),
+            finished_at=ts(job["finished_at"]),
+        )
 
 
 class EventOut(BaseModel):
@@ -143,13 +228,19 @@ class EventOut(BaseModel):
     created_at: float = Field(description="Unix seconds (milliseconds precision).")
     level: str = Field(description="info, warning or error.")
     message: str = Field(description="What happened, for humans.")
-    data: dict[str, Any] | None = Field(description="The same for programs, e.g. {\"type\": \"progress\", \"stage\", "
-                                                    "\"step\", \"done\", \"total\"}.")
+    data: dict[str, Any] | None = Field(
+        description='The same for programs, e.g. {"type": "progress", "stage", "step", "done", "total"}.'
+    )
 
     @classmethod
     def of(cls, event: JobEvent) -> EventOut:
-        return cls(id=event.id, created_at=round(event.created_at.timestamp(), 3), level=event.level,
-                   message=event.message, data=event.data)
+        return cls(
+            id=event.id,
+            created_at=round(event.created_at.timestamp(), 3),
+            level=event.level,
+            message=event.message,
+            data=event.data,
+        )
 
 
 class ShardOut(BaseModel):
@@ -169,9 +260,18 @@ class ShardOut(BaseModel):
 
     @classmethod
     def of(cls, shard: Any) -> ShardOut:
-        return cls(phase=shard.phase, index=shard.index, start=shard.start, end=shard.end, status=shard.status,
-                   claimed_by=shard.claimed_by, attempts=shard.attempts, error=shard.error,
-                   started_at=ts(shard.started_at), finished_at=ts(shard.finished_at))
+        return cls(
+            phase=shard.phase,
+            index=shard.index,
+            start=shard.start,
+            end=shard.end,
+            status=shard.status,
+            claimed_by=shard.claimed_by,
+            attempts=shard.attempts,
+            error=shard.error,
+            started_at=ts(shard.started_at),
+            finished_at=ts(shard.finished_at),
+        )
 
 
 class JobTypeOut(BaseModel):
@@ -183,22 +283,43 @@ class JobTypeOut(BaseModel):
     available: bool = Field(description="Whether this deployment can run it.")
     reason: str | None = Field(default=None, description="Why not, when it cannot.")
     params_schema: dict[str, Any] | None = Field(
-        default=None, description="JSON schema of the params: every field with its type, default and description; "
-                                  "the stage sections (affinity, grouping, training) typed with their stage's fields.")
+        default=None,
+        description="JSON schema of the params: every field with its type, default and description; "
+        "the stage sections (affinity, grouping, training) typed with their stage's fields.",
+    )
 
 
 # -- datasets ---------------------------------------------------------------------------------------
 class DatasetOut(BaseModel):
     """An uploaded dataset, imported as a task that jobs name by `task_name`."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "ds-0192f3a4b5c6d7e8f9a0b1c2", "object": "dataset", "name": "reviews", "task_name": "reviews-3f9a1c2e",
-        "format": "csv", "filename": "reviews.csv", "size_bytes": 48213, "sha256": "9f86d081884c7d65...",
-        "num_rows": 1000, "label_names": ["negative", "positive"], "label_counts": {"negative": 480, "positive": 520},
-        "sizes": {"train": 800, "val": 100, "test": 100}, "text_fields": ["text"], "label_field": "label",
-        "artifact_id": "art-0192f3a4b5c6d7e8f9a0b1c3", "artifact_ids": ["art-0192f3a4b5c6d7e8f9a0b1c3"],
-        "split_source": "carved", "warnings": [], "created_at": 1767225600,
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "ds-0192f3a4b5c6d7e8f9a0b1c2",
+                    "object": "dataset",
+                    "name": "reviews",
+                    "task_name": "reviews-3f9a1c2e",
+                    "format": "csv",
+                    "filename": "reviews.csv",
+                    "size_bytes": 48213,
+                    "sha256": "9f86d081884c7d65...",
+                    "num_rows": 1000,
+                    "label_names": ["negative", "positive"],
+                    "label_counts": {"negative": 480, "positive": 520},
+                    "sizes": {"train": 800, "val": 100, "test": 100},
+                    "text_fields": ["text"],
+                    "label_field": "label",
+                    "artifact_id": "art-0192f3a4b5c6d7e8f9a0b1c3",
+                    "artifact_ids": ["art-0192f3a4b5c6d7e8f9a0b1c3"],
+                    "split_source": "carved",
+                    "warnings": [],
+                    "created_at": 1767225600,
+                }
+            ]
+        }
+    )
 
     id: str = Field(description="The dataset's id (ds-...).")
     object: Literal["dataset"] = Field(default="dataset", description="Always `dataset`.")
@@ -216,23 +337,39 @@ class DatasetOut(BaseModel):
     label_field: str = Field(description="The label column.")
     artifact_id: str | None = Field(description="The artifact holding the (first) uploaded file.")
     artifact_ids: list[str] = Field(default_factory=list, description="Every uploaded file (one per split given).")
-    split_source: str = Field(default="carved", description="column (a split column), files (one per split) or "
-                                                            "carved (80/10/10, stratified by label).")
-    warnings: list[str] = Field(default_factory=list, description="What the import could not check for you, e.g. "
-                                                                  "integer labels without label names.")
+    split_source: str = Field(
+        default="carved",
+        description="column (a split column), files (one per split) or carved (80/10/10, stratified by label).",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the import could not check for you, e.g. integer labels without label names.",
+    )
     created_at: int = Field(description="Unix seconds when the dataset was uploaded.")
 
     @classmethod
     def of(cls, ds: Dataset) -> DatasetOut:
         info = ds.info or {}
-        return cls(id=ds.id, name=ds.name, task_name=ds.task_name, format=ds.format, filename=ds.filename,
-                   size_bytes=ds.size_bytes, sha256=ds.sha256, num_rows=ds.num_rows,
-                   label_names=info.get("label_names", []), label_counts=info.get("label_counts", {}),
-                   sizes=info.get("sizes", {}), text_fields=info.get("text_fields", []),
-                   label_field=info.get("label_field", ""), artifact_id=ds.artifact_id,
-                   artifact_ids=info.get("artifact_ids") or ([ds.artifact_id] if ds.artifact_id else []),
-                   split_source=info.get("split_source") or "carved", warnings=info.get("warnings") or [],
-                   created_at=ts(ds.created_at) or 0)
+        return cls(
+            id=ds.id,
+            name=ds.name,
+            task_name=ds.task_name,
+            format=ds.format,
+            filename=ds.filename,
+            size_bytes=ds.size_bytes,
+            sha256=ds.sha256,
+            num_rows=ds.num_rows,
+            label_names=info.get("label_names", []),
+            label_counts=info.get("label_counts", {}),
+            sizes=info.get("sizes", {}),
+            text_fields=info.get("text_fields", []),
+            label_field=info.get("label_field", ""),
+            artifact_id=ds.artifact_id,
+            artifact_ids=info.get("artifact_ids") or ([ds.artifact_id] if ds.artifact_id else []),
+            split_source=info.get("split_source") or "carved",
+            warnings=info.get("warnings") or [],
+            created_at=ts(ds.created_at) or 0,
+        )
 
 
 # -- artifacts, adapters, ensembles -----------------------------------------------------------------
@@ -248,12 +385,27 @@ def artifact_filename(art: Artifact) -> str:
 class ArtifactOut(BaseModel):
     """A stored file or folder: a job's output or an upload (content-addressed, immutable)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "art-0192f3a4b5c6d7e8f9a0b1c4", "object": "artifact", "name": "groups.json", "filename": "groups.json",
-        "kind": "file", "media_type": "application/json", "sha256": "2c26b46b68ffc68f...", "size_bytes": 412,
-        "job_id": "job-0192f3a4b5c6d7e8f9a0b1c2", "stage": "grouping", "files": None,
-        "download_url": "/v1/artifacts/art-0192f3a4b5c6d7e8f9a0b1c4/content", "created_at": 1767226000,
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "art-0192f3a4b5c6d7e8f9a0b1c4",
+                    "object": "artifact",
+                    "name": "groups.json",
+                    "filename": "groups.json",
+                    "kind": "file",
+                    "media_type": "application/json",
+                    "sha256": "2c26b46b68ffc68f...",
+                    "size_bytes": 412,
+                    "job_id": "job-0192f3a4b5c6d7e8f9a0b1c2",
+                    "stage": "grouping",
+                    "files": None,
+                    "download_url": "/v1/artifacts/art-0192f3a4b5c6d7e8f9a0b1c4/content",
+                    "created_at": 1767226000,
+                }
+            ]
+        }
+    )
 
     id: str = Field(description="The artifact's id (art-...).")
     object: Literal["artifact"] = Field(default="artifact", description="Always `artifact`.")
@@ -271,10 +423,20 @@ class ArtifactOut(BaseModel):
 
     @classmethod
     def of(cls, art: Artifact) -> ArtifactOut:
-        return cls(id=art.id, name=art.name, filename=artifact_filename(art), kind=art.kind,  # type: ignore[arg-type]
-                   media_type=art.media_type, sha256=art.sha256,
-                   size_bytes=art.size_bytes, job_id=art.job_id, stage=art.stage, files=(art.meta or {}).get("files"),
-                   download_url=f"/v1/artifacts/{art.id}/content", created_at=ts(art.created_at) or 0)
+        return cls(
+            id=art.id,
+            name=art.name,
+            filename=artifact_filename(art),
+            kind=art.kind,  # type: ignore[arg-type]
+            media_type=art.media_type,
+            sha256=art.sha256,
+            size_bytes=art.size_bytes,
+            job_id=art.job_id,
+            stage=art.stage,
+            files=(art.meta or {}).get("files"),
+            download_url=f"/v1/artifacts/{art.id}/content",
+            created_at=ts(art.created_at) or 0,
+        )
 
 
 class AdapterOut(BaseModel):
@@ -293,9 +455,17 @@ class AdapterOut(BaseModel):
 
     @classmethod
     def of(cls, ad: Adapter) -> AdapterOut:
-        return cls(id=ad.id, name=ad.name, job_id=ad.job_id, artifact_id=ad.artifact_id, sha256=ad.sha256,
-                   base_model=ad.base_model, info=ad.info or {}, download_url=f"/v1/adapters/{ad.id}/content",
-                   created_at=ts(ad.created_at) or 0)
+        return cls(
+            id=ad.id,
+            name=ad.name,
+            job_id=ad.job_id,
+            artifact_id=ad.artifact_id,
+            sha256=ad.sha256,
+            base_model=ad.base_model,
+            info=ad.info or {},
+            download_url=f"/v1/adapters/{ad.id}/content",
+            created_at=ts(ad.created_at) or 0,
+        )
 
 
 class EnsembleOut(BaseModel):
@@ -314,22 +484,37 @@ class EnsembleOut(BaseModel):
 
     @classmethod
     def of(cls, ens: Ensemble) -> EnsembleOut:
-        return cls(id=ens.id, name=ens.name, job_id=ens.job_id, artifact_id=ens.artifact_id,
-                   fingerprint=ens.fingerprint, base_model=ens.base_model, members=ens.members or {},
-                   manifest=ens.manifest or {}, created_at=ts(ens.created_at) or 0)
+        return cls(
+            id=ens.id,
+            name=ens.name,
+            job_id=ens.job_id,
+            artifact_id=ens.artifact_id,
+            fingerprint=ens.fingerprint,
+            base_model=ens.base_model,
+            members=ens.members or {},
+            manifest=ens.manifest or {},
+            created_at=ts(ens.created_at) or 0,
+        )
 
 
 # -- keys -------------------------------------------------------------------------------------------
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    owner: str = Field(min_length=1, max_length=200, pattern=PRINTABLE,
-                       description="Who the key acts for (no control characters).")
+    owner: str = Field(
+        min_length=1, max_length=200, pattern=PRINTABLE, description="Who the key acts for (no control characters)."
+    )
     scopes: list[Literal["admin", "submit", "infer"]] = Field(
-        min_length=1, description="What the key may do: submit (datasets, jobs, results), infer (the inference "
-                                  "service), admin (everything, every owner's objects, keys).")
-    name: str = Field(default="", max_length=200, pattern=PRINTABLE_OR_EMPTY,
-                      description="A label for humans (no control characters).")
+        min_length=1,
+        description="What the key may do: submit (datasets, jobs, results), infer (the inference "
+        "service), admin (everything, every owner's objects, keys).",
+    )
+    name: str = Field(
+        default="",
+        max_length=200,
+        pattern=PRINTABLE_OR_EMPTY,
+        description="A label for humans (no control characters).",
+    )
 
 
 class KeyOut(BaseModel):
@@ -347,5 +532,13 @@ class KeyOut(BaseModel):
 
     @classmethod
     def of(cls, row: ApiKey, plaintext: str | None = None) -> KeyOut:
-        return cls(id=row.id, name=row.name, owner=row.owner, prefix=row.prefix, scopes=list(row.scopes or []),
-                   created_at=ts(row.created_at) or 0, revoked_at=ts(row.revoked_at), key=plaintext)
+        return cls(
+            id=row.id,
+            name=row.name,
+            owner=row.owner,
+            prefix=row.prefix,
+            scopes=list(row.scopes or []),
+            created_at=ts(row.created_at) or 0,
+            revoked_at=ts(row.revoked_at),
+            key=plaintext,
+        )

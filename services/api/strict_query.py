@@ -65,5 +65,6 @@ def check_query(request: Request) -> None:
         name = unknown[0][:100]
         listed = ", ".join(sorted(accepted)) if accepted else "none"
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise ApiError(422, "invalid_request", f"{name}: unknown query parameter{more}; this endpoint accepts: {listed}",
-                       name)
+        raise ApiError(
+            422, "invalid_request", f"{name}: unknown query parameter{more}; this endpoint accepts: {listed}", name
+        )

@@ -86,18 +86,49 @@ def use_chorus_commands(app: typer.Typer) -> None:
 
 
 FLAGS = {  # params field -> CLI flag, so validation errors name what the user typed
-    "tasks": "--tasks", "model": "--model", "quantization": "--quantization", "groups": "--groups",
-    "max_train": "--max-train", "max_val": "--max-val", "max_test": "--max-test", "dim": "--dim", "seed": "--seed",
-    "rank": "--rank", "alpha": "--alpha", "lam": "--lam", "lam_scale": "--lam-scale", "lams": "--lams",
-    "subset_size": "--subset-size", "coverage": "--coverage", "mode": "--mode", "metric": "--metric",
-    "method": "--method", "backmap": "--backmap", "output": "--output", "outputs": "--outputs",
-    "step_scales": "--step-scales", "batch_size": "--batch-size", "batch_tokens": "--batch-tokens",
+    "tasks": "--tasks",
+    "model": "--model",
+    "quantization": "--quantization",
+    "groups": "--groups",
+    "max_train": "--max-train",
+    "max_val": "--max-val",
+    "max_test": "--max-test",
+    "dim": "--dim",
+    "seed": "--seed",
+    "rank": "--rank",
+    "alpha": "--alpha",
+    "lam": "--lam",
+    "lam_scale": "--lam-scale",
+    "lams": "--lams",
+    "subset_size": "--subset-size",
+    "coverage": "--coverage",
+    "mode": "--mode",
+    "metric": "--metric",
+    "method": "--method",
+    "backmap": "--backmap",
+    "output": "--output",
+    "outputs": "--outputs",
+    "step_scales": "--step-scales",
+    "batch_size": "--batch-size",
+    "batch_tokens": "--batch-tokens",
     "eval_batch_size": "--eval-batch-size",
-    "train_batch_size": "--train-batch-size", "max_length": "--max-length", "device": "--device",
-    "precision": "--precision", "scales": "--scales", "directions": "--directions", "subsets": "--subsets",
-    "epochs": "--epochs", "lr": "--lr", "patience": "--patience", "error_threshold": "--boost-threshold",
-    "max_rounds": "--boost-rounds", "eta": "--eta", "name": "--name", "candidates": "--weight-candidates",
-    "init": "--init", "meta_epochs": "--meta-epochs",
+    "train_batch_size": "--train-batch-size",
+    "max_length": "--max-length",
+    "device": "--device",
+    "precision": "--precision",
+    "scales": "--scales",
+    "directions": "--directions",
+    "subsets": "--subsets",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "patience": "--patience",
+    "error_threshold": "--boost-threshold",
+    "max_rounds": "--boost-rounds",
+    "eta": "--eta",
+    "name": "--name",
+    "candidates": "--weight-candidates",
+    "init": "--init",
+    "meta_epochs": "--meta-epochs",
 }
 
 
@@ -251,7 +282,9 @@ def _publish(partial: Path, out: Path, last: str) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def run_into(out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]], keep_partial: bool = True) -> dict[str, Any]:
+def run_into(
+    out: Path, kind: str, last: str, fn: Callable[[Path], dict[str, Any]], keep_partial: bool = True
+) -> dict[str, Any]:
     """Run fn(workdir) in the hidden sibling `.<out>.partial-<kind>`, then publish into `out` (`last` last).
 
     Bad input (ValueError) exits with status 2 and removes a partial folder this call created. Any other

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.cli.common import Quantization, Split, fail, model_default
-from shared.ml.eval_params import EvalParams
 from services.cli.tables import print_metrics_table
+from shared.ml.eval_params import EvalParams
 from shared.ml.progress import ConsoleProgress
 
 console = Console()
@@ -42,8 +42,14 @@ def tasks_command(
     table = Table("task", "choices", "train", "val", "test", "source")
     for d in described:
         s = d["sizes"]
-        table.add_row(escape(d["name"]), escape(" / ".join(d["choices"])), str(s["train"]), str(s["val"]),
-                      str(s["test"]), d["source"])
+        table.add_row(
+            escape(d["name"]),
+            escape(" / ".join(d["choices"])),
+            str(s["train"]),
+            str(s["val"]),
+            str(s["test"]),
+            d["source"],
+        )
     console.print(table)
     if skipped:
         console.print(f"skipped {len(skipped)} data folder(s):")
@@ -70,21 +76,27 @@ def _in_use(name: str) -> tuple[str | None, str | None]:
         with session_scope() as session:
             dataset = session.scalar(select(Dataset).where(Dataset.task_name == name))
             if dataset is not None:
-                return (f"task {name!r} belongs to dataset {dataset.id} uploaded through the API; delete it there "
-                        f"(DELETE /v1/datasets/{dataset.id})"), None
+                return (
+                    f"task {name!r} belongs to dataset {dataset.id} uploaded through the API; delete it there "
+                    f"(DELETE /v1/datasets/{dataset.id})"
+                ), None
             jobs = active_jobs_using(session, name)
     except UNAVAILABLE as exc:
         return None, f"cannot check the job database ({type(exc).__name__})"
     if jobs:
-        return (f"task {name!r} is used by queued or running job(s) {', '.join(jobs)}; wait for them or cancel "
-                "them (chorus cancel JOB)"), None
+        return (
+            f"task {name!r} is used by queued or running job(s) {', '.join(jobs)}; wait for them or cancel "
+            "them (chorus cancel JOB)"
+        ), None
     return None, None
 
 
 @tasks_app.command("rm")
 def tasks_rm_command(
     name: Annotated[str, typer.Argument(help="The imported task to delete.")],
-    force: Annotated[bool, typer.Option("--force", help="Delete even when the job database cannot be checked.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete even when the job database cannot be checked.")
+    ] = False,
 ) -> None:
     """Delete an imported task (refused while a queued or running job uses it)."""
     from shared.ml.tasks.registry import BUILTIN_TASKS
@@ -116,29 +128,52 @@ def _label_names(raw: str | None) -> list[str] | None:
 
 
 def import_command(
-    file: Annotated[Optional[Path], typer.Argument(
-        help="The dataset: .csv, .tsv (tab-separated), .jsonl (one JSON object per line), .json (a JSON array of "
-             "objects, or JSON lines), .parquet, .arrow, or a folder written by datasets' save_to_disk. "
-             "Leave it out when giving --train.", show_default=False)] = None,
-    name: Annotated[Optional[str], typer.Option(help="Task name (default: from the file name: reviews.csv -> reviews).")] = None,
-    text_field: Annotated[Optional[list[str]], typer.Option(
-        "--text-field", help="Text column(s), repeat or comma-separate (default: text).", show_default=False)] = None,
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The dataset: .csv, .tsv (tab-separated), .jsonl (one JSON object per line), .json (a JSON array of "
+            "objects, or JSON lines), .parquet, .arrow, or a folder written by datasets' save_to_disk. "
+            "Leave it out when giving --train.",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Task name (default: from the file name: reviews.csv -> reviews).")
+    ] = None,
+    text_field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text-field", help="Text column(s), repeat or comma-separate (default: text).", show_default=False
+        ),
+    ] = None,
     label_field: Annotated[str, typer.Option(help="Label column.")] = "label",
-    label_names: Annotated[Optional[str], typer.Option(
-        help="Label names in label order (integer labels index them): negative,positive or "
-             "'[\"negative\",\"positive\"]' or @names.txt (one per line, or a JSON list).")] = None,
-    template: Annotated[Optional[str], typer.Option(help="Jinja prompt template ending with 'Answer:'.")] = None,
-    id_field: Annotated[Optional[str], typer.Option(help="Column holding a unique example id.")] = None,
-    train: Annotated[Optional[Path], typer.Option("--train", help="The train split's file (one file per split).")] = None,
-    validation: Annotated[Optional[Path], typer.Option("--validation", "--val", help="The validation split's file.")] = None,
-    test: Annotated[Optional[Path], typer.Option("--test", help="The test split's file.")] = None,
-    split_field: Annotated[str, typer.Option(
-        help="Column giving each row's split (train, validation or val, test), used when present; '' ignores it. "
-             "Without splits the rows are split 80/10/10, stratified by label.")] = "split",
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, json, csv, tsv, parquet or arrow "
-                                                                "(default: from the file name).")] = None,
+    label_names: Annotated[
+        str | None,
+        typer.Option(
+            help="Label names in label order (integer labels index them): negative,positive or "
+            '\'["negative","positive"]\' or @names.txt (one per line, or a JSON list).'
+        ),
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Jinja prompt template ending with 'Answer:'.")] = None,
+    id_field: Annotated[str | None, typer.Option(help="Column holding a unique example id.")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="The train split's file (one file per split).")] = None,
+    validation: Annotated[
+        Path | None, typer.Option("--validation", "--val", help="The validation split's file.")
+    ] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="The test split's file.")] = None,
+    split_field: Annotated[
+        str,
+        typer.Option(
+            help="Column giving each row's split (train, validation or val, test), used when present; '' ignores it. "
+            "Without splits the rows are split 80/10/10, stratified by label."
+        ),
+    ] = "split",
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl, json, csv, tsv, parquet or arrow (default: from the file name)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an imported task of that name.")] = False,
-    description: Annotated[Optional[str], typer.Option(help="A description shown with the task.")] = None,
+    description: Annotated[str | None, typer.Option(help="A description shown with the task.")] = None,
 ) -> None:
     """Import a labelled dataset as a task: `chorus import reviews.csv` reads the columns text and label.
     Every bad row is reported; nothing is kept on error."""
@@ -168,8 +203,18 @@ def import_command(
         labels = _label_names(label_names)
         if not overwrite and user_task_exists(name):
             fail(escape(f"a task named {name!r} already exists; pass --overwrite to replace it"))
-        parsed = validate_dataset_paths(file, fields, label_field, template, labels, id_field, fmt, splits=splits,
-                                        name=name, split_field=split_field or None)
+        parsed = validate_dataset_paths(
+            file,
+            fields,
+            label_field,
+            template,
+            labels,
+            id_field,
+            fmt,
+            splits=splits,
+            name=name,
+            split_field=split_field or None,
+        )
         task = register_dataset(parsed, name, overwrite=overwrite, description=description)
     except DatasetValidationError as exc:
         hint = ""
@@ -184,9 +229,12 @@ def import_command(
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     sizes = task.sizes()
     spec_note = "splits as given" if parsed.split_source else "split 80/10/10"
-    console.print(f"imported task [bold]{escape(task.name)}[/]: {len(parsed.rows):,} rows ({spec_note}: train "
-                  f"{sizes['train']:,}, val {sizes['val']:,}, test {sizes['test']:,}), choices "
-                  f"{escape(str(task.choices))}", highlight=False)
+    console.print(
+        f"imported task [bold]{escape(task.name)}[/]: {len(parsed.rows):,} rows ({spec_note}: train "
+        f"{sizes['train']:,}, val {sizes['val']:,}, test {sizes['test']:,}), choices "
+        f"{escape(str(task.choices))}",
+        highlight=False,
+    )
 
 
 def _EVAL(name: str) -> Any:
@@ -197,8 +245,10 @@ def eval_command(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _EVAL("model"),
     tasks: Annotated[str, typer.Option(help="Comma-separated task names.")] = "cb,rte,sst2",
     split: Annotated[Split, typer.Option(help="The split to evaluate on.")] = _EVAL("split"),
-    quantization: Annotated[Quantization, typer.Option(help="Base model weights (nf4: 4-bit).")] = _EVAL("quantization"),
-    max_examples: Annotated[Optional[int], typer.Option(help="Stratified subsample per task.")] = _EVAL("max_examples"),
+    quantization: Annotated[Quantization, typer.Option(help="Base model weights (nf4: 4-bit).")] = _EVAL(
+        "quantization"
+    ),
+    max_examples: Annotated[int | None, typer.Option(help="Stratified subsample per task.")] = _EVAL("max_examples"),
     batch_size: Annotated[int, typer.Option(help="Rows per scoring batch.")] = _EVAL("batch_size"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -210,8 +260,14 @@ def eval_command(
     from shared.ml.evaluate import run_evaluation
 
     try:
-        params = EvalParams(model=model, quantization=quantization, tasks=tasks.split(","), split=split,
-                            max_examples=max_examples, batch_size=batch_size)
+        params = EvalParams(
+            model=model,
+            quantization=quantization,
+            tasks=tasks.split(","),
+            split=split,
+            max_examples=max_examples,
+            batch_size=batch_size,
+        )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     try:

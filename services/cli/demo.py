@@ -87,17 +87,25 @@ def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: li
         for ex in subsample(task.split("test"), per_task, seed=0):
             rows.append({"task": name, "fields": ex.fields})
             gold.append(task.label_names[ex.label])
-    r = httpx.post(f"{inference_url}/v1/ensembles/{ensemble_id}/classify", json={"rows": rows}, headers=headers,
-                   timeout=600)
+    r = httpx.post(
+        f"{inference_url}/v1/ensembles/{ensemble_id}/classify", json={"rows": rows}, headers=headers, timeout=600
+    )
     if r.status_code != 200:
         raise RuntimeError(f"classify failed: {r.status_code} {r.text}")
     body = r.json()
-    table = Table("task", "text", "predicted", "p", "gold", title=f"inference service, ensemble {body['fingerprint'][:12]}")
+    table = Table(
+        "task", "text", "predicted", "p", "gold", title=f"inference service, ensemble {body['fingerprint'][:12]}"
+    )
     for row, result, label in zip(rows, body["results"], gold, strict=True):
         text = " ".join(str(v) for v in row["fields"].values())
-        table.add_row(row["task"], text[:60] + ("…" if len(text) > 60 else ""), result["label"],
-                      f"{result['probabilities'][result['label']]:.2f}", label,
-                      style="green" if result["label"] == label else "red")
+        table.add_row(
+            row["task"],
+            text[:60] + ("…" if len(text) > 60 else ""),
+            result["label"],
+            f"{result['probabilities'][result['label']]:.2f}",
+            label,
+            style="green" if result["label"] == label else "red",
+        )
     console.print(table)
 
 
@@ -106,7 +114,9 @@ def demo_command(
     max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 32,
     epochs: Annotated[int, typer.Option(help="Epochs per adapter.")] = 2,
     examples: Annotated[int, typer.Option(help="Test examples per task sent to the inference service.")] = 3,
-    job_id: Annotated[str | None, typer.Option("--job", help="Show and serve an earlier demo job instead of submitting one.")] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--job", help="Show and serve an earlier demo job instead of submitting one.")
+    ] = None,
 ) -> None:
     """Run the whole service end to end on real data: submit a pipeline job over HTTP, follow it, serve it."""
     from services.cli.jobs import follow_job
@@ -118,14 +128,30 @@ def demo_command(
     key = "chorus_demo_" + secrets.token_hex(16)
     # The inference service refuses adapters trained on another base or quantization, so it loads the
     # base exactly as the demo job trains it (fp32 on CPU; on a GPU worker both would be nf4).
-    env = dict(os.environ, CHORUS_ADMIN_KEY=key, CHORUS_INFERENCE_MODEL="smollm2-135m",
-               CHORUS_INFERENCE_QUANTIZATION=demo_params([], 0, 0)["quantization"])
+    env = dict(
+        os.environ,
+        CHORUS_ADMIN_KEY=key,
+        CHORUS_INFERENCE_MODEL="smollm2-135m",
+        CHORUS_INFERENCE_QUANTIZATION=demo_params([], 0, 0)["quantization"],
+    )
     api_url, inference_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{inference_port}"
     console.rule("[bold]chorus demo")
     console.print(f"starting the stack: API {api_url}, inference {inference_url} (embedded SQLite + broker)")
     stack = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--port", str(api_port), "--inference-port", str(inference_port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "up",
+            "--port",
+            str(api_port),
+            "--inference-port",
+            str(inference_port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     started = time.perf_counter()
     try:

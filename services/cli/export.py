@@ -13,8 +13,9 @@ from services.cli.common import fail
 
 def export_command(
     source: Annotated[Path, typer.Argument(help="An ensemble.json, or a finished run folder containing one.")],
-    out: Annotated[Path, typer.Option(
-        help="New (or empty) folder: adapters/, ensemble.json, inference.json, README.md.")],
+    out: Annotated[
+        Path, typer.Option(help="New (or empty) folder: adapters/, ensemble.json, inference.json, README.md.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Export an ensemble: its adapters (sha256 checked), manifest, full inference recipe and a PEFT snippet."""
@@ -27,8 +28,10 @@ def export_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    typer.echo(f"exported ensemble {summary['name']!r} ({len(summary['members'])} members, tasks "
-               f"{', '.join(summary['tasks'])}) to {summary['out']}; see its README.md")
+    typer.echo(
+        f"exported ensemble {summary['name']!r} ({len(summary['members'])} members, tasks "
+        f"{', '.join(summary['tasks'])}) to {summary['out']}; see its README.md"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -33,12 +33,24 @@ keys_app = typer.Typer(help="Manage API keys (directly in the database; run on t
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"  # services.client.DEFAULT_URL (not imported: keeps --help light)
 # Where the job commands find the API; typer reads the environment variables when the options are not given.
-ApiUrl = Annotated[Optional[str], typer.Option(
-    "--api-url", envvar="CHORUS_API_URL", show_default=False,
-    help=f"Base URL of the job API [default: {DEFAULT_API_URL}].")]
-ApiKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="CHORUS_API_KEY", show_default=False,
-    help="An API key (submit scope); prefer the environment variable, a command line is visible to other users.")]
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url",
+        envvar="CHORUS_API_URL",
+        show_default=False,
+        help=f"Base URL of the job API [default: {DEFAULT_API_URL}].",
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="CHORUS_API_KEY",
+        show_default=False,
+        help="An API key (submit scope); prefer the environment variable, a command line is visible to other users.",
+    ),
+]
 
 
 def _client(api_url: str | None = None, api_key: str | None = None):  # type: ignore[no-untyped-def]
@@ -58,8 +70,9 @@ def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     except ChorusError as exc:
         fail(f"{exc.code}: {exc.message}" + (f" (param: {exc.param})" if exc.param else ""))
     except httpx.HTTPError as exc:
-        url = getattr(getattr(fn, "__self__", None), "base_url", None) or os.environ.get("CHORUS_API_URL",
-                                                                                         DEFAULT_API_URL)
+        url = getattr(getattr(fn, "__self__", None), "base_url", None) or os.environ.get(
+            "CHORUS_API_URL", DEFAULT_API_URL
+        )
         fail(f"cannot reach the API at {url}: {exc}")
 
 
@@ -79,8 +92,10 @@ def bootstrap_admin_key() -> Path | None:
         return None
     path = write_secret(admin_key_path(), plaintext)
     err_console.print(f"[bold yellow]created the first admin API key; it is in {path} (mode 0600)[/]")
-    err_console.print(f"export CHORUS_API_KEY=$(cat {path}); create more with `chorus keys create`, then "
-                      "delete the file or keep it out of backups.")
+    err_console.print(
+        f"export CHORUS_API_KEY=$(cat {path}); create more with `chorus keys create`, then "
+        "delete the file or keep it out of backups."
+    )
     return path
 
 
@@ -103,8 +118,13 @@ def _redact(url: str) -> str:
 def api_command(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Uvicorn worker processes (prefer 1 per process/container and "
-                                                "replicas: uvicorn's multi-process mode adds ~40 ms per response).")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Uvicorn worker processes (prefer 1 per process/container and "
+            "replicas: uvicorn's multi-process mode adds ~40 ms per response)."
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run the job API (migrates the database and bootstraps an admin key first). Behind a reverse proxy set
@@ -116,25 +136,44 @@ def api_command(
 
     migrate()
     bootstrap_admin_key()
-    uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, access_log=False, **uvicorn_proxy_options())
+    uvicorn.run(
+        "services.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        **uvicorn_proxy_options(),
+    )
 
 
 def worker_command(
-    pool: Annotated[Literal["prefork", "solo"], typer.Option(
-        help="prefork (a fresh process per job) or solo (in-process, debugging).")] = "prefork",
+    pool: Annotated[
+        Literal["prefork", "solo"],
+        typer.Option(help="prefork (a fresh process per job) or solo (in-process, debugging)."),
+    ] = "prefork",
     concurrency: Annotated[int, typer.Option(help="Job processes; keep 1 per GPU.")] = 1,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
-    queue: Annotated[Optional[str], typer.Option(help="Queue name (default CHORUS_QUEUE or chorus).")] = None,
-    hostname: Annotated[Optional[str], typer.Option(help="Worker node name.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue name (default CHORUS_QUEUE or chorus).")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
 ) -> None:
     """Run a Celery worker: one job per process, recycled after every job, CUDA only in the child."""
     from services.worker.celery_app import celery_app
     from shared.jobs.config import get_service_settings
 
-    argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-            f"--queues={queue or get_service_settings().queue}", "--max-tasks-per-child=1", "--prefetch-multiplier=1",
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+        f"--queues={queue or get_service_settings().queue}",
+        "--max-tasks-per-child=1",
+        "--prefetch-multiplier=1",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if hostname:
         argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv)
@@ -150,8 +189,18 @@ def _inference_cmd(host: str, port: int) -> list[str] | None:
         return [sys.executable, "-m", "services.cli.main", "inference", "--host", host, "--port", str(port)]
     from services.cli.serve import uvicorn_proxy_args
 
-    return [sys.executable, "-m", "uvicorn", "services.inference.app:create_app", "--factory", "--host", host,
-            "--port", str(port), *uvicorn_proxy_args()]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "services.inference.app:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *uvicorn_proxy_args(),
+    ]
 
 
 def _reachable(host: str) -> str:
@@ -159,8 +208,14 @@ def _reachable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def up_plan(host: str, port: int, inference_port: int, inference: bool, inference_model: str | None = None,
-            inference_quantization: str | None = None) -> tuple[dict[str, list[str]], dict[str, str], list[str]]:
+def up_plan(
+    host: str,
+    port: int,
+    inference_port: int,
+    inference: bool,
+    inference_model: str | None = None,
+    inference_quantization: str | None = None,
+) -> tuple[dict[str, list[str]], dict[str, str], list[str]]:
     """What `chorus up` starts: {name: command}, the environment of the subprocesses, and the lines that say
     where each service answers."""
     me = [sys.executable, "-m", "services.cli.main"]
@@ -176,8 +231,9 @@ def up_plan(host: str, port: int, inference_port: int, inference: bool, inferenc
                 if value is not None:
                     env[f"CHORUS_INFERENCE_{name}"] = value
             model = env.get("CHORUS_INFERENCE_MODEL", "smollm2-135m")
-            lines.append(f"inference on http://{where}:{inference_port}  (base model {model}; "
-                         f"POST /v1/ensembles/<id>/classify)")
+            lines.append(
+                f"inference on http://{where}:{inference_port}  (base model {model}; POST /v1/ensembles/<id>/classify)"
+            )
     return commands, env, lines
 
 
@@ -186,11 +242,17 @@ def up_command(
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
     inference_port: Annotated[int, typer.Option(help="Inference service port.")] = 8001,
     inference: Annotated[bool, typer.Option(help="Start the inference service when it is installed.")] = True,
-    inference_model: Annotated[Optional[str], typer.Option(
-        help="Base model of the inference service: smollm2-135m, tiny-llama or a local HF folder "
-             "[default: CHORUS_INFERENCE_MODEL or smollm2-135m].")] = None,
-    inference_quantization: Annotated[Optional[Quantization], typer.Option(
-        help="Base weights of the inference service [default: CHORUS_INFERENCE_QUANTIZATION or nf4].")] = None,
+    inference_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model of the inference service: smollm2-135m, tiny-llama or a local HF folder "
+            "[default: CHORUS_INFERENCE_MODEL or smollm2-135m]."
+        ),
+    ] = None,
+    inference_quantization: Annotated[
+        Quantization | None,
+        typer.Option(help="Base weights of the inference service [default: CHORUS_INFERENCE_QUANTIZATION or nf4]."),
+    ] = None,
 ) -> None:
     """Start the API, a worker and the inference service as subprocesses; Ctrl-C stops them all."""
     if not inference and (inference_model or inference_quantization):
@@ -260,7 +322,7 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(owner: Annotated[Optional[str], typer.Option(help="Only this owner's keys.")] = None) -> None:
+def keys_list(owner: Annotated[str | None, typer.Option(help="Only this owner's keys.")] = None) -> None:
     """List API keys (prefixes only; secrets are never stored)."""
     from sqlalchemy import select
 
@@ -273,8 +335,15 @@ def keys_list(owner: Annotated[Optional[str], typer.Option(help="Only this owner
         if owner:
             stmt = stmt.where(ApiKey.owner == owner)
         for k in session.scalars(stmt):
-            table.add_row(k.id, k.prefix + "...", k.owner, ",".join(k.scopes), k.name,
-                          f"{k.created_at:%Y-%m-%d %H:%M}", f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+            table.add_row(
+                k.id,
+                k.prefix + "...",
+                k.owner,
+                ",".join(k.scopes),
+                k.name,
+                f"{k.created_at:%Y-%m-%d %H:%M}",
+                f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "",
+            )
     console.print(table)
 
 
@@ -324,16 +393,21 @@ def build_params(params: str | None, sets: list[str], shorthand: dict[str, Any])
 
 
 def submit_command(
-    job_type: Annotated[str, typer.Argument(help="pipeline, affinity, grouping, training, approximation_error, "
-                                                 "validate_estimates, validate_affinity, study or evaluation.")],
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated task names.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model name (smollm2-135m, tiny-llama).")] = None,
-    groups: Annotated[Optional[str], typer.Option(help="Number of groups or 'auto' (pipeline, grouping).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of every random choice.")] = None,
-    affinity: Annotated[Optional[str], typer.Option(help="grouping: artifact id of an affinity.json.")] = None,
-    params: Annotated[Optional[str], typer.Option(help="Params as JSON, or @file.json.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value (dotted keys nest; JSON values).")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option(help="Retry-safe: same key + body -> same job.")] = None,
+    job_type: Annotated[
+        str,
+        typer.Argument(
+            help="pipeline, affinity, grouping, training, approximation_error, "
+            "validate_estimates, validate_affinity, study or evaluation."
+        ),
+    ],
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated task names.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model name (smollm2-135m, tiny-llama).")] = None,
+    groups: Annotated[str | None, typer.Option(help="Number of groups or 'auto' (pipeline, grouping).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
+    affinity: Annotated[str | None, typer.Option(help="grouping: artifact id of an affinity.json.")] = None,
+    params: Annotated[str | None, typer.Option(help="Params as JSON, or @file.json.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value (dotted keys nest; JSON values).")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe: same key + body -> same job.")] = None,
     follow: Annotated[bool, typer.Option(help="Follow the job's progress until it finishes.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
     api_url: ApiUrl = None,
@@ -343,8 +417,13 @@ def submit_command(
     group_value: Any = groups
     if groups is not None and groups != "auto":
         group_value = int(groups) if groups.isdigit() else groups
-    shorthand = {"tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, "model": model,
-                 "groups": group_value, "seed": seed, "affinity": affinity}
+    shorthand = {
+        "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        "model": model,
+        "groups": group_value,
+        "seed": seed,
+        "affinity": affinity,
+    }
     body = build_params(params, set_ or [], shorthand)
     client = _client(api_url, api_key)
     job = _call(client.create_job, job_type, body, idempotency_key=idempotency_key)
@@ -358,8 +437,8 @@ def submit_command(
 
 
 def jobs_command(
-    status: Annotated[Optional[JobStatus], typer.Option(help="Only jobs in this status.")] = None,
-    job_type: Annotated[Optional[str], typer.Option("--type", help="Only jobs of this type.")] = None,
+    status: Annotated[JobStatus | None, typer.Option(help="Only jobs in this status.")] = None,
+    job_type: Annotated[str | None, typer.Option("--type", help="Only jobs of this type.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100, help="How many (newest first).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON (the API's list object).")] = False,
     api_url: ApiUrl = None,
@@ -373,8 +452,14 @@ def jobs_command(
     table = Table("id", "type", "status", "stage", "progress", "created")
     for j in page["data"]:
         pct = j["progress"].get("percent")
-        table.add_row(j["id"], j["type"], j["status"], j["current_stage"] or "", f"{pct:.0f}%" if pct is not None else "",
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"])))
+        table.add_row(
+            j["id"],
+            j["type"],
+            j["status"],
+            j["current_stage"] or "",
+            f"{pct:.0f}%" if pct is not None else "",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"])),
+        )
     console.print(table)
 
 
@@ -388,8 +473,10 @@ def _print_job(job: dict[str, Any]) -> None:
         console.print(f"  stage {stage['name']}: {stage['status']}")
     if job.get("error"):
         err = job["error"]
-        console.print(f"  [red]error {err['code']}[/]: {escape(err['message'])}"
-                      + (f" (param {escape(err['param'])})" if err.get("param") else ""))
+        console.print(
+            f"  [red]error {err['code']}[/]: {escape(err['message'])}"
+            + (f" (param {escape(err['param'])})" if err.get("param") else "")
+        )
 
 
 def follow_job(client: Any, job_id: str, interval: float = LOG_INTERVAL) -> dict[str, Any]:
@@ -410,8 +497,14 @@ def follow_job(client: Any, job_id: str, interval: float = LOG_INTERVAL) -> dict
                     step, stage = str(data["step"]), data.get("stage")
                     done, total = int(data.get("done") or 0), int(data.get("total") or 0)
                     label = f"{stage}: {step}" if stage and stage != step else step
-                    pct = percent.update(str(stage or ""), int(data.get("stage_index") or 0),
-                                         int(data.get("stage_count") or 1), step, done, total)
+                    pct = percent.update(
+                        str(stage or ""),
+                        int(data.get("stage_index") or 0),
+                        int(data.get("stage_count") or 1),
+                        step,
+                        done,
+                        total,
+                    )
                     message = f"job {pct:.0f}%" + (f" {data['message']}" if data.get("message") else "")
                     progress(label, done, total, message)
                 else:
@@ -447,14 +540,17 @@ def status_command(
         _print_job(job)
         prog = job.get("progress") or {}
         if job["status"] == "running" and prog:
-            console.print(f"  progress {prog.get('percent', 0):.1f}%: {prog.get('step') or prog.get('stage')} "
-                          f"{prog.get('done')}/{prog.get('total')} {prog.get('message') or ''}")
+            console.print(
+                f"  progress {prog.get('percent', 0):.1f}%: {prog.get('step') or prog.get('stage')} "
+                f"{prog.get('done')}/{prog.get('total')} {prog.get('message') or ''}"
+            )
     if follow and job["status"] != "succeeded":
         raise typer.Exit(code=1)
 
 
-def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).")], api_url: ApiUrl = None,
-                   api_key: ApiKey = None) -> None:
+def cancel_command(
+    job_id: Annotated[str, typer.Argument(help="Job id (job-...).")], api_url: ApiUrl = None, api_key: ApiKey = None
+) -> None:
     """Cancel a queued or running job."""
     job = _call(_client(api_url, api_key).cancel, job_id)
     console.print(f"{job['id']}: {job['status']}")
@@ -462,7 +558,7 @@ def cancel_command(job_id: Annotated[str, typer.Argument(help="Job id (job-...).
 
 def results_command(
     job_id: Annotated[str, typer.Argument(help="Job id (job-...).")],
-    download: Annotated[Optional[Path], typer.Option(help="Download every artifact into this folder.")] = None,
+    download: Annotated[Path | None, typer.Option(help="Download every artifact into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw job and artifact objects as JSON.")] = False,
     api_url: ApiUrl = None,
     api_key: ApiKey = None,

@@ -11,14 +11,27 @@ from __future__ import annotations
 import json
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from services.cli.common import (
-    AffinityMetric, Candidates, GroupingMethod, Init, Mode, Output, Quantization, check_model, check_out, fail,
-    groups_option, model_default, run_into, task_list, validate,
+    AffinityMetric,
+    Candidates,
+    GroupingMethod,
+    Init,
+    Mode,
+    Output,
+    Quantization,
+    check_model,
+    check_out,
+    fail,
+    groups_option,
+    model_default,
+    run_into,
+    task_list,
+    validate,
 )
 from services.cli.tables import print_report
 from shared.ml.progress import ConsoleProgress
@@ -28,19 +41,56 @@ console = Console()
 
 
 def _training_options(
-    quantization: str, epochs: int, lr: float, batch_size: int, eval_batch_size: int, rank: int, alpha: float | None,
-    max_train: int | None, max_val: int | None, max_test: int | None, patience: int, seed: int, max_length: int,
-    single: bool, per_task: bool, boost: bool, boost_threshold: float, boost_rounds: int, eta: float,
-    boost_lr: float | None, boost_epochs: int | None, boost_budget: float | None, fit_weights: bool,
-    weight_candidates: str, name: str,
+    quantization: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    eval_batch_size: int,
+    rank: int,
+    alpha: float | None,
+    max_train: int | None,
+    max_val: int | None,
+    max_test: int | None,
+    patience: int,
+    seed: int,
+    max_length: int,
+    single: bool,
+    per_task: bool,
+    boost: bool,
+    boost_threshold: float,
+    boost_rounds: int,
+    eta: float,
+    boost_lr: float | None,
+    boost_epochs: int | None,
+    boost_budget: float | None,
+    fit_weights: bool,
+    weight_candidates: str,
+    name: str,
 ) -> dict[str, Any]:
     return {
-        "quantization": quantization, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "eval_batch_size": eval_batch_size, "rank": rank, "alpha": alpha, "max_train": max_train, "max_val": max_val,
-        "max_test": max_test, "patience": patience, "seed": seed, "max_length": max_length,
+        "quantization": quantization,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "rank": rank,
+        "alpha": alpha,
+        "max_train": max_train,
+        "max_val": max_val,
+        "max_test": max_test,
+        "patience": patience,
+        "seed": seed,
+        "max_length": max_length,
         "baselines": {"single": single, "per_task": per_task},
-        "boosting": {"enabled": boost, "error_threshold": boost_threshold, "max_rounds": boost_rounds, "eta": eta,
-                     "lr": boost_lr, "epochs": boost_epochs, "budget": boost_budget},
+        "boosting": {
+            "enabled": boost,
+            "error_threshold": boost_threshold,
+            "max_rounds": boost_rounds,
+            "eta": eta,
+            "lr": boost_lr,
+            "epochs": boost_epochs,
+            "budget": boost_budget,
+        },
         "ensemble": {"fit_weights": fit_weights, "candidates": weight_candidates, "name": name},
     }
 
@@ -57,53 +107,97 @@ _LR = Annotated[float, typer.Option(help="AdamW learning rate.")]
 _BS = Annotated[int, typer.Option(help="Training batch size (one task per batch).")]
 _EBS = Annotated[int, typer.Option(help="Scoring batch size.")]
 _RANK = Annotated[int, typer.Option(help="LoRA rank.")]
-_ALPHA = Annotated[Optional[float], typer.Option(help="LoRA alpha (default 8 * rank).")]
-_MAXTR = Annotated[Optional[int], typer.Option(help="Training examples per task (stratified subsample).")]
-_MAXVAL = Annotated[Optional[int], typer.Option(help="Validation examples per task.")]
-_MAXTEST = Annotated[Optional[int], typer.Option(help="Test examples per task (default: all).")]
-_PAT = Annotated[Optional[int], typer.Option(help="Early stopping: epochs without improvement (0 = off).")]
+_ALPHA = Annotated[float | None, typer.Option(help="LoRA alpha (default 8 * rank).")]
+_MAXTR = Annotated[int | None, typer.Option(help="Training examples per task (stratified subsample).")]
+_MAXVAL = Annotated[int | None, typer.Option(help="Validation examples per task.")]
+_MAXTEST = Annotated[int | None, typer.Option(help="Test examples per task (default: all).")]
+_PAT = Annotated[int | None, typer.Option(help="Early stopping: epochs without improvement (0 = off).")]
 _SEED = Annotated[int, typer.Option(help="Seed of everything random.")]
 _MAXLEN = Annotated[int, typer.Option(help="Max prompt tokens (the context is cut from the left).")]
 _SINGLE = Annotated[bool, typer.Option("--single/--no-single", help="Train the single all-task baseline adapter.")]
 _PERTASK = Annotated[bool, typer.Option("--per-task/--no-per-task", help="Also train one adapter per task.")]
-_BOOST = Annotated[bool, typer.Option("--boost/--no-boost", help="Boost groups whose training error is above the threshold.")]
+_BOOST = Annotated[
+    bool, typer.Option("--boost/--no-boost", help="Boost groups whose training error is above the threshold.")
+]
 _BTH = Annotated[float, typer.Option(help="Training error above which a group is boosted.")]
 _BR = Annotated[int, typer.Option(help="Maximum boosting rounds per group.")]
 _ETA = Annotated[float, typer.Option(help="Boosting step eta.")]
-_BLR = Annotated[Optional[float], typer.Option(help="Learning rate of weak learners.")]
-_BEP = Annotated[Optional[int], typer.Option(help="Epochs of weak learners.")]
-_BBUD = Annotated[Optional[float], typer.Option(
-    help="Max boosting FLOPs as a fraction of the group adapters' training FLOPs (hardest groups first).")]
-_FIT = Annotated[bool, typer.Option("--fit-weights/--default-weights", help="Fit per-task non-negative weights on validation data.")]
+_BLR = Annotated[float | None, typer.Option(help="Learning rate of weak learners.")]
+_BEP = Annotated[int | None, typer.Option(help="Epochs of weak learners.")]
+_BBUD = Annotated[
+    float | None,
+    typer.Option(help="Max boosting FLOPs as a fraction of the group adapters' training FLOPs (hardest groups first)."),
+]
+_FIT = Annotated[
+    bool, typer.Option("--fit-weights/--default-weights", help="Fit per-task non-negative weights on validation data.")
+]
 _CAND = Annotated[Candidates, typer.Option(help="Members a task's fitted weights may use: group or all.")]
 _NAME = Annotated[str, typer.Option(help="Ensemble name in ensemble.json.")]
 _JSON = Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")]
 
 
 def train_command(
-    groups: Annotated[Path, typer.Option(help="A groups.json ({\"groups\": [[task, ...], ...]}).")],
+    groups: Annotated[Path, typer.Option(help='A groups.json ({"groups": [[task, ...], ...]}).')],
     out: Annotated[Path, typer.Option(help="Output directory: adapters/<name>/, ensemble.json, train_report.json.")],
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _TRAIN("model"),
-    quantization: _Q = _TRAIN("quantization"), epochs: _EPOCHS = _TRAIN("epochs"), lr: _LR = _TRAIN("lr"),
-    batch_size: _BS = _TRAIN("batch_size"), eval_batch_size: _EBS = _TRAIN("eval_batch_size"), rank: _RANK = _TRAIN("rank"),
-    alpha: _ALPHA = _TRAIN("alpha"), max_train: _MAXTR = _TRAIN("max_train"), max_val: _MAXVAL = _TRAIN("max_val"),
-    max_test: _MAXTEST = _TRAIN("max_test"), patience: _PAT = _TRAIN("patience"), seed: _SEED = _TRAIN("seed"),
+    quantization: _Q = _TRAIN("quantization"),
+    epochs: _EPOCHS = _TRAIN("epochs"),
+    lr: _LR = _TRAIN("lr"),
+    batch_size: _BS = _TRAIN("batch_size"),
+    eval_batch_size: _EBS = _TRAIN("eval_batch_size"),
+    rank: _RANK = _TRAIN("rank"),
+    alpha: _ALPHA = _TRAIN("alpha"),
+    max_train: _MAXTR = _TRAIN("max_train"),
+    max_val: _MAXVAL = _TRAIN("max_val"),
+    max_test: _MAXTEST = _TRAIN("max_test"),
+    patience: _PAT = _TRAIN("patience"),
+    seed: _SEED = _TRAIN("seed"),
     max_length: _MAXLEN = _TRAIN("max_length"),
-    single: _SINGLE = _TRAIN("baselines.single"), per_task: _PERTASK = _TRAIN("baselines.per_task"),
-    boost: _BOOST = _TRAIN("boosting.enabled"), boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
-    boost_rounds: _BR = _TRAIN("boosting.max_rounds"), eta: _ETA = _TRAIN("boosting.eta"),
-    boost_lr: _BLR = _TRAIN("boosting.lr"), boost_epochs: _BEP = _TRAIN("boosting.epochs"),
-    boost_budget: _BBUD = _TRAIN("boosting.budget"), fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
-    weight_candidates: _CAND = _TRAIN("ensemble.candidates"), name: _NAME = _TRAIN("ensemble.name"),
+    single: _SINGLE = _TRAIN("baselines.single"),
+    per_task: _PERTASK = _TRAIN("baselines.per_task"),
+    boost: _BOOST = _TRAIN("boosting.enabled"),
+    boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
+    boost_rounds: _BR = _TRAIN("boosting.max_rounds"),
+    eta: _ETA = _TRAIN("boosting.eta"),
+    boost_lr: _BLR = _TRAIN("boosting.lr"),
+    boost_epochs: _BEP = _TRAIN("boosting.epochs"),
+    boost_budget: _BBUD = _TRAIN("boosting.budget"),
+    fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
+    weight_candidates: _CAND = _TRAIN("ensemble.candidates"),
+    name: _NAME = _TRAIN("ensemble.name"),
     as_json: _JSON = False,
 ) -> None:
     """Train one adapter per group (+ baselines, boosting), write the ensemble and evaluate it on test."""
     from shared.ml.training.stage import run_training
 
     out = check_out(out)
-    data = _training_options(quantization, epochs, lr, batch_size, eval_batch_size, rank, alpha, max_train, max_val,
-                             max_test, patience, seed, max_length, single, per_task, boost, boost_threshold,
-                             boost_rounds, eta, boost_lr, boost_epochs, boost_budget, fit_weights, weight_candidates, name)
+    data = _training_options(
+        quantization,
+        epochs,
+        lr,
+        batch_size,
+        eval_batch_size,
+        rank,
+        alpha,
+        max_train,
+        max_val,
+        max_test,
+        patience,
+        seed,
+        max_length,
+        single,
+        per_task,
+        boost,
+        boost_threshold,
+        boost_rounds,
+        eta,
+        boost_lr,
+        boost_epochs,
+        boost_budget,
+        fit_weights,
+        weight_candidates,
+        name,
+    )
     data.update(model=model, groups=str(groups.expanduser()))
     params = validate(TrainingParams, data)
     check_model(model)
@@ -118,30 +212,48 @@ def train_command(
 
 
 def pipeline_command(
-    out: Annotated[Path, typer.Option(help="Output directory: ensemble.json, adapters/, report.json, affinity/groups files.")],
+    out: Annotated[
+        Path, typer.Option(help="Output directory: ensemble.json, adapters/, report.json, affinity/groups files.")
+    ],
     tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
     groups: Annotated[str, typer.Option(help="Number of groups M, or 'auto'.")] = str(_PIPE("groups")),
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-llama, or a local HF folder.")] = _PIPE("model"),
-    quantization: _Q = _PIPE("quantization"), epochs: _EPOCHS = _TRAIN("epochs"), lr: _LR = _TRAIN("lr"),
-    batch_size: _BS = _TRAIN("batch_size"), eval_batch_size: _EBS = _TRAIN("eval_batch_size"), rank: _RANK = _TRAIN("rank"),
-    alpha: _ALPHA = _TRAIN("alpha"), max_train: _MAXTR = _PIPE("max_train"), max_val: _MAXVAL = _PIPE("max_val"),
-    max_test: _MAXTEST = _PIPE("max_test"), patience: _PAT = _TRAIN("patience"), seed: _SEED = _PIPE("seed"),
+    quantization: _Q = _PIPE("quantization"),
+    epochs: _EPOCHS = _TRAIN("epochs"),
+    lr: _LR = _TRAIN("lr"),
+    batch_size: _BS = _TRAIN("batch_size"),
+    eval_batch_size: _EBS = _TRAIN("eval_batch_size"),
+    rank: _RANK = _TRAIN("rank"),
+    alpha: _ALPHA = _TRAIN("alpha"),
+    max_train: _MAXTR = _PIPE("max_train"),
+    max_val: _MAXVAL = _PIPE("max_val"),
+    max_test: _MAXTEST = _PIPE("max_test"),
+    patience: _PAT = _TRAIN("patience"),
+    seed: _SEED = _PIPE("seed"),
     max_length: _MAXLEN = _PIPE("max_length"),
-    single: _SINGLE = _TRAIN("baselines.single"), per_task: _PERTASK = _TRAIN("baselines.per_task"),
-    boost: _BOOST = _TRAIN("boosting.enabled"), boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
-    boost_rounds: _BR = _TRAIN("boosting.max_rounds"), eta: _ETA = _TRAIN("boosting.eta"),
-    boost_lr: _BLR = _TRAIN("boosting.lr"), boost_epochs: _BEP = _TRAIN("boosting.epochs"),
-    boost_budget: _BBUD = _TRAIN("boosting.budget"), fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
-    weight_candidates: _CAND = _TRAIN("ensemble.candidates"), name: _NAME = _TRAIN("ensemble.name"),
-    dim: Annotated[Optional[int], typer.Option(help="Stage 1: projection dimension d.")] = None,
-    lam: Annotated[Optional[float], typer.Option(help="Stage 1: L2 penalty of the logistic regressions.")] = None,
-    subset_size: Annotated[Optional[int], typer.Option(help="Stage 1: tasks per sampled subset.")] = None,
-    coverage: Annotated[Optional[int], typer.Option(help="Stage 1: min co-occurrences of every task pair.")] = None,
-    mode: Annotated[Optional[Mode], typer.Option(help="Stage 1: forward or linear estimation.")] = None,
-    metric: Annotated[Optional[AffinityMetric], typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
-    output: Annotated[Optional[Output], typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
-    init: Annotated[Optional[Init], typer.Option(help="Stage 1: theta0, base or meta (LoRA first fine-tuned on all tasks).")] = None,
-    method: Annotated[Optional[GroupingMethod], typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
+    single: _SINGLE = _TRAIN("baselines.single"),
+    per_task: _PERTASK = _TRAIN("baselines.per_task"),
+    boost: _BOOST = _TRAIN("boosting.enabled"),
+    boost_threshold: _BTH = _TRAIN("boosting.error_threshold"),
+    boost_rounds: _BR = _TRAIN("boosting.max_rounds"),
+    eta: _ETA = _TRAIN("boosting.eta"),
+    boost_lr: _BLR = _TRAIN("boosting.lr"),
+    boost_epochs: _BEP = _TRAIN("boosting.epochs"),
+    boost_budget: _BBUD = _TRAIN("boosting.budget"),
+    fit_weights: _FIT = _TRAIN("ensemble.fit_weights"),
+    weight_candidates: _CAND = _TRAIN("ensemble.candidates"),
+    name: _NAME = _TRAIN("ensemble.name"),
+    dim: Annotated[int | None, typer.Option(help="Stage 1: projection dimension d.")] = None,
+    lam: Annotated[float | None, typer.Option(help="Stage 1: L2 penalty of the logistic regressions.")] = None,
+    subset_size: Annotated[int | None, typer.Option(help="Stage 1: tasks per sampled subset.")] = None,
+    coverage: Annotated[int | None, typer.Option(help="Stage 1: min co-occurrences of every task pair.")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="Stage 1: forward or linear estimation.")] = None,
+    metric: Annotated[AffinityMetric | None, typer.Option(help="Stage 1: accuracy, neg_loss or macro_f1.")] = None,
+    output: Annotated[Output | None, typer.Option(help="Stage 1: differentiated f, vocab or choice.")] = None,
+    init: Annotated[
+        Init | None, typer.Option(help="Stage 1: theta0, base or meta (LoRA first fine-tuned on all tasks).")
+    ] = None,
+    method: Annotated[GroupingMethod | None, typer.Option(help="Grouping: auto, sdp or spectral.")] = None,
     as_json: _JSON = False,
 ) -> None:
     """affinity -> grouping -> group adapters -> boosting -> ensemble -> evaluation, into --out."""
@@ -149,18 +261,64 @@ def pipeline_command(
 
     out = check_out(out)
     tasks_ = task_list(tasks)
-    training = _training_options(quantization, epochs, lr, batch_size, eval_batch_size, rank, alpha, max_train, max_val,
-                                 max_test, patience, seed, max_length, single, per_task, boost, boost_threshold,
-                                 boost_rounds, eta, boost_lr, boost_epochs, boost_budget, fit_weights, weight_candidates, name)
+    training = _training_options(
+        quantization,
+        epochs,
+        lr,
+        batch_size,
+        eval_batch_size,
+        rank,
+        alpha,
+        max_train,
+        max_val,
+        max_test,
+        patience,
+        seed,
+        max_length,
+        single,
+        per_task,
+        boost,
+        boost_threshold,
+        boost_rounds,
+        eta,
+        boost_lr,
+        boost_epochs,
+        boost_budget,
+        fit_weights,
+        weight_candidates,
+        name,
+    )
     shared = {k: training.pop(k) for k in ("quantization", "seed", "max_train", "max_val", "max_test", "max_length")}
     for key in ("alpha",):
         if training[key] is None:
             training.pop(key)
-    affinity = {k: v for k, v in dict(dim=dim, lam=lam, subset_size=subset_size, coverage=coverage, mode=mode,
-                                      metric=metric, output=output, init=init).items() if v is not None}
+    affinity = {
+        k: v
+        for k, v in dict(
+            dim=dim,
+            lam=lam,
+            subset_size=subset_size,
+            coverage=coverage,
+            mode=mode,
+            metric=metric,
+            output=output,
+            init=init,
+        ).items()
+        if v is not None
+    }
     grouping = {k: v for k, v in dict(method=method, metric=metric).items() if v is not None}
-    params = validate(PipelineParams, dict(model=model, tasks=tasks_, groups=groups_option(groups), **shared,
-                                            affinity=affinity, grouping=grouping, training=training))
+    params = validate(
+        PipelineParams,
+        dict(
+            model=model,
+            tasks=tasks_,
+            groups=groups_option(groups),
+            **shared,
+            affinity=affinity,
+            grouping=grouping,
+            training=training,
+        ),
+    )
     check_model(model)
     from shared.ml.training.stage import check_workdir
 

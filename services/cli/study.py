@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
 from services.cli.common import (
-    check_model, check_out, fail, groups_option, joined, model_default, run_into, task_list, validate,
+    check_model,
+    check_out,
+    fail,
+    groups_option,
+    joined,
+    model_default,
+    run_into,
+    task_list,
+    validate,
 )
 from shared.ml.progress import ConsoleProgress
 from shared.ml.study.params import StudyParams
@@ -42,22 +50,39 @@ def _seeds(text: str) -> int | list[int]:
 def study_command(
     out: Annotated[Path, typer.Option(help="Output directory: study.json, study.md, study.png, seed_<s>/.")],
     tasks: Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")] = "",
-    model: Annotated[Optional[str], typer.Option(
-        help=f"smollm2-135m, tiny-llama, or a local HF folder [default: {_STUDY('model')}].")] = None,
-    seeds: Annotated[Optional[str], typer.Option(
-        help=f"Seeds: a count S (seeds 0..S-1) or a comma list [default: {joined(_STUDY('seeds'))}].")] = None,
-    groups: Annotated[Optional[str], typer.Option(
-        help=f"Number of affinity groups M, or 'auto' [default: {_STUDY('groups')}].")] = None,
-    max_train: Annotated[Optional[int], typer.Option(
-        help=f"Training examples per task [default: {_STUDY('max_train')}].")] = None,
-    max_val: Annotated[Optional[int], typer.Option(help=f"Validation examples per task [default: {_STUDY('max_val')}].")] = None,
-    max_test: Annotated[Optional[int], typer.Option(help=f"Test examples per task [default: {_STUDY('max_test')}].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        help=f"Training epochs of every adapter [default: {model_default(TrainingParams, 'epochs')}].")] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        help=f"Arms trained at once, in processes spread over the visible GPUs [default: {_STUDY('workers')}].")] = None,
-    params_file: Annotated[Optional[Path], typer.Option(
-        "--params", help="A JSON file of study params (affinity/grouping/training overrides); flags win.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"smollm2-135m, tiny-llama, or a local HF folder [default: {_STUDY('model')}].")
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help=f"Seeds: a count S (seeds 0..S-1) or a comma list [default: {joined(_STUDY('seeds'))}]."),
+    ] = None,
+    groups: Annotated[
+        str | None, typer.Option(help=f"Number of affinity groups M, or 'auto' [default: {_STUDY('groups')}].")
+    ] = None,
+    max_train: Annotated[
+        int | None, typer.Option(help=f"Training examples per task [default: {_STUDY('max_train')}].")
+    ] = None,
+    max_val: Annotated[
+        int | None, typer.Option(help=f"Validation examples per task [default: {_STUDY('max_val')}].")
+    ] = None,
+    max_test: Annotated[
+        int | None, typer.Option(help=f"Test examples per task [default: {_STUDY('max_test')}].")
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help=f"Training epochs of every adapter [default: {model_default(TrainingParams, 'epochs')}]."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Arms trained at once, in processes spread over the visible GPUs [default: {_STUDY('workers')}]."
+        ),
+    ] = None,
+    params_file: Annotated[
+        Path | None,
+        typer.Option("--params", help="A JSON file of study params (affinity/grouping/training overrides); flags win."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print study.json instead of the table.")] = False,
 ) -> None:
     """Train single, per-task, random-group and affinity-group arms for each seed; compare them on test.
@@ -75,9 +100,15 @@ def study_command(
             fail("--params: the file must hold a JSON object")
     if tasks:
         data["tasks"] = task_list(tasks)
-    given = {"model": model, "seeds": None if seeds is None else _seeds(seeds),
-             "groups": None if groups is None else groups_option(groups), "workers": workers,
-             "max_train": max_train, "max_val": max_val, "max_test": max_test}
+    given = {
+        "model": model,
+        "seeds": None if seeds is None else _seeds(seeds),
+        "groups": None if groups is None else groups_option(groups),
+        "workers": workers,
+        "max_train": max_train,
+        "max_val": max_val,
+        "max_test": max_test,
+    }
     data.update({k: v for k, v in given.items() if v is not None})
     if epochs is not None:
         data["training"] = {**(data.get("training") or {}), "epochs": epochs}

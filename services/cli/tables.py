@@ -65,13 +65,23 @@ def print_report(report: dict[str, Any], title: str | None = None) -> None:
     console.print(lines)
     groups = report.get("groups") or []
     if groups:
-        console.print("groups: " + "; ".join(
-            f"{g['name']}={','.join(g['tasks'])}" + (f" (+{len(g['boosters'])} boosters)" if g.get("boosters") else "")
-            for g in groups), highlight=False, markup=False)
+        console.print(
+            "groups: "
+            + "; ".join(
+                f"{g['name']}={','.join(g['tasks'])}"
+                + (f" (+{len(g['boosters'])} boosters)" if g.get("boosters") else "")
+                for g in groups
+            ),
+            highlight=False,
+            markup=False,
+        )
     selection = report.get("selection")
     if isinstance(selection, dict) and selection.get("chosen"):
-        console.print(f"deployed: {selection['chosen']} (chosen on validation: {selection.get('reason', '')})",
-                      highlight=False, markup=False)
+        console.print(
+            f"deployed: {selection['chosen']} (chosen on validation: {selection.get('reason', '')})",
+            highlight=False,
+            markup=False,
+        )
 
 
 def _peak_mib(cost: dict[str, Any]) -> int:
@@ -83,19 +93,27 @@ def print_metrics_table(tasks: dict[str, dict[str, float]], title: str) -> None:
     """An evaluation report: accuracy, macro-F1 and loss per task."""
     table = Table("task", "n", "accuracy", "macro-F1", "loss", title=title)
     for name, m in tasks.items():
-        table.add_row(escape(name), str(m["n"]), f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}",
-                      f"{m['loss']:.3f}")
+        table.add_row(
+            escape(name), str(m["n"]), f"{100 * m['accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}", f"{m['loss']:.3f}"
+        )
     n = len(tasks)
-    table.add_row("average", "", f"{100 * sum(m['accuracy'] for m in tasks.values()) / n:.1f}",
-                  f"{100 * sum(m['macro_f1'] for m in tasks.values()) / n:.1f}",
-                  f"{sum(m['loss'] for m in tasks.values()) / n:.3f}", style="bold")
+    table.add_row(
+        "average",
+        "",
+        f"{100 * sum(m['accuracy'] for m in tasks.values()) / n:.1f}",
+        f"{100 * sum(m['macro_f1'] for m in tasks.values()) / n:.1f}",
+        f"{sum(m['loss'] for m in tasks.values()) / n:.3f}",
+        style="bold",
+    )
     console.print(table)
 
 
 def print_affinity(summary: dict[str, Any]) -> None:
     """An affinity summary: the matrix T and how it was made."""
     tasks = summary["tasks"]
-    table = Table("i \\ j", *tasks, title=escape(f"T[i, j] = estimated {summary['metric']} of i (mean over subsets with i, j)"))
+    table = Table(
+        "i \\ j", *tasks, title=escape(f"T[i, j] = estimated {summary['metric']} of i (mean over subsets with i, j)")
+    )
     for name, row in zip(tasks, summary["matrix"], strict=True):
         table.add_row(escape(name), *("-" if v is None else f"{v:.3f}" for v in row))
     console.print(table)
@@ -111,13 +129,27 @@ def print_groups(summary: dict[str, Any]) -> None:
 
 
 def print_approx_error(summary: dict[str, Any]) -> None:
-    table = Table("scale", "mean rel. error", "median rel. error", "p90", "mean sq. (ref.)", "0th-order mean", "||dW||/||W||",
-                  title="first-order approximation error on held-out examples")
+    table = Table(
+        "scale",
+        "mean rel. error",
+        "median rel. error",
+        "p90",
+        "mean sq. (ref.)",
+        "0th-order mean",
+        "||dW||/||W||",
+        title="first-order approximation error on held-out examples",
+    )
     for s in summary["per_scale"]:
         rwc = s.get("relative_weight_change")
-        table.add_row(f"{s['scale']:g}", f"{100 * s['mean_rel_error']:.3f}%", f"{100 * s['median_rel_error']:.3f}%",
-                      f"{100 * s['p90_rel_error']:.3f}%", f"{100 * s['mean_sq_rel_error']:.4f}%",
-                      f"{100 * s['zeroth_order_mean_rel_error']:.3f}%", "-" if rwc is None else f"{rwc:.2e}")
+        table.add_row(
+            f"{s['scale']:g}",
+            f"{100 * s['mean_rel_error']:.3f}%",
+            f"{100 * s['median_rel_error']:.3f}%",
+            f"{100 * s['p90_rel_error']:.3f}%",
+            f"{100 * s['mean_sq_rel_error']:.4f}%",
+            f"{100 * s['zeroth_order_mean_rel_error']:.3f}%",
+            "-" if rwc is None else f"{rwc:.2e}",
+        )
     console.print(table)
     console.print(f"wall time {summary['wall_seconds']:.1f} s")
 
@@ -125,51 +157,93 @@ def print_approx_error(summary: dict[str, Any]) -> None:
 def print_validate(summary: dict[str, Any], lam: float) -> None:
     """Estimated vs fine-tuned subsets (validate-estimates) at the penalty `lam`."""
     pct = _rel
-    table = Table("subset", "task", "est. loss", "true loss", "rel. err", "est. acc", "true acc", "rel. err", "ep",
-                  title=f"estimated vs fine-tuned (validation), lambda={lam:g}")
+    table = Table(
+        "subset",
+        "task",
+        "est. loss",
+        "true loss",
+        "rel. err",
+        "est. acc",
+        "true acc",
+        "rel. err",
+        "ep",
+        title=f"estimated vs fine-tuned (validation), lambda={lam:g}",
+    )
     for r in summary["rows"]:
-        table.add_row(r["tasks"], r["task"], f"{r['est_loss']:.4f}", f"{r['true_loss']:.4f}", pct(r["rel_err_loss"]),
-                      f"{r['est_accuracy']:.3f}", f"{r['true_accuracy']:.3f}", pct(r["rel_err_accuracy"]), str(r["ft_epoch"]))
+        table.add_row(
+            r["tasks"],
+            r["task"],
+            f"{r['est_loss']:.4f}",
+            f"{r['true_loss']:.4f}",
+            pct(r["rel_err_loss"]),
+            f"{r['est_accuracy']:.3f}",
+            f"{r['true_accuracy']:.3f}",
+            pct(r["rel_err_accuracy"]),
+            str(r["ft_epoch"]),
+        )
     console.print(table)
-    console.print(f"mean relative error: loss {pct(summary['mean_rel_err_loss'])}, accuracy {pct(summary['mean_rel_err_accuracy'])}")
+    console.print(
+        f"mean relative error: loss {pct(summary['mean_rel_err_loss'])}, accuracy {pct(summary['mean_rel_err_accuracy'])}"
+    )
     for v in summary["per_variant"]:
-        console.print(f"  {v['output']:<6s} {v['backmap']:<11s} lambda={v['lam']:g} step x{v['step']:g}: rel. error loss "
-                      f"{pct(v['mean_rel_err_loss'])}, accuracy {pct(v['mean_rel_err_accuracy'])} "
-                      f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})")
+        console.print(
+            f"  {v['output']:<6s} {v['backmap']:<11s} lambda={v['lam']:g} step x{v['step']:g}: rel. error loss "
+            f"{pct(v['mean_rel_err_loss'])}, accuracy {pct(v['mean_rel_err_accuracy'])} "
+            f"(mean est. acc {v['mean_est_accuracy']:.3f}, true {v['mean_true_accuracy']:.3f})"
+        )
     lin = summary["linear_proxy"]
-    console.print(f"  linear proxy (f0 + g.w > 0 on validation rows): accuracy rel. error {pct(lin['mean_rel_err_accuracy'])} "
-                  f"(mean est. acc {lin['mean_est_accuracy']:.3f}); compute ratio {lin['compute_ratio']:.1f}x, "
-                  f"amortised {lin['compute_ratio_amortised']:.1f}x")
+    console.print(
+        f"  linear proxy (f0 + g.w > 0 on validation rows): accuracy rel. error {pct(lin['mean_rel_err_accuracy'])} "
+        f"(mean est. acc {lin['mean_est_accuracy']:.3f}); compute ratio {lin['compute_ratio']:.1f}x, "
+        f"amortised {lin['compute_ratio_amortised']:.1f}x"
+    )
     th = summary["theta0"]
-    console.print(f"theta0 = {th.get('init', 'base')}"
-                  + (f" ({th['epochs']} epoch(s) on all tasks, {th['seconds']:.1f} s)" if th.get("init") == "meta" else "")
-                  + "; its validation accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in th["val_accuracy"].items()))
+    console.print(
+        f"theta0 = {th.get('init', 'base')}"
+        + (f" ({th['epochs']} epoch(s) on all tasks, {th['seconds']:.1f} s)" if th.get("init") == "meta" else "")
+        + "; its validation accuracy: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in th["val_accuracy"].items())
+    )
     if th.get("no_change_rel_err_accuracy") is not None:
         r = th.get("change_correlation")
-        console.print(f"  theta0's own accuracy as the estimate: rel. error {pct(th['no_change_rel_err_accuracy'])}; "
-                      f"correlation of estimated and true change from theta0: {'-' if r is None else f'{r:.2f}'}")
+        console.print(
+            f"  theta0's own accuracy as the estimate: rel. error {pct(th['no_change_rel_err_accuracy'])}; "
+            f"correlation of estimated and true change from theta0: {'-' if r is None else f'{r:.2f}'}"
+        )
     ratio = summary["compute_ratio"]
     amort = summary["compute_ratio_amortised"]
-    console.print(f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
-                  f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x"
-                  + (f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x "
-                     f"({summary['compute_ratio_amortised_with_init']:.1f}x amortised)" if th.get("init") == "meta" else ""))
+    console.print(
+        f"compute ratio (fine-tune {summary['finetune_seconds']:.1f} s / estimation {summary['estimation_seconds']:.1f} s): "
+        f"{ratio:.1f}x; amortised over a full affinity run: {amort:.1f}x"
+        + (
+            f"; counting the meta-initialisation: {summary['compute_ratio_with_init']:.1f}x "
+            f"({summary['compute_ratio_amortised_with_init']:.1f}x amortised)"
+            if th.get("init") == "meta"
+            else ""
+        )
+    )
 
 
 def print_validate_affinity(summary: dict[str, Any], metric: str, seeds: list[int]) -> None:
     """Stage 1 against fine-tuned subsets (validate-affinity)."""
     num = _num
     sp, tc, ari = summary["spearman_within_task"], summary["t_correlation"], summary["ari"]
-    table = Table("metric", "value", "reference", title=escape(f"Stage 1 vs fine-tuned subsets ({metric}, seeds {seeds})"))
+    table = Table(
+        "metric", "value", "reference", title=escape(f"Stage 1 vs fine-tuned subsets ({metric}, seeds {seeds})")
+    )
     table.add_row("within-task Spearman", num(sp["value"]), f"95% CI [{num(sp['ci95'][0])}, {num(sp['ci95'][1])}]")
     table.add_row("pairwise order accuracy", num(summary["pairwise_order_accuracy"]), "pairs beyond 2x seed noise")
     table.add_row("change skill", num(summary["change_skill"]), "vs theta0 (0 = no-change predictor)")
-    table.add_row("T correlation", num(tc["value"]), f"Mantel p {num(tc['p'])}; ceiling {num(summary['t_true_reliability'])}")
+    table.add_row(
+        "T correlation", num(tc["value"]), f"Mantel p {num(tc['p'])}; ceiling {num(summary['t_true_reliability'])}"
+    )
     table.add_row("ARI (groups)", num(ari["est_vs_true"]), f"random p95 {num(ari['random_p95'])}")
     console.print(table)
     c = summary["costs"]
-    console.print(f"{summary['subsets']} subsets; Stage 1 {c['stage1_wall_seconds']:.1f} s, fine-tunes "
-                  f"{c['finetune_wall_seconds']:.1f} s (FLOP ratio {num(c['flop_ratio'])})")
+    console.print(
+        f"{summary['subsets']} subsets; Stage 1 {c['stage1_wall_seconds']:.1f} s, fine-tunes "
+        f"{c['finetune_wall_seconds']:.1f} s (FLOP ratio {num(c['flop_ratio'])})"
+    )
 
 
 def print_job_results(job: dict[str, Any], fetch: Callable[[str], bytes]) -> bool:
@@ -187,7 +261,9 @@ def print_job_results(job: dict[str, Any], fetch: Callable[[str], bytes]) -> boo
         print_report(json.loads(fetch(name)))
     elif kind == "evaluation":
         report = summary["report"]
-        print_metrics_table(report["tasks"], f"{(report.get('model') or {}).get('name', '?')} on {report.get('split', '?')}")
+        print_metrics_table(
+            report["tasks"], f"{(report.get('model') or {}).get('name', '?')} on {report.get('split', '?')}"
+        )
     elif kind == "affinity":
         print_affinity(summary)
     elif kind == "grouping":

@@ -61,14 +61,22 @@ READ_ERRORS = error_responses(400, 401, 403, 404, 405, 422, 500)
 LOAD_ERRORS = error_responses(400, 401, 403, 404, 405, 409, 413, 422, 500)
 CLASSIFY_ERRORS = error_responses(400, 401, 403, 404, 405, 413, 422, 500)
 # The ids `load` accepts (sources.check_id answers 422 for others), documented for clients.
-LoadId = Annotated[str, PathParam(description="An ensemble id: a job's ensemble id, or a folder under the "
-                                              "ensembles directory.",
-                                  json_schema_extra={"pattern": r"^(?!.*\.\.)" + ENSEMBLE_ID.pattern.lstrip("^")})]
+LoadId = Annotated[
+    str,
+    PathParam(
+        description="An ensemble id: a job's ensemble id, or a folder under the ensembles directory.",
+        json_schema_extra={"pattern": r"^(?!.*\.\.)" + ENSEMBLE_ID.pattern.lstrip("^")},
+    ),
+]
 
 
 def create_app(
-    settings: InferenceSettings | None = None, *, base: Any = None, source: EnsembleSource | None = None,
-    authenticator: Authenticator | None = None, **overrides: Any,
+    settings: InferenceSettings | None = None,
+    *,
+    base: Any = None,
+    source: EnsembleSource | None = None,
+    authenticator: Authenticator | None = None,
+    **overrides: Any,
 ) -> FastAPI:
     """Build the app. The base model is loaded here, once (settings.model / settings.quantization, or the
     `base` given, e.g. by tests). `overrides` set InferenceSettings fields (model=..., quantization=...)."""
@@ -100,7 +108,11 @@ def create_app(
         await service.close()
 
     app = FastAPI(
-        title="chorus inference", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="chorus inference",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
     if settings.docs:
@@ -119,9 +131,14 @@ def create_app(
     async def health() -> dict[str, Any]:
         info = base.info
         return {
-            "status": "ok", "base": {"base_model": portable_name(info.name), "quantization": info.quantization,
-                                     "compute_dtype": info.compute_dtype},
-            "device": str(service.engine.device), "ensembles": len(service.ensembles),
+            "status": "ok",
+            "base": {
+                "base_model": portable_name(info.name),
+                "quantization": info.quantization,
+                "compute_dtype": info.compute_dtype,
+            },
+            "device": str(service.engine.device),
+            "ensembles": len(service.ensembles),
             "uptime_seconds": round(time.time() - service.started_at, 1),
         }
 
@@ -131,7 +148,8 @@ def create_app(
     async def list_ensembles(principal: Infer) -> dict[str, Any]:
         return {
             "data": [service.describe(e) for e in service.visible(principal.owner_filter)],
-            "base": base.info.identity(), "engine": service.engine.describe(),
+            "base": base.info.identity(),
+            "engine": service.engine.describe(),
         }
 
     @app.get("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
@@ -140,15 +158,20 @@ def create_app(
 
     @app.post("/v1/ensembles/{ensemble_id}/load", responses=LOAD_ERRORS)
     async def load_ensemble(ensemble_id: LoadId, principal: Admin, body: LoadRequest | None = None) -> dict[str, Any]:
-        ensemble, loaded = await service.load(ensemble_id, owner=body.owner if body else None,
-                                              default_owner=principal.owner)
+        ensemble, loaded = await service.load(
+            ensemble_id, owner=body.owner if body else None, default_owner=principal.owner
+        )
         return {**service.describe(ensemble), "loaded": loaded}
 
     @app.delete("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
     async def unload_ensemble(ensemble_id: str, _: Admin) -> dict[str, Any]:
         ensemble = await service.unload(ensemble_id)
-        return {"id": ensemble.id, "fingerprint": ensemble.fingerprint, "unloaded": True,
-                "in_flight": ensemble.in_flight}
+        return {
+            "id": ensemble.id,
+            "fingerprint": ensemble.fingerprint,
+            "unloaded": True,
+            "in_flight": ensemble.in_flight,
+        }
 
     @app.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse, responses=CLASSIFY_ERRORS)
     async def classify(ensemble_id: str, body: ClassifyRequest, principal: Infer) -> dict[str, Any]:
@@ -156,8 +179,11 @@ def create_app(
         rows = [row.model_dump(exclude_none=True) for row in body.rows]
         ensemble, results = await service.classify(ensemble_id, rows, principal.owner_filter, principal.owner)
         return {
-            "ensemble": ensemble.id, "name": ensemble.manifest.name, "version": ensemble.manifest.version,
-            "fingerprint": ensemble.fingerprint, "results": [r.to_dict() for r in results],
+            "ensemble": ensemble.id,
+            "name": ensemble.manifest.name,
+            "version": ensemble.manifest.version,
+            "fingerprint": ensemble.fingerprint,
+            "results": [r.to_dict() for r in results],
         }
 
     return app

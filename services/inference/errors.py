@@ -31,4 +31,3 @@ def loc_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     http_errors.install_error_handlers(app, log, loc_param)
-

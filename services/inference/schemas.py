@@ -22,9 +22,14 @@ Text = Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}),
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    owner: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                              description="Owner of a folder-deployed ensemble (default: the loading key's owner). "
-                                          "An ensemble recorded by a job always belongs to the job's owner.")
+    owner: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Owner of a folder-deployed ensemble (default: the loading key's owner). "
+        "An ensemble recorded by a job always belongs to the job's owner.",
+    )
 
 
 class Row(BaseModel):
@@ -32,7 +37,8 @@ class Row(BaseModel):
 
     task: str = Field(min_length=1, max_length=200, description="A task served by the ensemble.")
     fields: dict[str, Any] | None = Field(
-        None, description="The task template's fields (strings, not empty or only whitespace, or numbers).")
+        None, description="The task template's fields (strings, not empty or only whitespace, or numbers)."
+    )
     text: Text | None = Field(None, description="Shorthand for a task with a single text field.")
 
 
@@ -70,4 +76,3 @@ class ClassifyResponse(BaseModel):
     version: int
     fingerprint: str
     results: list[RowOut]
-

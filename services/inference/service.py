@@ -25,7 +25,12 @@ from services.inference.errors import ApiError
 from services.inference.metrics import InferenceMetrics
 from services.inference.settings import InferenceSettings
 from services.inference.sources import (
-    EnsembleNotFound, EnsembleSource, IntegrityError, InvalidEnsemble, ResolvedEnsemble, check_id,
+    EnsembleNotFound,
+    EnsembleSource,
+    IntegrityError,
+    InvalidEnsemble,
+    ResolvedEnsemble,
+    check_id,
 )
 from shared.ml.serving.batcher import DynamicBatcher
 from shared.ml.serving.ensemble_runner import EnsembleLoadError, EnsembleRunner, LoadedEnsemble, RowError
@@ -35,25 +40,38 @@ log = logging.getLogger("chorus.inference")
 
 
 class InferenceService:
-    def __init__(self, settings: InferenceSettings, base: Any, source: EnsembleSource,
-                 metrics: InferenceMetrics | None = None) -> None:
+    def __init__(
+        self, settings: InferenceSettings, base: Any, source: EnsembleSource, metrics: InferenceMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.base = base
         self.source = source
         self.metrics = metrics or InferenceMetrics()
         self.engine = MultiLoRAEngine(
-            base.model, max_slots=settings.max_adapters, max_host_adapters=settings.max_host_adapters,
-            max_rank=settings.max_rank, targets=settings.target_list,
+            base.model,
+            max_slots=settings.max_adapters,
+            max_host_adapters=settings.max_host_adapters,
+            max_rank=settings.max_rank,
+            targets=settings.target_list,
             dtype=getattr(torch, str(base.info.compute_dtype).removeprefix("torch."), None),
         )
-        self.runner = EnsembleRunner(self.engine, base.tokenizer, base.info, max_forward_rows=settings.max_batch_rows,
-                                     max_row_chars=settings.max_row_chars)
+        self.runner = EnsembleRunner(
+            self.engine,
+            base.tokenizer,
+            base.info,
+            max_forward_rows=settings.max_batch_rows,
+            max_row_chars=settings.max_row_chars,
+        )
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="chorus-model")
         self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="chorus-load")
         self.encode_executor = ThreadPoolExecutor(1, thread_name_prefix="chorus-encode")
         self.batcher = DynamicBatcher(
-            self._process, self.model_executor, max_batch=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms,
-            size=lambda job: self.runner.pair_count(job[1]), on_batch=self.metrics.on_batch,
+            self._process,
+            self.model_executor,
+            max_batch=settings.max_batch_rows,
+            max_wait_ms=settings.max_wait_ms,
+            size=lambda job: self.runner.pair_count(job[1]),
+            on_batch=self.metrics.on_batch,
         )
         self.ensembles: dict[str, LoadedEnsemble] = {}
         self.owners: dict[str, str | None] = {}  # changed together with `ensembles`, on the event loop
@@ -61,8 +79,10 @@ class InferenceService:
         self._closed = False
         self.started_at = time.time()
         self.metrics.bind(
-            resident=lambda: len(self.engine.resident()), pinned=lambda: len(self.engine.pinned()),
-            cached=lambda: len(self.engine._host), ensembles=lambda: len(self.ensembles),
+            resident=lambda: len(self.engine.resident()),
+            pinned=lambda: len(self.engine.pinned()),
+            cached=lambda: len(self.engine._host),
+            ensembles=lambda: len(self.ensembles),
             queued=lambda: self.batcher.pending,
         )
 
@@ -107,8 +127,9 @@ class InferenceService:
 
     # ---- admin -----------------------------------------------------------------------------------
 
-    async def load(self, ensemble_id: str, owner: str | None = None,
-                   default_owner: str | None = None) -> tuple[LoadedEnsemble, bool]:
+    async def load(
+        self, ensemble_id: str, owner: str | None = None, default_owner: str | None = None
+    ) -> tuple[LoadedEnsemble, bool]:
         """(the loaded ensemble, whether it was newly loaded). Reloading an id with a changed manifest
         swaps it in atomically; an unchanged one is a no-op (apart from a new owner of a folder ensemble).
         Owner: the job owner's for a database ensemble (`owner`, if given, must match it); for a folder,
@@ -122,8 +143,13 @@ class InferenceService:
             start = time.perf_counter()
             resolved = await self._resolve(ensemble_id)
             if resolved.owner is not None and owner is not None and owner != resolved.owner:
-                raise ApiError(422, "invalid_request", f"owner: ensemble {ensemble_id!r} was recorded by a job and "
-                               "belongs to that job's owner; leave owner out", "owner")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"owner: ensemble {ensemble_id!r} was recorded by a job and "
+                    "belongs to that job's owner; leave owner out",
+                    "owner",
+                )
             return await self._install(ensemble_id, resolved, owner, default_owner, start)
 
     async def load_on_request(self, ensemble_id: str, owner: str | None, default_owner: str | None) -> LoadedEnsemble:
@@ -167,8 +193,9 @@ class InferenceService:
         except InvalidEnsemble as exc:
             raise ApiError(422, "invalid_ensemble", str(exc), "id") from exc
 
-    async def _install(self, ensemble_id: str, resolved: ResolvedEnsemble, owner: str | None,
-                       default_owner: str | None, start: float) -> tuple[LoadedEnsemble, bool]:
+    async def _install(
+        self, ensemble_id: str, resolved: ResolvedEnsemble, owner: str | None, default_owner: str | None, start: float
+    ) -> tuple[LoadedEnsemble, bool]:
         """Prepare and activate a resolved ensemble under `ensemble_id` (caller holds the admin lock)."""
         current = self.ensembles.get(ensemble_id)
         new_owner = resolved.owner or owner or (self.owners.get(ensemble_id) if current else None) or default_owner
@@ -177,8 +204,9 @@ class InferenceService:
             self.owners[ensemble_id] = new_owner
             return current, False
         try:
-            ensemble = await self._on(self.io_executor, self.runner.prepare, ensemble_id, resolved.manifest,
-                                      resolved.member_folders)
+            ensemble = await self._on(
+                self.io_executor, self.runner.prepare, ensemble_id, resolved.manifest, resolved.member_folders
+            )
         except EnsembleLoadError as exc:
             status = 409 if exc.kind == "base_mismatch" else 422
             raise ApiError(status, exc.kind, exc.message, exc.param) from exc
@@ -193,8 +221,13 @@ class InferenceService:
         if current is not None:
             current.retire()  # in-flight requests keep it alive until they finish
         self.metrics.adapter_loads.observe(ensemble.load_seconds)
-        log.info("loaded ensemble %s (%s, fingerprint %s) in %.3f s", ensemble_id, resolved.origin,
-                 ensemble.fingerprint[:12], ensemble.load_seconds)
+        log.info(
+            "loaded ensemble %s (%s, fingerprint %s) in %.3f s",
+            ensemble_id,
+            resolved.origin,
+            ensemble.fingerprint[:12],
+            ensemble.load_seconds,
+        )
         return ensemble, True
 
     async def unload(self, ensemble_id: str) -> LoadedEnsemble:
@@ -209,14 +242,18 @@ class InferenceService:
 
     # ---- classify --------------------------------------------------------------------------------
 
-    async def classify(self, ensemble_id: str, rows: list[dict[str, Any]], owner: str | None = None,
-                       default_owner: str | None = None) -> tuple[LoadedEnsemble, list[Any]]:
+    async def classify(
+        self, ensemble_id: str, rows: list[dict[str, Any]], owner: str | None = None, default_owner: str | None = None
+    ) -> tuple[LoadedEnsemble, list[Any]]:
         """Rows through ensemble `ensemble_id` if `owner` may see it (None: any). With `lazy_load` an
         ensemble that is not loaded yet is loaded first (see load_on_request; `default_owner`: the caller's)."""
         if len(rows) > self.settings.max_rows_per_request:
-            raise ApiError(422, "invalid_request",
-                           f"rows: {len(rows)} rows exceed the limit of {self.settings.max_rows_per_request} per request",
-                           "rows")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"rows: {len(rows)} rows exceed the limit of {self.settings.max_rows_per_request} per request",
+                "rows",
+            )
         if self.settings.lazy_load and ensemble_id not in self.ensembles:
             ensemble = await self.load_on_request(ensemble_id, owner, default_owner)
         else:

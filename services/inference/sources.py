@@ -91,8 +91,11 @@ def _check_stored(path: Path, art: Any, what: str, param: str = "id") -> None:
     except (OSError, ValueError) as exc:
         raise IntegrityError(f"{what} cannot be read from the artifact store", param) from exc
     if actual != art.sha256:
-        raise IntegrityError(f"{what} was modified in the artifact store: sha256 {actual[:16]}... differs from the "
-                             f"recorded {art.sha256[:16]}...; refusing to load it", param)
+        raise IntegrityError(
+            f"{what} was modified in the artifact store: sha256 {actual[:16]}... differs from the "
+            f"recorded {art.sha256[:16]}...; refusing to load it",
+            param,
+        )
 
 
 class DirectoryEnsembleSource:
@@ -110,8 +113,10 @@ class DirectoryEnsembleSource:
         folder = _inside(self.root, folder)
         manifest = _load_manifest(_inside(folder, manifest_path))
         if manifest.fingerprint is None:  # nothing to check an edit against
-            raise InvalidEnsemble(f"ensemble {ensemble_id!r}: {MANIFEST_FILE} records no fingerprint; write it with "
-                                 "shared.ml.training.ensemble.write_manifest")
+            raise InvalidEnsemble(
+                f"ensemble {ensemble_id!r}: {MANIFEST_FILE} records no fingerprint; write it with "
+                "shared.ml.training.ensemble.write_manifest"
+            )
         members = {}
         for member in manifest.members:
             if member.path is not None:
@@ -139,8 +144,9 @@ class StoreEnsembleSource:
         with get_sessionmaker(self.db_url)() as session:
             row = session.get(Ensemble, ensemble_id)
             if row is None and ensemble_id.startswith("art-"):  # the manifest's artifact id
-                row = session.scalars(select(Ensemble).where(Ensemble.artifact_id == ensemble_id)
-                                      .order_by(Ensemble.id)).first()
+                row = session.scalars(
+                    select(Ensemble).where(Ensemble.artifact_id == ensemble_id).order_by(Ensemble.id)
+                ).first()
             if row is None:
                 raise EnsembleNotFound(f"ensemble {ensemble_id!r} not found")
             art = session.get(Artifact, row.artifact_id)
@@ -161,8 +167,12 @@ class StoreEnsembleSource:
                 if adapter_art is None:
                     raise InvalidEnsemble(f"ensemble {ensemble_id!r}: member {member.name!r} has no stored adapter")
                 members[member.name] = store.resolve(adapter_art.path)
-                _check_stored(members[member.name], adapter_art,
-                              f"ensemble {ensemble_id!r}: member {member.name!r}'s adapter", f"members[{index}]")
+                _check_stored(
+                    members[member.name],
+                    adapter_art,
+                    f"ensemble {ensemble_id!r}: member {member.name!r}'s adapter",
+                    f"members[{index}]",
+                )
             owner = row.owner
         return ResolvedEnsemble(ensemble_id, manifest, members, "store", owner)
 

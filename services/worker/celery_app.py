@@ -30,7 +30,7 @@ def broker_url() -> str:
     url = get_settings().celery_broker_url
     for plain in ("sqla+postgres://", "sqla+postgresql://"):
         if url.startswith(plain):
-            url = "sqla+postgresql+psycopg://" + url[len(plain):]
+            url = "sqla+postgresql+psycopg://" + url[len(plain) :]
     if url.startswith("sqla+sqlite:///"):
         os.makedirs(os.path.dirname(url.removeprefix("sqla+sqlite:///")) or ".", exist_ok=True)
     return url
@@ -42,18 +42,33 @@ def make_celery() -> Celery:
     networked = url.split("://", 1)[0] in ("redis", "rediss", "amqp", "amqps", "pyamqp")
     app = Celery("chorus", broker=url, include=["services.worker.tasks"])
     app.conf.update(
-        task_serializer="json", result_serializer="json", event_serializer="json", accept_content=["json"],
-        result_accept_content=["json"], task_ignore_result=True, result_backend=None,
-        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_time_limit=svc.job_time_limit, task_soft_time_limit=svc.soft_time_limit,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=svc.job_time_limit,
+        task_soft_time_limit=svc.soft_time_limit,
         # The SQLAlchemy transport hands its options to create_engine: none there (it never redelivers;
         # the reaper does). Networked brokers redeliver unacked jobs after the visibility timeout.
         broker_transport_options={"visibility_timeout": svc.broker_visibility_timeout} if networked else {},
-        worker_max_tasks_per_child=1, worker_concurrency=1, worker_pool="prefork",
-        worker_cancel_long_running_tasks_on_connection_loss=True, broker_connection_retry_on_startup=True,
-        task_default_queue=svc.queue, task_routes={RUN_JOB: {"queue": svc.queue}, RUN_SHARDS: {"queue": svc.queue}},
-        worker_enable_remote_control=networked, worker_send_task_events=False, task_send_sent_event=False,
-        worker_hijack_root_logger=False, worker_redirect_stdouts=False,
+        worker_max_tasks_per_child=1,
+        worker_concurrency=1,
+        worker_pool="prefork",
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=svc.queue,
+        task_routes={RUN_JOB: {"queue": svc.queue}, RUN_SHARDS: {"queue": svc.queue}},
+        worker_enable_remote_control=networked,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
     )
     app.steps["worker"].add(ReaperStep)
     return app

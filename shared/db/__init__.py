@@ -16,6 +16,19 @@ from shared.db.models import (
 from shared.db.session import get_engine, get_sessionmaker, migrate, session_scope
 
 __all__ = [
-    "Adapter", "ApiKey", "Artifact", "Base", "Dataset", "Ensemble", "Job", "JobEvent", "JobStage",
-    "get_engine", "get_sessionmaker", "migrate", "new_id", "session_scope", "utcnow",
+    "Adapter",
+    "ApiKey",
+    "Artifact",
+    "Base",
+    "Dataset",
+    "Ensemble",
+    "Job",
+    "JobEvent",
+    "JobStage",
+    "get_engine",
+    "get_sessionmaker",
+    "migrate",
+    "new_id",
+    "session_scope",
+    "utcnow",
 ]

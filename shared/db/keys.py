@@ -26,7 +26,7 @@ def hash_key(plaintext: str) -> str:
 
 
 def parse_scopes(scopes: str | Iterable[str]) -> list[str]:
-    """"submit, infer" -> ["infer", "submit"]; ValueError for an unknown scope."""
+    """ "submit, infer" -> ["infer", "submit"]; ValueError for an unknown scope."""
     items = scopes.split(",") if isinstance(scopes, str) else list(scopes)
     out = sorted({s.strip() for s in items if s.strip()})
     unknown = [s for s in out if s not in SCOPES]
@@ -44,16 +44,24 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def create_key(session: Session, owner: str, scopes: str | Iterable[str], name: str = "",
-               plaintext: str | None = None) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session, owner: str, scopes: str | Iterable[str], name: str = "", plaintext: str | None = None
+) -> tuple[ApiKey, str]:
     """A new key row and its plaintext (shown once). Does not commit."""
     if not owner or len(owner) > 200:
         raise ValueError("owner must be 1-200 characters")
     plaintext = plaintext or generate_key()
     if len(plaintext) < 16:
         raise ValueError("an API key must be at least 16 characters")
-    row = ApiKey(id=new_id("key"), name=name, owner=owner, prefix=plaintext[:PREFIX_CHARS],
-                 key_hash=hash_key(plaintext), scopes=parse_scopes(scopes), created_at=utcnow())
+    row = ApiKey(
+        id=new_id("key"),
+        name=name,
+        owner=owner,
+        prefix=plaintext[:PREFIX_CHARS],
+        key_hash=hash_key(plaintext),
+        scopes=parse_scopes(scopes),
+        created_at=utcnow(),
+    )
     session.add(row)
     session.flush()
     return row, plaintext
@@ -86,5 +94,12 @@ def ensure_admin_key(session: Session, env_key: str | None) -> str | None:
 
 
 def key_summary(row: ApiKey) -> dict[str, Any]:
-    return {"id": row.id, "name": row.name, "owner": row.owner, "prefix": row.prefix, "scopes": list(row.scopes),
-            "created_at": row.created_at, "revoked_at": row.revoked_at}
+    return {
+        "id": row.id,
+        "name": row.name,
+        "owner": row.owner,
+        "prefix": row.prefix,
+        "scopes": list(row.scopes),
+        "created_at": row.created_at,
+        "revoked_at": row.revoked_at,
+    }

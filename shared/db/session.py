@@ -31,7 +31,7 @@ def normalize_url(url: str) -> str:
     """Use the psycopg 3 driver for plain postgres:// URLs (psycopg2 is not a dependency)."""
     for plain in ("postgres://", "postgresql://"):
         if url.startswith(plain):
-            return "postgresql+psycopg://" + url[len(plain):]
+            return "postgresql+psycopg://" + url[len(plain) :]
     return url
 
 
@@ -73,8 +73,9 @@ def get_read_engine(url: str | None = None) -> Engine:
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False,
-                                                   pool_size=10, max_overflow=20, pool_recycle=1800)
+            engine = _ENGINES[key] = create_engine(
+                url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_size=10, max_overflow=20, pool_recycle=1800
+            )
         return engine
 
 

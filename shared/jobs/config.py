@@ -38,8 +38,12 @@ class ServiceSettings(BaseSettings):
     # job's workdir). The job's own worker works on shards too, so one worker alone still finishes.
     fanout_shards: int = Field(0, ge=0, le=4096, description="Shards per shardable phase (0 or 1: no fan-out).")
     fanout_helpers: int | None = Field(None, ge=0, description="Helper tasks sent per phase (default: shards - 1).")
-    fanout_shard_delay: float = Field(0.0, ge=0, le=3600, description="Test knob: seconds a worker holds a claimed "
-                                                                       "shard before running it (keep 0 in production).")
+    fanout_shard_delay: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Test knob: seconds a worker holds a claimed shard before running it (keep 0 in production).",
+    )
 
     # API
     admin_key: str | None = Field(None, description="CHORUS_ADMIN_KEY: the bootstrap admin key.")

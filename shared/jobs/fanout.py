@@ -89,8 +89,9 @@ class ShardClaim:
 
 
 # -- the table ---------------------------------------------------------------------------------------
-def ensure_shards(session: Session, job_id: str, phase: str, ranges: list[tuple[int, int]],
-                  spec: dict[str, Any]) -> int:
+def ensure_shards(
+    session: Session, job_id: str, phase: str, ranges: list[tuple[int, int]], spec: dict[str, Any]
+) -> int:
     """Create the phase's shard rows unless the phase has rows already (then they are kept as they are,
     e.g. on a resumed job). Idempotent and safe against a concurrent creator. Commits; returns the count."""
     count = _count(session, job_id, phase)
@@ -98,8 +99,20 @@ def ensure_shards(session: Session, job_id: str, phase: str, ranges: list[tuple[
         return count
     now = utcnow()
     for index, (start, end) in enumerate(ranges):
-        session.add(JobShard(job_id=job_id, phase=phase, index=index, start=int(start), end=int(end),
-                             status="pending", attempts=0, spec=spec, created_at=now, updated_at=now))
+        session.add(
+            JobShard(
+                job_id=job_id,
+                phase=phase,
+                index=index,
+                start=int(start),
+                end=int(end),
+                status="pending",
+                attempts=0,
+                spec=spec,
+                created_at=now,
+                updated_at=now,
+            )
+        )
     try:
         session.commit()
     except IntegrityError:  # another creator won; its rows are the phase's rows
@@ -108,7 +121,9 @@ def ensure_shards(session: Session, job_id: str, phase: str, ranges: list[tuple[
 
 
 def _count(session: Session, job_id: str, phase: str) -> int:
-    n = session.scalar(select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id, JobShard.phase == phase))
+    n = session.scalar(
+        select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id, JobShard.phase == phase)
+    )
     session.rollback()
     return int(n or 0)
 
@@ -118,20 +133,28 @@ def _expired(now: datetime) -> Any:
 
 
 def claimable_clause(now: datetime, max_attempts: int) -> Any:
-    return and_(JobShard.attempts < max_attempts,
-                or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))))
+    return and_(
+        JobShard.attempts < max_attempts,
+        or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))),
+    )
 
 
-def claim_shard(session: Session, job_id: str, phase: str, worker: str, lease_seconds: float,
-                max_attempts: int) -> ShardClaim | None:
+def claim_shard(
+    session: Session, job_id: str, phase: str, worker: str, lease_seconds: float, max_attempts: int
+) -> ShardClaim | None:
     """Claim the first claimable shard of the phase: pending, or running with an expired lease or a dead
     claimant (same host). A compare-and-set on (status, attempts): one claimant wins. Commits."""
     now = utcnow()
     candidates = session.execute(
         select(JobShard.id, JobShard.status, JobShard.attempts, JobShard.claimed_by, JobShard.lease_expires_at)
-        .where(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status.in_(("pending", "running")),
-               JobShard.attempts < max_attempts)
-        .order_by(JobShard.index)).all()
+        .where(
+            JobShard.job_id == job_id,
+            JobShard.phase == phase,
+            JobShard.status.in_(("pending", "running")),
+            JobShard.attempts < max_attempts,
+        )
+        .order_by(JobShard.index)
+    ).all()
     session.rollback()
     for shard_id, status, attempts, claimed_by, expires in candidates:
         cas = [JobShard.id == shard_id, JobShard.status == status, JobShard.attempts == attempts]
@@ -142,23 +165,50 @@ def claim_shard(session: Session, job_id: str, phase: str, worker: str, lease_se
                 cas.append(_expired(now))  # re-checked in the update: a renewal in between wins
             else:
                 continue
-        done = session.execute(update(JobShard).where(*cas).values(
-            status="running", claimed_by=worker, lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=JobShard.attempts + 1, started_at=now, finished_at=None, updated_at=now,
-        ).execution_options(synchronize_session=False))
+        done = session.execute(
+            update(JobShard)
+            .where(*cas)
+            .values(
+                status="running",
+                claimed_by=worker,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=JobShard.attempts + 1,
+                started_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
         if done.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             continue
         row = session.get(JobShard, shard_id, populate_existing=True)
         assert row is not None
-        total = session.scalar(select(func.count()).select_from(JobShard).where(
-            JobShard.job_id == job_id, JobShard.phase == phase))
-        claim = ShardClaim(row.id, job_id, phase, row.index, row.start, row.end, row.attempts, int(total or 0),
-                           dict(row.spec or {}), worker)
+        total = session.scalar(
+            select(func.count()).select_from(JobShard).where(JobShard.job_id == job_id, JobShard.phase == phase)
+        )
+        claim = ShardClaim(
+            row.id,
+            job_id,
+            phase,
+            row.index,
+            row.start,
+            row.end,
+            row.attempts,
+            int(total or 0),
+            dict(row.spec or {}),
+            worker,
+        )
         session.commit()
         if status == "running":
-            log.warning("shard %s/%d of job %s taken over from %s (attempt %d)", phase, row.index, job_id,
-                        claimed_by, claim.attempt)
+            log.warning(
+                "shard %s/%d of job %s taken over from %s (attempt %d)",
+                phase,
+                row.index,
+                job_id,
+                claimed_by,
+                claim.attempt,
+            )
         return claim
     return None
 
@@ -170,8 +220,11 @@ def _mine(claim: ShardClaim) -> list[Any]:
 def renew_shard(session: Session, claim: ShardClaim, lease_seconds: float) -> bool:
     """Extend the claim's lease; False when the claim was lost (taken over after expiry). Commits."""
     now = utcnow()
-    done = session.execute(update(JobShard).where(*_mine(claim)).values(
-        lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now))
+    done = session.execute(
+        update(JobShard)
+        .where(*_mine(claim))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    )
     session.commit()
     return done.rowcount == 1  # type: ignore[attr-defined]
 
@@ -183,18 +236,40 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
     # The job row's lock serialises completions of one job, so each one counts the others' (committed) rows:
     # two shards finishing together get "k/n" and "k+1/n", never the same k. Taken first: job, then shard.
     session.execute(select(Job.id).where(Job.id == claim.job_id).with_for_update())
-    done = session.execute(update(JobShard).where(*_mine(claim)).values(
-        status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=jsonable(result or {})))
+    done = session.execute(
+        update(JobShard)
+        .where(*_mine(claim))
+        .values(status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=jsonable(result or {}))
+    )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return False
-    finished = int(session.scalar(select(func.count()).select_from(JobShard).where(
-        JobShard.job_id == claim.job_id, JobShard.phase == claim.phase, JobShard.status == "done")) or 0)
+    finished = int(
+        session.scalar(
+            select(func.count())
+            .select_from(JobShard)
+            .where(JobShard.job_id == claim.job_id, JobShard.phase == claim.phase, JobShard.status == "done")
+        )
+        or 0
+    )
     unit = claim.spec.get("unit", "items")
-    state.add_event(session, claim.job_id, f"{claim.label}: shard {finished}/{claim.total} done by {claim.worker}",
-                    data={"type": "shard", "phase": claim.phase, "shard": claim.index, "start": claim.start,
-                          "end": claim.end, "unit": unit, "worker": claim.worker, "attempt": claim.attempt,
-                          "done": finished, "total": claim.total})
+    state.add_event(
+        session,
+        claim.job_id,
+        f"{claim.label}: shard {finished}/{claim.total} done by {claim.worker}",
+        data={
+            "type": "shard",
+            "phase": claim.phase,
+            "shard": claim.index,
+            "start": claim.start,
+            "end": claim.end,
+            "unit": unit,
+            "worker": claim.worker,
+            "attempt": claim.attempt,
+            "done": finished,
+            "total": claim.total,
+        },
+    )
     session.commit()
     return True
 
@@ -202,8 +277,11 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
 def release_shard(session: Session, claim: ShardClaim, error: str | None = None) -> bool:
     """Give a claimed, unfinished shard back (pending; `error` kept for the record). Commits."""
     now = utcnow()
-    done = session.execute(update(JobShard).where(*_mine(claim)).values(
-        status="pending", lease_expires_at=None, updated_at=now, error=error[-4000:] if error else None))
+    done = session.execute(
+        update(JobShard)
+        .where(*_mine(claim))
+        .values(status="pending", lease_expires_at=None, updated_at=now, error=error[-4000:] if error else None)
+    )
     session.commit()
     return done.rowcount == 1  # type: ignore[attr-defined]
 
@@ -212,21 +290,34 @@ def fail_exhausted(session: Session, job_id: str, phase: str, max_attempts: int)
     """Mark failed the unfinished shards that used up their attempts and are not being worked on. Commits;
     returns the phase's failed shards (index, start, end, attempts, error)."""
     now = utcnow()
-    stuck = and_(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.attempts >= max_attempts,
-                 or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))))
-    session.execute(update(JobShard).where(stuck).values(status="failed", lease_expires_at=None, updated_at=now,
-                                                         finished_at=now).execution_options(synchronize_session=False))
+    stuck = and_(
+        JobShard.job_id == job_id,
+        JobShard.phase == phase,
+        JobShard.attempts >= max_attempts,
+        or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))),
+    )
+    session.execute(
+        update(JobShard)
+        .where(stuck)
+        .values(status="failed", lease_expires_at=None, updated_at=now, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
     session.commit()
-    failed = session.execute(select(JobShard.index, JobShard.start, JobShard.end, JobShard.attempts, JobShard.error)
-                             .where(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "failed")
-                             .order_by(JobShard.index)).all()
+    failed = session.execute(
+        select(JobShard.index, JobShard.start, JobShard.end, JobShard.attempts, JobShard.error)
+        .where(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "failed")
+        .order_by(JobShard.index)
+    ).all()
     session.rollback()
     return [dict(row._mapping) for row in failed]
 
 
 def phase_counts(session: Session, job_id: str, phase: str) -> dict[str, int]:
-    rows = session.execute(select(JobShard.status, func.count()).where(
-        JobShard.job_id == job_id, JobShard.phase == phase).group_by(JobShard.status)).all()
+    rows = session.execute(
+        select(JobShard.status, func.count())
+        .where(JobShard.job_id == job_id, JobShard.phase == phase)
+        .group_by(JobShard.status)
+    ).all()
     session.rollback()
     counts = {s: 0 for s in ("pending", "running", "done", "failed")}
     counts.update({status: int(n) for status, n in rows})
@@ -236,8 +327,11 @@ def phase_counts(session: Session, job_id: str, phase: str) -> dict[str, int]:
 
 def has_claimable(session: Session, job_id: str, phase: str, max_attempts: int) -> bool:
     """Is there a shard a worker could claim now? (Dead claimants are only seen by claim_shard.)"""
-    found = session.scalar(select(JobShard.id).where(
-        JobShard.job_id == job_id, JobShard.phase == phase, claimable_clause(utcnow(), max_attempts)).limit(1))
+    found = session.scalar(
+        select(JobShard.id)
+        .where(JobShard.job_id == job_id, JobShard.phase == phase, claimable_clause(utcnow(), max_attempts))
+        .limit(1)
+    )
     session.rollback()
     return found is not None
 
@@ -262,13 +356,18 @@ class ShardHeartbeat(Heartbeat):
             try:
                 with self.maker() as session:
                     if not renew_shard(session, self.claim, self.lease_seconds):
-                        log.warning("lost the claim of shard %s/%d of job %s", self.claim.phase, self.claim.index,
-                                    self.claim.job_id)
+                        log.warning(
+                            "lost the claim of shard %s/%d of job %s",
+                            self.claim.phase,
+                            self.claim.index,
+                            self.claim.job_id,
+                        )
                         self.lost.set()
                         return
             except Exception:  # a database hiccup must not kill the heartbeat
-                log.exception("heartbeat of shard %s/%d of job %s failed", self.claim.phase, self.claim.index,
-                              self.claim.job_id)
+                log.exception(
+                    "heartbeat of shard %s/%d of job %s failed", self.claim.phase, self.claim.index, self.claim.job_id
+                )
 
 
 class _ClaimProgress:
@@ -290,8 +389,15 @@ def shard_function(ref: str) -> Callable[..., dict[str, Any]]:
     return load_ref(ref)  # type: ignore[no-any-return]
 
 
-def run_claim(claim: ShardClaim, progress: Progress, cache: dict[str, Any], *, settings: ServiceSettings,
-              maker: sessionmaker[Session], check: Callable[[], None] | None = None) -> bool:
+def run_claim(
+    claim: ShardClaim,
+    progress: Progress,
+    cache: dict[str, Any],
+    *,
+    settings: ServiceSettings,
+    maker: sessionmaker[Session],
+    check: Callable[[], None] | None = None,
+) -> bool:
     """Run one claimed shard under a heartbeat and mark it done (True), or give it back and re-raise."""
     heartbeat = ShardHeartbeat(claim, settings.lease_seconds, maker).start()
     guarded = _ClaimProgress(progress, heartbeat)
@@ -313,8 +419,12 @@ def run_claim(claim: ShardClaim, progress: Progress, cache: dict[str, Any], *, s
     with maker() as session:
         ok = complete_shard(session, claim, result if isinstance(result, dict) else {"result": result})
     if not ok:
-        log.warning("shard %s/%d of job %s was finished here after its claim was lost (outputs are idempotent)",
-                    claim.phase, claim.index, claim.job_id)
+        log.warning(
+            "shard %s/%d of job %s was finished here after its claim was lost (outputs are idempotent)",
+            claim.phase,
+            claim.index,
+            claim.job_id,
+        )
     return ok
 
 
@@ -329,10 +439,18 @@ def _test_delay(seconds: float, heartbeat: ShardHeartbeat, check: Callable[[], N
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
-def work_on_phase(job_id: str, phase: str, progress: Progress, cache: dict[str, Any], *,
-                  settings: ServiceSettings | None = None, stop: Callable[[], bool] | None = None,
-                  check: Callable[[], None] | None = None, maker: sessionmaker[Session] | None = None,
-                  worker: str | None = None) -> list[ShardClaim]:
+def work_on_phase(
+    job_id: str,
+    phase: str,
+    progress: Progress,
+    cache: dict[str, Any],
+    *,
+    settings: ServiceSettings | None = None,
+    stop: Callable[[], bool] | None = None,
+    check: Callable[[], None] | None = None,
+    maker: sessionmaker[Session] | None = None,
+    worker: str | None = None,
+) -> list[ShardClaim]:
     """Claim and run shards of the phase until none is claimable (or `stop()`); returns the shards done here.
     An exception of a shard function propagates (the shard is given back first); `check()` may raise
     Cancelled between shards."""
@@ -359,8 +477,14 @@ def work_on_phase(job_id: str, phase: str, progress: Progress, cache: dict[str, 
 class JobSharder:
     """shared.ml.sharding.Sharder for a job: fans a phase out over the queue's workers (see module doc)."""
 
-    def __init__(self, job_id: str, settings: ServiceSettings | None = None, dispatch: Dispatch | None = None,
-                 check: Callable[[], None] | None = None, maker: sessionmaker[Session] | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        settings: ServiceSettings | None = None,
+        dispatch: Dispatch | None = None,
+        check: Callable[[], None] | None = None,
+        maker: sessionmaker[Session] | None = None,
+    ) -> None:
         """`check()` raises Cancelled once the job should stop (called while waiting on other workers)."""
         self.job_id = job_id
         self.settings = settings or get_service_settings()
@@ -381,11 +505,21 @@ class JobSharder:
             wanted = self.settings.fanout_helpers if self.settings.fanout_helpers is not None else self.shards - 1
             helpers = max(0, min(wanted, open_shards - 1))
         with self.maker() as session:
-            state.add_event(session, self.job_id,
-                            f"{phase.label}: {phase.size} {phase.unit} in {total} shard(s), {counts['done']} done; "
-                            f"asking for {helpers} helper(s)",
-                            data={"type": "fanout", "phase": phase.name, "shards": total, "size": phase.size,
-                                  "unit": phase.unit, "done": counts["done"], "helpers": helpers})
+            state.add_event(
+                session,
+                self.job_id,
+                f"{phase.label}: {phase.size} {phase.unit} in {total} shard(s), {counts['done']} done; "
+                f"asking for {helpers} helper(s)",
+                data={
+                    "type": "fanout",
+                    "phase": phase.name,
+                    "shards": total,
+                    "size": phase.size,
+                    "unit": phase.unit,
+                    "done": counts["done"],
+                    "helpers": helpers,
+                },
+            )
             session.commit()
         if helpers:
             try:
@@ -401,8 +535,9 @@ class JobSharder:
         poll = min(1.0, self.settings.lease_seconds / 4)
         seen_done = -1
         while True:
-            work_on_phase(self.job_id, phase, progress, cache, settings=self.settings, maker=self.maker,
-                          check=self.check)
+            work_on_phase(
+                self.job_id, phase, progress, cache, settings=self.settings, maker=self.maker, check=self.check
+            )
             with self.maker() as session:
                 counts = phase_counts(session, self.job_id, phase)
             if counts["done"] != seen_done or counts["done"] == counts["total"]:
@@ -415,19 +550,26 @@ class JobSharder:
                 failed = fail_exhausted(session, self.job_id, phase, self.settings.max_attempts)
             if failed:
                 first = failed[0]
-                raise RuntimeError(f"{label}: shard {first['index']} ([{first['start']}, {first['end']})) failed after "
-                                   f"{first['attempts']} attempt(s): {first['error'] or 'its worker was lost'}")
+                raise RuntimeError(
+                    f"{label}: shard {first['index']} ([{first['start']}, {first['end']})) failed after "
+                    f"{first['attempts']} attempt(s): {first['error'] or 'its worker was lost'}"
+                )
             self.check()
             time.sleep(poll)
 
     def _summarize(self, phase: str, label: str) -> None:
         with self.maker() as session:
-            rows = session.execute(select(JobShard.claimed_by).where(
-                JobShard.job_id == self.job_id, JobShard.phase == phase)).all()
+            rows = session.execute(
+                select(JobShard.claimed_by).where(JobShard.job_id == self.job_id, JobShard.phase == phase)
+            ).all()
             by = Counter(str(r[0]) for r in rows)
             text = ", ".join(f"{n} by {w}" for w, n in sorted(by.items()))
-            state.add_event(session, self.job_id, f"{label}: all {sum(by.values())} shards done ({text})",
-                            data={"type": "fanout", "phase": phase, "status": "done", "workers": dict(by)})
+            state.add_event(
+                session,
+                self.job_id,
+                f"{label}: all {sum(by.values())} shards done ({text})",
+                data={"type": "fanout", "phase": phase, "status": "done", "workers": dict(by)},
+            )
             session.commit()
 
 
@@ -456,8 +598,9 @@ class _JobWatch:
         self.check()
 
 
-def helper_wanted(job_id: str, phase: str, settings: ServiceSettings | None = None,
-                  maker: sessionmaker[Session] | None = None) -> bool:
+def helper_wanted(
+    job_id: str, phase: str, settings: ServiceSettings | None = None, maker: sessionmaker[Session] | None = None
+) -> bool:
     """Cheap check (no ML import): is the job unfinished and does the phase have a claimable shard?"""
     settings = settings or get_service_settings()
     maker = maker or get_sessionmaker()
@@ -468,21 +611,29 @@ def helper_wanted(job_id: str, phase: str, settings: ServiceSettings | None = No
         if has_claimable(session, job_id, phase, settings.max_attempts):
             return True
         # a running shard whose claimant died on this host is claimable too
-        owners = session.scalars(select(JobShard.claimed_by).where(
-            JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "running")).all()
+        owners = session.scalars(
+            select(JobShard.claimed_by).where(
+                JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "running"
+            )
+        ).all()
         session.rollback()
     return any(state.owner_is_dead(o) for o in owners)
 
 
 def phase_spec(session: Session, job_id: str, phase: str) -> dict[str, Any] | None:
-    spec = session.scalar(select(JobShard.spec).where(JobShard.job_id == job_id, JobShard.phase == phase)
-                          .order_by(JobShard.index).limit(1))
+    spec = session.scalar(
+        select(JobShard.spec)
+        .where(JobShard.job_id == job_id, JobShard.phase == phase)
+        .order_by(JobShard.index)
+        .limit(1)
+    )
     session.rollback()
     return dict(spec) if spec is not None else None
 
 
-def _prepare(job_id: str, phase: str, cache: dict[str, Any], settings: ServiceSettings,
-             maker: sessionmaker[Session]) -> None:
+def _prepare(
+    job_id: str, phase: str, cache: dict[str, Any], settings: ServiceSettings, maker: sessionmaker[Session]
+) -> None:
     with maker() as session:
         spec = phase_spec(session, job_id, phase) or {}
     if spec.get("prepare"):
@@ -490,8 +641,9 @@ def _prepare(job_id: str, phase: str, cache: dict[str, Any], settings: ServiceSe
         prepare(dict(spec.get("args") or {}), settings.workdir_root / job_id, cache)
 
 
-def run_helper(job_id: str, phase: str, settings: ServiceSettings | None = None,
-               maker: sessionmaker[Session] | None = None) -> dict[str, Any]:
+def run_helper(
+    job_id: str, phase: str, settings: ServiceSettings | None = None, maker: sessionmaker[Session] | None = None
+) -> dict[str, Any]:
     """The body of a helper task: run the phase's `prepare` (load the model), then work on its shards until
     none is claimable, and return. Idempotent: nothing happens when the job is finished or cancelled or
     the phase has nothing to claim."""

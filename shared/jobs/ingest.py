@@ -38,7 +38,9 @@ def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str,
     """{logical name: artifact id} over a job's stages; a name produced by several stages is keyed
     "stage/name" for each of them (e.g. two stages that both write a "report")."""
     counts = Counter(name for _, ids in stages for name in ids)
-    return {(name if counts[name] == 1 else f"{stage}/{name}"): art for stage, ids in stages for name, art in ids.items()}
+    return {
+        (name if counts[name] == 1 else f"{stage}/{name}"): art for stage, ids in stages for name, art in ids.items()
+    }
 
 
 def stage_artifact_paths(workdir: Path, summary: dict[str, Any]) -> dict[str, Path]:
@@ -68,13 +70,25 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _is_ensemble(logical: str, path: Path) -> bool:
     """An ensemble manifest: a JSON file named ensemble* whose object lists members."""
-    if not (path.is_file() and path.suffix == ".json" and (logical.startswith("ensemble") or path.name.startswith("ensemble"))):
+    if not (
+        path.is_file()
+        and path.suffix == ".json"
+        and (logical.startswith("ensemble") or path.name.startswith("ensemble"))
+    ):
         return False
     return isinstance(_read_json(path).get("members"), list)
 
 
-def ingest_stage(session: Session, store: ArtifactStore, *, job_id: str, owner: str, stage: str, workdir: Path,
-                 summary: dict[str, Any]) -> dict[str, str]:
+def ingest_stage(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    job_id: str,
+    owner: str,
+    stage: str,
+    workdir: Path,
+    summary: dict[str, Any],
+) -> dict[str, str]:
     """Store a stage's artifacts and record them; returns {logical name: artifact id}. Does not commit.
 
     Re-running this for the same job/stage (after a redelivery) updates rows in place: no duplicates.
@@ -86,8 +100,16 @@ def ingest_stage(session: Session, store: ArtifactStore, *, job_id: str, owner: 
     for name, path in sorted(paths.items(), key=lambda kv: (not kv[1].is_dir(), kv[0])):
         stored = store.put(path)
         meta = {"relpath": str(path.relative_to(workdir.resolve()))}
-        art = record_artifact(session, stored, owner=owner, name=name, job_id=job_id, stage=stage, meta=meta,
-                              media_type=media_type_for(path.name, stored.kind))
+        art = record_artifact(
+            session,
+            stored,
+            owner=owner,
+            name=name,
+            job_id=job_id,
+            stage=stage,
+            meta=meta,
+            media_type=media_type_for(path.name, stored.kind),
+        )
         ids[name] = art.id
         if stored.kind == "folder" and (path / "adapter_config.json").is_file():
             adapters[path] = _record_adapter(session, art, path, owner, job_id, path.name)
@@ -106,8 +128,11 @@ def _record_adapter(session: Session, art: Artifact, folder: Path, owner: str, j
             extra = _read_json(folder / candidate)
             break
     info = {
-        "rank": config.get("r"), "lora_alpha": config.get("lora_alpha"), "target_modules": config.get("target_modules"),
-        "peft_type": config.get("peft_type"), **extra,
+        "rank": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "peft_type": config.get("peft_type"),
+        **extra,
     }
     row = session.scalars(select(Adapter).where(Adapter.job_id == job_id, Adapter.name == name)).one_or_none()
     if row is None:
@@ -122,8 +147,9 @@ def _record_adapter(session: Session, art: Artifact, folder: Path, owner: str, j
     return row
 
 
-def _record_ensemble(session: Session, art: Artifact, path: Path, owner: str, job_id: str | None,
-                     folders: dict[Path, Adapter]) -> Ensemble:
+def _record_ensemble(
+    session: Session, art: Artifact, path: Path, owner: str, job_id: str | None, folders: dict[Path, Adapter]
+) -> Ensemble:
     """The ensemble row of a manifest: validated with `load_manifest` (a recorded fingerprint must match its
     content); `fingerprint` is the manifest's fingerprint, the one the inference service reports (the file's
     own sha256 stays on the artifact row). Every adapter member must be one of the job's stored adapters whose
@@ -146,12 +172,16 @@ def _record_ensemble(session: Session, art: Artifact, path: Path, owner: str, jo
         folder = (path.parent / member.path).resolve()
         adapter = folders.get(folder) or known.get(folder.name) or known.get(member.name)
         if adapter is None:
-            raise ValueError(f"ensemble manifest {path.name!r}: member {member.name!r} ({member.path}) is not an "
-                             "adapter folder stored by this job")
+            raise ValueError(
+                f"ensemble manifest {path.name!r}: member {member.name!r} ({member.path}) is not an "
+                "adapter folder stored by this job"
+            )
         weights = folder / WEIGHTS_FILE
         if folder in folders and (not weights.is_file() or sha256_file(weights) != member.sha256):
-            raise ValueError(f"ensemble manifest {path.name!r}: member {member.name!r}: {member.path}/{WEIGHTS_FILE} "
-                             "does not have the sha256 the manifest records")
+            raise ValueError(
+                f"ensemble manifest {path.name!r}: member {member.name!r}: {member.path}/{WEIGHTS_FILE} "
+                "does not have the sha256 the manifest records"
+            )
         members[member.name] = adapter.id
     raw = _read_json(path)
     name = manifest.name or path.stem

@@ -45,8 +45,14 @@ class Lease(Heartbeat):
     still running `grace` seconds later: a stage that never calls progress is stopped from outside.
     """
 
-    def __init__(self, job_id: str, token: str, lease_seconds: float, grace: float = 0.0,
-                 hard_stop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        token: str,
+        lease_seconds: float,
+        grace: float = 0.0,
+        hard_stop: Callable[[], None] | None = None,
+    ) -> None:
         self.job_id, self.token, self.lease_seconds = job_id, token, lease_seconds
         self.grace, self.hard_stop = grace, hard_stop
         self.cancelled = threading.Event()
@@ -96,8 +102,17 @@ class JobProgress:
     soon as the job was cancelled or this worker lost its lease.
     """
 
-    def __init__(self, job_id: str, token: str, lease: Lease, stage: str, stage_index: int, stage_count: int,
-                 interval: float = 0.5, event_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        token: str,
+        lease: Lease,
+        stage: str,
+        stage_index: int,
+        stage_count: int,
+        interval: float = 0.5,
+        event_interval: float = 2.0,
+    ) -> None:
         self.job_id, self.token, self.lease = job_id, token, lease
         self.stage, self.stage_index, self.stage_count = stage, stage_index, stage_count
         self.interval, self.event_interval = interval, event_interval
@@ -109,9 +124,16 @@ class JobProgress:
     def snapshot(self, step: str | None, done: int, total: int, message: str = "") -> dict[str, Any]:
         fraction = self._meter.update(step or "", done, total) if step is not None else self._meter.fraction
         overall = (self.stage_index + min(max(fraction, 0.0), 1.0)) / max(self.stage_count, 1)
-        return {"stage": self.stage, "stage_index": self.stage_index, "stage_count": self.stage_count,
-                "step": step, "done": done, "total": total, "message": message,
-                "percent": round(100.0 * overall, 2)}
+        return {
+            "stage": self.stage,
+            "stage_index": self.stage_index,
+            "stage_count": self.stage_count,
+            "step": step,
+            "done": done,
+            "total": total,
+            "message": message,
+            "percent": round(100.0 * overall, 2),
+        }
 
     def __call__(self, stage: str, done: int, total: int, message: str = "") -> None:
         if self.lease.stopping:
@@ -125,9 +147,14 @@ class JobProgress:
         snap = self.snapshot(stage, done, total, message)
         want_event = step_end or new_step or now - self._last_event.get(stage, 0.0) >= self.event_interval
         with self._maker() as session:
-            ok = session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running",
-                                                   Job.lease_owner == self.token)
-                                 .values(progress=snap, updated_at=utcnow())).rowcount == 1  # type: ignore[attr-defined]
+            ok = (
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.status == "running", Job.lease_owner == self.token)
+                    .values(progress=snap, updated_at=utcnow())
+                ).rowcount
+                == 1
+            )  # type: ignore[attr-defined]
             if ok and want_event:
                 self._last_event[stage] = now
                 text = f"{stage}: {done}/{total}" + (f" {message}" if message else "")

@@ -46,9 +46,13 @@ def reap(enqueue: Enqueue, settings: ServiceSettings | None = None, unsent_grace
                 report["requeued"].append(job.id)
             elif new_status == "failed":
                 report["failed"].append(job.id)
-        unsent = session.scalars(select(Job.id).where(
-            Job.status == "queued", Job.enqueued_at.is_(None),
-            or_(Job.id.in_(report["requeued"]), Job.created_at < now - timedelta(seconds=unsent_grace)))).all()
+        unsent = session.scalars(
+            select(Job.id).where(
+                Job.status == "queued",
+                Job.enqueued_at.is_(None),
+                or_(Job.id.in_(report["requeued"]), Job.created_at < now - timedelta(seconds=unsent_grace)),
+            )
+        ).all()
         stale = _stale(session, now, settings.resend_after_seconds)
     for job_id in unsent:
         if send(job_id, enqueue):
@@ -69,25 +73,31 @@ def send(job_id: str, enqueue: Enqueue) -> bool:
         log.warning("could not enqueue %s: %s", job_id, exc)
         return False
     with get_sessionmaker()() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                        .values(enqueued_at=utcnow(), task_id=task_id))
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow(), task_id=task_id)
+        )
         session.commit()
     return True
 
 
 def _stale(session: Session, now: datetime, after: float) -> list[tuple[str, datetime, int]]:
     """(job id, when its message was sent, re-sends so far) of queued jobs due for a re-send."""
-    rows = session.execute(select(Job.id, Job.enqueued_at).where(
-        Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=after))).all()
+    rows = session.execute(
+        select(Job.id, Job.enqueued_at).where(Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=after))
+    ).all()
     if not rows:
         return []
-    counts = dict(session.execute(
-        select(JobEvent.job_id, func.count()).where(JobEvent.job_id.in_([r.id for r in rows]),
-                                                   JobEvent.message.startswith(RESENT)).group_by(JobEvent.job_id)).all())
+    counts = dict(
+        session.execute(
+            select(JobEvent.job_id, func.count())
+            .where(JobEvent.job_id.in_([r.id for r in rows]), JobEvent.message.startswith(RESENT))
+            .group_by(JobEvent.job_id)
+        ).all()
+    )
     out: list[tuple[str, datetime, int]] = []
     for job_id, sent_at in rows:
         count = counts.get(job_id, 0)
-        if sent_at < now - timedelta(seconds=after * min(2 ** count, MAX_BACKOFF)):
+        if sent_at < now - timedelta(seconds=after * min(2**count, MAX_BACKOFF)):
             out.append((job_id, sent_at, count))
     return out
 
@@ -98,8 +108,12 @@ def resend(job_id: str, sent_at: datetime, count: int, enqueue: Enqueue) -> bool
     maker = get_sessionmaker()
     now = utcnow()
     with maker() as session:
-        won = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == sent_at)
-                              .values(enqueued_at=now).execution_options(synchronize_session=False))
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == sent_at)
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
         session.commit()
     if won.rowcount != 1:  # type: ignore[attr-defined]
         return False
@@ -114,7 +128,12 @@ def resend(job_id: str, sent_at: datetime, count: int, enqueue: Enqueue) -> bool
     waited = (now - sent_at).total_seconds()
     with maker() as session:
         session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(task_id=task_id))
-        state.add_event(session, job_id, f"{RESENT} {waited:.0f}s after it was sent; re-sent to the queue", "warning",
-                        {"type": "resend", "resends": count + 1, "task_id": task_id, "waited_seconds": round(waited, 1)})
+        state.add_event(
+            session,
+            job_id,
+            f"{RESENT} {waited:.0f}s after it was sent; re-sent to the queue",
+            "warning",
+            {"type": "resend", "resends": count + 1, "task_id": task_id, "waited_seconds": round(waited, 1)},
+        )
         session.commit()
     return True

@@ -86,25 +86,62 @@ _TRAIN = "shared.ml.training"
 JOB_TYPES: dict[str, JobType] = {
     jt.name: jt
     for jt in (
-        JobType("affinity", "Estimate the task-affinity matrix from projected gradients (no fine-tuning).",
-                f"{_AFF}.params:AffinityParams", f"{_AFF}.stage:run_affinity"),
-        JobType("grouping", "Cluster tasks into groups from an affinity matrix (SDP, spectral fallback).",
-                f"{_AFF}.params:GroupingParams", f"{_AFF}.stage:run_grouping",
-                artifact_params=(("affinity", "affinity.json"),)),
-        JobType("approximation_error", "Measure the first-order approximation error of LoRA fine-tuning.",
-                f"{_AFF}.params:ApproxErrorParams", f"{_AFF}.stage:run_approx_error"),
-        JobType("validate_estimates", "Compare estimated subset performance with real fine-tunes.",
-                f"{_AFF}.params:ValidateParams", f"{_AFF}.stage:run_validate_estimates"),
-        JobType("validate_affinity", "Validate Stage 1's affinity against Stage-2 fine-tunes of every subset.",
-                f"{_AFF}.params:ValidateAffinityParams", f"{_AFF}.validate_affinity:run_validate_affinity"),
-        JobType("training", "Train group adapters, boost, and build the ensemble.",
-                f"{_TRAIN}.params:TrainingParams", f"{_TRAIN}.stage:run_training"),
-        JobType("pipeline", "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
-                f"{_TRAIN}.params:PipelineParams", f"{_TRAIN}.stage:pipeline_stages", multi_stage=True),
-        JobType("study", "The method against its controls (single, per-task, random groups) over seeds.",
-                "shared.ml.study.params:StudyParams", "shared.ml.study.run:run_study"),
-        JobType("evaluation", "Evaluate a base model on tasks (loss, accuracy, macro-F1).",
-                "shared.ml.eval_params:EvalParams", "shared.ml.evaluate:run_evaluation"),
+        JobType(
+            "affinity",
+            "Estimate the task-affinity matrix from projected gradients (no fine-tuning).",
+            f"{_AFF}.params:AffinityParams",
+            f"{_AFF}.stage:run_affinity",
+        ),
+        JobType(
+            "grouping",
+            "Cluster tasks into groups from an affinity matrix (SDP, spectral fallback).",
+            f"{_AFF}.params:GroupingParams",
+            f"{_AFF}.stage:run_grouping",
+            artifact_params=(("affinity", "affinity.json"),),
+        ),
+        JobType(
+            "approximation_error",
+            "Measure the first-order approximation error of LoRA fine-tuning.",
+            f"{_AFF}.params:ApproxErrorParams",
+            f"{_AFF}.stage:run_approx_error",
+        ),
+        JobType(
+            "validate_estimates",
+            "Compare estimated subset performance with real fine-tunes.",
+            f"{_AFF}.params:ValidateParams",
+            f"{_AFF}.stage:run_validate_estimates",
+        ),
+        JobType(
+            "validate_affinity",
+            "Validate Stage 1's affinity against Stage-2 fine-tunes of every subset.",
+            f"{_AFF}.params:ValidateAffinityParams",
+            f"{_AFF}.validate_affinity:run_validate_affinity",
+        ),
+        JobType(
+            "training",
+            "Train group adapters, boost, and build the ensemble.",
+            f"{_TRAIN}.params:TrainingParams",
+            f"{_TRAIN}.stage:run_training",
+        ),
+        JobType(
+            "pipeline",
+            "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
+            f"{_TRAIN}.params:PipelineParams",
+            f"{_TRAIN}.stage:pipeline_stages",
+            multi_stage=True,
+        ),
+        JobType(
+            "study",
+            "The method against its controls (single, per-task, random groups) over seeds.",
+            "shared.ml.study.params:StudyParams",
+            "shared.ml.study.run:run_study",
+        ),
+        JobType(
+            "evaluation",
+            "Evaluate a base model on tasks (loss, accuracy, macro-F1).",
+            "shared.ml.eval_params:EvalParams",
+            "shared.ml.evaluate:run_evaluation",
+        ),
     )
 }
 

@@ -60,9 +60,16 @@ class _Stop(Exception):
 
 
 class JobRunner:
-    def __init__(self, job_id: str, *, token: str | None = None, settings: ServiceSettings | None = None,
-                 store: ArtifactStore | None = None, hard_stop: Callable[[], None] | None = None,
-                 dispatch: Dispatch | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        token: str | None = None,
+        settings: ServiceSettings | None = None,
+        store: ArtifactStore | None = None,
+        hard_stop: Callable[[], None] | None = None,
+        dispatch: Dispatch | None = None,
+    ) -> None:
         self.job_id = job_id
         self.token = token or state.make_token()
         self.settings = settings or get_service_settings()
@@ -75,14 +82,16 @@ class JobRunner:
     # -- entry point --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         with self.maker() as session:
-            claim = state.claim(session, self.job_id, self.token, self.settings.lease_seconds,
-                                self.settings.max_attempts)
+            claim = state.claim(
+                session, self.job_id, self.token, self.settings.lease_seconds, self.settings.max_attempts
+            )
         if claim.outcome != "claimed":
             log.info("job %s not run: %s %s", self.job_id, claim.outcome, claim.status)
             return {"job_id": self.job_id, "outcome": claim.outcome, "status": claim.status}
         self.claim = claim
-        self.lease = Lease(self.job_id, self.token, self.settings.lease_seconds,
-                           self.settings.cancel_grace_seconds, self.hard_stop).start()
+        self.lease = Lease(
+            self.job_id, self.token, self.settings.lease_seconds, self.settings.cancel_grace_seconds, self.hard_stop
+        ).start()
         try:
             outcome = self._timed_out_outside_stage()
         except _Stop as stop:
@@ -129,7 +138,9 @@ class JobRunner:
         return "cancelled" if verdict == "cancelled" else "lease_lost"
 
     def _stage_row(self, session: Any, name: str) -> JobStage | None:
-        return session.scalars(select(JobStage).where(JobStage.job_id == self.job_id, JobStage.name == name)).one_or_none()
+        return session.scalars(
+            select(JobStage).where(JobStage.job_id == self.job_id, JobStage.name == name)
+        ).one_or_none()
 
     def _workdir(self) -> Path:
         """One working directory per job, shared by its stages (they read each other's files) and kept
@@ -164,7 +175,9 @@ class JobRunner:
             with self.maker() as session:
                 art = session.get(Artifact, ref)
                 if art is None or art.owner != self.claim.owner:
-                    self._fail(state.error_obj("invalid_params", f"params.{field}: no artifact {ref!r}", f"params.{field}"))
+                    self._fail(
+                        state.error_obj("invalid_params", f"params.{field}: no artifact {ref!r}", f"params.{field}")
+                    )
                 assert art is not None
                 source = self.store.resolve(art.path)
             target = self._workdir() / "inputs" / filename
@@ -186,7 +199,9 @@ class JobRunner:
             params: BaseModel = job_type.validate(raw)
             stages: list[tuple[str, StageFn]] = job_type.stages(params)
         except JobTypeUnavailable as exc:
-            self._fail(state.error_obj("job_type_unavailable", f"job type {job_type.name!r} is not available: {exc}", "type"))
+            self._fail(
+                state.error_obj("job_type_unavailable", f"job type {job_type.name!r} is not available: {exc}", "type")
+            )
         except ValidationError as exc:
             self._fail(validation_error(exc))
         except ValueError as exc:
@@ -198,8 +213,12 @@ class JobRunner:
             rows = state.ensure_stages(session, self.job_id, names)
             done_before = [n for n in names if rows[n].status == "succeeded"]
             if done_before:
-                state.add_event(session, self.job_id, f"resuming after finished stage(s): {', '.join(done_before)}",
-                                data={"skipped": done_before})
+                state.add_event(
+                    session,
+                    self.job_id,
+                    f"resuming after finished stage(s): {', '.join(done_before)}",
+                    data={"skipped": done_before},
+                )
                 session.commit()
         inputs: dict[str, Path] = {}
         summaries: dict[str, Any] = {}
@@ -232,12 +251,24 @@ class JobRunner:
             row.status, row.attempts, row.started_at, row.error = "running", row.attempts + 1, utcnow(), None
             job = session.get(Job, self.job_id)
             assert job is not None
-            progress = JobProgress(self.job_id, self.token, self.lease, name, index, count,
-                                   self.settings.progress_interval, self.settings.event_interval)
+            progress = JobProgress(
+                self.job_id,
+                self.token,
+                self.lease,
+                name,
+                index,
+                count,
+                self.settings.progress_interval,
+                self.settings.event_interval,
+            )
             job.current_stage = name
             job.progress = progress.snapshot(None, 0, 0, "starting")
-            state.add_event(session, self.job_id, f"stage {name} started ({index + 1}/{count})",
-                            data={"type": "stage", "stage": name, "status": "running", "attempt": row.attempts})
+            state.add_event(
+                session,
+                self.job_id,
+                f"stage {name} started ({index + 1}/{count})",
+                data={"type": "stage", "stage": name, "status": "running", "attempt": row.attempts},
+            )
             session.commit()
         started = time.monotonic()
         sharder = None
@@ -259,10 +290,15 @@ class JobRunner:
                 self._fail(state.error_obj("timeout", f"stage {name} exceeded the job time limit"), name)
             if self.lease.stopping:
                 self._stopped(name, started)
-            self._fail(state.error_obj("stage_failed", f"stage {name}: {type(exc).__name__}: {exc}"), name,
-                       traceback.format_exc())
+            self._fail(
+                state.error_obj("stage_failed", f"stage {name}: {type(exc).__name__}: {exc}"),
+                name,
+                traceback.format_exc(),
+            )
         if not isinstance(summary, dict):
-            self._fail(state.error_obj("stage_failed", f"stage {name} returned {type(summary).__name__}, not a dict"), name)
+            self._fail(
+                state.error_obj("stage_failed", f"stage {name} returned {type(summary).__name__}, not a dict"), name
+            )
         return jsonable(summary)
 
     def _check_stop(self) -> None:
@@ -279,9 +315,18 @@ class JobRunner:
                 if row is not None and row.status == "running":
                     row.status, row.finished_at = "cancelled", utcnow()
                 state.release(session, self.job_id, self.token)
-                state.add_event(session, self.job_id, f"worker stopped stage {name} after cancellation",
-                                "warning", {"type": "stage", "stage": name, "status": "cancelled",
-                                            "ran_seconds": round(time.monotonic() - started, 3)})
+                state.add_event(
+                    session,
+                    self.job_id,
+                    f"worker stopped stage {name} after cancellation",
+                    "warning",
+                    {
+                        "type": "stage",
+                        "stage": name,
+                        "status": "cancelled",
+                        "ran_seconds": round(time.monotonic() - started, 3),
+                    },
+                )
                 session.commit()
         raise _Stop(outcome)
 
@@ -289,8 +334,15 @@ class JobRunner:
         workdir = self._workdir()
         with self.maker() as session:
             try:
-                ids = ingest_stage(session, self.store, job_id=self.job_id, owner=self.claim.owner, stage=name,
-                                   workdir=workdir, summary=summary)
+                ids = ingest_stage(
+                    session,
+                    self.store,
+                    job_id=self.job_id,
+                    owner=self.claim.owner,
+                    stage=name,
+                    workdir=workdir,
+                    summary=summary,
+                )
             except (ValueError, FileNotFoundError) as exc:
                 session.rollback()
                 self._fail(state.error_obj("stage_failed", f"stage {name} outputs: {exc}"), name)
@@ -301,16 +353,28 @@ class JobRunner:
             assert row is not None
             row.status, row.finished_at = "succeeded", utcnow()
             row.outputs = {"summary": {k: v for k, v in summary.items() if k != "artifacts"}, "artifacts": ids}
-            state.add_event(session, self.job_id, f"stage {name} finished ({len(ids)} artifact(s))",
-                            data={"type": "stage", "stage": name, "status": "succeeded", "artifacts": ids})
+            state.add_event(
+                session,
+                self.job_id,
+                f"stage {name} finished ({len(ids)} artifact(s))",
+                data={"type": "stage", "stage": name, "status": "succeeded", "artifacts": ids},
+            )
             session.commit()
         return ids
 
     def _succeed(self, summaries: dict[str, Any], stage_artifacts: list[tuple[str, dict[str, str]]], count: int) -> str:
         artifacts = merge_stage_artifacts(stage_artifacts)
         result = {"stages": summaries, "artifacts": artifacts}
-        progress = {"stage": None, "stage_index": count, "stage_count": count, "step": None, "done": count,
-                    "total": count, "message": "done", "percent": 100.0}
+        progress = {
+            "stage": None,
+            "stage_index": count,
+            "stage_count": count,
+            "step": None,
+            "done": count,
+            "total": count,
+            "message": "done",
+            "percent": 100.0,
+        }
         with self.maker() as session:
             if not state.finish(session, self.job_id, self.token, "succeeded", result=result, progress=progress):
                 session.rollback()
@@ -318,8 +382,12 @@ class JobRunner:
             job = session.get(Job, self.job_id)
             if job is not None:
                 job.current_stage = None
-            state.add_event(session, self.job_id, "job succeeded", data={"type": "status", "status": "succeeded",
-                                                                          "artifacts": artifacts})
+            state.add_event(
+                session,
+                self.job_id,
+                "job succeeded",
+                data={"type": "status", "status": "succeeded", "artifacts": artifacts},
+            )
             session.commit()
         if not self.settings.keep_workdir:
             shutil.rmtree(self.settings.workdir_root / self.job_id, ignore_errors=True)

@@ -55,8 +55,9 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def add_event(session: Session, job_id: str, message: str, level: str = "info",
-              data: dict[str, Any] | None = None) -> JobEvent:
+def add_event(
+    session: Session, job_id: str, message: str, level: str = "info", data: dict[str, Any] | None = None
+) -> JobEvent:
     event = JobEvent(job_id=job_id, message=message, level=level, data=data, created_at=utcnow())
     session.add(event)
     return event
@@ -97,25 +98,48 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
             return Claim("leased", job_id, status=job.status)
     if seen_attempt >= max_attempts:
         done = session.execute(
-            update(Job).where(*_cas(job_id, seen_status, previous)).values(
-                status="failed", finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now,
-                error=error_obj("worker_lost", f"the job was delivered {seen_attempt} times without finishing "
-                                               f"(max_attempts={max_attempts})")).execution_options(synchronize_session=False))
+            update(Job)
+            .where(*_cas(job_id, seen_status, previous))
+            .values(
+                status="failed",
+                finished_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+                error=error_obj(
+                    "worker_lost",
+                    f"the job was delivered {seen_attempt} times without finishing (max_attempts={max_attempts})",
+                ),
+            )
+            .execution_options(synchronize_session=False)
+        )
         if done.rowcount == 1:  # type: ignore[attr-defined]
             add_event(session, job_id, "giving up: too many attempts", "error", {"attempt": seen_attempt})
         session.commit()
         return Claim("exhausted", job_id, status="failed")
     result = session.execute(
-        update(Job).where(*_cas(job_id, seen_status, previous), Job.attempt == seen_attempt).values(
-            status="running", lease_owner=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
-            heartbeat_at=now, attempt=Job.attempt + 1, started_at=func.coalesce(Job.started_at, now),
-            cancel_requested_at=None, updated_at=now).execution_options(synchronize_session=False))
+        update(Job)
+        .where(*_cas(job_id, seen_status, previous), Job.attempt == seen_attempt)
+        .values(
+            status="running",
+            lease_owner=token,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            attempt=Job.attempt + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            cancel_requested_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return Claim("raced", job_id)
     attempt = seen_attempt + 1
     note = f" (took over from {previous})" if previous else ""
-    add_event(session, job_id, f"attempt {attempt} started on {token}{note}", data={"attempt": attempt, "worker": token})
+    add_event(
+        session, job_id, f"attempt {attempt} started on {token}{note}", data={"attempt": attempt, "worker": token}
+    )
     session.commit()
     return Claim("claimed", job_id, job.type, job.owner, dict(job.params or {}), attempt, "running")
 
@@ -124,8 +148,10 @@ def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> st
     """Extend the lease; returns "ok", "cancelled" (job cancelled) or "lost" (someone else holds it)."""
     now = utcnow()
     result = session.execute(
-        update(Job).where(*_cas(job_id, "running", token)).values(
-            lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now))
+        update(Job)
+        .where(*_cas(job_id, "running", token))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
+    )
     session.commit()
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return "ok"
@@ -133,7 +159,7 @@ def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> st
 
 
 def observe(session: Session, job_id: str, token: str) -> str:
-    """"ok" while this worker holds the running job, "cancelled" once it was cancelled, else "lost"."""
+    """ "ok" while this worker holds the running job, "cancelled" once it was cancelled, else "lost"."""
     row = session.execute(select(Job.status, Job.lease_owner).where(Job.id == job_id)).one_or_none()
     session.rollback()
     if row is None:
@@ -151,12 +177,21 @@ def guard(session: Session, job_id: str, token: str) -> bool:
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def finish(session: Session, job_id: str, token: str, status: str, *, error: dict[str, Any] | None = None,
-           result: dict[str, Any] | None = None, progress: dict[str, Any] | None = None) -> bool:
+def finish(
+    session: Session,
+    job_id: str,
+    token: str,
+    status: str,
+    *,
+    error: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> bool:
     """running -> succeeded | failed | cancelled for the lease holder. Does not commit."""
     now = utcnow()
-    values: dict[str, Any] = dict(status=status, finished_at=now, lease_owner=None, lease_expires_at=None,
-                                  updated_at=now, error=error)
+    values: dict[str, Any] = dict(
+        status=status, finished_at=now, lease_owner=None, lease_expires_at=None, updated_at=now, error=error
+    )
     if result is not None:
         values["result"] = result
     if progress is not None:
@@ -167,8 +202,9 @@ def finish(session: Session, job_id: str, token: str, status: str, *, error: dic
 
 def release(session: Session, job_id: str, token: str) -> None:
     """Drop our lease on a job that was cancelled under us (status stays cancelled). Does not commit."""
-    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == token)
-                    .values(lease_owner=None, lease_expires_at=None))
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == token).values(lease_owner=None, lease_expires_at=None)
+    )
 
 
 def cancel(session: Session, job: Job) -> bool:
@@ -177,13 +213,21 @@ def cancel(session: Session, job: Job) -> bool:
         return False
     now = utcnow()
     seen = job.status
-    done = session.execute(update(Job).where(Job.id == job.id, Job.status == seen).values(
-        status="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now,
-        lease_expires_at=None).execution_options(synchronize_session=False))
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == seen)
+        .values(status="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_event(session, job.id, "cancelled by request" + (" while running" if seen == "running" else ""),
-              "warning", {"previous_status": seen})
+    add_event(
+        session,
+        job.id,
+        "cancelled by request" + (" while running" if seen == "running" else ""),
+        "warning",
+        {"previous_status": seen},
+    )
     return True
 
 
@@ -194,17 +238,30 @@ def requeue_lost(session: Session, job: Job, reason: str, max_attempts: int) -> 
     seen_owner, seen_attempt = job.lease_owner, job.attempt
     if seen_attempt >= max_attempts:
         values: dict[str, Any] = dict(
-            status="failed", finished_at=now, error=error_obj(
-                "worker_lost", f"{reason}; the job was delivered {seen_attempt} times (max_attempts={max_attempts})"))
+            status="failed",
+            finished_at=now,
+            error=error_obj(
+                "worker_lost", f"{reason}; the job was delivered {seen_attempt} times (max_attempts={max_attempts})"
+            ),
+        )
     else:
         values = dict(status="queued", enqueued_at=None)
-    done = session.execute(update(Job).where(*_cas(job.id, "running", seen_owner)).values(
-        lease_owner=None, lease_expires_at=None, updated_at=now, **values).execution_options(synchronize_session=False))
+    done = session.execute(
+        update(Job)
+        .where(*_cas(job.id, "running", seen_owner))
+        .values(lease_owner=None, lease_expires_at=None, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         return None
     status = values["status"]
-    add_event(session, job.id, f"{reason}; " + ("requeued" if status == "queued" else "giving up"),
-              "warning" if status == "queued" else "error", {"attempt": seen_attempt, "worker": seen_owner})
+    add_event(
+        session,
+        job.id,
+        f"{reason}; " + ("requeued" if status == "queued" else "giving up"),
+        "warning" if status == "queued" else "error",
+        {"attempt": seen_attempt, "worker": seen_owner},
+    )
     return status
 
 

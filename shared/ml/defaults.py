@@ -26,8 +26,9 @@ def _module_names(v: list[str]) -> list[str]:
 
 
 # The LoRA target modules of a params class (at least one; each a plain module name).
-LoraTargets = Annotated[list[str], Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1),
-                        AfterValidator(_module_names)]
+LoraTargets = Annotated[
+    list[str], Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1), AfterValidator(_module_names)
+]
 
 
 def _positive_groups(v: int | str) -> int | str:

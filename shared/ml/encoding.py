@@ -99,8 +99,9 @@ def encode_prompt(bound: BoundTask, example: Example, tokenizer: Any, max_length
         ids = ids[-budget:]
     if bos is not None:
         ids = [bos, *ids]
-    return Encoded(example.id, bound.name, ids, example.label, bound.choice_token_ids[example.label],
-                   tuple(bound.choice_token_ids))
+    return Encoded(
+        example.id, bound.name, ids, example.label, bound.choice_token_ids[example.label], tuple(bound.choice_token_ids)
+    )
 
 
 def encode_examples(

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from shared.ml.data import subsample
-from shared.ml.eval_params import EvalParams
 from shared.ml.encoding import DEFAULT_MAX_LENGTH, BoundTask, batches, bind, encode_examples
+from shared.ml.eval_params import EvalParams
 from shared.ml.models import answer_logits, load_model
 from shared.ml.progress import Progress, silent
 
@@ -60,8 +60,14 @@ def metrics_from_scores(scores: TaskScores, num_classes: int) -> TaskMetrics:
 
 @torch.no_grad()
 def score_task(
-    model: Any, tokenizer: Any, bound: BoundTask, examples: list, batch_size: int = 16,
-    max_length: int = DEFAULT_MAX_LENGTH, progress: Progress = silent, stage: str = "evaluate",
+    model: Any,
+    tokenizer: Any,
+    bound: BoundTask,
+    examples: list,
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    progress: Progress = silent,
+    stage: str = "evaluate",
 ) -> TaskScores:
     """Choice logits and answer-token NLL for `examples` of one task (dynamic padding, length-sorted)."""
     device = next(model.parameters()).device
@@ -81,12 +87,21 @@ def score_task(
     # Restore the input order so callers can align rows with their examples.
     pos = {eid: k for k, eid in enumerate(order)}
     perm = torch.tensor([pos[ex.id] for ex in examples])
-    return TaskScores([ex.id for ex in examples], torch.cat(logits)[perm], torch.cat(labels)[perm], torch.cat(nll)[perm])
+    return TaskScores(
+        [ex.id for ex in examples], torch.cat(logits)[perm], torch.cat(labels)[perm], torch.cat(nll)[perm]
+    )
 
 
 def evaluate(
-    model: Any, tokenizer: Any, tasks: list[str], split: str = "test", max_examples: int | None = None,
-    batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0, progress: Progress = silent,
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    split: str = "test",
+    max_examples: int | None = None,
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    seed: int = 0,
+    progress: Progress = silent,
 ) -> dict[str, TaskMetrics]:
     """Metrics per task on `split` (optionally a stratified subsample of `max_examples` per task)."""
     from shared.ml.tasks.registry import get_task
@@ -105,15 +120,25 @@ def run_evaluation(params: EvalParams, workdir: Path, progress: Progress = silen
     """Job stage: evaluate the base model on tasks; writes report.json into `workdir`."""
     start = time.perf_counter()
     model, tokenizer, info = load_model(params.model, params.quantization)
-    metrics = evaluate(model, tokenizer, params.tasks, params.split, params.max_examples, params.batch_size,
-                       params.max_length, params.seed, progress)
+    metrics = evaluate(
+        model,
+        tokenizer,
+        params.tasks,
+        params.split,
+        params.max_examples,
+        params.batch_size,
+        params.max_length,
+        params.seed,
+        progress,
+    )
     tasks = {name: m.to_dict() for name, m in metrics.items()}
     report = {
-        "model": info.to_dict(), "split": params.split, "tasks": tasks,
+        "model": info.to_dict(),
+        "split": params.split,
+        "tasks": tasks,
         "average": {k: float(np.mean([t[k] for t in tasks.values()])) for k in ("accuracy", "macro_f1", "loss")},
         "wall_seconds": round(time.perf_counter() - start, 3),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     return {"report": report, "artifacts": {"report": "report.json"}}
-

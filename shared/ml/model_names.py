@@ -38,8 +38,10 @@ def tiny_llama_seed(name: str) -> int | None:
     seed = int(match.group(1)) if match else -1
     if not match or str(seed) != match.group(1) or seed not in TINY_LLAMA_SEEDS:
         last = TINY_LLAMA_SEEDS.stop - 1
-        raise ModelNameError(f"unknown model {name!r}: tiny-llama seeds are {TINY_LLAMA_SEEDS.start}..{last} "
-                             f"(tiny-llama-seed0 ... tiny-llama-seed{last})")
+        raise ModelNameError(
+            f"unknown model {name!r}: tiny-llama seeds are {TINY_LLAMA_SEEDS.start}..{last} "
+            f"(tiny-llama-seed0 ... tiny-llama-seed{last})"
+        )
     return seed
 
 
@@ -60,11 +62,14 @@ def check_api_model(name: str, allowed_dirs: Sequence[Path] = ()) -> str:
         return name
     known = f"{', '.join(PORTABLE_IDS)}, tiny-llama-seed0 ... tiny-llama-seed{TINY_LLAMA_SEEDS.stop - 1}"
     if not allowed_dirs:
-        raise ModelNameError(f"unknown model {name!r}: expected a registered model ({known}); this deployment "
-                             "allows no model folders")
+        raise ModelNameError(
+            f"unknown model {name!r}: expected a registered model ({known}); this deployment allows no model folders"
+        )
     if not os.path.isabs(name) or "\x00" in name:
-        raise ModelNameError(f"unknown model {name!r}: expected a registered model ({known}) or the absolute path "
-                             "of a model folder inside an allowed model directory")
+        raise ModelNameError(
+            f"unknown model {name!r}: expected a registered model ({known}) or the absolute path "
+            "of a model folder inside an allowed model directory"
+        )
     if not inside(Path(os.path.realpath(name)), allowed_dirs):
         raise ModelNameError(f"model folder {name!r} is not inside an allowed model directory")
     return name

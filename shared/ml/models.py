@@ -17,12 +17,19 @@ from shared.config import get_settings
 from shared.ml.defaults import DEFAULT_TARGETS, QUANTIZATIONS
 from shared.ml.model_names import tiny_llama_seed
 from shared.storage import sha256_file
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny model shape used by fast tests: hidden 64, 2 layers, grouped-query attention.
 TINY_CONFIG = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
 )
 
 
@@ -67,7 +74,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -132,7 +141,9 @@ def build_tiny_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=1024,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(TINY_CORPUS.split("\n"), trainer=trainer)
@@ -149,8 +160,11 @@ def tiny_llama_folder(seed: int = 0, cache: Path | None = None) -> Path:
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIG,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -205,8 +219,11 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -221,21 +238,32 @@ def load_model(
     return model, tokenizer, info
 
 
-def lora_config(rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = DEFAULT_TARGETS, dropout: float = 0.0) -> Any:
+def lora_config(
+    rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = DEFAULT_TARGETS, dropout: float = 0.0
+) -> Any:
     """PEFT LoraConfig with the method's defaults: alpha = 8 * rank, no bias."""
     from peft import LoraConfig
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     return LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 8 * rank, target_modules=list(targets), lora_dropout=dropout,
-        bias="none", task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 8 * rank,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
 
 
 def attach_lora(
-    model: Any, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = DEFAULT_TARGETS,
-    dropout: float = 0.0, seed: int = 0, adapter_name: str = "default",
+    model: Any,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    seed: int = 0,
+    adapter_name: str = "default",
 ) -> Any:
     """Attach a fresh LoRA (A from a seeded generator, B = 0); returns the PeftModel.
 
@@ -260,9 +288,7 @@ def attach_lora(
 
 def lora_state(model: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The LoRA tensors of one adapter, in named_parameters order (the order projections rely on)."""
-    return {
-        n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n
-    }
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n}
 
 
 def answer_logits(model: Any, batch: Any) -> torch.Tensor:

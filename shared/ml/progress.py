@@ -47,7 +47,7 @@ class StageMeter:
     def update(self, step: str, done: int, total: int) -> float:
         k = self._order.setdefault(step, len(self._order))
         part = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
-        self.fraction = max(self.fraction, 1.0 - 0.5 ** k + part * 0.5 ** (k + 1))
+        self.fraction = max(self.fraction, 1.0 - 0.5**k + part * 0.5 ** (k + 1))
         return self.fraction
 
 
@@ -95,8 +95,14 @@ class ConsoleProgress:
     (monotonic seconds) and `heartbeat=False` let tests drive the lines with a fake clock and `tick()`.
     """
 
-    def __init__(self, console: Any = None, interval: float = LOG_INTERVAL, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, heartbeat: bool = True) -> None:
+    def __init__(
+        self,
+        console: Any = None,
+        interval: float = LOG_INTERVAL,
+        live: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        heartbeat: bool = True,
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval}")
         if console is None:
@@ -141,8 +147,9 @@ class ConsoleProgress:
         from rich.markup import escape
 
         with self._lock:
-            self.console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), highlight=False,
-                               soft_wrap=True)
+            self.console.print(
+                f"[{style}]{escape(text)}[/]" if style else escape(text), highlight=False, soft_wrap=True
+            )
             self._last_line = self.clock()
 
     def idle(self, text: str | None) -> None:
@@ -162,8 +169,12 @@ class ConsoleProgress:
             for name, step in self._steps.items():
                 self._line(name, step, now)
             if not self._steps and self._idle:
-                self.console.print(f"{time.strftime('%H:%M:%S')} {self._idle} [{_duration(now - self._idle_since)}]",
-                                   highlight=False, markup=False, soft_wrap=True)
+                self.console.print(
+                    f"{time.strftime('%H:%M:%S')} {self._idle} [{_duration(now - self._idle_since)}]",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
                 self._last_line = now
 
     def close(self) -> None:
@@ -195,8 +206,14 @@ class ConsoleProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         if self._bars is None:
-            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[message]}"), console=self.console)
+            self._bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[message]}"),
+                console=self.console,
+            )
             self._bars.start()
         if step.bar is None:
             step.bar = self._bars.add_task(escape(name), total=step.total or None, message="")

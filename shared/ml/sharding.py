@@ -68,8 +68,12 @@ def use_sharder(sharder: Sharder | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def split_ranges(size: int, shards: int, align: int = 1, starts: tuple[int, ...] | list[int] | None = None,
-                 ) -> list[tuple[int, int]]:
+def split_ranges(
+    size: int,
+    shards: int,
+    align: int = 1,
+    starts: tuple[int, ...] | list[int] | None = None,
+) -> list[tuple[int, int]]:
     """[0, size) cut into at most `shards` contiguous, non-empty ranges of nearly equally many units, a unit
     running from one allowed start to the next: the multiples of `align`, or the given `starts` (0 among them)."""
     if size <= 0:

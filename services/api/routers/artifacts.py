@@ -27,8 +27,12 @@ def download(art: Artifact, fmt: ArchiveFormat, name: str | None = None) -> File
     try:
         if art.kind == "folder":
             path = store.archive(art.path, art.sha256, label, fmt)
-            return FileResponse(path, media_type=_ARCHIVE_TYPES[fmt], filename=f"{label}.{fmt}",
-                                headers={"X-Content-SHA256": art.sha256})
+            return FileResponse(
+                path,
+                media_type=_ARCHIVE_TYPES[fmt],
+                filename=f"{label}.{fmt}",
+                headers={"X-Content-SHA256": art.sha256},
+            )
         path = store.resolve(art.path)
     except (OSError, ValueError) as exc:
         raise ApiError(500, "artifact_unavailable", f"artifact {art.id} cannot be read from the store") from exc
@@ -39,13 +43,18 @@ def download(art: Artifact, fmt: ArchiveFormat, name: str | None = None) -> File
 
 def _listing(rows: list, more: bool, out: type) -> ListResponse:  # type: ignore[type-arg]
     data = [out.of(r) for r in rows]
-    return ListResponse[out](data=data, has_more=more, first_id=data[0].id if data else None,  # type: ignore[valid-type]
-                             last_id=data[-1].id if data else None)
+    return ListResponse[out](
+        data=data,
+        has_more=more,
+        first_id=data[0].id if data else None,  # type: ignore[valid-type]
+        last_id=data[-1].id if data else None,
+    )
 
 
 @router.get("/artifacts", response_model=ListResponse[ArtifactOut])
-def list_artifacts(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
-                   limit: PageSize = 20) -> ListResponse[ArtifactOut]:
+def list_artifacts(
+    principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None, limit: PageSize = 20
+) -> ListResponse[ArtifactOut]:
     stmt = scoped(select(Artifact), Artifact, principal)
     if job_id:
         stmt = stmt.where(Artifact.job_id == job_id)
@@ -58,15 +67,19 @@ def get_artifact(artifact_id: str, principal: Submitter, db: DB) -> ArtifactOut:
     return ArtifactOut.of(get_owned(db, Artifact, artifact_id, principal, "artifact"))
 
 
-@router.get("/artifacts/{artifact_id}/content", response_class=FileResponse,
-            responses={200: {"description": "The file, or a folder as an archive (format=tar.gz|zip)."}})
+@router.get(
+    "/artifacts/{artifact_id}/content",
+    response_class=FileResponse,
+    responses={200: {"description": "The file, or a folder as an archive (format=tar.gz|zip)."}},
+)
 def artifact_content(artifact_id: str, principal: Submitter, db: DB, format: Format = "tar.gz") -> FileResponse:
     return download(get_owned(db, Artifact, artifact_id, principal, "artifact"), format)
 
 
 @router.get("/adapters", response_model=ListResponse[AdapterOut], tags=["adapters"])
-def list_adapters(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
-                  limit: PageSize = 20) -> ListResponse[AdapterOut]:
+def list_adapters(
+    principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None, limit: PageSize = 20
+) -> ListResponse[AdapterOut]:
     stmt = scoped(select(Adapter), Adapter, principal)
     if job_id:
         stmt = stmt.where(Adapter.job_id == job_id)
@@ -79,8 +92,12 @@ def get_adapter(adapter_id: str, principal: Submitter, db: DB) -> AdapterOut:
     return AdapterOut.of(get_owned(db, Adapter, adapter_id, principal, "adapter"))
 
 
-@router.get("/adapters/{adapter_id}/content", response_class=FileResponse, tags=["adapters"],
-            responses={200: {"description": "The PEFT adapter folder as an archive (format=tar.gz|zip)."}})
+@router.get(
+    "/adapters/{adapter_id}/content",
+    response_class=FileResponse,
+    tags=["adapters"],
+    responses={200: {"description": "The PEFT adapter folder as an archive (format=tar.gz|zip)."}},
+)
 def adapter_content(adapter_id: str, principal: Submitter, db: DB, format: Format = "tar.gz") -> FileResponse:
     adapter = get_owned(db, Adapter, adapter_id, principal, "adapter")
     art = db.get(Artifact, adapter.artifact_id)
@@ -90,8 +107,9 @@ def adapter_content(adapter_id: str, principal: Submitter, db: DB, format: Forma
 
 
 @router.get("/ensembles", response_model=ListResponse[EnsembleOut], tags=["ensembles"])
-def list_ensembles(principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None,
-                   limit: PageSize = 20) -> ListResponse[EnsembleOut]:
+def list_ensembles(
+    principal: Submitter, db: DB, job_id: JobFilter = None, after: Cursor = None, limit: PageSize = 20
+) -> ListResponse[EnsembleOut]:
     stmt = scoped(select(Ensemble), Ensemble, principal)
     if job_id:
         stmt = stmt.where(Ensemble.job_id == job_id)
@@ -104,8 +122,12 @@ def get_ensemble(ensemble_id: str, principal: Submitter, db: DB) -> EnsembleOut:
     return EnsembleOut.of(get_owned(db, Ensemble, ensemble_id, principal, "ensemble"))
 
 
-@router.get("/ensembles/{ensemble_id}/content", response_class=FileResponse, tags=["ensembles"],
-            responses={200: {"description": "The ensemble manifest (JSON) exactly as stored."}})
+@router.get(
+    "/ensembles/{ensemble_id}/content",
+    response_class=FileResponse,
+    tags=["ensembles"],
+    responses={200: {"description": "The ensemble manifest (JSON) exactly as stored."}},
+)
 def ensemble_content(ensemble_id: str, principal: Submitter, db: DB) -> FileResponse:
     ens = get_owned(db, Ensemble, ensemble_id, principal, "ensemble")
     art = db.get(Artifact, ens.artifact_id)
@@ -123,5 +145,9 @@ def _check_unmodified(art: Artifact, what: str) -> None:
     except (OSError, ValueError) as exc:
         raise ApiError(500, "artifact_unavailable", f"{what} cannot be read from the store") from exc
     if actual != art.sha256:
-        raise ApiError(409, "artifact_integrity", f"{what} was modified in the store (sha256 {actual[:16]}... differs "
-                       f"from the recorded {art.sha256[:16]}...); refusing to serve it")
+        raise ApiError(
+            409,
+            "artifact_integrity",
+            f"{what} was modified in the store (sha256 {actual[:16]}... differs "
+            f"from the recorded {art.sha256[:16]}...); refusing to serve it",
+        )

@@ -53,7 +53,7 @@ def _user_import():  # type: ignore[no-untyped-def]
 
 def _task_name(name: str) -> str:
     """A fresh task name for dataset `name`: the name (cut to fit 64 characters) and random hex digits."""
-    return f"{name[:63 - _TASK_SUFFIX_HEX]}-{secrets.token_hex(_TASK_SUFFIX_HEX // 2)}"
+    return f"{name[: 63 - _TASK_SUFFIX_HEX]}-{secrets.token_hex(_TASK_SUFFIX_HEX // 2)}"
 
 
 def _taken(name: str) -> ApiError:
@@ -80,8 +80,12 @@ def _read(upload: UploadFile, param: str, left: int, cap: int, fmt: str | None, 
         raise ApiError(413, "payload_too_large", f"the files are over the {cap:,}-byte upload limit", param)
     chosen = (fmt or ui.format_for(filename) or "").lower()
     if not chosen:
-        raise ApiError(422, "invalid_request", f"format: cannot tell the format of {param} from its name "
-                       f"{filename!r}; pass format ({_FORMATS})", "format")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"format: cannot tell the format of {param} from its name {filename!r}; pass format ({_FORMATS})",
+            "format",
+        )
     data = upload.file.read(left + 1)
     if len(data) > left:
         raise ApiError(413, "payload_too_large", f"the files are over the {cap:,}-byte upload limit", param)
@@ -90,45 +94,79 @@ def _read(upload: UploadFile, param: str, left: int, cap: int, fmt: str | None, 
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, dependencies=[rate_limit("upload")])
 def upload_dataset(
-    principal: Submitter, db: DB,
-    file: Annotated[UploadFile, File(description="The dataset, or its train split when validation_file or "
-                                                 "test_file is given: JSON lines, a JSON array of objects (.json), "
-                                                 "CSV or TSV with a header row, Parquet or Arrow.")],
-    name: Annotated[str, Form(description="Dataset name, unique among your datasets: 2-64 chars, a-z first, then "
-                                          "a-z 0-9 _ -. Jobs use the returned task_name.")],
+    principal: Submitter,
+    db: DB,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="The dataset, or its train split when validation_file or "
+            "test_file is given: JSON lines, a JSON array of objects (.json), "
+            "CSV or TSV with a header row, Parquet or Arrow."
+        ),
+    ],
+    name: Annotated[
+        str,
+        Form(
+            description="Dataset name, unique among your datasets: 2-64 chars, a-z first, then "
+            "a-z 0-9 _ -. Jobs use the returned task_name."
+        ),
+    ],
     text_fields: Annotated[str, Form(description="Comma-separated text column(s).")] = "text",
     label_field: Annotated[str, Form(description="The label column.")] = "label",
     validation_file: Annotated[UploadFile | None, File(description="The validation split (optional).")] = None,
     test_file: Annotated[UploadFile | None, File(description="The test split (optional).")] = None,
-    split_field: Annotated[str, Form(description="Column giving each row's split (train, validation or val, "
-                                                 "test), used when present; empty to ignore it.")] = "split",
+    split_field: Annotated[
+        str,
+        Form(
+            description="Column giving each row's split (train, validation or val, "
+            "test), used when present; empty to ignore it."
+        ),
+    ] = "split",
     format: Annotated[str | None, Form(description=f"{_FORMATS} (default: from each file name).")] = None,
-    template: Annotated[str | None, Form(description="Jinja prompt template (default lists fields and options).")] = None,
-    label_names: Annotated[str | None, Form(description="Label order: comma-separated or a JSON list; integer "
-                                                        "labels index them.")] = None,
+    template: Annotated[
+        str | None, Form(description="Jinja prompt template (default lists fields and options).")
+    ] = None,
+    label_names: Annotated[
+        str | None, Form(description="Label order: comma-separated or a JSON list; integer labels index them.")
+    ] = None,
     id_field: Annotated[str | None, Form(description="Optional column of unique row ids.")] = None,
-    description: Annotated[str | None, Form(max_length=2000, description="What the dataset is, for humans (at most "
-                                                                    "2000 characters).")] = None,
+    description: Annotated[
+        str | None, Form(max_length=2000, description="What the dataset is, for humans (at most 2000 characters).")
+    ] = None,
 ) -> DatasetOut:
     cap = get_settings().max_upload_bytes
     count = db.scalar(select(func.count()).select_from(Dataset).where(Dataset.owner == principal.owner)) or 0
     if count >= get_service_settings().max_datasets:
-        raise ApiError(429, "quota_exceeded", f"this owner already has {count} datasets (limit "
-                       f"{get_service_settings().max_datasets}); delete some first")
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"this owner already has {count} datasets (limit {get_service_settings().max_datasets}); delete some first",
+        )
     if db.scalar(select(Dataset.id).where(Dataset.owner == principal.owner, Dataset.name == name)) is not None:
         raise _taken(name)
     ui = _user_import()
     parts = [("file", file, None)]
-    parts += [(p, u, s) for p, u, s in (("validation_file", validation_file, "validation"),
-                                        ("test_file", test_file, "test")) if u is not None]
+    parts += [
+        (p, u, s)
+        for p, u, s in (("validation_file", validation_file, "validation"), ("test_file", test_file, "test"))
+        if u is not None
+    ]
     files: list[Any] = []
     for param, upload, split in parts:
         left = cap - sum(len(f.data) for f in files)
         files.append(_read(upload, param, left, cap, format, split or ("train" if len(parts) > 1 else None)))
     params = {ui.file_label(f): param for f, (param, _, _) in zip(files, parts, strict=True)}
     try:
-        parsed = ui.validate_files(files, text_fields, label_field, template, ui.parse_label_names(label_names),
-                                   id_field or None, name=name, split_field=split_field or None)
+        parsed = ui.validate_files(
+            files,
+            text_fields,
+            label_field,
+            template,
+            ui.parse_label_names(label_names),
+            id_field or None,
+            name=name,
+            split_field=split_field or None,
+        )
     except ui.DatasetValidationError as exc:
         raise _invalid(exc, params) from None
     task = None
@@ -154,15 +192,45 @@ def _record(db: Session, owner: str, name: str, task_name: str, parsed: Any, fil
         arts = []
         for f in files:
             stored.append(store.put_bytes(f.data))
-            arts.append(record_artifact(db, stored[-1], owner=owner, name=f.name,
-                                        meta={"dataset_id": ds_id, **({"split": f.split} if f.split else {})}))
+            arts.append(
+                record_artifact(
+                    db,
+                    stored[-1],
+                    owner=owner,
+                    name=f.name,
+                    meta={"dataset_id": ds_id, **({"split": f.split} if f.split else {})},
+                )
+            )
         spec = ui.user_task_spec(task_name)
-        info = {k: spec.get(k) for k in ("label_names", "label_counts", "sizes", "text_fields", "label_field",
-                                         "id_field", "template", "description", "split_source", "warnings")}
+        info = {
+            k: spec.get(k)
+            for k in (
+                "label_names",
+                "label_counts",
+                "sizes",
+                "text_fields",
+                "label_field",
+                "id_field",
+                "template",
+                "description",
+                "split_source",
+                "warnings",
+            )
+        }
         info["artifact_ids"] = [a.id for a in arts]
-        ds = Dataset(id=ds_id, owner=owner, name=name, task_name=task_name, format=parsed.fmt[:16],
-                     filename=", ".join(f.name for f in files)[:500], size_bytes=sum(len(f.data) for f in files),
-                     sha256=parsed.sha256, num_rows=len(parsed.rows), artifact_id=arts[0].id, info=info)
+        ds = Dataset(
+            id=ds_id,
+            owner=owner,
+            name=name,
+            task_name=task_name,
+            format=parsed.fmt[:16],
+            filename=", ".join(f.name for f in files)[:500],
+            size_bytes=sum(len(f.data) for f in files),
+            sha256=parsed.sha256,
+            num_rows=len(parsed.rows),
+            artifact_id=arts[0].id,
+            info=info,
+        )
         db.add(ds)
         db.commit()
     except BaseException as exc:
@@ -188,12 +256,12 @@ def _find(db: Session, ref: str, principal: Any) -> Dataset:
 
 
 @router.get("/datasets", response_model=ListResponse[DatasetOut])
-def list_datasets(principal: Submitter, db: DB, after: Cursor = None,
-                  limit: PageSize = 20) -> ListResponse[DatasetOut]:
+def list_datasets(principal: Submitter, db: DB, after: Cursor = None, limit: PageSize = 20) -> ListResponse[DatasetOut]:
     rows, more = page(db, scoped(select(Dataset), Dataset, principal), Dataset.id, after, limit, principal=principal)
     data = [DatasetOut.of(d) for d in rows]
-    return ListResponse[DatasetOut](data=data, has_more=more, first_id=data[0].id if data else None,
-                                    last_id=data[-1].id if data else None)
+    return ListResponse[DatasetOut](
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
 
 
 @router.get("/datasets/{dataset}", response_model=DatasetOut)
@@ -210,8 +278,12 @@ def delete_dataset(dataset: str, principal: Submitter, db: DB) -> Deleted:
     jobs = active_jobs_using(db, ds.task_name)
     if jobs:
         shown = ", ".join(jobs[:10]) + (f" and {len(jobs) - 10} more" if len(jobs) > 10 else "")
-        raise ApiError(409, "dataset_in_use", f"dataset {ds.name!r} is used by queued or running job(s) {shown}; "
-                       "wait for them or cancel them first", "id")
+        raise ApiError(
+            409,
+            "dataset_in_use",
+            f"dataset {ds.name!r} is used by queued or running job(s) {shown}; wait for them or cancel them first",
+            "id",
+        )
     ids = [*((ds.info or {}).get("artifact_ids") or []), *([ds.artifact_id] if ds.artifact_id else [])]
     arts = [a for a in (db.get(Artifact, i) for i in dict.fromkeys(ids)) if a is not None]
     dataset_id, task_name = ds.id, ds.task_name

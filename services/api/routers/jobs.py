@@ -20,7 +20,14 @@ from services.api.deps import DB, Principal, Submitter, owned, rate_limit
 from services.api.errors import ApiError
 from services.api.params_schema import params_schema
 from services.api.schemas import (
-    ArtifactOut, EventOut, JobCreate, JobOut, JobStatus, JobTypeOut, ListResponse, ShardOut,
+    ArtifactOut,
+    EventOut,
+    JobCreate,
+    JobOut,
+    JobStatus,
+    JobTypeOut,
+    ListResponse,
+    ShardOut,
 )
 from shared.db.models import Artifact, Job, JobEvent, JobShard, JobStage, new_id, utcnow
 from shared.db.session import read_all
@@ -42,27 +49,58 @@ def request_hash(body: JobCreate) -> str:
 
 
 def _replay(db: DB, principal: Principal, key: str, digest: str) -> Job | None:
-    job = db.scalars(select(Job).options(*STAGES).where(Job.owner == principal.owner, Job.idempotency_key == key)).one_or_none()
+    job = db.scalars(
+        select(Job).options(*STAGES).where(Job.owner == principal.owner, Job.idempotency_key == key)
+    ).one_or_none()
     if job is not None and job.request_hash != digest:
-        raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was already used with a different "
-                       "request body; use a new key for a new job", "Idempotency-Key")
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request body; use a new key for a new job",
+            "Idempotency-Key",
+        )
     return job
 
 
 JOB_EXAMPLES = {
-    "pipeline": {"summary": "The whole method on three tasks", "value": {
-        "type": "pipeline", "params": {"tasks": ["cb", "rte", "copa"], "model": "smollm2-135m", "groups": "auto",
-                                       "affinity": {"dim": 200}, "training": {"epochs": 3, "rank": 8}},
-        "metadata": {"experiment": "glue-small"}}},
-    "training": {"summary": "Stage 2 on groups you choose", "value": {
-        "type": "training", "params": {"groups": [["cb", "rte"], ["copa"]], "epochs": 2,
-                                       "boosting": {"enabled": False}}}},
-    "grouping": {"summary": "Groups from an affinity matrix given inline", "value": {
-        "type": "grouping", "params": {"groups": 2, "affinity": {
-            "tasks": ["cb", "rte", "copa", "wic"],
-            "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]}}}},
-    "evaluation": {"summary": "Zero-shot accuracy of the base model", "value": {
-        "type": "evaluation", "params": {"tasks": ["sst2", "rte"], "max_examples": 200}}},
+    "pipeline": {
+        "summary": "The whole method on three tasks",
+        "value": {
+            "type": "pipeline",
+            "params": {
+                "tasks": ["cb", "rte", "copa"],
+                "model": "smollm2-135m",
+                "groups": "auto",
+                "affinity": {"dim": 200},
+                "training": {"epochs": 3, "rank": 8},
+            },
+            "metadata": {"experiment": "glue-small"},
+        },
+    },
+    "training": {
+        "summary": "Stage 2 on groups you choose",
+        "value": {
+            "type": "training",
+            "params": {"groups": [["cb", "rte"], ["copa"]], "epochs": 2, "boosting": {"enabled": False}},
+        },
+    },
+    "grouping": {
+        "summary": "Groups from an affinity matrix given inline",
+        "value": {
+            "type": "grouping",
+            "params": {
+                "groups": 2,
+                "affinity": {
+                    "tasks": ["cb", "rte", "copa", "wic"],
+                    "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]],
+                },
+            },
+        },
+    },
+    "evaluation": {
+        "summary": "Zero-shot accuracy of the base model",
+        "value": {"type": "evaluation", "params": {"tasks": ["sst2", "rte"], "max_examples": 200}},
+    },
 }
 
 
@@ -72,20 +110,38 @@ def _enqueue(job_id: str, task_id: str) -> None:
     enqueue(job_id, task_id)
 
 
-@router.post("/jobs", status_code=201, response_model=JobOut, dependencies=[rate_limit("create")],
-             responses={200: {"model": JobOut, "description": "Replayed: same Idempotency-Key and body."}})
-def create_job(body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)], principal: Submitter, db: DB,
-               request: Request, response: Response,
-               idempotency_key: Annotated[str | None, Header(
-                   alias="Idempotency-Key", min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY,
-                   description="1-255 printable ASCII characters, unique per request body (e.g. a UUID).")] = None,
-               ) -> JobOut:
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobOut,
+    dependencies=[rate_limit("create")],
+    responses={200: {"model": JobOut, "description": "Replayed: same Idempotency-Key and body."}},
+)
+def create_job(
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
+    principal: Submitter,
+    db: DB,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            pattern=IDEMPOTENCY_KEY,
+            description="1-255 printable ASCII characters, unique per request body (e.g. a UUID).",
+        ),
+    ] = None,
+) -> JobOut:
     """Create a job. With `Idempotency-Key`, retrying the same body returns the same job (200); reusing the
     key with a different body is refused (422). Job creation has a per-key rate limit of its own (429 with
     Retry-After), stricter than the general one; a replay counts against it too."""
     job_type = JOB_TYPES.get(body.type)
     if job_type is None:
-        raise ApiError(422, "invalid_request", f"unknown job type {body.type!r}; expected one of {sorted(JOB_TYPES)}", "type")
+        raise ApiError(
+            422, "invalid_request", f"unknown job type {body.type!r}; expected one of {sorted(JOB_TYPES)}", "type"
+        )
     digest = request_hash(body)
     if idempotency_key:
         existing = _replay(db, principal, idempotency_key, digest)
@@ -95,15 +151,33 @@ def create_job(body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)], 
     edge = getattr(request.app.state, "api_settings", None)
     params = job_params.validate(db, job_type, body.params, principal, edge.model_dirs if edge else ())
     settings = get_service_settings()
-    active = db.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == principal.owner, Job.status.in_(("queued", "running"))))
+    active = db.scalar(
+        select(func.count()).select_from(Job).where(Job.owner == principal.owner, Job.status.in_(("queued", "running")))
+    )
     if (active or 0) >= settings.max_active_jobs:
-        raise ApiError(429, "quota_exceeded", f"{active} jobs are already queued or running for this owner "
-                       f"(limit {settings.max_active_jobs}); wait for some to finish or cancel them")
+        raise ApiError(
+            429,
+            "quota_exceeded",
+            f"{active} jobs are already queued or running for this owner "
+            f"(limit {settings.max_active_jobs}); wait for some to finish or cancel them",
+        )
     now = utcnow()
-    job = Job(id=new_id("job"), type=body.type, status="queued", owner=principal.owner, params=params,
-              metadata_=dict(body.metadata), progress={}, idempotency_key=idempotency_key, request_hash=digest,
-              task_id=uuid.uuid4().hex, enqueued_at=now, created_at=now, updated_at=now, attempt=0)
+    job = Job(
+        id=new_id("job"),
+        type=body.type,
+        status="queued",
+        owner=principal.owner,
+        params=params,
+        metadata_=dict(body.metadata),
+        progress={},
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        task_id=uuid.uuid4().hex,
+        enqueued_at=now,
+        created_at=now,
+        updated_at=now,
+        attempt=0,
+    )
     db.add(job)
     state.add_event(db, job.id, f"job created ({body.type})", data={"type": "status", "status": "queued"})
     try:
@@ -128,10 +202,14 @@ def create_job(body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)], 
 
 
 @router.get("/jobs", response_model=ListResponse[JobOut])
-def list_jobs(principal: Submitter, db: DB, after: Cursor = None,
-              limit: PageSize = 20,
-              status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
-              type: Annotated[str | None, Query(description="Only jobs of this type.")] = None) -> Response:
+def list_jobs(
+    principal: Submitter,
+    db: DB,
+    after: Cursor = None,
+    limit: PageSize = 20,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    type: Annotated[str | None, Query(description="Only jobs of this type.")] = None,
+) -> Response:
     """Jobs, newest first. `after` is the last id of the previous page."""
     stmt = scoped(select(Job).options(*STAGES), Job, principal)
     if status:
@@ -140,15 +218,24 @@ def list_jobs(principal: Submitter, db: DB, after: Cursor = None,
         stmt = stmt.where(Job.type == type)
     rows, more = page(db, stmt, Job.id, after, limit, principal=principal)
     data = [JobOut.of(j) for j in rows]
-    page_out = ListResponse[JobOut](data=data, has_more=more, first_id=data[0].id if data else None,
-                                    last_id=data[-1].id if data else None)
+    page_out = ListResponse[JobOut](
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
     return Response(page_out.model_dump_json(), media_type="application/json")
 
 
 _J, _S = Job.__table__, JobStage.__table__
-_POLL = (select(_J, *(c.label(f"s_{c.name}") for c in (_S.c.name, _S.c.status, _S.c.attempts, _S.c.started_at,
-                                                       _S.c.finished_at, _S.c.outputs)))
-         .select_from(_J.outerjoin(_S, _S.c.job_id == _J.c.id)).order_by(_S.c.position))
+_POLL = (
+    select(
+        _J,
+        *(
+            c.label(f"s_{c.name}")
+            for c in (_S.c.name, _S.c.status, _S.c.attempts, _S.c.started_at, _S.c.finished_at, _S.c.outputs)
+        ),
+    )
+    .select_from(_J.outerjoin(_S, _S.c.job_id == _J.c.id))
+    .order_by(_S.c.position)
+)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
@@ -161,16 +248,22 @@ def get_job(job_id: str, principal: Submitter) -> Response:
 
 
 @router.get("/jobs/{job_id}/events", response_model=ListResponse[EventOut])
-def list_events(job_id: str, principal: Submitter, db: DB,
-                after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="The last id seen.")] = None,
-                limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).")] = 100) -> Response:
+def list_events(
+    job_id: str,
+    principal: Submitter,
+    db: DB,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID, description="The last id seen.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000).")] = 100,
+) -> Response:
     """Events oldest first; pass the last seen id as `after` to follow a job."""
     get_owned(db, Job, job_id, principal, "job")
-    rows, more = page(db, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, after, limit,
-                      newest_first=False)
+    rows, more = page(
+        db, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.id, after, limit, newest_first=False
+    )
     data = [EventOut.of(e) for e in rows]
-    page_out = ListResponse[EventOut](data=data, has_more=more, first_id=data[0].id if data else None,
-                                      last_id=data[-1].id if data else None)
+    page_out = ListResponse[EventOut](
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
     return Response(page_out.model_dump_json(), media_type="application/json")
 
 

@@ -25,16 +25,21 @@ def create_api_key(body: KeyCreate, principal: Admin, db: DB) -> KeyOut:
 
 
 @router.get("/keys", response_model=ListResponse[KeyOut])
-def list_api_keys(principal: Admin, db: DB,
-                  owner: Annotated[str | None, Query(description="Only this owner's keys.")] = None, after: Cursor = None,
-                  limit: PageSize = 20) -> ListResponse[KeyOut]:
+def list_api_keys(
+    principal: Admin,
+    db: DB,
+    owner: Annotated[str | None, Query(description="Only this owner's keys.")] = None,
+    after: Cursor = None,
+    limit: PageSize = 20,
+) -> ListResponse[KeyOut]:
     stmt = select(ApiKey)
     if owner:
         stmt = stmt.where(ApiKey.owner == owner)
     rows, more = page(db, stmt, ApiKey.id, after, limit, principal=principal)
     data = [KeyOut.of(r) for r in rows]
-    return ListResponse[KeyOut](data=data, has_more=more, first_id=data[0].id if data else None,
-                                last_id=data[-1].id if data else None)
+    return ListResponse[KeyOut](
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut)

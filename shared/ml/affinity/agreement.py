@@ -47,13 +47,14 @@ def _row_spearman(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     rx, ry = rankdata(X, axis=1), rankdata(Y, axis=1)
     rx = rx - rx.mean(1, keepdims=True)
     ry = ry - ry.mean(1, keepdims=True)
-    den = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
+    den = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (rx * ry).sum(1) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def within_task_spearman(est: np.ndarray, true: np.ndarray, member: np.ndarray, bootstrap: int = 2000,
-                         seed: int = 0) -> dict[str, Any]:
+def within_task_spearman(
+    est: np.ndarray, true: np.ndarray, member: np.ndarray, bootstrap: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Pooled Spearman of task-centred estimates (each seed) against the task-centred seed-mean truth.
 
     CI: percentile bootstrap that resamples, within every task, its subsets with replacement (a drawn subset
@@ -103,7 +104,9 @@ def seed_noise(true: np.ndarray, member: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         var = np.nanvar(true, axis=0, ddof=1)  # [K, n]
-    pooled = np.array([_nanmean(var[member[:, i], i]) if member[:, i].any() else np.nan for i in range(member.shape[1])])
+    pooled = np.array(
+        [_nanmean(var[member[:, i], i]) if member[:, i].any() else np.nan for i in range(member.shape[1])]
+    )
     return np.sqrt(pooled)
 
 
@@ -131,8 +134,13 @@ def pairwise_order(est: np.ndarray, true: np.ndarray, member: np.ndarray, factor
         agree = np.where(d == 0, 0.5, (np.sign(d) == np.sign(gap)[None]).astype(float))
         score += float(agree[ok].sum())
         comparisons += int(ok.sum())
-    return {"value": score / comparisons if comparisons else float("nan"), "pairs": pairs, "comparisons": comparisons,
-            "factor": factor, "seed_noise": noise.tolist()}
+    return {
+        "value": score / comparisons if comparisons else float("nan"),
+        "pairs": pairs,
+        "comparisons": comparisons,
+        "factor": factor,
+        "seed_noise": noise.tolist(),
+    }
 
 
 def change_skill(est_change: np.ndarray, true_change: np.ndarray) -> float:
@@ -177,7 +185,9 @@ def offdiag_corr(A: np.ndarray, B: np.ndarray, centred: bool = False) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def mantel(A: np.ndarray | Sequence[np.ndarray], B: np.ndarray, permutations: int = 999, seed: int = 0) -> dict[str, Any]:
+def mantel(
+    A: np.ndarray | Sequence[np.ndarray], B: np.ndarray, permutations: int = 999, seed: int = 0
+) -> dict[str, Any]:
     """offdiag_corr(A, B) (the mean over A's matrices when a list is given) and its one-sided Mantel p-value:
     B's task labels permuted jointly on rows and columns, p = (1 + #{perm >= observed}) / (1 + permutations)."""
     As = [row_centre(a) for a in ([A] if isinstance(A, np.ndarray) and A.ndim == 2 else A)]
@@ -227,13 +237,22 @@ def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
     return (index - expected) / (top - expected)
 
 
-def ari_vs_random(true_groups: Sequence[Sequence[int]], est_groups: Sequence[Sequence[Sequence[int]]], n: int,
-                  random_partitions: int = 1000, seed: int = 0) -> dict[str, Any]:
+def ari_vs_random(
+    true_groups: Sequence[Sequence[int]],
+    est_groups: Sequence[Sequence[Sequence[int]]],
+    n: int,
+    random_partitions: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean ARI of the estimated partitions against the true one, and the 95th percentile of the ARI between the
     true partition and random partitions with the true partition's group sizes."""
     truth = labels_of(true_groups, n)
     values = [adjusted_rand(truth, labels_of(g, n)) for g in est_groups]
     rng = np.random.default_rng(seed)
     null = np.array([adjusted_rand(truth, rng.permutation(truth)) for _ in range(random_partitions)])
-    return {"value": float(np.mean(values)) if values else float("nan"), "per_estimate": values,
-            "random_p95": float(np.percentile(null, 95)), "random_mean": float(null.mean())}
+    return {
+        "value": float(np.mean(values)) if values else float("nan"),
+        "per_estimate": values,
+        "random_p95": float(np.percentile(null, 95)),
+        "random_mean": float(null.mean()),
+    }

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from shared.ml.affinity.estimate import delta_norms, multiplexed_forward, subset_rows
-from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
 from shared.ml.affinity.initialise import load_runtime
+from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
 from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
@@ -74,8 +74,13 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     n = len(params.tasks)
     size = min(_subset_size(params, n), n)
     subsets = _seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
-    sol = solve_subsets(G, f0, [subset_rows(train_rows, s) for s in subsets],
-                        effective_lambda(params.lam, params.lam_scale, G), rt.device)
+    sol = solve_subsets(
+        G,
+        f0,
+        [subset_rows(train_rows, s) for s in subsets],
+        effective_lambda(params.lam, params.lam_scale, G),
+        rt.device,
+    )
     norms = delta_norms(rt.projector.backmap(sol.w))
     a_norm = rt.a_norm()
     slots, scaled = [], []
@@ -91,8 +96,21 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     for t, name in enumerate(params.tasks):
         rows = val_rows.task_rows(t)
         items = [(val_rows.items[i], s) for s in range(len(slots)) for i in rows]
-        out = multiplexed_forward(rt.model, rt.sites, stacks, items, rt.bound[name].choice_token_ids, rt.batching.eval_rows,
-                                  pad, rt.device, progress, "approx-error forwards", name, rt.output, rt.batching.eval_tokens)
+        out = multiplexed_forward(
+            rt.model,
+            rt.sites,
+            stacks,
+            items,
+            rt.bound[name].choice_token_ids,
+            rt.batching.eval_rows,
+            pad,
+            rt.device,
+            progress,
+            "approx-error forwards",
+            name,
+            rt.output,
+            rt.batching.eval_tokens,
+        )
         f_true[:, torch.as_tensor(rows)] = out.f.reshape(len(slots), len(rows))
     f_lin = fv[None, :].double() + (W.double() @ Gv.double().T)
     denom = torch.maximum(f_true.double().abs(), fv[None, :].double().abs()).clamp_min(1e-12)
@@ -105,33 +123,67 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
         r = rel[idx].flatten()
         r0 = rel0[idx].flatten()
         rwc = [v for v in (_relative_weight_change(rt, stacks, j) for j in idx) if v is not None]
-        per_scale.append(json_safe({
-            "scale": scale, "mean_rel_error": float(r.mean()), "median_rel_error": float(r.median()),
-            "p90_rel_error": float(r.quantile(0.9)), "max_rel_error": float(r.max()),
-            "mean_sq_rel_error": float((r ** 2).mean()),
-            "zeroth_order_mean_rel_error": float(r0.mean()), "zeroth_order_median_rel_error": float(r0.median()),
-            "delta_norm": scale * a_norm, "relative_weight_change": float(np.mean(rwc)) if rwc else None,
-            "examples": int(r.numel()),
-        }))
+        per_scale.append(
+            json_safe(
+                {
+                    "scale": scale,
+                    "mean_rel_error": float(r.mean()),
+                    "median_rel_error": float(r.median()),
+                    "p90_rel_error": float(r.quantile(0.9)),
+                    "max_rel_error": float(r.max()),
+                    "mean_sq_rel_error": float((r**2).mean()),
+                    "zeroth_order_mean_rel_error": float(r0.mean()),
+                    "zeroth_order_median_rel_error": float(r0.median()),
+                    "delta_norm": scale * a_norm,
+                    "relative_weight_change": float(np.mean(rwc)) if rwc else None,
+                    "examples": int(r.numel()),
+                }
+            )
+        )
         for j in idx:
             _, k, _ = slots[j]
             for i in range(len(val_rows)):
-                csv_rows.append({"scale": scale, "direction": k, "subset": "+".join(params.tasks[t] for t in subsets[k]),
-                                 "task": val_rows.items[i].task, "example_id": val_rows.items[i].example_id,
-                                 "f0": float(fv[i]), "f_linear": float(f_lin[j, i]), "f_true": float(f_true[j, i]),
-                                 "rel_error": float(rel[j, i])})
+                csv_rows.append(
+                    {
+                        "scale": scale,
+                        "direction": k,
+                        "subset": "+".join(params.tasks[t] for t in subsets[k]),
+                        "task": val_rows.items[i].task,
+                        "example_id": val_rows.items[i].example_id,
+                        "f0": float(fv[i]),
+                        "f_linear": float(f_lin[j, i]),
+                        "f_true": float(f_true[j, i]),
+                        "rel_error": float(rel[j, i]),
+                    }
+                )
     wall = time.perf_counter() - t0
-    doc = json_safe({
-        "tasks": params.tasks, "a0_norm": a_norm, "scale_definition": "||Delta_B|| = scale * ||theta0|| = scale * ||A0|| (all LoRA tensors)",
-        "error_definition": "|f0 + g.w - f_true| / max(|f_true|, |f0|) per held-out (validation) example",
-        "directions": [[params.tasks[t] for t in s] for s in subsets], "per_scale": per_scale,
-        "validation_examples": len(val_rows), "wall_seconds": round(wall, 3), "params": params.model_dump(mode="json"),
-    })
+    doc = json_safe(
+        {
+            "tasks": params.tasks,
+            "a0_norm": a_norm,
+            "scale_definition": "||Delta_B|| = scale * ||theta0|| = scale * ||A0|| (all LoRA tensors)",
+            "error_definition": "|f0 + g.w - f_true| / max(|f_true|, |f0|) per held-out (validation) example",
+            "directions": [[params.tasks[t] for t in s] for s in subsets],
+            "per_scale": per_scale,
+            "validation_examples": len(val_rows),
+            "wall_seconds": round(wall, 3),
+            "params": params.model_dump(mode="json"),
+        }
+    )
     atomic_write_json(workdir / "approx_error.json", doc)
-    atomic_write_text(workdir / "approx_error.csv", _csv_text(csv_rows, ["scale", "direction", "subset", "task", "example_id",
-                                                                       "f0", "f_linear", "f_true", "rel_error"]))
-    return {"per_scale": per_scale, "wall_seconds": round(wall, 3),
-            "artifacts": {"approx_error": "approx_error.json", "examples": "approx_error.csv", "theta0": "theta0.safetensors",
-                          "projection_spec": "projection_spec.json"}}
-
-
+    atomic_write_text(
+        workdir / "approx_error.csv",
+        _csv_text(
+            csv_rows, ["scale", "direction", "subset", "task", "example_id", "f0", "f_linear", "f_true", "rel_error"]
+        ),
+    )
+    return {
+        "per_scale": per_scale,
+        "wall_seconds": round(wall, 3),
+        "artifacts": {
+            "approx_error": "approx_error.json",
+            "examples": "approx_error.csv",
+            "theta0": "theta0.safetensors",
+            "projection_spec": "projection_spec.json",
+        },
+    }

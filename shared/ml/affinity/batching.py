@@ -59,13 +59,19 @@ def weight_bytes(model: Any) -> int:
 def gpu_batching(config: Any, total_bytes: int, weights: int) -> Batching:
     """The defaults on a GPU of `total_bytes` memory holding `weights` bytes of model (see the module docstring)."""
     if not hasattr(config, "hidden_size") or not hasattr(config, "num_hidden_layers"):
-        raise ValueError("cannot size batches for a model without hidden_size / num_hidden_layers in its config; "
-                         "pass batch_size and batch_tokens")
+        raise ValueError(
+            "cannot size batches for a model without hidden_size / num_hidden_layers in its config; "
+            "pass batch_size and batch_tokens"
+        )
     free = max(total_bytes - weights, total_bytes // 8)
     train, forward = activation_bytes(config)
     # within the bounds params.batch_tokens accepts (16 .. 2**24), as the pieces of a run re-validate it
-    return Batching(GPU_MAX_ROWS, min(2**24, max(16, int(free * GRAD_MEMORY_SHARE) // train)),
-                    GPU_MAX_ROWS, max(16, int(free * EVAL_MEMORY_SHARE) // forward))
+    return Batching(
+        GPU_MAX_ROWS,
+        min(2**24, max(16, int(free * GRAD_MEMORY_SHARE) // train)),
+        GPU_MAX_ROWS,
+        max(16, int(free * EVAL_MEMORY_SHARE) // forward),
+    )
 
 
 def auto_batching(model: Any, device: torch.device) -> Batching:
@@ -79,8 +85,12 @@ def auto_batching(model: Any, device: torch.device) -> Batching:
 def resolve_batching(params: Any, model: Any, device: torch.device) -> Batching:
     """The params' batch sizes where given, the device's defaults for the rest."""
     auto = auto_batching(model, device)
-    return Batching(params.batch_size or auto.rows, params.batch_tokens if params.batch_tokens is not None else auto.tokens,
-                    params.eval_batch_size or auto.eval_rows, auto.eval_tokens)
+    return Batching(
+        params.batch_size or auto.rows,
+        params.batch_tokens if params.batch_tokens is not None else auto.tokens,
+        params.eval_batch_size or auto.eval_rows,
+        auto.eval_tokens,
+    )
 
 
 def cut_sorted(order: Sequence[int], lengths: Sequence[int], rows: int, tokens: int | None = None) -> list[list[int]]:

@@ -13,10 +13,10 @@ not available (NaN).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,10 +73,21 @@ class RowOutputs:
 
 
 @torch.no_grad()
-def multiplexed_forward(model: Any, sites: Sequence[LoraSite], stacks: Mapping[str, torch.Tensor],
-                        items: Sequence[tuple[Encoded, int]], choice_ids: Sequence[int], batch_size: int,
-                        pad_id: int, device: torch.device, progress: Progress = silent, stage: str = "estimate",
-                        message: str = "", output: str = "vocab", max_tokens: int | None = None) -> RowOutputs:
+def multiplexed_forward(
+    model: Any,
+    sites: Sequence[LoraSite],
+    stacks: Mapping[str, torch.Tensor],
+    items: Sequence[tuple[Encoded, int]],
+    choice_ids: Sequence[int],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Progress = silent,
+    stage: str = "estimate",
+    message: str = "",
+    output: str = "vocab",
+    max_tokens: int | None = None,
+) -> RowOutputs:
     """Evaluate (example, adapter slot) pairs of ONE task; rows are length-sorted and padded per batch (at most
     batch_size rows and max_tokens padded tokens)."""
     lengths = [len(ex.input_ids) for ex, _ in items]
@@ -102,7 +113,9 @@ def multiplexed_forward(model: Any, sites: Sequence[LoraSite], stacks: Mapping[s
 
 
 def task_metrics(outputs: RowOutputs, items: Sequence[Encoded], num_classes: int) -> TaskMetrics:
-    scores = TaskScores([it.example_id for it in items], outputs.choice_logits, torch.tensor([it.label for it in items]), outputs.nll)
+    scores = TaskScores(
+        [it.example_id for it in items], outputs.choice_logits, torch.tensor([it.label for it in items]), outputs.nll
+    )
     return metrics_from_scores(scores, num_classes)
 
 
@@ -121,10 +134,16 @@ def delta_norms(stacks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return total.sqrt().cpu()
 
 
-def evaluate_subsets_forward(rt: Any, subsets: Sequence[Sequence[int]], W: torch.Tensor | None, val_rows: Any,
-                             progress: Progress = silent, stage: str = "estimate",
-                             message: str = "", stacks: Mapping[str, torch.Tensor] | None = None,
-                             ) -> tuple[list[dict[str, TaskMetrics]], torch.Tensor]:
+def evaluate_subsets_forward(
+    rt: Any,
+    subsets: Sequence[Sequence[int]],
+    W: torch.Tensor | None,
+    val_rows: Any,
+    progress: Progress = silent,
+    stage: str = "estimate",
+    message: str = "",
+    stacks: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[list[dict[str, TaskMetrics]], torch.Tensor]:
     """Real forward at theta0 + Delta_k on each task of subset k (task indices into val_rows.tasks).
 
     Delta_k = P w_k (from W [K, d]) unless explicit B `stacks` {name: [K, out, r]} are given. All K adapters
@@ -145,18 +164,42 @@ def evaluate_subsets_forward(rt: Any, subsets: Sequence[Sequence[int]], W: torch
         examples = [val_rows.items[i] for i in rows]
         items = [(ex, slot) for slot in range(len(members)) for ex in examples]
         sub = {k: v[members] for k, v in stacks.items()}
-        out = multiplexed_forward(rt.model, rt.sites, sub, items, rt.bound[name].choice_token_ids, rt.batching.eval_rows, pad,
-                                  rt.device, progress, stage, message or name, max_tokens=rt.batching.eval_tokens)
+        out = multiplexed_forward(
+            rt.model,
+            rt.sites,
+            sub,
+            items,
+            rt.bound[name].choice_token_ids,
+            rt.batching.eval_rows,
+            pad,
+            rt.device,
+            progress,
+            stage,
+            message or name,
+            max_tokens=rt.batching.eval_tokens,
+        )
         n = len(examples)
         for slot, k in enumerate(members):
-            part = RowOutputs(out.choice_logits[slot * n : (slot + 1) * n], out.nll[slot * n : (slot + 1) * n], out.f[slot * n : (slot + 1) * n])
+            part = RowOutputs(
+                out.choice_logits[slot * n : (slot + 1) * n],
+                out.nll[slot * n : (slot + 1) * n],
+                out.f[slot * n : (slot + 1) * n],
+            )
             results[k][name] = task_metrics(part, examples, rt.bound[name].num_choices)
     return results, norms
 
 
-def representer_deltas(rt: Any, train_rows: Any, subsets: Sequence[Sequence[int]], W: torch.Tensor, G: torch.Tensor,
-                        f0: torch.Tensor, lam: float, progress: Progress = silent,
-                        stage: str = "representer") -> dict[str, torch.Tensor]:
+def representer_deltas(
+    rt: Any,
+    train_rows: Any,
+    subsets: Sequence[Sequence[int]],
+    W: torch.Tensor,
+    G: torch.Tensor,
+    f0: torch.Tensor,
+    lam: float,
+    progress: Progress = silent,
+    stage: str = "representer",
+) -> dict[str, torch.Tensor]:
     """Delta_k = sum_{i in S_k} c_ki g_i with c_ki = sigmoid(-(f0_i + g~_i . w_k)) / (2 lam |S_k|), in full space.
 
     At the optimum of the sketched problem w_k = P^T Delta_k exactly (stationarity), so Delta_k is the
@@ -193,8 +236,9 @@ def representer_deltas(rt: Any, train_rows: Any, subsets: Sequence[Sequence[int]
     return stacks
 
 
-def evaluate_subsets_linear(subsets: Sequence[Sequence[int]], W: torch.Tensor, G_val: torch.Tensor, f0_val: torch.Tensor,
-                            val_rows: Any) -> list[dict[str, TaskMetrics]]:
+def evaluate_subsets_linear(
+    subsets: Sequence[Sequence[int]], W: torch.Tensor, G_val: torch.Tensor, f0_val: torch.Tensor, val_rows: Any
+) -> list[dict[str, TaskMetrics]]:
     """Linear proxy on validation rows: loss = mean softplus(-(f0 + g . w)); accuracy = mean(f0 + g . w > 0)."""
     results: list[dict[str, TaskMetrics]] = [{} for _ in subsets]
     for k, s in enumerate(subsets):
@@ -202,7 +246,11 @@ def evaluate_subsets_linear(subsets: Sequence[Sequence[int]], W: torch.Tensor, G
             rows = torch.as_tensor(val_rows.task_rows(t))
             z = f0_val[rows].double() + G_val[rows].double() @ W[k].double()
             results[k][val_rows.tasks[t]] = TaskMetrics(
-                loss=float(F.softplus(-z).mean()), accuracy=float((z > 0).double().mean()), macro_f1=float("nan"), n=len(rows))
+                loss=float(F.softplus(-z).mean()),
+                accuracy=float((z > 0).double().mean()),
+                macro_f1=float("nan"),
+                n=len(rows),
+            )
     return results
 
 
@@ -214,9 +262,20 @@ def evaluate_base(rt: Any, val_rows: Any, progress: Progress = silent) -> dict[s
     out: dict[str, TaskMetrics] = {}
     for t, name in enumerate(val_rows.tasks):
         examples = [val_rows.items[i] for i in val_rows.task_rows(t)]
-        res = multiplexed_forward(rt.model, rt.sites, zero, [(ex, 0) for ex in examples], rt.bound[name].choice_token_ids,
-                                  rt.batching.eval_rows, pad, rt.device, progress, "base eval", name,
-                                  max_tokens=rt.batching.eval_tokens)
+        res = multiplexed_forward(
+            rt.model,
+            rt.sites,
+            zero,
+            [(ex, 0) for ex in examples],
+            rt.bound[name].choice_token_ids,
+            rt.batching.eval_rows,
+            pad,
+            rt.device,
+            progress,
+            "base eval",
+            name,
+            max_tokens=rt.batching.eval_tokens,
+        )
         out[name] = task_metrics(res, examples, rt.bound[name].num_choices)
     return out
 

@@ -33,9 +33,20 @@ class FinetuneResult:
     chosen: dict[str, TaskMetrics] = field(default_factory=dict)
 
 
-def finetune(rt: Any, train_items: Sequence[Encoded], val_sets: dict[str, list[Encoded]], epochs: int, lr: float,
-             batch_size: int, seed: int, weight_decay: float = 0.0, select: str = "best", eval_batch_size: int = 64,
-             progress: Progress = silent, stage: str = "fine-tune") -> FinetuneResult:
+def finetune(
+    rt: Any,
+    train_items: Sequence[Encoded],
+    val_sets: dict[str, list[Encoded]],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.0,
+    select: str = "best",
+    eval_batch_size: int = 64,
+    progress: Progress = silent,
+    stage: str = "fine-tune",
+) -> FinetuneResult:
     """Train the runtime's adapter in place from its current state; returns per-epoch validation metrics."""
     model = rt.model
     params = list(lora_state(model).values())
@@ -60,7 +71,9 @@ def finetune(rt: Any, train_items: Sequence[Encoded], val_sets: dict[str, list[E
             rng.shuffle(order)
             total, count = 0.0, 0
             for b in range(n_batches):
-                batch = collate([train_items[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad).to(rt.device)
+                batch = collate([train_items[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad).to(
+                    rt.device
+                )
                 logits = answer_logits(model, batch)
                 loss = F.cross_entropy(logits, batch.answer_tokens)
                 opt.zero_grad(set_to_none=True)
@@ -83,7 +96,9 @@ def finetune(rt: Any, train_items: Sequence[Encoded], val_sets: dict[str, list[E
         model.eval()
     seconds = time.perf_counter() - start
     if select == "best":
-        chosen = min(range(len(per_epoch)), key=lambda e: sum(m.loss for m in per_epoch[e].values()) / len(per_epoch[e]))
+        chosen = min(
+            range(len(per_epoch)), key=lambda e: sum(m.loss for m in per_epoch[e].values()) / len(per_epoch[e])
+        )
     else:
         chosen = len(per_epoch) - 1
     return FinetuneResult(per_epoch, losses, chosen + 1, seconds, steps, eval_seconds, per_epoch[chosen])

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from shared.ml.affinity.projection import Projector, ProjectionSpec
+from shared.ml.affinity.projection import ProjectionSpec, Projector
 from shared.ml.encoding import Batch
 
 
@@ -174,7 +174,9 @@ def b_only_grad(model: Any, adapter: str = "default") -> Iterator[None]:
             p.grad = None
 
 
-def project_batch(model: Any, capture: BGradCapture, projector: Projector, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def project_batch(
+    model: Any, capture: BGradCapture, projector: Projector, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(f0 [b], projected gradients [b, d]) for one batch (float32, on the projector's device)."""
     f0, grads = capture.run(model, batch)
     out = None
@@ -222,7 +224,9 @@ class BufferedProjection:
             device = self.projector.device
             return [], torch.zeros(0, device=device), torch.zeros(0, self.projector.spec.dim, device=device)
         # one flat [rows, D_B] matrix in spec order, projected in a few large blocks (few kernel launches)
-        flat = torch.cat([torch.cat(self._g[p.name]).reshape(self._rows, -1) for p in self.projector.spec.params], dim=1)
+        flat = torch.cat(
+            [torch.cat(self._g[p.name]).reshape(self._rows, -1) for p in self.projector.spec.params], dim=1
+        )
         for parts in self._g.values():
             parts.clear()
         out = self.projector.project_flat(flat)

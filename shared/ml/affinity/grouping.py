@@ -129,8 +129,9 @@ def spectral_labels(C: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
     A = np.exp((C - C.max()) / tau)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        labels = SpectralClustering(n_clusters=m, affinity="precomputed", random_state=seed, n_init=20,
-                                    assign_labels="kmeans").fit_predict(A)
+        labels = SpectralClustering(
+            n_clusters=m, affinity="precomputed", random_state=seed, n_init=20, assign_labels="kmeans"
+        ).fit_predict(A)
     return _fix_empty(labels, m, C)
 
 
@@ -184,7 +185,9 @@ def silhouette(C: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(D, labels, metric="precomputed"))
 
 
-def group_auto(C: np.ndarray, method: str = "auto", seed: int = 0, m_max: int | None = None, sdp_max_n: int = 40) -> Grouping:
+def group_auto(
+    C: np.ndarray, method: str = "auto", seed: int = 0, m_max: int | None = None, sdp_max_n: int = 40
+) -> Grouping:
     """Choose m by the silhouette rule (module docstring) and return that grouping."""
     n = len(C)
     Cs = standardise(C)

@@ -21,10 +21,28 @@ from shared.ml.progress import Progress, silent
 def meta_initialise(rt: Runtime, params: Any, progress: Progress = silent) -> dict[str, Any]:
     """Fine-tune rt's adapter in place on all tasks' training rows; returns what it cost."""
     rows = rt.rows("train", params.max_train)
-    res = finetune(rt, rows.items, {}, params.meta_epochs, params.meta_lr, params.meta_batch_size, params.seed,
-                   select="last", progress=progress, stage="meta-initialisation")
-    return {"init": "meta", "epochs": params.meta_epochs, "lr": params.meta_lr, "batch_size": params.meta_batch_size,
-            "rows": len(rows), "steps": res.steps, "train_loss": res.train_loss, "seconds": round(res.seconds, 3)}
+    res = finetune(
+        rt,
+        rows.items,
+        {},
+        params.meta_epochs,
+        params.meta_lr,
+        params.meta_batch_size,
+        params.seed,
+        select="last",
+        progress=progress,
+        stage="meta-initialisation",
+    )
+    return {
+        "init": "meta",
+        "epochs": params.meta_epochs,
+        "lr": params.meta_lr,
+        "batch_size": params.meta_batch_size,
+        "rows": len(rows),
+        "steps": res.steps,
+        "train_loss": res.train_loss,
+        "seconds": round(res.seconds, 3),
+    }
 
 
 def load_runtime(params: Any, theta0_path: Path, progress: Progress = silent) -> Runtime:

@@ -34,8 +34,9 @@ def perf_value(row: Mapping[str, Any], metric: str) -> float:
     raise ValueError(f"unknown affinity metric {metric!r}; expected one of {METRICS}")
 
 
-def affinity_matrix(tasks: Sequence[str], subsets: Sequence[Sequence[str]], table: Sequence[Mapping[str, Any]],
-                    metric: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
+def affinity_matrix(
+    tasks: Sequence[str], subsets: Sequence[Sequence[str]], table: Sequence[Mapping[str, Any]], metric: str = "accuracy"
+) -> tuple[np.ndarray, np.ndarray]:
     """(T [n, n], counts [n, n]) from table rows {subset: index, task: name, loss, accuracy, macro_f1}."""
     index = {t: i for i, t in enumerate(tasks)}
     n = len(tasks)
@@ -79,8 +80,14 @@ def from_json_matrix(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=float)
 
 
-def heatmap(path: Path, tasks: Sequence[str], T: np.ndarray, title: str, groups: Sequence[Sequence[str]] | None = None,
-            counts: np.ndarray | None = None) -> None:
+def heatmap(
+    path: Path,
+    tasks: Sequence[str],
+    T: np.ndarray,
+    title: str,
+    groups: Sequence[Sequence[str]] | None = None,
+    counts: np.ndarray | None = None,
+) -> None:
     """PNG heatmap with task names; tasks are reordered by group and each group is outlined."""
     import matplotlib
 
@@ -115,8 +122,15 @@ def heatmap(path: Path, tasks: Sequence[str], T: np.ndarray, title: str, groups:
         for a in range(n):
             for b in range(n):
                 if np.isfinite(M[a, b]):
-                    ax.text(b, a, f"{M[a, b]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if M[a, b] < mid else "black")
+                    ax.text(
+                        b,
+                        a,
+                        f"{M[a, b]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if M[a, b] < mid else "black",
+                    )
     for start, length in bounds:
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), length, length, fill=False, edgecolor="red", linewidth=2))
     fig.tight_layout()

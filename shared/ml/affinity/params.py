@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.ml.defaults import DEFAULT_MAX_LENGTH, STAGE1_TRAIN_ROWS, GroupCount, LoraTargets, Seeds, TaskNames, known_tasks
+from shared.ml.defaults import (
+    DEFAULT_MAX_LENGTH,
+    STAGE1_TRAIN_ROWS,
+    GroupCount,
+    LoraTargets,
+    Seeds,
+    TaskNames,
+    known_tasks,
+)
 from shared.ml.training.params import GROUPS_DOC, MAX_LENGTH_DOC, MODEL_DOC, QUANTIZATION_DOC, SEED_DOC
 
 if TYPE_CHECKING:
@@ -25,7 +33,7 @@ if TYPE_CHECKING:
 DEFAULT_LAMBDA = 1e-3
 
 
-def effective_lambda(lam: float, lam_scale: str, grads: "torch.Tensor") -> float:
+def effective_lambda(lam: float, lam_scale: str, grads: torch.Tensor) -> float:
     """The absolute penalty used by the solver for a run's training gradients G [N, d]."""
     if lam_scale == "absolute":
         return float(lam)
@@ -53,36 +61,53 @@ class _ModelRun(BaseModel):
     output: Literal["vocab", "choice"] = Field(
         default="choice",
         description="the differentiated f: log-odds of the gold answer token restricted to the task's answer choices "
-                    "(choice; softplus(-f) = cross-entropy over the choices), or under the full-vocabulary softmax (vocab)")
+        "(choice; softplus(-f) = cross-entropy over the choices), or under the full-vocabulary softmax (vocab)",
+    )
     # Default "meta": on the H200 validation run (issue 3 closing note) the estimated accuracies were within 4.1%
     # of really fine-tuned ones from a meta-initialisation, against 24% from a fresh adapter (base).
     init: Literal["base", "meta"] = Field(
         default="meta",
         description="theta0: a fresh LoRA (A random, B = 0; the base model's outputs), or a meta-initialisation: the "
-                    "LoRA first fine-tuned on all the run's tasks for meta_epochs (the paper's setting; every subset's "
-                    "fine-tune then starts close to theta0, where the first-order model holds)")
+        "LoRA first fine-tuned on all the run's tasks for meta_epochs (the paper's setting; every subset's "
+        "fine-tune then starts close to theta0, where the first-order model holds)",
+    )
     meta_epochs: int = Field(default=1, ge=1, le=100, description="epochs of the all-task fine-tune of init='meta'")
-    meta_lr: float = Field(default=1e-3, gt=0, le=1.0, description="learning rate of the all-task fine-tune of init='meta'")
-    meta_batch_size: int = Field(default=32, ge=1, le=1024, description="batch size of the all-task fine-tune of init='meta'")
-    lam: float = Field(default=DEFAULT_LAMBDA, gt=0, le=1e9, description="L2 penalty of the logistic regression (see lam_scale)")
+    meta_lr: float = Field(
+        default=1e-3, gt=0, le=1.0, description="learning rate of the all-task fine-tune of init='meta'"
+    )
+    meta_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="batch size of the all-task fine-tune of init='meta'"
+    )
+    lam: float = Field(
+        default=DEFAULT_LAMBDA, gt=0, le=1e9, description="L2 penalty of the logistic regression (see lam_scale)"
+    )
     lam_scale: Literal["gradient", "absolute"] = Field(
         default="gradient",
         description="gradient: the penalty is lam * mean_i ||g~_i||^2 (training rows of the run), which makes lam "
-                    "invariant to the scale of the model's gradients; absolute: the penalty is lam itself")
+        "invariant to the scale of the model's gradients; absolute: the penalty is lam itself",
+    )
     batch_size: int | None = Field(
-        default=None, ge=1, le=4096, description="rows per gradient-pass batch (default: 16 on a CPU, 512 on a GPU)")
+        default=None, ge=1, le=4096, description="rows per gradient-pass batch (default: 16 on a CPU, 512 on a GPU)"
+    )
     batch_tokens: int | None = Field(
-        default=None, ge=16, le=2**24,
+        default=None,
+        ge=16,
+        le=2**24,
         description="padded tokens per gradient-pass batch (default: none on a CPU; on a GPU what half the memory the "
-                    "weights leave free holds, estimated from the model's size)")
+        "weights leave free holds, estimated from the model's size)",
+    )
     eval_batch_size: int | None = Field(
-        default=None, ge=1, le=8192, description="rows per estimation forward (default: 64 on a CPU, 512 on a GPU)")
+        default=None, ge=1, le=8192, description="rows per estimation forward (default: 64 on a CPU, 512 on a GPU)"
+    )
     project_rows: int = Field(default=64, ge=1, le=65536, description="examples buffered per sketch projection")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where the model runs (auto: cuda "
-                                                                               "when available)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where the model runs (auto: cuda when available)"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="model compute dtype: auto = bf16 on CUDA, fp32 on CPU (quantization none only for others)")
+        default="auto",
+        description="model compute dtype: auto = bf16 on CUDA, fp32 on CPU (quantization none only for others)",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -95,8 +120,10 @@ class _ModelRun(BaseModel):
     @model_validator(mode="after")
     def _precision(self) -> _ModelRun:
         if self.precision != "auto" and self.quantization != "none":
-            raise ValueError(f"precision={self.precision!r} needs quantization 'none' (a 4-bit base computes in bf16); "
-                             "use precision 'auto' with nf4")
+            raise ValueError(
+                f"precision={self.precision!r} needs quantization 'none' (a 4-bit base computes in bf16); "
+                "use precision 'auto' with nf4"
+            )
         return self
 
     @property
@@ -107,28 +134,43 @@ class _ModelRun(BaseModel):
 class AffinityParams(_ModelRun):
     """Stage 1 (gradients at theta0 -> per-subset logistic regressions -> estimated performance -> T)."""
 
-    subset_size: int | None = Field(default=None, ge=2, description="tasks per subset (default 3, or 0.3 n above 10 tasks)")
+    subset_size: int | None = Field(
+        default=None, ge=2, description="tasks per subset (default 3, or 0.3 n above 10 tasks)"
+    )
     coverage: int = Field(default=5, ge=1, le=1000, description="every pair co-occurs in at least this many subsets")
     enumerate_limit: int = Field(default=120, ge=1, description="use every subset when C(n, s) is at most this")
     # Default "linear" and metric "neg_loss" on STAGE1_TRAIN_ROWS rows: the H200 studies (README) measured this
     # Stage 1 at 0.18-0.20x of the single adapter's FLOPs with the best study arm on both development sets.
-    max_train: int | None = Field(default=STAGE1_TRAIN_ROWS, ge=1,
-                                  description="training examples per task for the meta fine-tune and the gradient pass "
-                                              "(stratified); a pipeline uses min(its max_train, this default) unless set")
+    max_train: int | None = Field(
+        default=STAGE1_TRAIN_ROWS,
+        ge=1,
+        description="training examples per task for the meta fine-tune and the gradient pass "
+        "(stratified); a pipeline uses min(its max_train, this default) unless set",
+    )
     mode: Literal["forward", "linear"] = Field(
-        default="linear", description="how a subset's solution is scored on validation rows: forward = a real forward "
-                                       "pass with the back-mapped adapter; linear = the first-order f0 + g . w (one more "
-                                       "gradient pass, over the validation rows)")
+        default="linear",
+        description="how a subset's solution is scored on validation rows: forward = a real forward "
+        "pass with the back-mapped adapter; linear = the first-order f0 + g . w (one more "
+        "gradient pass, over the validation rows)",
+    )
     backmap: Literal["sketch", "representer"] = Field(
-        default="sketch", description="Delta = P w (sketch), or sum_i c_i g_i with P^T Delta = w (representer; +1 gradient pass)")
+        default="sketch",
+        description="Delta = P w (sketch), or sum_i c_i g_i with P^T Delta = w (representer; +1 gradient pass)",
+    )
     metric: Literal["accuracy", "neg_loss", "macro_f1"] = Field(
-        default="neg_loss", description="the estimated performance the affinity matrix holds: accuracy, neg_loss "
-                                        "(minus the cross-entropy over the answer choices) or macro_f1")
+        default="neg_loss",
+        description="the estimated performance the affinity matrix holds: accuracy, neg_loss "
+        "(minus the cross-entropy over the answer choices) or macro_f1",
+    )
     solver_max_iter: int = Field(default=50, ge=1, le=1000, description="iterations of the logistic-regression solver")
-    subsets_per_forward: int = Field(default=8, ge=1, le=512, description="subset adapters evaluated in one batched forward")
+    subsets_per_forward: int = Field(
+        default=8, ge=1, le=512, description="subset adapters evaluated in one batched forward"
+    )
     subsets: list[list[str]] | None = Field(
-        default=None, description="explicit subsets (lists of task names) used instead of sampled ones; "
-                                  "subset_size, coverage and enumerate_limit are then ignored")
+        default=None,
+        description="explicit subsets (lists of task names) used instead of sampled ones; "
+        "subset_size, coverage and enumerate_limit are then ignored",
+    )
 
     @field_validator("subsets")
     @classmethod
@@ -165,17 +207,24 @@ class GroupingParams(BaseModel):
     affinity: str | None = Field(default=None, description="path of an affinity.json (default: WORKDIR/affinity.json)")
     groups: GroupCount = Field(default="auto", description=GROUPS_DOC)
     method: Literal["auto", "sdp", "spectral"] = Field(
-        default="auto", description="clustering: sdp (semidefinite relaxation), spectral, or auto (sdp up to "
-                                    "sdp_max_n tasks, spectral above)")
-    metric: Literal["accuracy", "neg_loss", "macro_f1"] | None = Field(default=None, description="default: the file's metric")
+        default="auto",
+        description="clustering: sdp (semidefinite relaxation), spectral, or auto (sdp up to "
+        "sdp_max_n tasks, spectral above)",
+    )
+    metric: Literal["accuracy", "neg_loss", "macro_f1"] | None = Field(
+        default=None, description="default: the file's metric"
+    )
     centre: bool = Field(default=True, description="row-centre T before symmetrising (removes per-task level)")
     seed: int = Field(default=0, ge=0, description="seed of the clustering and of the structure test's permutations")
     sdp_max_n: int = Field(default=40, ge=2, le=500, description="above this many tasks use spectral clustering")
     m_max: int | None = Field(default=None, ge=2, description="largest m tried by groups=auto")
     structure_alpha: float = Field(
-        default=0.05, gt=0.0, lt=1.0,
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
         description="groups=auto: level of the permutation test for group structure in T; above it the "
-                    "pipeline falls back to the arm validation favours (single, per-task or groups)")
+        "pipeline falls back to the arm validation favours (single, per-task or groups)",
+    )
     permutations: int = Field(default=999, ge=99, le=100_000, description="permutations of the structure test")
     tasks: list[str] | None = Field(default=None, description="if given, must match the affinity file's tasks")
 
@@ -192,14 +241,19 @@ class ApproxErrorParams(_ModelRun):
     precision defaults to fp32: bf16 logits carry rounding noise of ~0.05 in f, which would be a floor
     under the very error this measures."""
 
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="fp32", description="model compute dtype (fp32: "
-                                                                                   "bf16 rounding would hide the error)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="fp32", description="model compute dtype (fp32: bf16 rounding would hide the error)"
+    )
     # the reference's setting: directions around a fresh adapter, scale relative to ||A0||
-    init: Literal["base", "meta"] = Field(default="base", description="theta0: base (a fresh adapter, the reference's "
-                                                                      "setting) or meta")
+    init: Literal["base", "meta"] = Field(
+        default="base", description="theta0: base (a fresh adapter, the reference's setting) or meta"
+    )
 
-    scales: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1], min_length=1,
-                                description="step sizes: ||P w|| as a fraction of ||A0||, each in (0, 10]")
+    scales: list[float] = Field(
+        default_factory=lambda: [0.02, 0.05, 0.1],
+        min_length=1,
+        description="step sizes: ||P w|| as a fraction of ||A0||, each in (0, 10]",
+    )
     directions: int = Field(default=4, ge=1, le=256, description="subset solutions used as directions")
     subset_size: int | None = Field(default=None, ge=1, description="tasks per direction's subset (1 = single tasks)")
 
@@ -220,14 +274,18 @@ class ValidateParams(_ModelRun):
     coverage: int = Field(default=5, ge=1, description="every pair of tasks co-occurs in at least this many subsets")
     lams: list[float] | None = Field(default=None, description="extra lambdas to report (estimation error per lambda)")
     outputs: list[Literal["vocab", "choice"]] | None = Field(
-        default=None, description="extra differentiated outputs to report (one more gradient pass each; untimed)")
+        default=None, description="extra differentiated outputs to report (one more gradient pass each; untimed)"
+    )
     step_scales: list[float] | None = Field(
-        default=None, description="extra multipliers of the solved step w to report (diagnoses a too short/long step)")
+        default=None, description="extra multipliers of the solved step w to report (diagnoses a too short/long step)"
+    )
     epochs: int = Field(default=5, ge=1, le=100, description="epochs of each real fine-tune")
     lr: float = Field(default=5e-4, gt=0, le=1.0, description="learning rate of each real fine-tune")
     train_batch_size: int = Field(default=8, ge=1, le=1024, description="batch size of each real fine-tune")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of each real fine-tune")
-    select: Literal["best", "last"] = Field(default="best", description="which epoch is the true fine-tuned model (best = lowest mean val loss)")
+    select: Literal["best", "last"] = Field(
+        default="best", description="which epoch is the true fine-tuned model (best = lowest mean val loss)"
+    )
     backmap: Literal["sketch", "representer"] = Field(default="sketch", description="back-map of the timed estimate")
     compare_backmaps: bool = Field(default=True, description="also report the other back-map's errors (not timed)")
 
@@ -254,42 +312,60 @@ class ValidateAffinityParams(BaseModel):
     model: str = Field(default="smollm2-135m", description=MODEL_DOC)
     quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
     tasks: TaskNames = Field(description="task names (built-in or imported)")
-    seeds: Seeds = Field(default_factory=lambda: [0, 1], description="one Stage-1 run and one fine-tune per subset for each seed")
+    seeds: Seeds = Field(
+        default_factory=lambda: [0, 1], description="one Stage-1 run and one fine-tune per subset for each seed"
+    )
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=1000, ge=1, description="validation examples per task; None = all")
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where the models run (auto: cuda "
-                                                                               "when available)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where the models run (auto: cuda when available)"
+    )
     epochs: int = Field(default=3, ge=1, le=100, description="fine-tuning epochs (Stage 2's default)")
     lr: float = Field(default=5e-4, gt=0, le=1.0, description="fine-tuning learning rate")
     batch_size: int = Field(default=8, ge=1, le=1024, description="fine-tuning batch size")
     subset_size: int | None = Field(default=None, ge=2, description="tasks per subset (default: Stage 1's rule)")
     enumerate_limit: int = Field(default=20, ge=1, description="use every subset when C(n, s) is at most this")
     min_subsets: int = Field(default=40, ge=2, description="otherwise sample at least this many (pair-covering)")
-    coverage: int = Field(default=5, ge=1, le=1000, description="pair coverage of the sampled subsets (raised until min_subsets)")
-    subset_seed: int = Field(default=0, ge=0, description="seed of the subset sampler (the same subsets for every seed)")
+    coverage: int = Field(
+        default=5, ge=1, le=1000, description="pair coverage of the sampled subsets (raised until min_subsets)"
+    )
+    subset_seed: int = Field(
+        default=0, ge=0, description="seed of the subset sampler (the same subsets for every seed)"
+    )
     metric: Literal["neg_loss", "accuracy", "margin", "neg_vocab_loss"] = Field(
         default="neg_loss",
         description="target: neg_loss = -cross-entropy over the task's answer choices; accuracy; margin = gold choice "
-                    "logit minus the best other one; neg_vocab_loss = -answer-token cross-entropy over the vocabulary")
+        "logit minus the best other one; neg_vocab_loss = -answer-token cross-entropy over the vocabulary",
+    )
     groups: GroupCount = Field(default="auto", description="m for the ARI (auto: the silhouette choice on T_true)")
     noise_factor: float = Field(default=2.0, ge=0, description="pairwise order: true gap must exceed this x seed noise")
-    bootstrap: int = Field(default=2000, ge=200, le=100_000, description="bootstrap resamples for the confidence intervals")
+    bootstrap: int = Field(
+        default=2000, ge=200, le=100_000, description="bootstrap resamples for the confidence intervals"
+    )
     permutations: int = Field(default=999, ge=999, le=1_000_000, description="permutations of the Mantel test of T")
-    random_partitions: int = Field(default=1000, ge=1000, le=1_000_000,
-                                   description="random partitions the groups' agreement (ARI) is compared with")
+    random_partitions: int = Field(
+        default=1000,
+        ge=1000,
+        le=1_000_000,
+        description="random partitions the groups' agreement (ARI) is compared with",
+    )
     stats_seed: int = Field(default=0, ge=0, description="seed of the bootstrap, permutations and random partitions")
-    all_task_reference: bool = Field(default=True, description="also fine-tune one all-task adapter per seed (a reference)")
+    all_task_reference: bool = Field(
+        default=True, description="also fine-tune one all-task adapter per seed (a reference)"
+    )
     affinity: dict[str, Any] = Field(
         default_factory=dict,
         description="Stage-1 settings (AffinityParams fields); max_train/max_val may be set lower than the top-level "
-                    "values to run Stage 1 on a subsample of the rows the fine-tunes see")
+        "values to run Stage 1 on a subsample of the rows the fine-tunes see",
+    )
     training: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="other Stage-1 estimators scored against the SAME fine-tunes: name -> AffinityParams fields applied "
-                    "on top of `affinity` (e.g. {\"base\": {\"init\": \"base\"}, \"rows200\": {\"max_train\": 200}}); "
-                    "adding variants to a finished validation reuses its fine-tunes")
+        'on top of `affinity` (e.g. {"base": {"init": "base"}, "rows200": {"max_train": 200}}); '
+        "adding variants to a finished validation reuses its fine-tunes",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ValidateAffinityParams:
@@ -314,12 +390,16 @@ class ValidateAffinityParams(BaseModel):
             if aff.mode == "forward" and aff.backmap != "sketch":
                 raise ValueError(f"{label}: the validation re-reads forward-mode estimates with backmap 'sketch'")
             if aff.mode == "linear" and self.metric not in ("neg_loss", "accuracy"):
-                raise ValueError(f"{label}: mode 'linear' estimates only neg_loss and accuracy, not metric {self.metric!r}")
+                raise ValueError(
+                    f"{label}: mode 'linear' estimates only neg_loss and accuracy, not metric {self.metric!r}"
+                )
             for key, top in (("max_train", self.max_train), ("max_val", self.max_val)):
                 mine = getattr(aff, key)
                 if top is not None and (mine is None or mine > top):
-                    raise ValueError(f"{label}.{key}={mine} must be at most the top-level {key}={top} "
-                                     "(Stage 1 may only see a subsample of the fine-tunes' rows)")
+                    raise ValueError(
+                        f"{label}.{key}={mine} must be at most the top-level {key}={top} "
+                        "(Stage 1 may only see a subsample of the fine-tunes' rows)"
+                    )
         self.training_params(self.seeds[0])
         return self
 
@@ -328,8 +408,14 @@ class ValidateAffinityParams(BaseModel):
         from shared.ml.training.params import TrainingParams
 
         data: dict[str, Any] = {
-            "model": self.model, "quantization": self.quantization, "seed": seed, "max_train": self.max_train,
-            "max_val": self.max_val, "max_length": self.max_length, "epochs": self.epochs, "lr": self.lr,
+            "model": self.model,
+            "quantization": self.quantization,
+            "seed": seed,
+            "max_train": self.max_train,
+            "max_val": self.max_val,
+            "max_length": self.max_length,
+            "epochs": self.epochs,
+            "lr": self.lr,
             "batch_size": self.batch_size,
         }
         data.update(self.training)
@@ -338,9 +424,16 @@ class ValidateAffinityParams(BaseModel):
     def affinity_params(self, seed: int, subsets: list[list[str]], variant: str | None = None) -> AffinityParams:
         """Stage 1 of one seed on the given subsets, with the training's LoRA shape (`variant`: one of `variants`)."""
         data: dict[str, Any] = {
-            "model": self.model, "quantization": self.quantization, "tasks": list(self.tasks), "seed": seed,
-            "max_train": stage1_rows(self.max_train), "max_val": self.max_val, "max_length": self.max_length,
-            "device": self.device, "metric": "neg_loss", "subsets": subsets,
+            "model": self.model,
+            "quantization": self.quantization,
+            "tasks": list(self.tasks),
+            "seed": seed,
+            "max_train": stage1_rows(self.max_train),
+            "max_val": self.max_val,
+            "max_length": self.max_length,
+            "device": self.device,
+            "metric": "neg_loss",
+            "subsets": subsets,
         }
         for key in ("rank", "alpha", "targets"):
             if key in self.training:
@@ -366,6 +459,8 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], label: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        parts = [f"{label}.{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
+        parts = [
+            f"{label}.{'.'.join(str(x) for x in e['loc']) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
         raise ValueError("; ".join(parts)) from None

@@ -81,8 +81,14 @@ def _sign_table(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return table
 
 
-def rademacher_block(seed: int, dim: int, row_start: int, row_end: int, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rademacher_block(
+    seed: int,
+    dim: int,
+    row_start: int,
+    row_end: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Rows [row_start, row_end) of P (entries +-1/sqrt(dim)) as a dense [rows, dim] tensor."""
     if not 0 <= row_start <= row_end or row_end > 1 << 32:
         raise ValueError(f"bad projection row range [{row_start}, {row_end})")
@@ -145,8 +151,12 @@ class ProjectionSpec:
         if data.get("generator", GENERATOR) != GENERATOR:
             raise ValueError(f"unsupported projection generator {data.get('generator')!r}; expected {GENERATOR}")
         params = [ParamEntry(p["name"], list(p["shape"]), int(p["offset"])) for p in data["params"]]
-        spec = cls(seed=int(data["seed"]), dim=int(data["dim"]), params=params,
-                   block_elems=int(data.get("block_elems", DEFAULT_BLOCK_ELEMS)))
+        spec = cls(
+            seed=int(data["seed"]),
+            dim=int(data["dim"]),
+            params=params,
+            block_elems=int(data.get("block_elems", DEFAULT_BLOCK_ELEMS)),
+        )
         if "total" in data and int(data["total"]) != spec.total:
             raise ValueError("projection spec is inconsistent: total != sum of parameter sizes")
         return spec

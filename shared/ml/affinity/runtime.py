@@ -20,11 +20,10 @@ import torch
 
 from shared.ml.affinity.batching import Batching, resolve_batching
 from shared.ml.affinity.gradients import LoraSite, lora_sites, spec_for
-from shared.ml.affinity.projection import Projector, ProjectionSpec
+from shared.ml.affinity.projection import ProjectionSpec, Projector
 from shared.ml.data import subsample
 from shared.ml.encoding import BoundTask, Encoded, bind, encode_examples
 from shared.ml.models import attach_lora, default_device, load_model
-
 
 # ------------------------------------------------------------------------------------------ file helpers
 
@@ -97,7 +96,9 @@ class SplitRows:
     def write_csv(self, path: Path) -> None:
         lines = [["row", "task", "task_index", "example_id", "label", "answer_token", "length"]]
         for r, it in enumerate(self.items):
-            lines.append([r, it.task, int(self.task_index[r]), it.example_id, it.label, it.answer_token, len(it.input_ids)])
+            lines.append(
+                [r, it.task, int(self.task_index[r]), it.example_id, it.label, it.answer_token, len(it.input_ids)]
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", newline="") as fh:
@@ -105,8 +106,15 @@ class SplitRows:
         os.replace(tmp, path)
 
 
-def build_rows(tasks: list[str], bound: dict[str, BoundTask], tokenizer: Any, split: str, max_n: int | None,
-               seed: int, max_length: int) -> SplitRows:
+def build_rows(
+    tasks: list[str],
+    bound: dict[str, BoundTask],
+    tokenizer: Any,
+    split: str,
+    max_n: int | None,
+    seed: int,
+    max_length: int,
+) -> SplitRows:
     from shared.ml.tasks.registry import get_task
 
     items: list[Encoded] = []
@@ -167,14 +175,28 @@ class Runtime:
             load_theta0(peft_model, theta0_path)
         spec = spec_for(peft_model, params.seed, params.dim)
         bound = {name: bind(get_task(name), tokenizer) for name in params.tasks}
-        return cls(peft_model, tokenizer, info, device, lora_sites(peft_model), spec, Projector(spec, device), bound,
-                   list(params.tasks), params.seed, params.max_length, resolve_batching(params, peft_model, device),
-                   params.output)
+        return cls(
+            peft_model,
+            tokenizer,
+            info,
+            device,
+            lora_sites(peft_model),
+            spec,
+            Projector(spec, device),
+            bound,
+            list(params.tasks),
+            params.seed,
+            params.max_length,
+            resolve_batching(params, peft_model, device),
+            params.output,
+        )
 
     def rows(self, split: str, max_n: int | None, tasks: list[str] | None = None) -> SplitRows:
         key = (split, max_n)
         if key not in self._rows:
-            self._rows[key] = build_rows(self.tasks, self.bound, self.tokenizer, split, max_n, self.seed, self.max_length)
+            self._rows[key] = build_rows(
+                self.tasks, self.bound, self.tokenizer, split, max_n, self.seed, self.max_length
+            )
         rows = self._rows[key]
         if tasks is None or list(tasks) == rows.tasks:
             return rows
@@ -182,7 +204,12 @@ class Runtime:
         mask = np.isin(rows.task_index, keep)
         sel = np.flatnonzero(mask)
         remap = {old: new for new, old in enumerate(keep)}
-        return SplitRows(split, [rows.items[i] for i in sel], np.array([remap[int(rows.task_index[i])] for i in sel], dtype=np.int64), list(tasks))
+        return SplitRows(
+            split,
+            [rows.items[i] for i in sel],
+            np.array([remap[int(rows.task_index[i])] for i in sel], dtype=np.int64),
+            list(tasks),
+        )
 
     def theta0(self) -> dict[str, torch.Tensor]:
         from shared.ml.models import lora_state
@@ -206,7 +233,9 @@ def save_theta0(rt: Runtime, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    save_file(rt.theta0(), tmp, metadata={"format": "pt", "base_model": rt.info.name, "base_revision": rt.info.revision})
+    save_file(
+        rt.theta0(), tmp, metadata={"format": "pt", "base_model": rt.info.name, "base_revision": rt.info.revision}
+    )
     os.replace(tmp, path)
 
 
@@ -221,5 +250,7 @@ def load_theta0(model: Any, path: Path) -> None:
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"theta0 {path}: {name} has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"theta0 {path}: {name} has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}"
+                )
             params[name].copy_(value.to(params[name].device, params[name].dtype))

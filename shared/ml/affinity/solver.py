@@ -27,14 +27,17 @@ class SolveResult:
     converged: torch.Tensor  # [K] bool
 
 
-def _objective(Xs: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _objective(
+    Xs: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, w: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     z = f + torch.einsum("knd,kd->kn", Xs, w)
     data = (weight * F.softplus(-z)).sum(1)
     return data + lam * (w * w).sum(1), data
 
 
-def solve_chunk(Xs: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, lam: float, max_iter: int = 50,
-                tol: float = 1e-10) -> SolveResult:
+def solve_chunk(
+    Xs: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, lam: float, max_iter: int = 50, tol: float = 1e-10
+) -> SolveResult:
     """Solve K padded problems: Xs [K, n, d], f [K, n], mask [K, n] (1 = real row)."""
     if lam <= 0:
         raise ValueError(f"lambda must be > 0, got {lam}")
@@ -81,15 +84,24 @@ def solve_chunk(Xs: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, lam: floa
     return SolveResult(w.float().cpu(), obj.float().cpu(), data.float().cpu(), iters, done.cpu())
 
 
-def solve_subsets(X: torch.Tensor, f0: torch.Tensor, row_sets: Sequence[torch.Tensor], lam: float,
-                  device: torch.device | str = "cpu", max_elems: int = 1 << 24, max_iter: int = 50,
-                  tol: float = 1e-10) -> SolveResult:
+def solve_subsets(
+    X: torch.Tensor,
+    f0: torch.Tensor,
+    row_sets: Sequence[torch.Tensor],
+    lam: float,
+    device: torch.device | str = "cpu",
+    max_elems: int = 1 << 24,
+    max_iter: int = 50,
+    tol: float = 1e-10,
+) -> SolveResult:
     """One logistic regression per row set (indices into X [N, d], f0 [N]); results in input order."""
     K = len(row_sets)
     d = X.shape[1]
     if K == 0:
         empty = torch.zeros(0)
-        return SolveResult(torch.zeros(0, d), empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+        return SolveResult(
+            torch.zeros(0, d), empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+        )
     order = sorted(range(K), key=lambda k: len(row_sets[k]))
     results: list[tuple[list[int], SolveResult]] = []
     i = 0
@@ -120,5 +132,11 @@ def solve_subsets(X: torch.Tensor, f0: torch.Tensor, row_sets: Sequence[torch.Te
     conv = torch.zeros(K, dtype=torch.bool)
     for chunk, res in results:
         ix = torch.tensor(chunk)
-        w[ix], obj[ix], data[ix], its[ix], conv[ix] = res.w, res.objective, res.train_loss, res.iterations, res.converged
+        w[ix], obj[ix], data[ix], its[ix], conv[ix] = (
+            res.w,
+            res.objective,
+            res.train_loss,
+            res.iterations,
+            res.converged,
+        )
     return SolveResult(w, obj, data, its, conv)

@@ -33,18 +33,34 @@ import torch
 
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.estimate import (
-    delta_norms, evaluate_base, evaluate_subsets_forward, evaluate_subsets_linear, representer_deltas, subset_rows,
+    delta_norms,
+    evaluate_base,
+    evaluate_subsets_forward,
+    evaluate_subsets_linear,
+    representer_deltas,
+    subset_rows,
 )
 from shared.ml.affinity.grouping import group_auto, group_fixed
-from shared.ml.affinity.structure import structure_test
 from shared.ml.affinity.initialise import load_runtime, theta0_info
-from shared.ml.affinity.params import AffinityParams, ApproxErrorParams, GroupingParams, ValidateParams, effective_lambda
+from shared.ml.affinity.params import (
+    AffinityParams,
+    ApproxErrorParams,
+    GroupingParams,
+    ValidateParams,
+    effective_lambda,
+)
 from shared.ml.affinity.projection import ProjectionSpec
 from shared.ml.affinity.runtime import (
-    Runtime, atomic_save_npy, atomic_write_json, atomic_write_text, json_safe, load_npy,
+    Runtime,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    json_safe,
+    load_npy,
 )
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.store import gradient_batches, merge_gradients, plan_for, projection_starts
+from shared.ml.affinity.structure import structure_test
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
@@ -69,7 +85,9 @@ def _check_or_write_params(params: Any, workdir: Path) -> None:
         theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUNTIME_ONLY}
         if theirs != mine:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"{workdir} holds a run with different parameters ({', '.join(diff)}); use another directory")
+            raise ValueError(
+                f"{workdir} holds a run with different parameters ({', '.join(diff)}); use another directory"
+            )
     else:
         atomic_write_json(path, params.model_dump(mode="json"))
 
@@ -131,14 +149,19 @@ def prepare_affinity(params: AffinityParams, workdir: Path, progress: Progress =
             subsets = sample_subsets(n, size, params.coverage, params.seed, params.enumerate_limit)
         counts = np.array(pair_counts(n, subsets))
         off = counts[~np.eye(n, dtype=bool)]
-        atomic_write_json(workdir / "subsets.json", {
-            "tasks": params.tasks, "size": size, "coverage_target": params.coverage,
-            "min_pair_coverage": int(off.min()) if off.size else 0,
-            "enumerated_all": len(subsets) == math.comb(n, size),
-            "explicit": params.subsets is not None,
-            "subsets": [[params.tasks[i] for i in s] for s in subsets],
-            "indices": [list(s) for s in subsets],
-        })
+        atomic_write_json(
+            workdir / "subsets.json",
+            {
+                "tasks": params.tasks,
+                "size": size,
+                "coverage_target": params.coverage,
+                "min_pair_coverage": int(off.min()) if off.size else 0,
+                "enumerated_all": len(subsets) == math.comb(n, size),
+                "explicit": params.subsets is not None,
+                "subsets": [[params.tasks[i] for i in s] for s in subsets],
+                "indices": [list(s) for s in subsets],
+            },
+        )
     return rt
 
 
@@ -146,8 +169,15 @@ def _load_subsets(workdir: Path) -> list[list[int]]:
     return [list(s) for s in json.loads((workdir / "subsets.json").read_text())["indices"]]
 
 
-def run_gradient_batches(params: AffinityParams, workdir: Path, progress: Progress = silent, first: int | None = None,
-                         last: int | None = None, split: str = "train", runtime: Runtime | None = None) -> dict[str, Any]:
+def run_gradient_batches(
+    params: AffinityParams,
+    workdir: Path,
+    progress: Progress = silent,
+    first: int | None = None,
+    last: int | None = None,
+    split: str = "train",
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
     """Projected gradients of batches [first, last) of the split's canonical batch plan (default: all);
     resumable, and bitwise the same gradients however the plan is cut (see store.gradient_batches)."""
     rt = runtime or prepare_affinity(params, workdir)
@@ -175,8 +205,14 @@ def _subset_file(workdir: Path, k: int) -> Path:
     return workdir / "estimates" / f"subset-{k:06d}.json"
 
 
-def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress = silent, start: int | None = None,
-                       end: int | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+def run_estimate_shard(
+    params: AffinityParams,
+    workdir: Path,
+    progress: Progress = silent,
+    start: int | None = None,
+    end: int | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
     """Solve and evaluate subsets [start, end) (default: all); subsets with a result file are skipped."""
     rt = runtime or prepare_affinity(params, workdir)
     subsets = _load_subsets(workdir)
@@ -197,8 +233,9 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
     G, f0, train_rows = _merged(rt, params, workdir, "train")
     lam = effective_lambda(params.lam, params.lam_scale, G)
     t0 = time.perf_counter()
-    sol = solve_subsets(G, f0, [subset_rows(train_rows, subsets[k]) for k in todo], lam, rt.device,
-                        max_iter=params.solver_max_iter)
+    sol = solve_subsets(
+        G, f0, [subset_rows(train_rows, subsets[k]) for k in todo], lam, rt.device, max_iter=params.solver_max_iter
+    )
     solve_s = time.perf_counter() - t0
     _timing(workdir, "solve", solve_s)
     val_rows = rt.rows("val", params.max_val)
@@ -210,7 +247,7 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
     if params.mode == "forward" and params.backmap == "representer":
         rep = representer_deltas(rt, train_rows, [subsets[k] for k in todo], sol.w, G, f0, lam, progress, "representer")
     offsets = np.cumsum([0] + [len(grp) for grp in groups]).tolist()
-    for c, ks in zip(offsets, groups):
+    for c, ks in zip(offsets, groups, strict=False):
         W = sol.w[c : c + len(ks)]
         subs = [subsets[k] for k in ks]
         if params.mode == "forward":
@@ -220,29 +257,45 @@ def run_estimate_shard(params: AffinityParams, workdir: Path, progress: Progress
                 progress("estimate", _c, len(todo), message)  # lets a job runner cancel between batches
 
             stacks = {name: v[c : c + len(ks)] for name, v in rep.items()} if rep is not None else None
-            results, norms = evaluate_subsets_forward(rt, subs, W, val_rows, inner, "estimate", f"subsets {ks[0]}-{ks[-1]}",
-                                                      stacks)
+            results, norms = evaluate_subsets_forward(
+                rt, subs, W, val_rows, inner, "estimate", f"subsets {ks[0]}-{ks[-1]}", stacks
+            )
         else:
             results = evaluate_subsets_linear(subs, W, Gv, fv, val_rows)
             norms = delta_norms(rt.projector.backmap(W))
         for j, k in enumerate(ks):
             i = c + j
-            atomic_write_json(_subset_file(workdir, k), json_safe({
-                "subset": k, "tasks": [params.tasks[t] for t in subsets[k]], "mode": params.mode, "lam": params.lam,
-                "lam_effective": lam, "backmap": params.backmap if params.mode == "forward" else None,
-                "w": W[j].tolist(), "w_norm": float(W[j].norm()), "delta_norm": float(norms[j]),
-                "delta_rel": float(norms[j]) / a_norm if a_norm > 0 else None,
-                "train_loss": float(sol.train_loss[i]), "objective": float(sol.objective[i]),
-                "iterations": int(sol.iterations[i]), "converged": bool(sol.converged[i]),
-                "train_rows": int(len(subset_rows(train_rows, subsets[k]))),
-                "results": {name: _metrics_dict(m) for name, m in results[j].items()},
-            }))
+            atomic_write_json(
+                _subset_file(workdir, k),
+                json_safe(
+                    {
+                        "subset": k,
+                        "tasks": [params.tasks[t] for t in subsets[k]],
+                        "mode": params.mode,
+                        "lam": params.lam,
+                        "lam_effective": lam,
+                        "backmap": params.backmap if params.mode == "forward" else None,
+                        "w": W[j].tolist(),
+                        "w_norm": float(W[j].norm()),
+                        "delta_norm": float(norms[j]),
+                        "delta_rel": float(norms[j]) / a_norm if a_norm > 0 else None,
+                        "train_loss": float(sol.train_loss[i]),
+                        "objective": float(sol.objective[i]),
+                        "iterations": int(sol.iterations[i]),
+                        "converged": bool(sol.converged[i]),
+                        "train_rows": int(len(subset_rows(train_rows, subsets[k]))),
+                        "results": {name: _metrics_dict(m) for name, m in results[j].items()},
+                    }
+                ),
+            )
         progress("estimate", c + len(ks), len(todo), f"subsets {start}-{end}")
     _timing(workdir, "estimate", time.perf_counter() - t1)
     return {"subsets": end - start, "computed": len(todo), "solve_seconds": round(solve_s, 3)}
 
 
-def run_base_eval(params: AffinityParams, workdir: Path, progress: Progress = silent, runtime: Runtime | None = None) -> dict:
+def run_base_eval(
+    params: AffinityParams, workdir: Path, progress: Progress = silent, runtime: Runtime | None = None
+) -> dict:
     path = workdir / "base_metrics.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -255,8 +308,26 @@ def run_base_eval(params: AffinityParams, workdir: Path, progress: Progress = si
     return data
 
 
-TABLE_FIELDS = ["subset", "tasks", "task", "loss", "accuracy", "macro_f1", "n", "mode", "lam", "lam_effective", "w_norm", "delta_norm",
-                "delta_rel", "train_loss", "objective", "iterations", "converged", "train_rows"]
+TABLE_FIELDS = [
+    "subset",
+    "tasks",
+    "task",
+    "loss",
+    "accuracy",
+    "macro_f1",
+    "n",
+    "mode",
+    "lam",
+    "lam_effective",
+    "w_norm",
+    "delta_norm",
+    "delta_rel",
+    "train_loss",
+    "objective",
+    "iterations",
+    "converged",
+    "train_rows",
+]
 
 
 def _table(workdir: Path, n_subsets: int) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -264,18 +335,32 @@ def _table(workdir: Path, n_subsets: int) -> tuple[list[dict[str, Any]], np.ndar
     weights: list[list[float]] = []
     missing = [k for k in range(n_subsets) if not _subset_file(workdir, k).exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} subsets have no estimate yet (first: {missing[0]}); run the estimate shards")
+        raise RuntimeError(
+            f"{len(missing)} subsets have no estimate yet (first: {missing[0]}); run the estimate shards"
+        )
     for k in range(n_subsets):
         data = json.loads(_subset_file(workdir, k).read_text())
         weights.append(data["w"])
         for task, m in data["results"].items():
-            rows.append({
-                "subset": k, "tasks": "+".join(data["tasks"]), "task": task, **m, "mode": data["mode"], "lam": data["lam"],
-                "lam_effective": data.get("lam_effective"),
-                "w_norm": data["w_norm"], "delta_norm": data["delta_norm"], "delta_rel": data["delta_rel"],
-                "train_loss": data["train_loss"], "objective": data["objective"], "iterations": data["iterations"],
-                "converged": data["converged"], "train_rows": data["train_rows"],
-            })
+            rows.append(
+                {
+                    "subset": k,
+                    "tasks": "+".join(data["tasks"]),
+                    "task": task,
+                    **m,
+                    "mode": data["mode"],
+                    "lam": data["lam"],
+                    "lam_effective": data.get("lam_effective"),
+                    "w_norm": data["w_norm"],
+                    "delta_norm": data["delta_norm"],
+                    "delta_rel": data["delta_rel"],
+                    "train_loss": data["train_loss"],
+                    "objective": data["objective"],
+                    "iterations": data["iterations"],
+                    "converged": data["converged"],
+                    "train_rows": data["train_rows"],
+                }
+            )
     return rows, np.asarray(weights, dtype=np.float32)
 
 
@@ -302,56 +387,76 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
         matrices[metric] = T
     T = matrices[params.metric]
     assert counts is not None
-    label = {"accuracy": "estimated accuracy", "neg_loss": "estimated -loss", "macro_f1": "estimated macro-F1"}[params.metric]
-    mx.heatmap(workdir / "affinity.png", params.tasks, T, f"T[i, j]: {label} of i over subsets with i and j", counts=counts)
+    label = {"accuracy": "estimated accuracy", "neg_loss": "estimated -loss", "macro_f1": "estimated macro-F1"}[
+        params.metric
+    ]
+    mx.heatmap(
+        workdir / "affinity.png", params.tasks, T, f"T[i, j]: {label} of i over subsets with i and j", counts=counts
+    )
     base = json.loads((workdir / "base_metrics.json").read_text()) if (workdir / "base_metrics.json").exists() else {}
     timing = json.loads((workdir / "timing.json").read_text()) if (workdir / "timing.json").exists() else {}
     artifacts = {
-        "affinity": "affinity.json", "affinity_heatmap": "affinity.png", "subset_results_csv": "subset_results.csv",
-        "subset_results": "subset_results.json", "subsets": "subsets.json", "weights": "weights.npy",
-        "gradients": "grads_train.npy", "f0": "f0_train.npy", "rows": "rows_train.csv", "rows_val": "rows_val.csv",
-        "theta0": "theta0.safetensors", "theta0_info": "theta0.json",
-        "projection_spec": "projection_spec.json", "params": "params.json", "base_metrics": "base_metrics.json",
+        "affinity": "affinity.json",
+        "affinity_heatmap": "affinity.png",
+        "subset_results_csv": "subset_results.csv",
+        "subset_results": "subset_results.json",
+        "subsets": "subsets.json",
+        "weights": "weights.npy",
+        "gradients": "grads_train.npy",
+        "f0": "f0_train.npy",
+        "rows": "rows_train.csv",
+        "rows_val": "rows_val.csv",
+        "theta0": "theta0.safetensors",
+        "theta0_info": "theta0.json",
+        "projection_spec": "projection_spec.json",
+        "params": "params.json",
+        "base_metrics": "base_metrics.json",
     }
     if params.mode == "linear":
         artifacts.update({"gradients_val": "grads_val.npy", "f0_val": "f0_val.npy"})
-    doc = json_safe({
-        "version": FORMAT_VERSION,
-        "tasks": params.tasks,
-        "metric": params.metric,
-        "matrix": mx.to_json_matrix(T),
-        "matrix_symmetric": mx.to_json_matrix(mx.symmetrise(T)),
-        "matrices": {m: mx.to_json_matrix(v) for m, v in matrices.items()},
-        "counts": counts.tolist(),
-        "subsets": names,
-        "subset_size": sub["size"],
-        "min_pair_coverage": sub["min_pair_coverage"],
-        "per_subset": table,
-        "base": base,
-        "mode": params.mode,
-        "init": params.init,
-        "theta0": theta0_info(workdir / "theta0.safetensors"),
-        "backmap": params.backmap,
-        "lam": params.lam,
-        "lam_scale": params.lam_scale,
-        "lam_effective": table[0]["lam_effective"] if table else None,
-        "dim": params.dim,
-        "seed": params.seed,
-        "model": json.loads((workdir / "model.json").read_text()),
-        "params": params.model_dump(mode="json"),
-        "timing_seconds": timing,
-        "definition": "T[i][j] = mean over subsets containing i and j of task i's estimated validation "
-                      f"{params.metric} (higher is better) at theta0 + P w_S; diagonal = mean over subsets containing i",
-        "artifacts": {k: v for k, v in artifacts.items() if k != "affinity"},
-    })
+    doc = json_safe(
+        {
+            "version": FORMAT_VERSION,
+            "tasks": params.tasks,
+            "metric": params.metric,
+            "matrix": mx.to_json_matrix(T),
+            "matrix_symmetric": mx.to_json_matrix(mx.symmetrise(T)),
+            "matrices": {m: mx.to_json_matrix(v) for m, v in matrices.items()},
+            "counts": counts.tolist(),
+            "subsets": names,
+            "subset_size": sub["size"],
+            "min_pair_coverage": sub["min_pair_coverage"],
+            "per_subset": table,
+            "base": base,
+            "mode": params.mode,
+            "init": params.init,
+            "theta0": theta0_info(workdir / "theta0.safetensors"),
+            "backmap": params.backmap,
+            "lam": params.lam,
+            "lam_scale": params.lam_scale,
+            "lam_effective": table[0]["lam_effective"] if table else None,
+            "dim": params.dim,
+            "seed": params.seed,
+            "model": json.loads((workdir / "model.json").read_text()),
+            "params": params.model_dump(mode="json"),
+            "timing_seconds": timing,
+            "definition": "T[i][j] = mean over subsets containing i and j of task i's estimated validation "
+            f"{params.metric} (higher is better) at theta0 + P w_S; diagonal = mean over subsets containing i",
+            "artifacts": {k: v for k, v in artifacts.items() if k != "affinity"},
+        }
+    )
     atomic_write_json(workdir / "affinity.json", doc)
     if (workdir / "grads_train.npy").exists() and (params.mode != "linear" or (workdir / "grads_val.npy").exists()):
         shutil.rmtree(workdir / "gradients", ignore_errors=True)  # shards are merged; keep one copy
     (workdir / ".timing.lock").unlink(missing_ok=True)
     progress("finalize", 1, 1, "affinity.json")
     return {
-        "tasks": params.tasks, "metric": params.metric, "matrix": doc["matrix"], "subsets": len(names),
-        "timing_seconds": timing, "artifacts": artifacts,
+        "tasks": params.tasks,
+        "metric": params.metric,
+        "matrix": doc["matrix"],
+        "subsets": len(names),
+        "timing_seconds": timing,
+        "artifacts": artifacts,
     }
 
 
@@ -369,8 +474,9 @@ def affinity_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any])
     return params, cache[key]
 
 
-def affinity_shard(args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int,
-                   cache: dict[str, Any]) -> dict[str, Any]:
+def affinity_shard(
+    args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int, cache: dict[str, Any]
+) -> dict[str, Any]:
     """One piece of a fanned-out affinity phase, runnable in any process sharing `workdir` (see
     shared.ml.sharding): args = {"kind": "gradients" | "estimate", "split": ..., "params": AffinityParams};
     [start, end) are batches of the split's batch plan (gradients) or subsets (estimate)."""
@@ -387,8 +493,15 @@ _SHARD_FN = f"{__name__}:affinity_shard"
 _PREPARE_FN = f"{__name__}:affinity_prepare"
 
 
-def _gradient_pass(params: AffinityParams, workdir: Path, progress: Progress, rt: Runtime, split: str,
-                   sharder: Sharder | None, cache: dict[str, Any]) -> None:
+def _gradient_pass(
+    params: AffinityParams,
+    workdir: Path,
+    progress: Progress,
+    rt: Runtime,
+    split: str,
+    sharder: Sharder | None,
+    cache: dict[str, Any],
+) -> None:
     rows = rt.rows(split, params.max_train if split == "train" else params.max_val)
     plan = plan_for(rt, rows)
     if sharder is None:
@@ -397,8 +510,16 @@ def _gradient_pass(params: AffinityParams, workdir: Path, progress: Progress, rt
         args = {"kind": "gradients", "split": split, "params": params.model_dump(mode="json")}
         # shards of whole projection groups, so every sketch projection sees the same rows as in the one-piece
         # pass: bitwise the same gradients
-        phase = Phase(f"gradients:{split}", f"gradients {split}", len(plan), _SHARD_FN, args, unit="batches",
-                      starts=tuple(projection_starts(plan, params.project_rows)), prepare=_PREPARE_FN)
+        phase = Phase(
+            f"gradients:{split}",
+            f"gradients {split}",
+            len(plan),
+            _SHARD_FN,
+            args,
+            unit="batches",
+            starts=tuple(projection_starts(plan, params.project_rows)),
+            prepare=_PREPARE_FN,
+        )
         sharder.run(phase, workdir, progress, cache)
     merge_gradients(workdir, split, len(rows), rt.spec.dim)
 
@@ -425,8 +546,16 @@ def run_affinity(params: AffinityParams, workdir: Path, progress: Progress = sil
         run_estimate_shard(params, workdir, progress, None, None, rt)
     else:
         args = {"kind": "estimate", "params": params.model_dump(mode="json")}
-        phase = Phase("estimate", "estimate", len(_load_subsets(workdir)), _SHARD_FN, args, unit="subsets",
-                      align=params.subsets_per_forward, prepare=_PREPARE_FN)
+        phase = Phase(
+            "estimate",
+            "estimate",
+            len(_load_subsets(workdir)),
+            _SHARD_FN,
+            args,
+            unit="subsets",
+            align=params.subsets_per_forward,
+            prepare=_PREPARE_FN,
+        )
         sharder.run(phase, workdir, progress, cache)
     summary = finalize_affinity(params, workdir, progress)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
@@ -498,18 +627,35 @@ def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = sil
     fallback = params.groups == "auto" and not structure["significant"]
     groups = [[tasks[i] for i in g] for g in result.groups]
     workdir.mkdir(parents=True, exist_ok=True)
-    mx.heatmap(workdir / "groups.png", tasks, T, f"affinity ({metric}) with {result.m} groups ({result.method})", groups)
-    doc = json_safe({
-        "groups": groups, "method": result.method, "m": result.m, "requested": params.groups, "metric": metric,
-        "objective": result.objective, "details": result.details, "tasks": tasks, "structure": structure,
-        "selection": "validation" if fallback else "groups",
-        "affinity": str(path), "params": params.model_dump(mode="json"),
-    })
+    mx.heatmap(
+        workdir / "groups.png", tasks, T, f"affinity ({metric}) with {result.m} groups ({result.method})", groups
+    )
+    doc = json_safe(
+        {
+            "groups": groups,
+            "method": result.method,
+            "m": result.m,
+            "requested": params.groups,
+            "metric": metric,
+            "objective": result.objective,
+            "details": result.details,
+            "tasks": tasks,
+            "structure": structure,
+            "selection": "validation" if fallback else "groups",
+            "affinity": str(path),
+            "params": params.model_dump(mode="json"),
+        }
+    )
     atomic_write_json(workdir / "groups.json", doc)
     progress("grouping", 1, 1, f"{result.m} groups")
-    return {"groups": groups, "method": result.method, "m": result.m, "structure_p": structure["p"],
-            "selection": "validation" if fallback else "groups",
-            "artifacts": {"groups": "groups.json", "groups_heatmap": "groups.png"}}
+    return {
+        "groups": groups,
+        "method": result.method,
+        "m": result.m,
+        "structure_p": structure["p"],
+        "selection": "validation" if fallback else "groups",
+        "artifacts": {"groups": "groups.json", "groups_heatmap": "groups.png"},
+    }
 
 
 # ------------------------------------------------------------------------------------------ re-exports

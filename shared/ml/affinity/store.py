@@ -31,7 +31,9 @@ def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     if path.exists():
         arr = np.lib.format.open_memmap(path, mode="r+")
         if arr.shape != shape or arr.dtype != np.dtype(dtype):
-            raise ValueError(f"{path} has shape {arr.shape}/{arr.dtype}, expected {shape}/{dtype}; remove it to restart")
+            raise ValueError(
+                f"{path} has shape {arr.shape}/{arr.dtype}, expected {shape}/{dtype}; remove it to restart"
+            )
         return arr
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
@@ -66,13 +68,23 @@ def projection_starts(plan: list[list[int]], project_rows: int) -> list[int]:
     return starts
 
 
-def batches_dir(run_dir: Path, split: str, batch_size: int, first: int, last: int, max_tokens: int | None = None) -> Path:
+def batches_dir(
+    run_dir: Path, split: str, batch_size: int, first: int, last: int, max_tokens: int | None = None
+) -> Path:
     size = f"{batch_size:06d}" if max_tokens is None else f"{batch_size:06d}x{max_tokens:09d}"
     return run_dir / "gradients" / split / f"batches-{size}-{first:09d}-{last:09d}"
 
 
-def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, last: int,
-                     progress: Progress = silent, stage: str | None = None, project_rows: int = 64) -> dict:
+def gradient_batches(
+    rt: Runtime,
+    rows: SplitRows,
+    run_dir: Path,
+    first: int,
+    last: int,
+    progress: Progress = silent,
+    stage: str | None = None,
+    project_rows: int = 64,
+) -> dict:
     """Compute batches [first, last) of the split's plan at rt.batching (skipping batches already done).
 
     Every batch is the same as in the one-piece pass, and so is every sketch projection (groups of whole
@@ -82,7 +94,9 @@ def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, la
     """
     plan = plan_for(rt, rows)
     if not 0 <= first < last <= len(plan):
-        raise ValueError(f"gradient batches [{first}, {last}) are outside the {len(plan)} batches of split {rows.split!r}")
+        raise ValueError(
+            f"gradient batches [{first}, {last}) are outside the {len(plan)} batches of split {rows.split!r}"
+        )
     folder = batches_dir(run_dir, rows.split, rt.batching.rows, first, last, rt.batching.tokens)
     batches = plan[first:last]
     ids = np.asarray([i for b in batches for i in b], dtype=np.int64)
@@ -122,8 +136,12 @@ def gradient_batches(rt: Runtime, rows: SplitRows, run_dir: Path, first: int, la
             progress(stage, b + 1, len(todo), f"batches {first}-{last}")
     if not todo:
         progress(stage, 1, 1, "already done")
-    return {"rows": n, "batches": len(batches), "computed": int(sum(len(batches[j]) for j in todo)),
-            "shard": str(folder.relative_to(run_dir))}
+    return {
+        "rows": n,
+        "batches": len(batches),
+        "computed": int(sum(len(batches[j]) for j in todo)),
+        "shard": str(folder.relative_to(run_dir)),
+    }
 
 
 def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Path, Path]:
@@ -149,7 +167,9 @@ def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Pa
         have[ids] = True
     if not have.all():
         missing = np.flatnonzero(~have)
-        raise RuntimeError(f"gradients of split {split!r} are incomplete: {len(missing)} rows missing (first {missing[0]})")
+        raise RuntimeError(
+            f"gradients of split {split!r} are incomplete: {len(missing)} rows missing (first {missing[0]})"
+        )
     if not np.isfinite(G).all() or not np.isfinite(F).all():
         raise RuntimeError(f"non-finite gradients or f0 in split {split!r}")
     atomic_save_npy(out_g, G)
@@ -157,7 +177,9 @@ def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Pa
     return out_g, out_f
 
 
-def gradient_pass(rt: Runtime, rows: SplitRows, run_dir: Path, progress: Progress = silent) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_pass(
+    rt: Runtime, rows: SplitRows, run_dir: Path, progress: Progress = silent
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as one shard (resumable), merged; returns (G [N, d], f0 [N]) as CPU float32 tensors."""
     out_g, out_f = run_dir / f"grads_{rows.split}.npy", run_dir / f"f0_{rows.split}.npy"
     if not (out_g.exists() and out_f.exists()):
@@ -166,5 +188,7 @@ def gradient_pass(rt: Runtime, rows: SplitRows, run_dir: Path, progress: Progres
     G = torch.from_numpy(load_npy(out_g).copy())
     F = torch.from_numpy(load_npy(out_f).copy())
     if G.shape != (len(rows), rt.spec.dim):
-        raise ValueError(f"{out_g} has shape {tuple(G.shape)}, expected {(len(rows), rt.spec.dim)}; use a fresh output directory")
+        raise ValueError(
+            f"{out_g} has shape {tuple(G.shape)}, expected {(len(rows), rt.spec.dim)}; use a fresh output directory"
+        )
     return G, F

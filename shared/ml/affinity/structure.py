@@ -43,8 +43,14 @@ def structure_test(T: np.ndarray, permutations: int = 999, alpha: float = 0.05, 
     T = np.asarray(T, dtype=float)
     n = len(T)
     if n < 3:
-        return {"statistic": None, "p": 1.0, "alpha": alpha, "significant": False, "permutations": 0,
-                "reason": f"{n} tasks: too few to test for group structure"}
+        return {
+            "statistic": None,
+            "p": 1.0,
+            "alpha": alpha,
+            "significant": False,
+            "permutations": 0,
+            "reason": f"{n} tasks: too few to test for group structure",
+        }
     R = _centred(T)
     observed = concentration(R)
     rng = np.random.default_rng(seed)
@@ -59,7 +65,18 @@ def structure_test(T: np.ndarray, permutations: int = 999, alpha: float = 0.05, 
         exceed += null[b] >= observed - 1e-12
     p = (1 + exceed) / (1 + permutations)
     significant = bool(p <= alpha)
-    reason = (f"affinity structure above noise (permutation p = {p:.3f} <= {alpha})" if significant else
-              f"no group structure above noise (permutation p = {p:.3f} > {alpha})")
-    return {"statistic": observed, "null_mean": float(null.mean()), "null_p95": float(np.percentile(null, 95)),
-            "p": float(p), "alpha": alpha, "significant": significant, "permutations": permutations, "reason": reason}
+    reason = (
+        f"affinity structure above noise (permutation p = {p:.3f} <= {alpha})"
+        if significant
+        else f"no group structure above noise (permutation p = {p:.3f} > {alpha})"
+    )
+    return {
+        "statistic": observed,
+        "null_mean": float(null.mean()),
+        "null_p95": float(np.percentile(null, 95)),
+        "p": float(p),
+        "alpha": alpha,
+        "significant": significant,
+        "permutations": permutations,
+        "reason": reason,
+    }

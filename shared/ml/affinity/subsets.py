@@ -32,8 +32,9 @@ def pair_counts(n: int, subsets: Sequence[Sequence[int]]) -> list[list[int]]:
     return counts
 
 
-def sample_subsets(n: int, size: int, coverage: int = 5, seed: int = 0, enumerate_limit: int = 120,
-                   max_subsets: int = 100_000) -> list[tuple[int, ...]]:
+def sample_subsets(
+    n: int, size: int, coverage: int = 5, seed: int = 0, enumerate_limit: int = 120, max_subsets: int = 100_000
+) -> list[tuple[int, ...]]:
     """Sorted task-index tuples; every pair i != j co-occurs >= `coverage` times (or in all C(n-2, s-2))."""
     if n < 1:
         raise ValueError("need at least 1 task")

@@ -31,8 +31,13 @@ class _Entry:
 
 class DynamicBatcher:
     def __init__(
-        self, process: Callable[[list[Any]], Sequence[Any]], executor: Executor, *, max_batch: int = 64,
-        max_wait_ms: float = 5.0, size: Callable[[Any], int] = lambda item: 1,
+        self,
+        process: Callable[[list[Any]], Sequence[Any]],
+        executor: Executor,
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        size: Callable[[Any], int] = lambda item: 1,
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:

@@ -89,8 +89,13 @@ class RowResult:
     members: dict[str, dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "label": self.label, "probabilities": self.probabilities, "logits": self.logits,
-                "members": self.members}
+        return {
+            "task": self.task,
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "logits": self.logits,
+            "members": self.members,
+        }
 
 
 @dataclass
@@ -152,13 +157,27 @@ class LoadedEnsemble:
         for member in m.members:
             key = self.member_keys.get(member.name)
             slot = engine.slot_of(key) if (engine is not None and key is not None) else None
-            members.append({"name": member.name, "role": member.role, "sha256": member.sha256, "tasks": list(member.tasks),
-                            "resident": key is None or slot is not None})
+            members.append(
+                {
+                    "name": member.name,
+                    "role": member.role,
+                    "sha256": member.sha256,
+                    "tasks": list(member.tasks),
+                    "resident": key is None or slot is not None,
+                }
+            )
         return {
-            "id": self.id, "name": m.name, "version": m.version, "fingerprint": self.fingerprint,
-            "base": m.base.model_dump(), "max_length": self.max_length, "members": members,
+            "id": self.id,
+            "name": m.name,
+            "version": m.version,
+            "fingerprint": self.fingerprint,
+            "base": m.base.model_dump(),
+            "max_length": self.max_length,
+            "members": members,
             "tasks": {t: {"weights": dict(tw.weights)} for t, tw in m.tasks.items()},
-            "loaded_at": self.loaded_at, "load_seconds": round(self.load_seconds, 4), "in_flight": self.in_flight,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 4),
+            "in_flight": self.in_flight,
         }
 
 
@@ -180,7 +199,12 @@ class EnsembleRunner:
     """Loads ensembles onto a `MultiLoRAEngine` and classifies rows with one forward per batch."""
 
     def __init__(
-        self, engine: MultiLoRAEngine, tokenizer: Any, info: Any, *, max_forward_rows: int = 64,
+        self,
+        engine: MultiLoRAEngine,
+        tokenizer: Any,
+        info: Any,
+        *,
+        max_forward_rows: int = 64,
         max_row_chars: int = DEFAULT_MAX_ROW_CHARS,
     ) -> None:
         self.engine = engine
@@ -202,10 +226,13 @@ class EnsembleRunner:
 
         start = time.perf_counter()
         want, have = self.info.identity(), manifest.base.model_dump()
-        diffs = [f"{k}: ensemble has {have[k]!r}, the served base has {want[k]!r}" for k in want if have.get(k) != want[k]]
+        diffs = [
+            f"{k}: ensemble has {have[k]!r}, the served base has {want[k]!r}" for k in want if have.get(k) != want[k]
+        ]
         if diffs:
-            raise EnsembleLoadError("base_mismatch", f"ensemble {manifest.name!r} does not fit the loaded base ({'; '.join(diffs)})",
-                                    "base")
+            raise EnsembleLoadError(
+                "base_mismatch", f"ensemble {manifest.name!r} does not fit the loaded base ({'; '.join(diffs)})", "base"
+            )
         member_keys: dict[str, str | None] = {}
         prepared_adapters: dict[str, Any] = {}
         for index, member in enumerate(manifest.members):
@@ -214,21 +241,26 @@ class EnsembleRunner:
                 continue
             folder = member_folders.get(member.name)
             if folder is None:
-                raise EnsembleLoadError("invalid_ensemble", f"member {member.name!r}: adapter folder not found",
-                                        f"members[{index}]")
+                raise EnsembleLoadError(
+                    "invalid_ensemble", f"member {member.name!r}: adapter folder not found", f"members[{index}]"
+                )
             try:
                 state, config, meta = load_adapter_state(folder, self.info, member.sha256)
             except AdapterMismatchError as exc:
                 raise EnsembleLoadError("base_mismatch", f"member {member.name!r}: {exc}", f"members[{index}]") from exc
             except AdapterIntegrityError as exc:
-                raise EnsembleLoadError("adapter_integrity", f"member {member.name!r}: {exc}", f"members[{index}]") from exc
+                raise EnsembleLoadError(
+                    "adapter_integrity", f"member {member.name!r}: {exc}", f"members[{index}]"
+                ) from exc
             key = adapter_key(meta.sha256, config)
             if key not in prepared_adapters:
                 try:
                     prepared = prepare_adapter(key, state, config, {"name": meta.name, "sha256": meta.sha256})
                     self.engine.check(prepared)
                 except ValueError as exc:
-                    raise EnsembleLoadError("invalid_ensemble", f"member {member.name!r}: {exc}", f"members[{index}]") from exc
+                    raise EnsembleLoadError(
+                        "invalid_ensemble", f"member {member.name!r}: {exc}", f"members[{index}]"
+                    ) from exc
                 prepared_adapters[key] = prepared
             member_keys[member.name] = key
         tasks: dict[str, TaskPlan] = {}
@@ -240,12 +272,23 @@ class EnsembleRunner:
                 raise EnsembleLoadError("invalid_ensemble", f"task {task_name!r}: {exc}", f"tasks.{task_name}") from exc
             members = tuple(
                 MemberPlan(m.name, member_keys[m.name], float(tw.weights[m.name]))
-                for m in manifest.members if float(tw.weights.get(m.name, 0.0)) != 0.0
+                for m in manifest.members
+                if float(tw.weights.get(m.name, 0.0)) != 0.0
             )
-            tasks[task_name] = TaskPlan(task_name, bound, tuple(task.label_names or task.choices), template_fields(task), members)
+            tasks[task_name] = TaskPlan(
+                task_name, bound, tuple(task.label_names or task.choices), template_fields(task), members
+            )
         fingerprint = manifest.fingerprint or compute_fingerprint(manifest)
-        return LoadedEnsemble(ensemble_id, manifest, fingerprint, int(manifest.max_length), tasks, member_keys,
-                              load_seconds=time.perf_counter() - start, prepared=prepared_adapters)
+        return LoadedEnsemble(
+            ensemble_id,
+            manifest,
+            fingerprint,
+            int(manifest.max_length),
+            tasks,
+            member_keys,
+            load_seconds=time.perf_counter() - start,
+            prepared=prepared_adapters,
+        )
 
     def activate(self, ensemble: LoadedEnsemble) -> dict[str, int]:
         """Register + pin the ensemble's adapters into engine slots (model thread). Raises NoFreeSlotError."""
@@ -273,14 +316,22 @@ class EnsembleRunner:
                 raise RowError(i, f"rows[{i}].task", f"rows[{i}].task: a task name is required")
             plan = ensemble.tasks.get(task_name)
             if plan is None:
-                raise RowError(i, f"rows[{i}].task", f"rows[{i}].task: task {task_name!r} is not served by ensemble "
-                               f"{ensemble.id!r} (tasks: {', '.join(sorted(ensemble.tasks))})")
+                raise RowError(
+                    i,
+                    f"rows[{i}].task",
+                    f"rows[{i}].task: task {task_name!r} is not served by ensemble "
+                    f"{ensemble.id!r} (tasks: {', '.join(sorted(ensemble.tasks))})",
+                )
             fields = self._row_fields(i, plan, row)
             with self._encode_lock:  # one tokenizer, used from several threads
                 try:
-                    encoded = encode_prompt(plan.bound, Example(f"row/{i}", fields, 0), self.tokenizer, ensemble.max_length)
+                    encoded = encode_prompt(
+                        plan.bound, Example(f"row/{i}", fields, 0), self.tokenizer, ensemble.max_length
+                    )
                 except Exception as exc:  # template errors on odd values
-                    raise RowError(i, f"rows[{i}].fields", f"rows[{i}].fields: cannot render the prompt: {exc}") from exc
+                    raise RowError(
+                        i, f"rows[{i}].fields", f"rows[{i}].fields: cannot render the prompt: {exc}"
+                    ) from exc
             out.append(EncodedRow(plan, encoded.input_ids))
         return out
 
@@ -291,19 +342,29 @@ class EnsembleRunner:
             raise RowError(i, f"rows[{i}]", f"rows[{i}]: give either 'fields' or 'text', not both")
         if fields is None:
             if text is None:
-                raise RowError(i, f"rows[{i}].fields", f"rows[{i}]: 'fields' (or 'text') is required; task {plan.name!r} "
-                               f"takes {', '.join(plan.fields)}")
+                raise RowError(
+                    i,
+                    f"rows[{i}].fields",
+                    f"rows[{i}]: 'fields' (or 'text') is required; task {plan.name!r} takes {', '.join(plan.fields)}",
+                )
             if len(plan.fields) != 1:
-                raise RowError(i, f"rows[{i}].text", f"rows[{i}].text: task {plan.name!r} takes several fields "
-                               f"({', '.join(plan.fields)}); send them in 'fields'")
+                raise RowError(
+                    i,
+                    f"rows[{i}].text",
+                    f"rows[{i}].text: task {plan.name!r} takes several fields "
+                    f"({', '.join(plan.fields)}); send them in 'fields'",
+                )
             fields = {plan.fields[0]: text}
         if not isinstance(fields, Mapping):
             raise RowError(i, f"rows[{i}].fields", f"rows[{i}].fields: must be an object")
         total = 0
         for name in plan.fields:
             if name not in fields or fields[name] is None:
-                raise RowError(i, f"rows[{i}].fields.{name}", f"rows[{i}].fields.{name}: missing; task {plan.name!r} "
-                               f"takes {', '.join(plan.fields)}")
+                raise RowError(
+                    i,
+                    f"rows[{i}].fields.{name}",
+                    f"rows[{i}].fields.{name}: missing; task {plan.name!r} takes {', '.join(plan.fields)}",
+                )
         clean: dict[str, Any] = {}
         for name, value in fields.items():
             if not isinstance(value, (str, int, float, bool)):
@@ -311,8 +372,11 @@ class EnsembleRunner:
             if isinstance(value, str):
                 total += len(value)
                 if total > self.max_row_chars:
-                    raise RowError(i, f"rows[{i}].fields.{name}", f"rows[{i}].fields.{name}: the row's text exceeds "
-                                   f"the limit of {self.max_row_chars} characters")
+                    raise RowError(
+                        i,
+                        f"rows[{i}].fields.{name}",
+                        f"rows[{i}].fields.{name}: the row's text exceeds the limit of {self.max_row_chars} characters",
+                    )
             clean[name] = value
         return clean
 
@@ -333,13 +397,15 @@ class EnsembleRunner:
                     if member.key is not None:
                         found = self.engine.slot_of(member.key)
                         if found is None:  # a loaded ensemble pins its adapters: this is a bug, not bad input
-                            raise RuntimeError(f"adapter of member {member.name!r} of ensemble {ensemble.id!r} is not resident")
+                            raise RuntimeError(
+                                f"adapter of member {member.name!r} of ensemble {ensemble.id!r} is not resident"
+                            )
                         slot = found
                     pairs.append((j, r, m, slot, row.input_ids))
         z: dict[tuple[int, int, int], torch.Tensor] = {}
         order = sorted(range(len(pairs)), key=lambda p: (len(pairs[p][4]), pairs[p][3]))
         for start in range(0, len(order), self.max_forward_rows):
-            chunk = [pairs[p] for p in order[start: start + self.max_forward_rows]]
+            chunk = [pairs[p] for p in order[start : start + self.max_forward_rows]]
             width = max(len(p[4]) for p in chunk)
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -362,13 +428,20 @@ class EnsembleRunner:
                     zk = z[(j, r, m)]
                     term = member.weight * zk
                     total = term if total is None else total + term
-                    members[member.name] = {"weight": member.weight, "logits": dict(zip(plan.labels, zk.tolist(), strict=True))}
+                    members[member.name] = {
+                        "weight": member.weight,
+                        "logits": dict(zip(plan.labels, zk.tolist(), strict=True)),
+                    }
                 assert total is not None
                 probs = torch.softmax(total, dim=-1)
-                out.append(RowResult(
-                    task=plan.name, label=plan.labels[int(total.argmax())],
-                    probabilities=dict(zip(plan.labels, probs.tolist(), strict=True)),
-                    logits=dict(zip(plan.labels, total.tolist(), strict=True)), members=members,
-                ))
+                out.append(
+                    RowResult(
+                        task=plan.name,
+                        label=plan.labels[int(total.argmax())],
+                        probabilities=dict(zip(plan.labels, probs.tolist(), strict=True)),
+                        logits=dict(zip(plan.labels, total.tolist(), strict=True)),
+                        members=members,
+                    )
+                )
             results.append(out)
         return results

@@ -31,17 +31,21 @@ MANIFEST_FILE = "ensemble.json"
 INFERENCE_FILE = "inference.json"
 README_FILE = "README.md"
 WHITESPACE_RULE = "collapse every whitespace run (regex \\s+, newlines included) to one space, then strip both ends"
-OPTIONS_RULE = ("when `options` is set (the choices' first tokens collided): cut a trailing 'Answer:' off the "
-                "rendered prompt, right-strip it, and append ' Options: A: <choice 0> B: <choice 1> .... Answer:'")
+OPTIONS_RULE = (
+    "when `options` is set (the choices' first tokens collided): cut a trailing 'Answer:' off the "
+    "rendered prompt, right-strip it, and append ' Options: A: <choice 0> B: <choice 1> .... Answer:'"
+)
 TRUNCATION_RULE = (
     "tokenize the prompt without special tokens; budget = max_length - 1 if a BOS is prepended else max_length. "
     "While it is over budget (at most 4 rounds) and `truncate_field` is a string field: tokenize that field alone, "
     "drop its first (overflow + 1) tokens, decode the rest as the new field value and re-render. If still over "
     "budget, keep the last `budget` tokens. Then prepend the BOS id when `bos_token_id` is not null."
 )
-SCORE_RULE = ("z_k = the logits of `answer_token_ids` at the last prompt token with member k active (the base "
-              "member: no adapter); ensemble logits = sum_k weights[k] * z_k over non-zero weights; "
-              "probabilities = softmax over the choices")
+SCORE_RULE = (
+    "z_k = the logits of `answer_token_ids` at the last prompt token with member k active (the base "
+    "member: no adapter); ensemble logits = sum_k weights[k] * z_k over non-zero weights; "
+    "probabilities = softmax over the choices"
+)
 
 # The one reproduction script: README.md shows it and the tests run it against the chorus scorer.
 SNIPPET = '''\
@@ -170,9 +174,13 @@ def _task_spec(manifest: EnsembleManifest, task_name: str, tokenizer: Any) -> di
     bound = bind(task, tokenizer)
     weights = manifest.task_weights(task_name)
     return {
-        "template": task.template, "fields": list(template_variables(task.template)), "choices": list(task.choices),
-        "label_names": list(task.label_names or task.choices), "options": bound.letters,
-        "answer_token_ids": list(bound.choice_token_ids), "truncate_field": task.truncate_field,
+        "template": task.template,
+        "fields": list(template_variables(task.template)),
+        "choices": list(task.choices),
+        "label_names": list(task.label_names or task.choices),
+        "options": bound.letters,
+        "answer_token_ids": list(bound.choice_token_ids),
+        "truncate_field": task.truncate_field,
         "weights": {m.name: float(weights.get(m.name, 0.0)) for m in manifest.members},
         "active_members": manifest.active_members(task_name),
     }
@@ -183,8 +191,12 @@ def _bnb_config(quantization: str) -> dict[str, Any] | None:
     if quantization == "none":
         return None
     if quantization == "nf4":
-        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                "bnb_4bit_quant_storage": "uint8"}  # compute dtype: `compute_dtype` below
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_quant_storage": "uint8",
+        }  # compute dtype: `compute_dtype` below
     raise ExportError(f"unknown quantization {quantization!r} in the ensemble's base identity")
 
 
@@ -201,8 +213,11 @@ def inference_spec(manifest: EnsembleManifest, tokenizer: Any) -> dict[str, Any]
         "format": INFERENCE_FORMAT,
         "ensemble": {"name": manifest.name, "version": manifest.version, "fingerprint": manifest.fingerprint},
         "base": {
-            "name": base.base_model, "hub_id": _hub_id(base.base_model), "revision": base.base_revision,
-            "quantization": base.quantization, "bnb_config": _bnb_config(base.quantization),
+            "name": base.base_model,
+            "hub_id": _hub_id(base.base_model),
+            "revision": base.base_revision,
+            "quantization": base.quantization,
+            "bnb_config": _bnb_config(base.quantization),
             "compute_dtype": "bfloat16 on GPU, float32 on CPU",
         },
         "max_length": manifest.max_length,
@@ -213,7 +228,7 @@ def inference_spec(manifest: EnsembleManifest, tokenizer: Any) -> dict[str, Any]
         "options": OPTIONS_RULE,
         "truncation": {"side": "left", "rule": TRUNCATION_RULE},
         "answer_tokens": "first token of ' ' + choice (or of ' ' + option letter when `options` is set), "
-                         "tokenized without special tokens",
+        "tokenized without special tokens",
         "score": SCORE_RULE,
         "members": {m.name: {"path": m.path, "sha256": m.sha256, "role": m.role} for m in manifest.members},
         "tasks": {t: _task_spec(manifest, t, tokenizer) for t in manifest.tasks},
@@ -222,8 +237,12 @@ def inference_spec(manifest: EnsembleManifest, tokenizer: Any) -> dict[str, Any]
 
 def readme(manifest: EnsembleManifest, spec: dict[str, Any]) -> str:
     return README_TEMPLATE.format(
-        name=manifest.name, hub_id=spec["base"]["hub_id"] or "not on the hub", base_model=manifest.base.base_model,
-        quantization=manifest.base.quantization, tasks=", ".join(sorted(manifest.tasks)), snippet=SNIPPET,
+        name=manifest.name,
+        hub_id=spec["base"]["hub_id"] or "not on the hub",
+        base_model=manifest.base.base_model,
+        quantization=manifest.base.quantization,
+        tasks=", ".join(sorted(manifest.tasks)),
+        snippet=SNIPPET,
     )
 
 
@@ -238,8 +257,10 @@ def _base_tokenizer(manifest: EnsembleManifest) -> Any:
     except (ValueError, FileNotFoundError) as exc:
         raise ExportError(f"base model {manifest.base.base_model!r} of the ensemble is not available: {exc}") from exc
     if revision != manifest.base.base_revision:
-        raise ExportError(f"base model {canonical!r} has revision {revision[:16]}..., the ensemble was trained on "
-                          f"{manifest.base.base_revision[:16]}...")
+        raise ExportError(
+            f"base model {canonical!r} has revision {revision[:16]}..., the ensemble was trained on "
+            f"{manifest.base.base_revision[:16]}..."
+        )
     quiet_libraries()
     return AutoTokenizer.from_pretrained(folder)
 
@@ -289,8 +310,11 @@ def export_ensemble(source: Path | str, out: Path | str) -> dict[str, Any]:
             shutil.copy2(manifest_path, tmp / MANIFEST_FILE)  # unchanged content keeps its fingerprint
         else:
             exported = write_manifest(exported.model_copy(update={"fingerprint": None}), tmp / MANIFEST_FILE)
-        spec = {**spec_check, "ensemble": {**spec_check["ensemble"], "fingerprint": exported.fingerprint},
-                "members": {m.name: {"path": m.path, "sha256": m.sha256, "role": m.role} for m in exported.members}}
+        spec = {
+            **spec_check,
+            "ensemble": {**spec_check["ensemble"], "fingerprint": exported.fingerprint},
+            "members": {m.name: {"path": m.path, "sha256": m.sha256, "role": m.role} for m in exported.members},
+        }
         (tmp / INFERENCE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         (tmp / README_FILE).write_text(readme(exported, spec))
         if out.exists():
@@ -299,6 +323,11 @@ def export_ensemble(source: Path | str, out: Path | str) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "name": exported.name, "fingerprint": exported.fingerprint,
-            "members": [m.name for m in exported.members], "tasks": sorted(exported.tasks),
-            "base": spec["base"]["hub_id"]}
+    return {
+        "out": str(out),
+        "name": exported.name,
+        "fingerprint": exported.fingerprint,
+        "members": [m.name for m in exported.members],
+        "tasks": sorted(exported.tasks),
+        "base": spec["base"]["hub_id"],
+    }

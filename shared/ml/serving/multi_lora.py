@@ -98,11 +98,13 @@ def module_path(state_key: str) -> tuple[str, str]:
         )
     path = match["module"]
     if path.startswith(_PEFT_PREFIX):
-        path = path[len(_PEFT_PREFIX):]
+        path = path[len(_PEFT_PREFIX) :]
     return path, match["kind"]
 
 
-def prepare_adapter(key: str, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict | None = None) -> PreparedAdapter:
+def prepare_adapter(
+    key: str, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict | None = None
+) -> PreparedAdapter:
     """Validate a PEFT LoRA state dict + config and fold the scaling into B (float32, host)."""
     peft_type = config.get("peft_type", "LORA")
     peft_type = str(getattr(peft_type, "value", peft_type)).upper()
@@ -130,7 +132,9 @@ def prepare_adapter(key: str, state: dict[str, torch.Tensor], config: dict[str, 
             raise AdapterFormatError(f"adapter {key!r}: module {path} has lora_{''.join(ab)} but not both A and B")
         a, b = ab["A"], ab["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterShapeError(f"adapter {key!r}: module {path}: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain")
+            raise AdapterShapeError(
+                f"adapter {key!r}: module {path}: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain"
+            )
         r = a.shape[0]
         module_alpha = float(_pattern_value(config.get("alpha_pattern"), path, alpha))
         scaling = module_alpha / math.sqrt(r) if rslora else module_alpha / r
@@ -165,7 +169,9 @@ class _Routing:
 class MultiLoRALinear(nn.Module):
     """A Linear / Linear4bit with K resident LoRA adapters selected per row by the engine's routing."""
 
-    def __init__(self, base_layer: nn.Module, engine: MultiLoRAEngine, path: str, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, base_layer: nn.Module, engine: MultiLoRAEngine, path: str, in_features: int, out_features: int
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.path = path
@@ -197,7 +203,11 @@ class MultiLoRALinear(nn.Module):
             slot = routing.unique[0]
             h = torch.matmul(xs, A[slot].t())
             if routing.mask is not None:  # rows without adapter
-                h = h.mul_(_rows_mask(routing.mask, h)) if not torch.is_grad_enabled() else h * _rows_mask(routing.mask, h)
+                h = (
+                    h.mul_(_rows_mask(routing.mask, h))
+                    if not torch.is_grad_enabled()
+                    else h * _rows_mask(routing.mask, h)
+                )
             y = torch.matmul(h, B[slot])
         elif routing.mode == "stacked":
             if self._gathered_key == routing.cache_key and self._gathered is not None:
@@ -211,7 +221,11 @@ class MultiLoRALinear(nn.Module):
                 self._gathered_key, self._gathered = routing.cache_key, (a_cat, b_cat)
             h = torch.matmul(xs, a_cat.t())
             if routing.mask is not None:
-                h = h.mul_(_rows_mask(routing.mask, h)) if not torch.is_grad_enabled() else h * _rows_mask(routing.mask, h)
+                h = (
+                    h.mul_(_rows_mask(routing.mask, h))
+                    if not torch.is_grad_enabled()
+                    else h * _rows_mask(routing.mask, h)
+                )
             y = torch.matmul(h, b_cat)
         else:  # bmm: per-row gathered weights
             assert routing.row_idx is not None and routing.row_on is not None
@@ -266,9 +280,17 @@ class MultiLoRAEngine:
     """
 
     def __init__(
-        self, model: nn.Module, *, max_slots: int = 16, max_host_adapters: int = 64, max_rank: int = 16,
-        targets: Iterable[str] = (), dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-        stack_limit: int = DEFAULT_STACK_LIMIT, mode: str = "auto",
+        self,
+        model: nn.Module,
+        *,
+        max_slots: int = 16,
+        max_host_adapters: int = 64,
+        max_rank: int = 16,
+        targets: Iterable[str] = (),
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        stack_limit: int = DEFAULT_STACK_LIMIT,
+        mode: str = "auto",
     ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
@@ -312,9 +334,13 @@ class MultiLoRAEngine:
         """Wrap every Linear-like module whose name ends with one of `suffixes` (e.g. q_proj)."""
         wanted = tuple(suffixes)
         paths = [
-            name for name, module in self.model.named_modules()
-            if name and name.split(".")[-1] in wanted and _linear_shape(module) is not None
-            and not isinstance(module, MultiLoRALinear) and ".base_layer" not in name
+            name
+            for name, module in self.model.named_modules()
+            if name
+            and name.split(".")[-1] in wanted
+            and _linear_shape(module) is not None
+            and not isinstance(module, MultiLoRALinear)
+            and ".base_layer" not in name
         ]
         with self._lock:
             for path in paths:
@@ -354,8 +380,8 @@ class MultiLoRAEngine:
         self.stats["relayouts"] += 1
         self._buffer = torch.zeros((self.max_slots, max(offset, 1)), dtype=self.dtype, device=self.device)
         for wrapper in self._wrapped.values():
-            a = self._buffer[:, wrapper.a_offset: wrapper.a_offset + self.rank * wrapper.in_features]
-            b = self._buffer[:, wrapper.b_offset: wrapper.b_offset + self.rank * wrapper.out_features]
+            a = self._buffer[:, wrapper.a_offset : wrapper.a_offset + self.rank * wrapper.in_features]
+            b = self._buffer[:, wrapper.b_offset : wrapper.b_offset + self.rank * wrapper.out_features]
             wrapper.A = a.view(self.max_slots, self.rank, wrapper.in_features)
             wrapper.B = b.view(self.max_slots, self.rank, wrapper.out_features)
             wrapper.active_slots = set()
@@ -372,8 +398,8 @@ class MultiLoRAEngine:
         for path, (a, bt) in prepared.modules.items():
             wrapper = self._wrapped[path]
             r = a.shape[0]
-            flat[wrapper.a_offset: wrapper.a_offset + self.rank * wrapper.in_features].view(self.rank, -1)[:r] = a
-            flat[wrapper.b_offset: wrapper.b_offset + self.rank * wrapper.out_features].view(self.rank, -1)[:r] = bt
+            flat[wrapper.a_offset : wrapper.a_offset + self.rank * wrapper.in_features].view(self.rank, -1)[:r] = a
+            flat[wrapper.b_offset : wrapper.b_offset + self.rank * wrapper.out_features].view(self.rank, -1)[:r] = bt
         if self.device.type == "cuda":
             flat = flat.pin_memory()
         prepared._flat, prepared._flat_layout = flat, self._layout
@@ -398,9 +424,15 @@ class MultiLoRAEngine:
                 module = self._wrapped.get(path) or self.model.get_submodule(path)
             except AttributeError as exc:
                 raise AdapterShapeError(f"adapter {prepared.key!r}: the base model has no module {path!r}") from exc
-            shape = (module.in_features, module.out_features) if isinstance(module, MultiLoRALinear) else _linear_shape(module)
+            shape = (
+                (module.in_features, module.out_features)
+                if isinstance(module, MultiLoRALinear)
+                else _linear_shape(module)
+            )
             if shape is None:
-                raise AdapterFormatError(f"adapter {prepared.key!r}: {path!r} is a {type(module).__name__}, not a Linear layer")
+                raise AdapterFormatError(
+                    f"adapter {prepared.key!r}: {path!r} is a {type(module).__name__}, not a Linear layer"
+                )
             if (a.shape[1], bt.shape[1]) != shape:
                 raise AdapterShapeError(
                     f"adapter {prepared.key!r}: module {path} expects in/out {shape}, adapter has {(a.shape[1], bt.shape[1])}"
@@ -421,7 +453,9 @@ class MultiLoRAEngine:
             if key not in self._slot_of and self._pins.get(key, 0) == 0:
                 del self._host[key]
 
-    def load_state(self, key: str, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict | None = None) -> PreparedAdapter:
+    def load_state(
+        self, key: str, state: dict[str, torch.Tensor], config: dict[str, Any], meta: dict | None = None
+    ) -> PreparedAdapter:
         """Prepare + register an adapter from an in-memory PEFT state dict and config."""
         prepared = prepare_adapter(key, state, config, meta)
         self.register(prepared)
@@ -560,7 +594,11 @@ class MultiLoRAEngine:
         if mode == "auto":
             mode = "stacked" if len(unique) <= self.stack_limit else "bmm"
         if len(unique) == 1:
-            mask = None if every_row else torch.tensor([1.0 if s >= 0 else 0.0 for s in slots], dtype=self.dtype)[:, None, None]
+            mask = (
+                None
+                if every_row
+                else torch.tensor([1.0 if s >= 0 else 0.0 for s in slots], dtype=self.dtype)[:, None, None]
+            )
             return _Routing(rows, unique, frozenset(unique), "single", mask=None if mask is None else mask.to(dev))
         if mode == "stacked":
             pos = {s: i for i, s in enumerate(unique)}
@@ -570,7 +608,11 @@ class MultiLoRAEngine:
                 if s >= 0:
                     mask[row, pos[s]] = 1.0
             return _Routing(
-                rows, unique, frozenset(unique), "stacked", idx=torch.tensor(unique, device=dev),
+                rows,
+                unique,
+                frozenset(unique),
+                "stacked",
+                idx=torch.tensor(unique, device=dev),
                 mask=mask.reshape(rows, 1, u * r).to(dev),
                 cache_key=(self._layout, unique, tuple(self._versions[s] for s in unique)),
             )
@@ -589,14 +631,18 @@ class MultiLoRAEngine:
                 self._routing = None
 
     @torch.no_grad()
-    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+    def answer_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor, slots: Sequence[int]
+    ) -> torch.Tensor:
         """[B, V] next-token logits at each row's answer position, row b through adapter slots[b]."""
         from types import SimpleNamespace
 
         from shared.ml.models import answer_logits
 
         batch = SimpleNamespace(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), last_index=last_index.to(self.device)
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            last_index=last_index.to(self.device),
         )
         with self.route(slots):
             return answer_logits(self.model, batch)
@@ -615,8 +661,13 @@ class MultiLoRAEngine:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "slots": self.max_slots, "rank": self.rank, "modules": len(self._wrapped), "resident": len(self._slot_of),
-            "host_cached": len(self._host), "pinned": len(self.pinned()), "dtype": str(self.dtype).removeprefix("torch."),
+            "slots": self.max_slots,
+            "rank": self.rank,
+            "modules": len(self._wrapped),
+            "resident": len(self._slot_of),
+            "host_cached": len(self._host),
+            "pinned": len(self.pinned()),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "buffer_bytes": 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size(),
             **self.stats,
         }

@@ -8,7 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, Seeds, TaskNames
 from shared.ml.training.params import (
-    AFFINITY_SECTION_DOC, GROUPING_SECTION_DOC, GROUPS_DOC, MAX_LENGTH_DOC, MODEL_DOC, QUANTIZATION_DOC, TASKS_DOC,
+    AFFINITY_SECTION_DOC,
+    GROUPING_SECTION_DOC,
+    GROUPS_DOC,
+    MAX_LENGTH_DOC,
+    MODEL_DOC,
+    QUANTIZATION_DOC,
+    TASKS_DOC,
     TRAINING_SECTION_DOC,
 )
 
@@ -28,7 +34,9 @@ class StudyParams(BaseModel):
     model: str = Field(default="smollm2-135m", description=MODEL_DOC)
     quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
     tasks: TaskNames = Field(description=TASKS_DOC)
-    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2], description="seeds of the study (an integer S means seeds 0..S-1)")
+    seeds: Seeds = Field(
+        default_factory=lambda: [0, 1, 2], description="seeds of the study (an integer S means seeds 0..S-1)"
+    )
     groups: GroupCount = Field(default="auto", description=GROUPS_DOC)
     max_train: int | None = Field(default=500, ge=1, description="training examples per task; None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
@@ -36,11 +44,13 @@ class StudyParams(BaseModel):
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
     affinity: dict[str, Any] = Field(default_factory=dict, description=AFFINITY_SECTION_DOC)
     grouping: dict[str, Any] = Field(default_factory=dict, description=GROUPING_SECTION_DOC)
-    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_SECTION_DOC + " (the study sets "
-                                     "baselines itself)")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description=TRAINING_SECTION_DOC + " (the study sets baselines itself)"
+    )
     bootstrap: int = Field(default=2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
-    workers: int = Field(default=1, ge=1, le=64,
-                         description="processes that train arms at once (spread round-robin over visible GPUs)")
+    workers: int = Field(
+        default=1, ge=1, le=64, description="processes that train arms at once (spread round-robin over visible GPUs)"
+    )
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -65,13 +75,26 @@ class StudyParams(BaseModel):
         baselines.update({"single": True, "per_task": False})
         training["baselines"] = baselines
         return PipelineParams(
-            model=self.model, quantization=self.quantization, tasks=self.tasks, groups=self.groups, seed=seed,
-            max_train=self.max_train, max_val=self.max_val, max_test=self.max_test, max_length=self.max_length,
-            affinity=self.affinity, grouping=self.grouping, training=training,
+            model=self.model,
+            quantization=self.quantization,
+            tasks=self.tasks,
+            groups=self.groups,
+            seed=seed,
+            max_train=self.max_train,
+            max_val=self.max_val,
+            max_test=self.max_test,
+            max_length=self.max_length,
+            affinity=self.affinity,
+            grouping=self.grouping,
+            training=training,
         )
 
     def arm_training_params(self, seed: int, groups: list[list[str]]) -> Any:
         """Stage 2 of a control arm (random groups, per-task): same trainer and rules, no baselines."""
         tp = self.pipeline_params(seed).training_params(groups)
-        return tp.model_copy(update={"baselines": tp.baselines.model_copy(update={"single": False, "per_task": False}),
-                                     "zero_shot": False})
+        return tp.model_copy(
+            update={
+                "baselines": tp.baselines.model_copy(update={"single": False, "per_task": False}),
+                "zero_shot": False,
+            }
+        )

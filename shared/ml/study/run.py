@@ -57,7 +57,7 @@ def random_groups(tasks: list[str], sizes: list[int], seed: int) -> list[list[st
     order = np.random.default_rng(10_007 + seed).permutation(len(tasks))
     out, start = [], 0
     for size in sizes:
-        out.append(sorted((tasks[i] for i in order[start:start + size]), key=tasks.index))
+        out.append(sorted((tasks[i] for i in order[start : start + size]), key=tasks.index))
         start += size
     return out
 
@@ -116,7 +116,9 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
         done += 1
         progress("study", done, jobs_total, f"{message} ({time.perf_counter() - started:.0f} s)")
 
-    folders = {s: {arm: workdir / f"seed_{s}" / arm for arm in ("affinity", "random", "per_task")} for s in params.seeds}
+    folders = {
+        s: {arm: workdir / f"seed_{s}" / arm for arm in ("affinity", "random", "per_task")} for s in params.seeds
+    }
     singletons = [[t] for t in tasks]
     progress("study", 0, jobs_total, "training arms")
     if params.workers == 1:
@@ -139,7 +141,10 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
             slot = iter(range(10**6))
             futures: dict[Any, tuple[int, str]] = {}
             for s in params.seeds:
-                for arm, fn, args in (("affinity", _run_affinity_arm, ()), ("per_task", _run_control_arm, (singletons,))):
+                for arm, fn, args in (
+                    ("affinity", _run_affinity_arm, ()),
+                    ("per_task", _run_control_arm, (singletons,)),
+                ):
                     if _done(folders[s][arm]):
                         tick(f"seed {s} {arm}")
                     else:
@@ -160,8 +165,14 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
                         if _done(folders[s]["random"]):
                             tick(f"seed {s} random")
                         else:
-                            g = pool.submit(_run_control_arm, blob, s, random_groups(tasks, sizes, s),
-                                            str(folders[s]["random"]), next(slot))
+                            g = pool.submit(
+                                _run_control_arm,
+                                blob,
+                                s,
+                                random_groups(tasks, sizes, s),
+                                str(folders[s]["random"]),
+                                next(slot),
+                            )
                             futures[g] = (s, "random")
                             pending.add(g)
         except BaseException:
@@ -179,8 +190,10 @@ def load_correct(params: StudyParams, workdir: Path, split: str = "test") -> dic
     """Per arm, per seed, per task: the boolean correctness of every row of `split`."""
     out: dict[str, list[dict[str, np.ndarray]]] = {arm: [] for arm in [*ARM_COLUMNS, "chorus"]}
     for s in params.seeds:
-        preds = {run: json.loads((workdir / f"seed_{s}" / run / PREDICTIONS).read_text())[split]
-                 for run in ("affinity", "random", "per_task")}
+        preds = {
+            run: json.loads((workdir / f"seed_{s}" / run / PREDICTIONS).read_text())[split]
+            for run in ("affinity", "random", "per_task")
+        }
         selection = _selection(workdir / f"seed_{s}" / "affinity")
         chosen = ("affinity", SELECTED_COLUMN[selection["chosen"]]) if selection else ("affinity", "ensemble")
         for arm, (run, column) in [*ARM_COLUMNS.items(), ("chorus", chosen)]:
@@ -208,8 +221,10 @@ def arm_costs(params: StudyParams, workdir: Path) -> dict[str, Any]:
             store.setdefault(key, []).append(float(value))
 
     for s in params.seeds:
-        reports = {run: json.loads((workdir / f"seed_{s}" / run / "train_report.json").read_text())
-                   for run in ("affinity", "random", "per_task")}
+        reports = {
+            run: json.loads((workdir / f"seed_{s}" / run / "train_report.json").read_text())
+            for run in ("affinity", "random", "per_task")
+        }
         aff = reports["affinity"]["cost"]
         stage1 = aff.get("affinity_flops") or 0.0
         add(per, "single", (aff.get("single") or {}).get("total_flops"))
@@ -217,8 +232,15 @@ def arm_costs(params: StudyParams, workdir: Path) -> dict[str, Any]:
             cost = reports[run]["cost"]
             add(per, f"{run}_without_stage1", cost["ensemble_training"]["total_flops"])
             add(extra, f"{run}_members_per_example", cost["inference"]["mean_members_per_example"])
-            add(extra, f"{run}_train_seconds", sum(v.get("seconds", 0.0) for k, v in (cost.get("stages") or {}).items()
-                                                    if k in ("group_adapters", "baselines", "boosting", "ensemble_weights")))
+            add(
+                extra,
+                f"{run}_train_seconds",
+                sum(
+                    v.get("seconds", 0.0)
+                    for k, v in (cost.get("stages") or {}).items()
+                    if k in ("group_adapters", "baselines", "boosting", "ensemble_weights")
+                ),
+            )
         add(per, "stage1", stage1)
         add(per, "affinity", aff["ensemble_training"]["total_flops"] + stage1)
         # the deployed arm: Stage 1 + groups; when the validation fallback ran, also the single and per-task
@@ -258,6 +280,8 @@ def run_study(params: StudyParams, workdir: Path, progress: Progress = silent) -
     recorded.write_text(json.dumps(blob, indent=2))
     groups = train_arms(params, workdir, progress)
     study = write_report(params, workdir, groups)
-    return {"arms": {k: v["average"] for k, v in study["arms"].items()},
-            "differences": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in study["differences"].items()},
-            "artifacts": {"study": "study.json", "table": "study.md", "chart": "study.png"}}
+    return {
+        "arms": {k: v["average"] for k, v in study["arms"].items()},
+        "differences": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in study["differences"].items()},
+        "artifacts": {"study": "study.json", "table": "study.md", "chart": "study.png"},
+    }

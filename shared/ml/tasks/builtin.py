@@ -27,7 +27,18 @@ Splits = dict[str, list[Example]]
 
 # The 12 tasks of the issue; BUILTIN_TASKS (below) adds cheap extras.
 CORE_TASKS: tuple[str, ...] = (
-    "cb", "copa", "rte", "wic", "wsc", "boolq", "multirc", "sst2", "mr", "subj", "cr", "mpqa",
+    "cb",
+    "copa",
+    "rte",
+    "wic",
+    "wsc",
+    "boolq",
+    "multirc",
+    "sst2",
+    "mr",
+    "subj",
+    "cr",
+    "mpqa",
 )
 
 # cp1252 decodings of the C1 bytes 0x80-0x9f (undefined ones stay as read): the Latin-1 files use
@@ -95,16 +106,22 @@ def _val_from_train(
     """Official test rows as given; val = stratified 10% of train (seed 0), grouped by `group`."""
     groups = [group(r) for r in train] if group else None
     tr, va = carve_val([r[2] for r in train], 0.1, SEED, groups)
-    return {"train": _make(task, "train", _pick(train, tr)), "val": _make(task, "val", _pick(train, va)),
-            "test": _make(task, "test", test)}
+    return {
+        "train": _make(task, "train", _pick(train, tr)),
+        "val": _make(task, "val", _pick(train, va)),
+        "test": _make(task, "test", test),
+    }
 
 
 def _three_way(task: str, rows: Sequence[Row], group: Callable[[Row], Hashable] | None = None) -> Splits:
     """80/10/10 stratified carve (seed 0), grouped by `group`."""
     groups = [group(r) for r in rows] if group else None
     tr, va, te = three_way([r[2] for r in rows], (0.8, 0.1, 0.1), SEED, groups)
-    return {"train": _make(task, "train", _pick(rows, tr)), "val": _make(task, "val", _pick(rows, va)),
-            "test": _make(task, "test", _pick(rows, te))}
+    return {
+        "train": _make(task, "train", _pick(rows, tr)),
+        "val": _make(task, "val", _pick(rows, va)),
+        "test": _make(task, "test", _pick(rows, te)),
+    }
 
 
 def _official(task: str, train: Sequence[Row], val: Sequence[Row], test: Sequence[Row]) -> Splits:
@@ -145,7 +162,11 @@ def _copa(r: dict[str, Any]) -> Row:
 
 
 def _wic(r: dict[str, Any]) -> Row:
-    return r["idx"], {"word": r["word"], "sentence1": r["sentence1"], "sentence2": r["sentence2"]}, int(bool(r["label"]))
+    return (
+        r["idx"],
+        {"word": r["word"], "sentence1": r["sentence1"], "sentence2": r["sentence2"]},
+        int(bool(r["label"])),
+    )
 
 
 def _wsc(r: dict[str, Any]) -> Row:
@@ -191,7 +212,10 @@ def _single_file(task: str, *parts: str, encoding: str = "utf-8") -> Callable[[]
 def _stsa(task: str, folder: str, stem: str) -> Callable[[], Splits]:
     def load() -> Splits:
         def rows(split: str) -> list[Row]:
-            return [(i, {"sentence": t}, y) for i, (y, t) in enumerate(_labelled_lines(*folder.split("/"), f"{stem}.{split}"))]
+            return [
+                (i, {"sentence": t}, y)
+                for i, (y, t) in enumerate(_labelled_lines(*folder.split("/"), f"{stem}.{split}"))
+            ]
 
         return _official(task, rows("train"), rows("dev"), rows("test"))
 
@@ -202,7 +226,9 @@ def _load_trec() -> Splits:
     def rows(name: str, encoding: str) -> list[Row]:
         return [(i, {"question": t}, y) for i, (y, t) in enumerate(_labelled_lines("trec", name, encoding=encoding))]
 
-    return _val_from_train("trec", rows("TREC.train.all", "latin-1"), rows("TREC.test.all", "utf-8"), _same_text("question"))
+    return _val_from_train(
+        "trec", rows("TREC.train.all", "latin-1"), rows("TREC.test.all", "utf-8"), _same_text("question")
+    )
 
 
 def _load_ag_news() -> Splits:
@@ -214,7 +240,9 @@ def _load_ag_news() -> Splits:
             (i, {"title": clean(title), "description": clean(desc)}, int(label) - 1)
             for i, (label, title, desc) in enumerate(csv.reader(fh))
         ]
-    return _three_way("ag_news", rows, group=lambda row: normalise(row[1]["title"] + " " + row[1]["description"]).lower())
+    return _three_way(
+        "ag_news", rows, group=lambda row: normalise(row[1]["title"] + " " + row[1]["description"]).lower()
+    )
 
 
 def _tweets(folder: str) -> Callable[[], Splits]:
@@ -269,9 +297,7 @@ def _binary_tweet(name: str, question: str, label_names: list[str], what: str) -
 def make_builtin_tasks() -> list[Task]:
     """Fresh Task objects (each caches its own splits) for every built-in task, core tasks first."""
     superglue_note = "test = official SuperGLUE val file; val = stratified 10% of the official train file (seed 0)"
-    carve_note = (
-        "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
-    )
+    carve_note = "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
     tasks = [
         Task(
             name="cb",
@@ -357,11 +383,16 @@ def make_builtin_tasks() -> list[Task]:
             ),
         ),
         _sentiment(
-            "sst2", "movie review", _stsa("sst2", "sst2/stsa", "stsa.binary"),
-            "SST-2 sentence level (stsa.binary train/dev/test = our train/val/test; not the GLUE phrase data)." + _MR_SST_NOTE,
+            "sst2",
+            "movie review",
+            _stsa("sst2", "sst2/stsa", "stsa.binary"),
+            "SST-2 sentence level (stsa.binary train/dev/test = our train/val/test; not the GLUE phrase data)."
+            + _MR_SST_NOTE,
         ),
         _sentiment(
-            "mr", "movie review", _single_file("mr", "mr", "rt-polarity.all", encoding="latin-1"),
+            "mr",
+            "movie review",
+            _single_file("mr", "mr", "rt-polarity.all", encoding="latin-1"),
             f"MR rotten-tomatoes sentence polarity (Pang & Lee 2005); {carve_note}." + _MR_SST_NOTE,
         ),
         Task(
@@ -373,7 +404,9 @@ def make_builtin_tasks() -> list[Task]:
             description=f"SUBJ subjectivity (Pang & Lee 2004; review snippets vs plot sentences); {carve_note}.",
         ),
         _sentiment(
-            "cr", "product review", _single_file("cr", "cr", "custrev.all"),
+            "cr",
+            "product review",
+            _single_file("cr", "cr", "custrev.all"),
             f"CR customer reviews (Hu & Liu 2004); {carve_note}.",
         ),
         Task(
@@ -392,7 +425,8 @@ def make_builtin_tasks() -> list[Task]:
             label_names=["very negative", "negative", "neutral", "positive", "very positive"],
             loader=_stsa("sst5", "sst5", "stsa.fine"),
             truncate_field="sentence",
-            description="SST-5 fine-grained sentence level (stsa.fine train/dev/test = our train/val/test)." + _MR_SST_NOTE,
+            description="SST-5 fine-grained sentence level (stsa.fine train/dev/test = our train/val/test)."
+            + _MR_SST_NOTE,
         ),
         Task(
             name="trec",
@@ -424,12 +458,16 @@ def make_builtin_tasks() -> list[Task]:
             description="TweetEval emotion (SemEval-2018 T1); official train/val/test files.",
         ),
         _binary_tweet(
-            "tweet_hate", "Is this tweet hateful towards immigrants or women?", ["not-hate", "hate"],
+            "tweet_hate",
+            "Is this tweet hateful towards immigrants or women?",
+            ["not-hate", "hate"],
             "hate speech (SemEval-2019 HatEval)",
         ),
         _binary_tweet("tweet_irony", "Is this tweet ironic?", ["non_irony", "irony"], "irony (SemEval-2018 T3)"),
         _binary_tweet(
-            "tweet_offensive", "Is this tweet offensive?", ["not-offensive", "offensive"],
+            "tweet_offensive",
+            "Is this tweet offensive?",
+            ["not-offensive", "offensive"],
             "offensive language (SemEval-2019 OffensEval)",
         ),
     ]

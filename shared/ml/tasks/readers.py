@@ -18,8 +18,15 @@ from shared.ml.tasks.import_errors import RowError
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow")
 SUFFIX_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
-    ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".arrow": "arrow",
 }
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}  # as written -> stored
 MAX_INT_DIGITS = 1000  # a longer integer in a JSON row is refused (Python refuses to convert > 4300)
@@ -56,8 +63,16 @@ def split_name(value: str) -> str | None:
     return SPLIT_NAMES.get(value.strip().lower())
 
 
-def read_bytes(raw: bytes, fmt: str, errors: list[RowError], *, source: str | None = None,
-               split: str | None = None, max_rows: int | None = None, max_bytes: int | None = None) -> Table:
+def read_bytes(
+    raw: bytes,
+    fmt: str,
+    errors: list[RowError],
+    *,
+    source: str | None = None,
+    split: str | None = None,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+) -> Table:
     """The rows of an uploaded file in format `fmt` (one of FORMATS)."""
     table = Table([], [], fmt, hashlib.sha256(raw).hexdigest(), source, split, size=len(raw))
     if fmt in ("parquet", "arrow"):
@@ -86,7 +101,9 @@ def _decode_lines(data: bytes, table: Table, errors: list[RowError]) -> list[str
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            errors.append(table.error(number, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"))
+            errors.append(
+                table.error(number, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})")
+            )
             text = raw.decode("utf-8", errors="replace")
         out.append(text + "\n")
     if out and out[-1] == "\n":  # the split after a final newline
@@ -102,7 +119,9 @@ def parse_int(text: str) -> int:
     """int(text), refusing integers of more than MAX_INT_DIGITS digits (json's parse_int)."""
     digits = len(text.lstrip("-"))
     if digits > MAX_INT_DIGITS:
-        raise _LongInteger(f"an integer with {digits:,} digits (at most {MAX_INT_DIGITS:,}; quote it to keep it as text)")
+        raise _LongInteger(
+            f"an integer with {digits:,} digits (at most {MAX_INT_DIGITS:,}; quote it to keep it as text)"
+        )
     return int(text)
 
 
@@ -186,7 +205,9 @@ def _json_array_records(lines: list[str], table: Table, errors: list[RowError]) 
             if pos < len(text) and text[pos] == "]":
                 pos = skip(pos + 1)
                 break
-            errors.append(table.error(line_at(min(pos, len(text))), None, "malformed JSON: expected ',' or ']' in the array"))
+            errors.append(
+                table.error(line_at(min(pos, len(text))), None, "malformed JSON: expected ',' or ']' in the array")
+            )
             return
     if pos < len(text):
         errors.append(table.error(line_at(pos), None, "malformed JSON: extra data after the array"))
@@ -208,7 +229,9 @@ def _csv_records(lines: list[str], delimiter: str, table: Table, errors: list[Ro
                 table.columns, table.header_line = list(dict.fromkeys(header)), start
                 continue
             if len(cells) != len(header):
-                errors.append(table.error(start, None, f"expected {len(header)} columns, got {len(cells)} (check the quoting)"))
+                errors.append(
+                    table.error(start, None, f"expected {len(header)} columns, got {len(cells)} (check the quoting)")
+                )
                 continue
             table.records.append((start, dict(zip(header, cells, strict=True))))
     except csv.Error as exc:
@@ -252,8 +275,9 @@ def _arrow_table(raw: bytes) -> Any:
         return pa.ipc.open_file(pa.BufferReader(raw)).read_all()
 
 
-def _read_columnar(raw: bytes, table: Table, errors: list[RowError], max_rows: int | None,
-                   max_bytes: int | None) -> None:
+def _read_columnar(
+    raw: bytes, table: Table, errors: list[RowError], max_rows: int | None, max_bytes: int | None
+) -> None:
     """Parquet or Arrow IPC bytes; the row count and decompressed size are checked before the rows are built."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -264,8 +288,13 @@ def _read_columnar(raw: bytes, table: Table, errors: list[RowError], max_rows: i
             meta = pq.ParquetFile(pa.BufferReader(raw)).metadata
             decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
             if max_bytes and decoded > EXPANSION * max_bytes:
-                errors.append(table.error(None, None, f"{kind} file decompresses to {decoded:,} bytes, over "
-                                                      f"{EXPANSION} times the upload limit"))
+                errors.append(
+                    table.error(
+                        None,
+                        None,
+                        f"{kind} file decompresses to {decoded:,} bytes, over {EXPANSION} times the upload limit",
+                    )
+                )
                 return
             if max_rows is not None and meta.num_rows > max_rows:
                 errors.append(table.error(None, None, f"{meta.num_rows:,} rows is over the {max_rows:,}-row limit"))
@@ -283,11 +312,16 @@ def _read_columnar(raw: bytes, table: Table, errors: list[RowError], max_rows: i
 def add_arrow(data: Any, table: Table, errors: list[RowError], max_rows: int | None, max_bytes: int | None) -> None:
     """Append the rows of a pyarrow Table, numbered on from the rows already there."""
     if max_rows is not None and len(table.records) + data.num_rows > max_rows:
-        errors.append(table.error(None, None, f"{len(table.records) + data.num_rows:,} rows is over the {max_rows:,}-row limit"))
+        errors.append(
+            table.error(None, None, f"{len(table.records) + data.num_rows:,} rows is over the {max_rows:,}-row limit")
+        )
         return
     if max_bytes and data.nbytes > EXPANSION * max_bytes:
-        errors.append(table.error(None, None, f"the data takes {data.nbytes:,} bytes in memory, over {EXPANSION} times "
-                                              "the upload limit"))
+        errors.append(
+            table.error(
+                None, None, f"the data takes {data.nbytes:,} bytes in memory, over {EXPANSION} times the upload limit"
+            )
+        )
         return
     for column in data.column_names:
         if column not in table.columns:
@@ -315,8 +349,14 @@ def _shards(folder: Path) -> list[Path]:
     return [folder / Path(str(n)).name for n in names]  # a bare name: never outside the folder
 
 
-def _read_saved_split(folder: Path, errors: list[RowError], source: str | None, split: str | None,
-                      max_rows: int | None, max_bytes: int | None) -> Table:
+def _read_saved_split(
+    folder: Path,
+    errors: list[RowError],
+    source: str | None,
+    split: str | None,
+    max_rows: int | None,
+    max_bytes: int | None,
+) -> Table:
     import pyarrow as pa
 
     digest = hashlib.sha256()
@@ -346,16 +386,28 @@ def _read_saved_split(folder: Path, errors: list[RowError], source: str | None, 
     return table
 
 
-def read_saved_dataset(folder: Path, errors: list[RowError], warnings: list[str], *, split: str | None = None,
-                       max_rows: int | None = None, max_bytes: int | None = None) -> list[Table]:
+def read_saved_dataset(
+    folder: Path,
+    errors: list[RowError],
+    warnings: list[str],
+    *,
+    split: str | None = None,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+) -> list[Table]:
     """The tables of a `save_to_disk` folder: one per split of a DatasetDict (train/validation/test; others are
     skipped with a warning), or one for a single Dataset (its rows in `split` when given)."""
     dict_file = folder / "dataset_dict.json"
     if not dict_file.is_file():
         return [_read_saved_split(folder, errors, None if split is None else folder.name, split, max_rows, max_bytes)]
     if split is not None:
-        errors.append(RowError(None, None, f"{folder.name} holds several splits (a DatasetDict); give it as the "
-                                           "dataset, not as one split"))
+        errors.append(
+            RowError(
+                None,
+                None,
+                f"{folder.name} holds several splits (a DatasetDict); give it as the dataset, not as one split",
+            )
+        )
         return []
     try:
         names = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
@@ -367,7 +419,9 @@ def read_saved_dataset(folder: Path, errors: list[RowError], warnings: list[str]
     for name in names:
         stored = split_name(name)
         if stored is None:
-            warnings.append(f"split {name!r} of the saved dataset skipped (only train, validation and test are imported)")
+            warnings.append(
+                f"split {name!r} of the saved dataset skipped (only train, validation and test are imported)"
+            )
             continue
         if any(t.split == stored for t in tables):
             errors.append(RowError(None, None, f"the saved dataset has two {stored} splits"))

@@ -54,7 +54,7 @@ def scan_tasks() -> tuple[list[Task], list[SkippedTask]]:
 
 
 def parse_task_list(spec: str | Iterable[str]) -> list[str]:
-    """"cb, rte,cb" -> ["cb", "rte"]: comma-separated names, validated, duplicates dropped (order kept).
+    """ "cb, rte,cb" -> ["cb", "rte"]: comma-separated names, validated, duplicates dropped (order kept).
 
     "core" expands to the 12 core built-in tasks and "builtin" to every built-in task.
     """

@@ -25,8 +25,16 @@ ALLOWED_FILTERS = ("capitalize", "default", "length", "lower", "replace", "title
 ALLOWED_TESTS = ("defined", "none", "number", "string", "undefined")
 
 __all__ = [
-    "ALLOWED_FILTERS", "ALLOWED_TESTS", "MAX_NESTING", "MAX_RENDER_CHARS", "MAX_TEMPLATE_CHARS", "TemplateError", "parse_template",
-    "render_template", "template_variables", "validate_template",
+    "ALLOWED_FILTERS",
+    "ALLOWED_TESTS",
+    "MAX_NESTING",
+    "MAX_RENDER_CHARS",
+    "MAX_TEMPLATE_CHARS",
+    "TemplateError",
+    "parse_template",
+    "render_template",
+    "template_variables",
+    "validate_template",
 ]
 
 
@@ -64,9 +72,23 @@ ENV = _environment()
 
 # Statements and expressions a template may use; anything else is refused with a reason.
 _ALLOWED_NODES = (
-    nodes.Template, nodes.Output, nodes.TemplateData, nodes.If, nodes.Name, nodes.Const, nodes.Compare,
-    nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.CondExpr, nodes.Filter, nodes.Test, nodes.List,
-    nodes.Tuple, nodes.Keyword,
+    nodes.Template,
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.If,
+    nodes.Name,
+    nodes.Const,
+    nodes.Compare,
+    nodes.Operand,
+    nodes.And,
+    nodes.Or,
+    nodes.Not,
+    nodes.CondExpr,
+    nodes.Filter,
+    nodes.Test,
+    nodes.List,
+    nodes.Tuple,
+    nodes.Keyword,
 )
 _REFUSED: tuple[tuple[type[nodes.Node], str], ...] = (
     (nodes.Getattr, "attribute access is not allowed; use plain field names"),
@@ -115,11 +137,15 @@ def parse_template(template: str) -> nodes.Template:
     if not isinstance(template, str):
         raise TemplateError(f"template must be a string, got {type(template).__name__}")
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise TemplateError(f"template is {len(template):,} characters, over the {MAX_TEMPLATE_CHARS:,}-character limit")
+        raise TemplateError(
+            f"template is {len(template):,} characters, over the {MAX_TEMPLATE_CHARS:,}-character limit"
+        )
     try:
         return ENV.parse(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"invalid Jinja template: {exc.message}", exc.lineno, _snippet(template, exc.lineno)) from None
+        raise TemplateError(
+            f"invalid Jinja template: {exc.message}", exc.lineno, _snippet(template, exc.lineno)
+        ) from None
     except RecursionError:
         raise TemplateError("invalid Jinja template: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal over Python's digit limit
@@ -149,16 +175,23 @@ def _checked_tree(template: str, fields: Collection[str] | None) -> nodes.Templa
         if depth > MAX_NESTING:
             raise TemplateError(f"nested more than {MAX_NESTING} levels deep", lineno, _snippet(template, lineno))
         if not isinstance(node, _ALLOWED_NODES):
-            reason = next((why for kind, why in _REFUSED if isinstance(node, kind)), f"{type(node).__name__} is not allowed")
+            reason = next(
+                (why for kind, why in _REFUSED if isinstance(node, kind)), f"{type(node).__name__} is not allowed"
+            )
             found = _describe(node)
             raise TemplateError(f"{reason} (found {found!r})" if found else reason, lineno, _snippet(template, lineno))
         if isinstance(node, nodes.Filter) and (node.name not in ALLOWED_FILTERS or node.dyn_args or node.dyn_kwargs):
             listed = ", ".join(ALLOWED_FILTERS)
-            raise TemplateError(f"filter {node.name!r} is not allowed (allowed: {listed}; no *args/**kwargs)", lineno,
-                                _snippet(template, lineno))
+            raise TemplateError(
+                f"filter {node.name!r} is not allowed (allowed: {listed}; no *args/**kwargs)",
+                lineno,
+                _snippet(template, lineno),
+            )
         if isinstance(node, nodes.Test) and (node.name not in ALLOWED_TESTS or node.dyn_args or node.dyn_kwargs):
             listed = ", ".join(ALLOWED_TESTS)
-            raise TemplateError(f"test {node.name!r} is not allowed (allowed: {listed})", lineno, _snippet(template, lineno))
+            raise TemplateError(
+                f"test {node.name!r} is not allowed (allowed: {listed})", lineno, _snippet(template, lineno)
+            )
         if isinstance(node, nodes.Name):
             if node.ctx != "load":
                 raise TemplateError(f"assigning to {node.name!r} is not allowed", lineno, _snippet(template, lineno))
@@ -169,8 +202,9 @@ def _checked_tree(template: str, fields: Collection[str] | None) -> nodes.Templa
     if unknown:
         first = min(unknown.values())
         available = ", ".join(sorted(fields or ())) or "none"
-        raise TemplateError(f"unknown field(s) {', '.join(sorted(unknown))}; available: {available}", first,
-                            _snippet(template, first))
+        raise TemplateError(
+            f"unknown field(s) {', '.join(sorted(unknown))}; available: {available}", first, _snippet(template, first)
+        )
     return tree
 
 
@@ -198,8 +232,9 @@ def render_template(template: str, fields: Mapping[str, Any]) -> str:
         for piece in compiled.generate(dict(fields)):
             size += len(piece)
             if size > budget:
-                raise TemplateError(f"rendered prompt is over {budget:,} characters (the fields' text plus "
-                                    f"{MAX_RENDER_CHARS:,})")
+                raise TemplateError(
+                    f"rendered prompt is over {budget:,} characters (the fields' text plus {MAX_RENDER_CHARS:,})"
+                )
             parts.append(piece)
     except TemplateError:
         raise

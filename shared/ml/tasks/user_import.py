@@ -52,11 +52,30 @@ from shared.ml.tasks.templates import (
 )
 
 __all__ = [
-    "FORMATS", "DataFile", "DatasetValidationError", "ParsedDataset", "RowError", "SkippedTask", "TaskExistsError",
-    "file_label", "format_for",
-    "UserTaskError", "default_task_name", "delete_user_task", "import_dataset", "list_user_tasks", "load_user_task",
-    "parse_label_names", "read_label_names_file", "register_dataset", "scan_user_tasks", "user_task_exists",
-    "user_task_spec", "validate_dataset_bytes", "validate_dataset_paths", "validate_files",
+    "FORMATS",
+    "DataFile",
+    "DatasetValidationError",
+    "ParsedDataset",
+    "RowError",
+    "SkippedTask",
+    "TaskExistsError",
+    "file_label",
+    "format_for",
+    "UserTaskError",
+    "default_task_name",
+    "delete_user_task",
+    "import_dataset",
+    "list_user_tasks",
+    "load_user_task",
+    "parse_label_names",
+    "read_label_names_file",
+    "register_dataset",
+    "scan_user_tasks",
+    "user_task_exists",
+    "user_task_spec",
+    "validate_dataset_bytes",
+    "validate_dataset_paths",
+    "validate_files",
 ]
 
 log = logging.getLogger("chorus.tasks")
@@ -128,7 +147,10 @@ def default_task_name(path: str | Path) -> str:
     """A task name from a file or folder name: "My Reviews.csv" -> "my-reviews"; "imdb_train.csv" -> "imdb"
     (a trailing split word is dropped; a bare "train.csv" takes its folder's name)."""
     path = Path(path)
-    for candidate in (path.stem if path.is_file() or path.suffix.lower() in SUFFIX_FORMATS else path.name, path.parent.name):
+    for candidate in (
+        path.stem if path.is_file() or path.suffix.lower() in SUFFIX_FORMATS else path.name,
+        path.parent.name,
+    ):
         stem = re.sub(r"[^a-z0-9_\-]+", "-", candidate.lower()).strip("-_")
         stem = re.sub(r"(^|[-_.])(train|training|validation|valid|val|dev|test)$", "", stem).strip("-_")
         if stem:
@@ -179,7 +201,9 @@ class ParsedDataset:
 def validate_name(name: str, errors: list[RowError]) -> None:
     """Append a problem when `name` is not a valid, free task name (builtin names are taken)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        errors.append(RowError(None, "name", f"invalid task name {name!r}: use 2-64 chars, a-z first, then a-z 0-9 _ -"))
+        errors.append(
+            RowError(None, "name", f"invalid task name {name!r}: use 2-64 chars, a-z first, then a-z 0-9 _ -")
+        )
     elif name in BUILTIN_TASKS or name in RESERVED_NAMES:
         errors.append(RowError(None, "name", f"task name {name!r} is reserved (a built-in task or keyword)"))
 
@@ -194,6 +218,7 @@ def field_key(column: str) -> str:
 
 def default_template(text_fields: Sequence[str], keys: Sequence[str], label_names: Sequence[str]) -> str:
     """Lists each text field, then the options, and ends with the "Answer:" cue."""
+
     def literal(text: str) -> str:  # a Jinja string literal: braces in names cannot inject template code
         return "{{ " + json.dumps(text) + " }}"
 
@@ -216,7 +241,7 @@ def _scalar(value: Any) -> str | None:
 
 
 def _is_int(text: str) -> bool:
-    return re.fullmatch(r"-?\d{1,%d}" % MAX_INT_DIGITS, text) is not None
+    return re.fullmatch(rf"-?\d{{1,{MAX_INT_DIGITS}}}", text) is not None
 
 
 def _sort_labels(labels: set[str]) -> list[str]:
@@ -246,8 +271,16 @@ def validate_dataset_bytes(
     split_field: str | None = SPLIT_FIELD,
 ) -> ParsedDataset:
     """Parse and check one uploaded file; raise DatasetValidationError listing every problem (see validate_files)."""
-    return validate_files([DataFile(data, fmt, source_name)], text_fields, label_field, template, label_names,
-                          id_field, name=name, split_field=split_field)
+    return validate_files(
+        [DataFile(data, fmt, source_name)],
+        text_fields,
+        label_field,
+        template,
+        label_names,
+        id_field,
+        name=name,
+        split_field=split_field,
+    )
 
 
 def validate_dataset_paths(
@@ -271,8 +304,9 @@ def validate_dataset_paths(
         path = None
     files = [DataFile(Path(path), fmt, Path(path).name)] if path is not None else []
     files += [DataFile(Path(p), fmt, Path(p).name, split) for split, p in (splits or {}).items()]
-    return validate_files(files, text_fields, label_field, template, label_names, id_field, name=name,
-                          split_field=split_field)
+    return validate_files(
+        files, text_fields, label_field, template, label_names, id_field, name=name, split_field=split_field
+    )
 
 
 def validate_files(
@@ -297,7 +331,9 @@ def validate_files(
     settings = get_settings()
     errors: list[RowError] = []
     warnings: list[str] = []
-    fields = [f.strip() for f in text_fields.split(",")] if isinstance(text_fields, str) else [str(f) for f in text_fields]
+    fields = (
+        [f.strip() for f in text_fields.split(",")] if isinstance(text_fields, str) else [str(f) for f in text_fields]
+    )
     _check_arguments(fields, label_field, label_names, id_field, errors)
     _check_files(files, errors)
     if errors:  # the rows cannot be read without valid arguments
@@ -320,44 +356,66 @@ def validate_files(
         errors.append(RowError(None, None, f"{total:,} rows is over the {settings.max_dataset_rows:,}-row limit"))
 
     class_names = next((t.class_labels[label_field] for t in tables if label_field in t.class_labels), None)
-    if class_names is not None and (len(class_names) < 2 or len(set(class_names)) != len(class_names)
-                                    or not all(n.strip() for n in class_names)):
-        warnings.append(f"the ClassLabel names {class_names[:20]} of {label_field!r} are ignored (fewer than 2, "
-                        "repeated or empty)")
+    if class_names is not None and (
+        len(class_names) < 2 or len(set(class_names)) != len(class_names) or not all(n.strip() for n in class_names)
+    ):
+        warnings.append(
+            f"the ClassLabel names {class_names[:20]} of {label_field!r} are ignored (fewer than 2, repeated or empty)"
+        )
         class_names = None
-    names, index = _resolve_labels(labelled, label_names if label_names is not None else class_names,
-                                   label_field, errors)
+    names, index = _resolve_labels(
+        labelled, label_names if label_names is not None else class_names, label_field, errors
+    )
     if label_names is None and class_names is None and labelled and all(_is_int(x) for x in names):
         shown = "/".join(f'"{n}"' for n in names[:6]) + ("/..." if len(names) > 6 else "")
-        warnings.append(f"labels are integers and no label names were given: the model will be asked to answer "
-                        f"{shown}; pass the names in label order (e.g. --label-names negative,positive) so it "
-                        "answers with words")
+        warnings.append(
+            f"labels are integers and no label names were given: the model will be asked to answer "
+            f"{shown}; pass the names in label order (e.g. --label-names negative,positive) so it "
+            "answers with words"
+        )
     counts = Counter(label for _, _, label in labelled)
     for table, line, label in labelled:
         if label in index and counts[label] < 2:
-            errors.append(table.error(line, label_field, f"label {label!r} has only 1 example; every label needs at least 2"))
+            errors.append(
+                table.error(line, label_field, f"label {label!r} has only 1 example; every label needs at least 2")
+            )
     if labelled and len({index[label] for label in counts if label in index}) < 2:
         errors.append(RowError(None, label_field, "need examples of at least 2 different labels"))
     split_source = "files" if any(t.split for t in tables) else ("column" if split_column else None)
     if split_source and rows and not any(r.split == "train" for r in rows):
         given = ", ".join(sorted({r.split or "" for r in rows}))
-        errors.append(RowError(None, split_column if split_source == "column" else None,
-                               f"no train rows: the {'split column' if split_source == 'column' else 'files'} "
-                               f"give only {given}"))
+        errors.append(
+            RowError(
+                None,
+                split_column if split_source == "column" else None,
+                f"no train rows: the {'split column' if split_source == 'column' else 'files'} give only {given}",
+            )
+        )
     final_template = template if template is not None else default_template(fields, keys, names)
     if template is None and len(final_template) > MAX_TEMPLATE_CHARS:
-        message = (f"the default template (listing {len(names):,} label names) would be {len(final_template):,} "
-                   f"characters, over the {MAX_TEMPLATE_CHARS:,}-character limit; pass a template")
+        message = (
+            f"the default template (listing {len(names):,} label names) would be {len(final_template):,} "
+            f"characters, over the {MAX_TEMPLATE_CHARS:,}-character limit; pass a template"
+        )
         errors.append(RowError(None, "template", message))
     else:
         _check_template(final_template, keys, rows, errors, user_given=template is not None)
     if errors:
         raise DatasetValidationError(errors)
     return ParsedDataset(
-        fmt="+".join(dict.fromkeys(t.fmt for t in tables)), text_fields=fields, field_keys=keys,
-        label_field=label_field, label_names=names, template=final_template, id_field=id_field, rows=rows,
-        sha256=_digest(tables), source_name=", ".join(dict.fromkeys(f.name or "upload" for f in files)),
-        label_index=index, split_source=split_source, warnings=warnings,
+        fmt="+".join(dict.fromkeys(t.fmt for t in tables)),
+        text_fields=fields,
+        field_keys=keys,
+        label_field=label_field,
+        label_names=names,
+        template=final_template,
+        id_field=id_field,
+        rows=rows,
+        sha256=_digest(tables),
+        source_name=", ".join(dict.fromkeys(f.name or "upload" for f in files)),
+        label_index=index,
+        split_source=split_source,
+        warnings=warnings,
     )
 
 
@@ -369,7 +427,10 @@ def _digest(tables: list[Table]) -> str:
 
 
 def _check_arguments(
-    fields: list[str], label_field: str, label_names: Sequence[str] | None, id_field: str | None,
+    fields: list[str],
+    label_field: str,
+    label_names: Sequence[str] | None,
+    id_field: str | None,
     errors: list[RowError],
 ) -> None:
     if not fields or any(not f for f in fields):
@@ -401,10 +462,17 @@ def _check_files(files: Sequence[DataFile], errors: list[RowError]) -> None:
         if f.fmt and f.fmt.lower() not in FORMATS:
             errors.append(RowError(None, None, f"unknown format {f.fmt!r}; expected one of {', '.join(FORMATS)}"))
         elif fmt is None and not folder:
-            errors.append(RowError(None, None, f"cannot tell the format of {f.name or 'the upload'!r}; pass the "
-                                               f"format ({FORMAT_NAMES})"))
+            errors.append(
+                RowError(
+                    None,
+                    None,
+                    f"cannot tell the format of {f.name or 'the upload'!r}; pass the format ({FORMAT_NAMES})",
+                )
+            )
         if f.split is not None and split_name(f.split) is None:
-            errors.append(RowError(None, None, f"unknown split {f.split!r}; expected train, validation (or val) or test"))
+            errors.append(
+                RowError(None, None, f"unknown split {f.split!r}; expected train, validation (or val) or test")
+            )
     given = [split_name(f.split) for f in files if f.split is not None]
     if len(files) > 1 and len(given) < len(files):
         errors.append(RowError(None, None, "several files: give each one's split (train, validation, test)"))
@@ -426,17 +494,25 @@ def _read_tables(files: Sequence[DataFile], errors: list[RowError], warnings: li
         used = sum(t.size for t in tables)
         if isinstance(f.data, Path) and f.data.is_dir():
             if not is_saved_dataset(f.data):
-                errors.append(RowError(None, None, f"folder {f.data.name!r} is not a datasets.save_to_disk folder "
-                                                   "(no state.json or dataset_dict.json)"))
+                errors.append(
+                    RowError(
+                        None,
+                        None,
+                        f"folder {f.data.name!r} is not a datasets.save_to_disk folder "
+                        "(no state.json or dataset_dict.json)",
+                    )
+                )
                 continue
-            tables += read_saved_dataset(f.data, errors, warnings, split=split, max_rows=max_rows,
-                                         max_bytes=limit - used)
+            tables += read_saved_dataset(
+                f.data, errors, warnings, split=split, max_rows=max_rows, max_bytes=limit - used
+            )
             continue
         if isinstance(f.data, Path):
             size = f.data.stat().st_size
             if used + size > limit:
-                raise DatasetValidationError([RowError(None, None, f"file is {size:,} bytes, over the {limit:,}-byte "
-                                                                   "upload limit")])
+                raise DatasetValidationError(
+                    [RowError(None, None, f"file is {size:,} bytes, over the {limit:,}-byte upload limit")]
+                )
             raw = f.data.read_bytes()
         else:
             raw = _read_upload(f.data, limit - used)
@@ -454,11 +530,21 @@ def file_label(f: DataFile) -> str:
     return f"{f.name} ({f.split})" if f.name and f.split else (f.name or f.split or "upload")
 
 
-def _check_columns(tables: list[Table], required: list[str], fields: list[str], label_field: str,
-                   id_field: str | None, errors: list[RowError]) -> bool:
+def _check_columns(
+    tables: list[Table],
+    required: list[str],
+    fields: list[str],
+    label_field: str,
+    id_field: str | None,
+    errors: list[RowError],
+) -> bool:
     """One error per file that lacks a needed column, naming it and the columns the file has; False then."""
     ok = True
-    role = {**{f: "text field" for f in fields}, label_field: "label field", **({id_field: "id field"} if id_field else {})}
+    role = {
+        **{f: "text field" for f in fields},
+        label_field: "label field",
+        **({id_field: "id field"} if id_field else {}),
+    }
     for table in tables:
         if not table.columns:
             continue
@@ -467,7 +553,9 @@ def _check_columns(tables: list[Table], required: list[str], fields: list[str], 
             listed = ", ".join(f"{c!r} ({role[c]})" for c in missing)
             present = ", ".join(table.columns[:50]) + (", ..." if len(table.columns) > 50 else "")
             where = "header has" if table.header_line is not None else "the rows have"
-            errors.append(table.error(table.header_line, None, f"{where} no column(s) {listed}; columns present: {present}"))
+            errors.append(
+                table.error(table.header_line, None, f"{where} no column(s) {listed}; columns present: {present}")
+            )
             ok = False
     return ok
 
@@ -483,8 +571,13 @@ def _split_column(tables: list[Table], split_field: str | None, required: list[s
 
 
 def _check_rows(
-    tables: list[Table], fields: list[str], keys: list[str], label_field: str, id_field: str | None,
-    split_column: str | None, errors: list[RowError],
+    tables: list[Table],
+    fields: list[str],
+    keys: list[str],
+    label_field: str,
+    id_field: str | None,
+    split_column: str | None,
+    errors: list[RowError],
 ) -> tuple[list[ParsedRow], list[tuple[Table, int, str]]]:
     """(rows without problems, (table, line, label) of every row whose label could be read)."""
     rows: list[ParsedRow] = []
@@ -493,8 +586,20 @@ def _check_rows(
     position = 0
     for table in tables:
         for line, record in table.records:
-            row = _check_row(table, line, record, fields, keys, label_field, id_field, split_column, str(position),
-                             seen_ids, labelled, errors)
+            row = _check_row(
+                table,
+                line,
+                record,
+                fields,
+                keys,
+                label_field,
+                id_field,
+                split_column,
+                str(position),
+                seen_ids,
+                labelled,
+                errors,
+            )
             position += 1
             if row is not None:
                 rows.append(row)
@@ -502,9 +607,18 @@ def _check_rows(
 
 
 def _check_row(
-    table: Table, line: int, record: dict[str, Any], fields: list[str], keys: list[str], label_field: str,
-    id_field: str | None, split_column: str | None, default_id: str, seen_ids: dict[tuple[str | None, str], int],
-    labelled: list[tuple[Table, int, str]], errors: list[RowError],
+    table: Table,
+    line: int,
+    record: dict[str, Any],
+    fields: list[str],
+    keys: list[str],
+    label_field: str,
+    id_field: str | None,
+    split_column: str | None,
+    default_id: str,
+    seen_ids: dict[tuple[str | None, str], int],
+    labelled: list[tuple[Table, int, str]],
+    errors: list[RowError],
 ) -> ParsedRow | None:
     def problem(column: str | None, message: str) -> None:
         errors.append(table.error(line, column, message))
@@ -563,7 +677,9 @@ def _check_row(
 
 
 def _resolve_labels(
-    labelled: list[tuple[Table, int, str]], label_names: Sequence[str] | None, label_field: str,
+    labelled: list[tuple[Table, int, str]],
+    label_names: Sequence[str] | None,
+    label_field: str,
     errors: list[RowError],
 ) -> tuple[list[str], dict[str, int]]:
     """The label names and a map from the labels as written to their index; unknown labels reported."""
@@ -583,7 +699,9 @@ def _resolve_labels(
     return names, index
 
 
-def _check_template(template: str, keys: list[str], rows: list[ParsedRow], errors: list[RowError], user_given: bool) -> None:
+def _check_template(
+    template: str, keys: list[str], rows: list[ParsedRow], errors: list[RowError], user_given: bool
+) -> None:
     """Refuse an unsafe or unknown-field template (see templates.py), then render every row (capped output)."""
     try:
         validate_template(template, keys)
@@ -635,8 +753,18 @@ def import_dataset(
     if name is None:
         first = path if path is not None else next(iter((splits or {}).values()), None)
         name = default_task_name(first) if first is not None else ""
-    parsed = validate_dataset_paths(path, text_fields, label_field, template, label_names, id_field, fmt,
-                                    splits=splits, name=name, split_field=split_field)
+    parsed = validate_dataset_paths(
+        path,
+        text_fields,
+        label_field,
+        template,
+        label_names,
+        id_field,
+        fmt,
+        splits=splits,
+        name=name,
+        split_field=split_field,
+    )
     return register_dataset(parsed, name, overwrite=overwrite, description=description)
 
 
@@ -667,7 +795,10 @@ def _split_rows(parsed: ParsedDataset, name: str) -> tuple[dict[str, list[dict[s
             kept_name = "test" if missing == "val" else "val"
             note = f"train and {kept_name} as given by {origin}; {missing} carved from train (10%, stratified, seed 0)"
     stored = {
-        split: [{"id": f"{name}/{split}/{parsed.rows[i].id}", "fields": parsed.rows[i].texts, "label": labels[i]} for i in index]
+        split: [
+            {"id": f"{name}/{split}/{parsed.rows[i].id}", "fields": parsed.rows[i].texts, "label": labels[i]}
+            for i in index
+        ]
         for split, index in zip(SPLITS, parts, strict=True)
     }
     return stored, note
@@ -685,7 +816,9 @@ def register_dataset(
     root = _root()
     target = root / name
     if target.exists() and not overwrite:
-        raise TaskExistsError([RowError(None, "name", f"a task named {name!r} already exists (--overwrite replaces it)")])
+        raise TaskExistsError(
+            [RowError(None, "name", f"a task named {name!r} already exists (--overwrite replaces it)")]
+        )
     splits, split_note = _split_rows(parsed, name)
     lengths = {k: sum(len(r.texts[k]) for r in parsed.rows) for k in parsed.field_keys}
     source = parsed.source_name or "upload"
@@ -765,9 +898,15 @@ def _spec_to_task(spec: dict[str, Any], folder: Path) -> Task:
         }
 
     return Task(
-        name=spec["name"], template=spec["template"], choices=list(spec["choices"]), loader=load,
-        label_names=list(spec["label_names"]), truncate_field=spec.get("truncate_field"),
-        description=spec.get("description", ""), source="user", field_names=keys,
+        name=spec["name"],
+        template=spec["template"],
+        choices=list(spec["choices"]),
+        loader=load,
+        label_names=list(spec["label_names"]),
+        truncate_field=spec.get("truncate_field"),
+        description=spec.get("description", ""),
+        source="user",
+        field_names=keys,
     )
 
 
@@ -796,7 +935,9 @@ def load_user_task(name: str) -> Task | None:
         _cache.pop(name, None)
         return None
     except OSError as exc:
-        raise UserTaskError(f"{problem}: its {SPEC_FILE} is unreadable ({exc.strerror or type(exc).__name__})") from None
+        raise UserTaskError(
+            f"{problem}: its {SPEC_FILE} is unreadable ({exc.strerror or type(exc).__name__})"
+        ) from None
     except KeyError as exc:
         raise UserTaskError(f"{problem}: its {SPEC_FILE} has no {exc.args[0]!r}") from None
     except (ValueError, TypeError, RecursionError) as exc:

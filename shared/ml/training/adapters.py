@@ -116,10 +116,12 @@ def save_adapter_state(
         # PEFT fills in the local folder the base was loaded from; downloads carry a portable identity.
         config["base_model_name_or_path"] = portable_name(meta_obj.base_model)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        meta_obj = meta_obj.model_copy(update={
-            "sha256": sha256_file(tmp / WEIGHTS_FILE),
-            "created_at": meta_obj.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        meta_obj = meta_obj.model_copy(
+            update={
+                "sha256": sha256_file(tmp / WEIGHTS_FILE),
+                "created_at": meta_obj.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
         (tmp / META_FILE).write_text(meta_obj.model_dump_json(indent=2) + "\n")
         publish_dir(tmp, folder)
     except BaseException:
@@ -166,7 +168,9 @@ def check_identity(meta: AdapterMeta, expected: ModelInfo | dict[str, str], wher
     have = meta.identity()
     diffs = [f"{k}: adapter has {have[k]!r}, base has {want[k]!r}" for k in have if k in want and have[k] != want[k]]
     if diffs:
-        raise AdapterMismatchError(f"adapter {meta.name!r}{where} does not fit the loaded base model ({'; '.join(diffs)})")
+        raise AdapterMismatchError(
+            f"adapter {meta.name!r}{where} does not fit the loaded base model ({'; '.join(diffs)})"
+        )
 
 
 def load_adapter_state(
@@ -202,7 +206,9 @@ def load_adapter_state(
     except (OSError, ValueError, SafetensorError) as exc:
         raise AdapterIntegrityError(f"adapter {meta.name!r} at {str(folder)!r} is unreadable: {exc}") from exc
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterIntegrityError(f"adapter {meta.name!r}: only LoRA adapters are supported, got {config.get('peft_type')}")
+        raise AdapterIntegrityError(
+            f"adapter {meta.name!r}: only LoRA adapters are supported, got {config.get('peft_type')}"
+        )
     return state, config, meta
 
 

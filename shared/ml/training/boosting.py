@@ -109,22 +109,37 @@ class BoostResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "group": self.group, "boosters": [b.name for b in self.boosters],
-            "rounds": [r.to_dict() for r in self.rounds], "cost": self.cost.to_dict(),
-            "train_error": self.train_error, "val_accuracy": self.val_accuracy, "stopped": self.stopped,
+            "group": self.group,
+            "boosters": [b.name for b in self.boosters],
+            "rounds": [r.to_dict() for r in self.rounds],
+            "cost": self.cost.to_dict(),
+            "train_error": self.train_error,
+            "val_accuracy": self.val_accuracy,
+            "stopped": self.stopped,
         }
 
 
 def train_booster(
-    base: Base, data: dict[str, TaskData], config: Any, *, name: str,
-    residual_by_id: dict[str, torch.Tensor], base_train_by_id: dict[str, torch.Tensor],
-    current_val: dict[str, torch.Tensor], base_val: dict[str, torch.Tensor], eta: float,
-    lr: float | None = None, epochs: int | None = None, progress: Progress = silent,
+    base: Base,
+    data: dict[str, TaskData],
+    config: Any,
+    *,
+    name: str,
+    residual_by_id: dict[str, torch.Tensor],
+    base_train_by_id: dict[str, torch.Tensor],
+    current_val: dict[str, torch.Tensor],
+    base_val: dict[str, torch.Tensor],
+    eta: float,
+    lr: float | None = None,
+    epochs: int | None = None,
+    progress: Progress = silent,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TrainedAdapter, dict[str, torch.Tensor]]:
     """One weak learner; epochs selected by the group's validation accuracy (then CE) of F + eta * increment.
     Returns the adapter and its validation choice logits (per task, in data[t].val order)."""
-    shape = ModelShape.from_model(base.model, int(cfg(config, "rank", 4)), tuple(cfg(config, "targets", DEFAULT_TARGETS)))
+    shape = ModelShape.from_model(
+        base.model, int(cfg(config, "rank", 4)), tuple(cfg(config, "targets", DEFAULT_TARGETS))
+    )
     val_logits: list[dict[str, torch.Tensor]] = []
 
     def evaluate(model: Any, cost: Cost) -> tuple[tuple[float, ...], dict[str, Any], dict[str, TaskMetrics]]:
@@ -143,15 +158,29 @@ def train_booster(
 
     choice_ids = {t: d.bound.choice_token_ids for t, d in data.items()}
     trained = fit_lora(
-        base, data, config, name=name, loss_fn=increment_loss(choice_ids, residual_by_id, base_train_by_id),
-        evaluate_fn=evaluate, progress=progress, init_state=init_state, lr=lr, epochs=epochs,
-        stage=f"boost {name}", batching="task",  # the residual targets of a batch share its task's choices
+        base,
+        data,
+        config,
+        name=name,
+        loss_fn=increment_loss(choice_ids, residual_by_id, base_train_by_id),
+        evaluate_fn=evaluate,
+        progress=progress,
+        init_state=init_state,
+        lr=lr,
+        epochs=epochs,
+        stage=f"boost {name}",
+        batching="task",  # the residual targets of a batch share its task's choices
     )
     return trained, val_logits[trained.best_epoch - 1]
 
 
 def score_state(
-    base: Base, state: dict[str, torch.Tensor], data: dict[str, TaskData], split: str, config: Any, name: str,
+    base: Base,
+    state: dict[str, torch.Tensor],
+    data: dict[str, TaskData],
+    split: str,
+    config: Any,
+    name: str,
     cost: Cost | None = None,
 ) -> dict[str, torch.Tensor]:
     """Choice logits of a detached adapter on one split of each task (attached temporarily)."""
@@ -167,12 +196,23 @@ def score_state(
 
 
 def boost_group(
-    base: Base, data: dict[str, TaskData], config: Any, *, group: str,
-    group_train: dict[str, torch.Tensor], group_val: dict[str, torch.Tensor],
-    base_train: dict[str, torch.Tensor], base_val: dict[str, torch.Tensor],
-    eta: float, max_rounds: int, lr: float | None = None, epochs: int | None = None,
-    progress: Progress = silent, name_prefix: str | None = None,
-    max_flops: float | None = None, round_flops: float = 0.0,
+    base: Base,
+    data: dict[str, TaskData],
+    config: Any,
+    *,
+    group: str,
+    group_train: dict[str, torch.Tensor],
+    group_val: dict[str, torch.Tensor],
+    base_train: dict[str, torch.Tensor],
+    base_val: dict[str, torch.Tensor],
+    eta: float,
+    max_rounds: int,
+    lr: float | None = None,
+    epochs: int | None = None,
+    progress: Progress = silent,
+    name_prefix: str | None = None,
+    max_flops: float | None = None,
+    round_flops: float = 0.0,
 ) -> BoostResult:
     """Boost one group (its tasks = data's keys). All logits are [N, C] per task in data[t].<split> order.
 
@@ -207,15 +247,35 @@ def boost_group(
             residual_by_id.update(by_id(ids_train[t], residuals(current_train[t], labels_train[t])))
         err_before = train_error()
         booster, zb_val = train_booster(
-            base, data, config, name=name, residual_by_id=residual_by_id, base_train_by_id=base_train_by_id,
-            current_val=current_val, base_val=base_val, eta=eta, lr=lr, epochs=epochs, progress=progress,
+            base,
+            data,
+            config,
+            name=name,
+            residual_by_id=residual_by_id,
+            base_train_by_id=base_train_by_id,
+            current_val=current_val,
+            base_val=base_val,
+            eta=eta,
+            lr=lr,
+            epochs=epochs,
+            progress=progress,
         )
         result.cost = result.cost.merge(booster.cost)
         new_val = {t: current_val[t] + eta * (zb_val[t] - base_val[t]) for t in data}
         after = val_acc(new_val)
         kept = after > best_val
-        result.rounds.append(BoostRound(k, err_before, best_val, after, kept, name,
-                                        [h["train_loss"] for h in booster.history], booster.best_epoch))
+        result.rounds.append(
+            BoostRound(
+                k,
+                err_before,
+                best_val,
+                after,
+                kept,
+                name,
+                [h["train_loss"] for h in booster.history],
+                booster.best_epoch,
+            )
+        )
         if not kept:
             result.stopped = "no validation improvement"
             break

@@ -48,7 +48,9 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_model(cls, model: Any, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")) -> ModelShape:
+    def from_model(
+        cls, model: Any, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    ) -> ModelShape:
         n_body = 0
         n_lora = 0
         head = model.get_output_embeddings()
@@ -73,12 +75,16 @@ class ModelShape:
 
     def forward_flops(self, tokens: int, rows: int, sum_sq_len: int, lora: bool = True) -> float:
         n = self.n_body + (self.n_lora_per_adapter if lora else 0)
-        return 2.0 * n * tokens + 2.0 * self.n_layers * self.d_attn * sum_sq_len + 2.0 * self.d_model * self.vocab * rows
+        return (
+            2.0 * n * tokens + 2.0 * self.n_layers * self.d_attn * sum_sq_len + 2.0 * self.d_model * self.vocab * rows
+        )
 
     def backward_flops(self, tokens: int, rows: int, sum_sq_len: int) -> float:
         return (
-            2.0 * self.n_body * tokens + 2.0 * self.n_layers * self.d_attn * sum_sq_len
-            + 4.0 * self.n_lora_per_adapter * tokens + 2.0 * self.d_model * self.vocab * rows
+            2.0 * self.n_body * tokens
+            + 2.0 * self.n_layers * self.d_attn * sum_sq_len
+            + 4.0 * self.n_lora_per_adapter * tokens
+            + 2.0 * self.d_model * self.vocab * rows
         )
 
 
@@ -123,10 +129,15 @@ class Cost:
     def merge(self, other: Cost) -> Cost:
         """Sum of work; wall time adds, peak memory takes the max."""
         return Cost(
-            self.train_tokens + other.train_tokens, self.train_rows + other.train_rows,
-            self.train_flops + other.train_flops, self.eval_tokens + other.eval_tokens,
-            self.eval_rows + other.eval_rows, self.eval_flops + other.eval_flops, self.steps + other.steps,
-            self.wall_seconds + other.wall_seconds, max(self.peak_memory_bytes, other.peak_memory_bytes),
+            self.train_tokens + other.train_tokens,
+            self.train_rows + other.train_rows,
+            self.train_flops + other.train_flops,
+            self.eval_tokens + other.eval_tokens,
+            self.eval_rows + other.eval_rows,
+            self.eval_flops + other.eval_flops,
+            self.steps + other.steps,
+            self.wall_seconds + other.wall_seconds,
+            max(self.peak_memory_bytes, other.peak_memory_bytes),
             self.peak_memory_kind or other.peak_memory_kind,
         )
 

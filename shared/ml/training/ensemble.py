@@ -177,7 +177,9 @@ def load_manifest(path: Path | str, verify_fingerprint: bool = True) -> Ensemble
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read ensemble manifest {str(path)!r}: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a {FORMAT} manifest (format={raw.get('format') if isinstance(raw, dict) else None!r})")
+        raise ValueError(
+            f"{str(path)!r} is not a {FORMAT} manifest (format={raw.get('format') if isinstance(raw, dict) else None!r})"
+        )
     manifest = EnsembleManifest.model_validate(raw)
     if verify_fingerprint and manifest.fingerprint is not None:
         actual = compute_fingerprint(raw)
@@ -193,8 +195,11 @@ def load_manifest(path: Path | str, verify_fingerprint: bool = True) -> Ensemble
 
 
 def default_weights(
-    groups: Sequence[tuple[str, Sequence[str]]], boosters: dict[str, Sequence[str]], eta: float,
-    all_members: Sequence[str], base_member: str = "base",
+    groups: Sequence[tuple[str, Sequence[str]]],
+    boosters: dict[str, Sequence[str]],
+    eta: float,
+    all_members: Sequence[str],
+    base_member: str = "base",
 ) -> dict[str, dict[str, float]]:
     """Per task: 1 for its group adapter, eta for each of the group's boosters and -eta * (#boosters) for
     the base member (boosters are increments over the base), 0 for every other member."""
@@ -282,12 +287,20 @@ def check_base(manifest: EnsembleManifest, info: ModelInfo) -> None:
     have = manifest.base.model_dump()
     diffs = [f"{k}: ensemble has {have[k]!r}, base has {want[k]!r}" for k in have if have[k] != want[k]]
     if diffs:
-        raise AdapterMismatchError(f"ensemble {manifest.name!r} does not fit the loaded base model ({'; '.join(diffs)})")
+        raise AdapterMismatchError(
+            f"ensemble {manifest.name!r} does not fit the loaded base model ({'; '.join(diffs)})"
+        )
 
 
 def member_choice_logits(
-    base: Base, manifest: EnsembleManifest, folder: Path | str, task: str, examples: Sequence[Example],
-    batch_size: int = 32, progress: Progress = silent, pool: AdapterPool | None = None,
+    base: Base,
+    manifest: EnsembleManifest,
+    folder: Path | str,
+    task: str,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    progress: Progress = silent,
+    pool: AdapterPool | None = None,
     members: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """z_k [N, C] for the members with non-zero weight for `task` (or the named `members`), in example order."""
@@ -310,8 +323,16 @@ def member_choice_logits(
                 pool.ensure(name, folder / member.path, member.sha256)
                 adapter = name
             with pool.active(adapter) as model:
-                scores = score_task(model, base.tokenizer, bound, list(examples), batch_size, manifest.max_length,
-                                    progress, f"{task}: {name}")
+                scores = score_task(
+                    model,
+                    base.tokenizer,
+                    bound,
+                    list(examples),
+                    batch_size,
+                    manifest.max_length,
+                    progress,
+                    f"{task}: {name}",
+                )
             out[name] = scores.choice_logits
     finally:
         if own_pool:
@@ -320,8 +341,14 @@ def member_choice_logits(
 
 
 def ensemble_choice_logits(
-    base: Base, manifest: EnsembleManifest, folder: Path | str, task: str, examples: Sequence[Example],
-    batch_size: int = 32, progress: Progress = silent, pool: AdapterPool | None = None,
+    base: Base,
+    manifest: EnsembleManifest,
+    folder: Path | str,
+    task: str,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    progress: Progress = silent,
+    pool: AdapterPool | None = None,
 ) -> torch.Tensor:
     """The reference ensemble: [N, C] = sum_k w_task[k] * z_k; members with weight 0 never run."""
     zs = member_choice_logits(base, manifest, folder, task, examples, batch_size, progress, pool)
@@ -336,8 +363,12 @@ def ensemble_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def fit_weights(
-    terms: dict[str, torch.Tensor], labels: torch.Tensor, init: dict[str, float], l2: float = 0.01,
-    max_weight: float = 10.0, min_weight: float = 1e-3,
+    terms: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    init: dict[str, float],
+    l2: float = 0.01,
+    max_weight: float = 10.0,
+    min_weight: float = 1e-3,
 ) -> dict[str, float]:
     """Non-negative coefficients c (one per term: a member's logits, or a booster's increment) minimising
     mean cross-entropy of softmax(sum_j c_j * term_j) on validation rows + l2 * ||c - init||^2.
@@ -356,8 +387,9 @@ def fit_weights(
         loss.backward()
         return float(loss.detach()), ct.grad.numpy().copy()
 
-    result = minimize(objective, c0, jac=True, method="L-BFGS-B", bounds=[(0.0, max_weight)] * len(names),
-                      options={"maxiter": 500})
+    result = minimize(
+        objective, c0, jac=True, method="L-BFGS-B", bounds=[(0.0, max_weight)] * len(names), options={"maxiter": 500}
+    )
     c = np.where(result.x < min_weight, 0.0, result.x)
     if not np.any(c > 0):  # degenerate: keep the default
         c = c0

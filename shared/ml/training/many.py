@@ -36,8 +36,14 @@ class AdapterSpec:
 
 
 def train_many(
-    base: Base, specs: Sequence[AdapterSpec], config: Any, data: dict[str, TaskData], progress: Progress = silent,
-    *, method: str | None = None, mode: str = "auto",
+    base: Base,
+    specs: Sequence[AdapterSpec],
+    config: Any,
+    data: dict[str, TaskData],
+    progress: Progress = silent,
+    *,
+    method: str | None = None,
+    mode: str = "auto",
 ) -> list[TrainedAdapter]:
     """Train every spec on `base` and return them in order.
 
@@ -60,15 +66,25 @@ def train_many(
     if method == "sequential":
         out = []
         for spec in specs:
-            overrides = {k: v for k, v in (("seed", spec.seed), ("lr", spec.lr), ("epochs", spec.epochs)) if v is not None}
+            overrides = {
+                k: v for k, v in (("seed", spec.seed), ("lr", spec.lr), ("epochs", spec.epochs)) if v is not None
+            }
             c = _with(config, overrides) if overrides else config
-            out.append(train_adapter(base, spec.tasks, c, progress, name=spec.name, init_state=spec.init_state, data=data))
+            out.append(
+                train_adapter(base, spec.tasks, c, progress, name=spec.name, init_state=spec.init_state, data=data)
+            )
         return out
     from shared.ml.training.multi import Job, train_stacked
 
     jobs = [
-        Job(spec.name, list(spec.tasks), int(cfg(config, "seed", 0) if spec.seed is None else spec.seed),
-            float(spec.lr or cfg(config, "lr", 5e-4)), int(spec.epochs or cfg(config, "epochs", 3)), spec.init_state)
+        Job(
+            spec.name,
+            list(spec.tasks),
+            int(cfg(config, "seed", 0) if spec.seed is None else spec.seed),
+            float(spec.lr or cfg(config, "lr", 5e-4)),
+            int(spec.epochs or cfg(config, "epochs", 3)),
+            spec.init_state,
+        )
         for spec in specs
     ]
     return train_stacked(base, jobs, config, data, progress, mode=mode)

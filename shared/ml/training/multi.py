@@ -88,8 +88,14 @@ class Router:
     row: torch.Tensor | None = None  # bmm: [rows] adapter per row
     on: bool = False
 
-    def route(self, adapter_ids: torch.Tensor, mode: str, cols: torch.Tensor, posmap: torch.Tensor | None = None,
-              sel: torch.Tensor | None = None) -> None:
+    def route(
+        self,
+        adapter_ids: torch.Tensor,
+        mode: str,
+        cols: torch.Tensor,
+        posmap: torch.Tensor | None = None,
+        sel: torch.Tensor | None = None,
+    ) -> None:
         """Route the next forwards: row b through adapter adapter_ids[b]. `cols` [U*r]: the position (in `sel`,
         or among all K when sel is None) of the adapter each stacked rank column belongs to; `posmap` [K]: an
         adapter's position in `sel`."""
@@ -107,8 +113,9 @@ class Router:
 class StackedLoRALinear(nn.Module):
     """A Linear / Linear4bit plus K stacked LoRA adapters selected per row through the shared Router."""
 
-    def __init__(self, base_layer: nn.Module, A: nn.Parameter, Bt: nn.Parameter, router: Router, dropout: float,
-                 quantized: bool) -> None:
+    def __init__(
+        self, base_layer: nn.Module, A: nn.Parameter, Bt: nn.Parameter, router: Router, dropout: float, quantized: bool
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.A = A  # [K, r, in]
@@ -181,7 +188,10 @@ class LoRAStack:
         self.dims = [d for d, _ in sorted(dims.items(), key=lambda kv: kv[1])]
 
         def alloc() -> list[torch.Tensor]:
-            return [torch.zeros((counts[f], k, rank, d), dtype=torch.float32, device=device) for f, d in enumerate(self.dims)]
+            return [
+                torch.zeros((counts[f], k, rank, d), dtype=torch.float32, device=device)
+                for f, d in enumerate(self.dims)
+            ]
 
         self.W, self.G, self.m, self.v, self.best = alloc(), alloc(), alloc(), alloc(), alloc()
         self.params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
@@ -291,7 +301,11 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 @contextmanager
 def stacked_lora(
-    base: Base, states: Sequence[dict[str, torch.Tensor]], rank: int, alpha: float, dropout: float = 0.0,
+    base: Base,
+    states: Sequence[dict[str, torch.Tensor]],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
 ) -> Iterator[tuple[LoRAStack, Router]]:
     """The base with K = len(states) stacked adapters wrapped into its targeted layers (PEFT saved-form states,
     all with the same keys); the original layers are put back afterwards."""
@@ -362,7 +376,9 @@ def _upload(values: list[list[int]], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _chunks(rows: list[tuple[int, ...]], lengths: list[int], max_rows: int | None, max_tokens: int | None) -> list[list[tuple[int, ...]]]:
+def _chunks(
+    rows: list[tuple[int, ...]], lengths: list[int], max_rows: int | None, max_tokens: int | None
+) -> list[list[tuple[int, ...]]]:
     """Split rows (first field: table row) into pieces of at most max_rows rows and max_tokens padded tokens,
     length-sorted when a split is needed."""
     width = max(lengths[r[0]] for r in rows)
@@ -372,7 +388,10 @@ def _chunks(rows: list[tuple[int, ...]], lengths: list[int], max_rows: int | Non
     cur: list[tuple[int, ...]] = []
     for r in sorted(rows, key=lambda r: lengths[r[0]]):
         n = lengths[r[0]]
-        if cur and ((max_rows is not None and len(cur) >= max_rows) or (max_tokens is not None and (len(cur) + 1) * n > max_tokens)):
+        if cur and (
+            (max_rows is not None and len(cur) >= max_rows)
+            or (max_tokens is not None and (len(cur) + 1) * n > max_tokens)
+        ):
             out.append(cur)
             cur = []
         cur.append(r)
@@ -436,8 +455,14 @@ def _add_train_cost(cost: Cost, shape: ModelShape, lengths: Sequence[int]) -> No
 
 
 def train_stacked(
-    base: Base, jobs: Sequence[Job], config: Any, data: dict[str, TaskData], progress: Progress = silent, *,
-    mode: str = "auto", stage: str | None = None,
+    base: Base,
+    jobs: Sequence[Job],
+    config: Any,
+    data: dict[str, TaskData],
+    progress: Progress = silent,
+    *,
+    mode: str = "auto",
+    stage: str | None = None,
 ) -> list[TrainedAdapter]:
     """Train every job's adapter in one fused run; each result is what `train_adapter` gives for it alone."""
     if not jobs:
@@ -486,16 +511,21 @@ def train_stacked(
         batches = epoch_plan(lengths, batch_size, ad.job.seed, ad.epoch, batching, batch_tokens)
         return [[train.offset[t] + i for t, i in b] for b in batches]
 
-    per_epoch = [len(epoch_plan({t: task_lengths[t] for t in ad.job.tasks}, batch_size, ad.job.seed, 1, batching,
-                                batch_tokens)) for ad in adapters]
+    per_epoch = [
+        len(epoch_plan({t: task_lengths[t] for t in ad.job.tasks}, batch_size, ad.job.seed, 1, batching, batch_tokens))
+        for ad in adapters
+    ]
     total = sum(p * ad.job.epochs for p, ad in zip(per_epoch, adapters, strict=True))
 
     meter = Meter(device)
     eval_seconds = 0.0
     generator_state = torch.random.get_rng_state()
     results: list[TrainedAdapter] = []
-    with meter, stacked_lora(base, states, rank, alpha, dropout) as (stack, router), \
-            dequantized_base(base.model, cfg(config, "dequantize", "auto")):
+    with (
+        meter,
+        stacked_lora(base, states, rank, alpha, dropout) as (stack, router),
+        dequantized_base(base.model, cfg(config, "dequantize", "auto")),
+    ):
         model = base.model
         try:
             torch.manual_seed(jobs[0].seed)  # dropout (if any) is the only random draw
@@ -512,7 +542,11 @@ def train_stacked(
                     lr_on = torch.tensor(on, dtype=torch.float32).view(1, K, 1, 1).to(device)
                     decay = None
                     if weight_decay:
-                        decay = torch.tensor([1.0 - x * weight_decay for x in on], dtype=torch.float32).view(1, K, 1, 1).to(device)
+                        decay = (
+                            torch.tensor([1.0 - x * weight_decay for x in on], dtype=torch.float32)
+                            .view(1, K, 1, 1)
+                            .to(device)
+                        )
                     sel = posmap = None
                     if len(active) < K:
                         sel = torch.tensor(active, dtype=torch.long).to(device)
@@ -578,7 +612,9 @@ def train_stacked(
                 ad_ids = torch.cat([o[1] for o in outs]).cpu()
                 z = torch.cat([o[2] for o in outs]).float().cpu()
                 nll = torch.cat([o[3] for o in outs]).float().cpu()
-                where = {(int(a), int(r)): j for j, (a, r) in enumerate(zip(ad_ids.tolist(), idx.tolist(), strict=True))}
+                where = {
+                    (int(a), int(r)): j for j, (a, r) in enumerate(zip(ad_ids.tolist(), idx.tolist(), strict=True))
+                }
                 result = {}
                 for ad in done:
                     scores, metrics = {}, {}
@@ -586,8 +622,12 @@ def train_stacked(
                         d = data[t]
                         sel_rows = torch.tensor([where[(ad.k, val.offset[t] + i)] for i in range(len(val_enc[t]))])
                         c = d.bound.num_choices
-                        scores[t] = TaskScores([e.id for e in d.val], z[sel_rows, :c], torch.tensor([e.label for e in d.val]),
-                                               nll[sel_rows])
+                        scores[t] = TaskScores(
+                            [e.id for e in d.val],
+                            z[sel_rows, :c],
+                            torch.tensor([e.label for e in d.val]),
+                            nll[sel_rows],
+                        )
                         metrics[t] = metrics_from_scores(scores[t], c)
                         add_eval_cost(ad.cost, shape, [len(e.input_ids) for e in val_enc[t]])
                     result[ad.k] = (scores, metrics)
@@ -620,12 +660,21 @@ def train_stacked(
                     vloss = mean([m.loss for m in metrics.values()])
                     score = (acc, -vloss)
                     train_acc = {t: hits[j][task_pos[t]] / ad.seen[t] for t in ad.job.tasks if ad.seen.get(t)}
-                    ad.history.append({
-                        "epoch": ad.epoch, "train_loss": loss, "val_accuracy": acc, "val_loss": vloss,
-                        "val": {t: m.to_dict() for t, m in metrics.items()},
-                        **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
-                        "seconds": round(time.perf_counter() - ad.epoch_start, 3),
-                    })
+                    ad.history.append(
+                        {
+                            "epoch": ad.epoch,
+                            "train_loss": loss,
+                            "val_accuracy": acc,
+                            "val_loss": vloss,
+                            "val": {t: m.to_dict() for t, m in metrics.items()},
+                            **(
+                                {"train_accuracy": mean(list(train_acc.values())), "train": train_acc}
+                                if train_acc
+                                else {}
+                            ),
+                            "seconds": round(time.perf_counter() - ad.epoch_start, 3),
+                        }
+                    )
                     if ad.best is None or score > ad.best[0]:
                         ad.best = (score, ad.epoch, copy.deepcopy(metrics))
                         ad.since_best = 0
@@ -669,13 +718,33 @@ def train_stacked(
                 if finished or now - last_report >= PROGRESS_EVERY_S:
                     last_report = now
                     epochs_now = sorted({ad.epoch for ad in adapters if ad.active})
-                    progress(stage, min(done_batches, total), total,
-                             f"{sum(ad.active for ad in adapters)}/{K} active, epoch {epochs_now[0] if epochs_now else '-'}")
+                    progress(
+                        stage,
+                        min(done_batches, total),
+                        total,
+                        f"{sum(ad.active for ad in adapters)}/{K} active, epoch {epochs_now[0] if epochs_now else '-'}",
+                    )
             progress(stage, total, total, "done")
             for ad in adapters:
                 assert ad.best is not None
-                results.append(_result(ad, stack.export(ad.k), config, batch_size, rank, alpha, targets, dropout,
-                                       weight_decay, max_grad_norm, patience, max_length, batching, batch_tokens))
+                results.append(
+                    _result(
+                        ad,
+                        stack.export(ad.k),
+                        config,
+                        batch_size,
+                        rank,
+                        alpha,
+                        targets,
+                        dropout,
+                        weight_decay,
+                        max_grad_norm,
+                        patience,
+                        max_length,
+                        batching,
+                        batch_tokens,
+                    )
+                )
         finally:
             router.on = False
             model.eval()
@@ -685,27 +754,65 @@ def train_stacked(
     for r in results:
         r.cost.wall_seconds = meter.cost.wall_seconds * r.cost.total_flops / total_flops
         r.cost.peak_memory_bytes, r.cost.peak_memory_kind = meter.cost.peak_memory_bytes, meter.cost.peak_memory_kind
-        r.extra.update({"fused": {"adapters": K, "wall_seconds": round(meter.cost.wall_seconds, 3),
-                                  "eval_seconds": round(eval_seconds, 3), "mode": mode}})
+        r.extra.update(
+            {
+                "fused": {
+                    "adapters": K,
+                    "wall_seconds": round(meter.cost.wall_seconds, 3),
+                    "eval_seconds": round(eval_seconds, 3),
+                    "mode": mode,
+                }
+            }
+        )
     return results
 
 
 def _result(
-    ad: _Adapter, state: dict[str, torch.Tensor], config: Any, batch_size: int, rank: int, alpha: float,
-    targets: tuple[str, ...], dropout: float, weight_decay: float, max_grad_norm: Any, patience: Any, max_length: int,
-    batching: str, batch_tokens: int | None,
+    ad: _Adapter,
+    state: dict[str, torch.Tensor],
+    config: Any,
+    batch_size: int,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    dropout: float,
+    weight_decay: float,
+    max_grad_norm: Any,
+    patience: Any,
+    max_length: int,
+    batching: str,
+    batch_tokens: int | None,
 ) -> TrainedAdapter:
     assert ad.best is not None
     _, best_epoch, metrics = ad.best
     job = ad.job
     hyper = {
-        "epochs": job.epochs, "lr": job.lr, "batch_size": batch_size, "rank": rank, "alpha": alpha,
-        "targets": list(targets), "dropout": dropout, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
-        "patience": patience, "seed": job.seed, "max_length": max_length, "max_train": cfg(config, "max_train"),
-        "max_val": cfg(config, "max_val"), "optimizer": "adamw",
+        "epochs": job.epochs,
+        "lr": job.lr,
+        "batch_size": batch_size,
+        "rank": rank,
+        "alpha": alpha,
+        "targets": list(targets),
+        "dropout": dropout,
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "patience": patience,
+        "seed": job.seed,
+        "max_length": max_length,
+        "max_train": cfg(config, "max_train"),
+        "max_val": cfg(config, "max_val"),
+        "optimizer": "adamw",
         **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
     }
     return TrainedAdapter(
-        name=job.name, tasks=list(job.tasks), state=state, val_metrics=metrics, history=ad.history,
-        best_epoch=best_epoch, cost=ad.cost, peft_config=ad.peft_config, hyperparameters=hyper, seed=job.seed,
+        name=job.name,
+        tasks=list(job.tasks),
+        state=state,
+        val_metrics=metrics,
+        history=ad.history,
+        best_epoch=best_epoch,
+        cost=ad.cost,
+        peft_config=ad.peft_config,
+        hyperparameters=hyper,
+        seed=job.seed,
     )

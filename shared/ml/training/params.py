@@ -19,18 +19,24 @@ from shared.ml.defaults import DEFAULT_MAX_LENGTH, GroupCount, LoraTargets, Task
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 # Descriptions of the knobs several params models share (the API publishes them in its schemas).
-MODEL_DOC = ("base model: smollm2-135m, tiny-llama (a tiny random test model; tiny-llama-seedN for others), or a "
-             "local Hugging Face folder (through the API only inside the operator's allowed model directories)")
+MODEL_DOC = (
+    "base model: smollm2-135m, tiny-llama (a tiny random test model; tiny-llama-seedN for others), or a "
+    "local Hugging Face folder (through the API only inside the operator's allowed model directories)"
+)
 QUANTIZATION_DOC = "base weights: nf4 (4-bit NF4, QLoRA) or none (the model's own precision)"
 SEED_DOC = "seed of everything random in the run (LoRA initialisation, subsamples, shuffling)"
 MAX_LENGTH_DOC = "prompt tokens at most (a longer prompt is truncated)"
 TASKS_DOC = "task names, at least 2 distinct (built-in tasks or the task_name of an uploaded dataset)"
 GROUPS_DOC = "number of groups M, or auto (chosen from the affinity matrix by a structure test and validation)"
-AFFINITY_SECTION_DOC = ("Stage-1 options: any AffinityParams field (e.g. {\"dim\": 64}); the shared knobs above are "
-                        "passed to it unless set here")
-GROUPING_SECTION_DOC = "grouping options: any GroupingParams field but affinity (e.g. {\"method\": \"sdp\"})"
-TRAINING_SECTION_DOC = ("Stage-2 options: any TrainingParams field but groups (e.g. {\"epochs\": 5}); the shared "
-                        "knobs above are passed to it unless set here")
+AFFINITY_SECTION_DOC = (
+    'Stage-1 options: any AffinityParams field (e.g. {"dim": 64}); the shared knobs above are '
+    "passed to it unless set here"
+)
+GROUPING_SECTION_DOC = 'grouping options: any GroupingParams field but affinity (e.g. {"method": "sdp"})'
+TRAINING_SECTION_DOC = (
+    'Stage-2 options: any TrainingParams field but groups (e.g. {"epochs": 5}); the shared '
+    "knobs above are passed to it unless set here"
+)
 
 
 def read_groups_file(path: str | Path) -> list[list[str]]:
@@ -44,7 +50,7 @@ def read_groups_file(path: str | Path) -> list[list[str]]:
         raise ValueError(f"groups file {str(p)!r} is not valid JSON: {exc}") from exc
     groups = data.get("groups") if isinstance(data, dict) else data
     if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-        raise ValueError(f"groups file {str(p)!r} must hold {{\"groups\": [[task, ...], ...]}}")
+        raise ValueError(f'groups file {str(p)!r} must hold {{"groups": [[task, ...], ...]}}')
     return groups
 
 
@@ -82,15 +88,22 @@ class BoostingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=True, description="boost the groups whose training error is above error_threshold")
-    error_threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="training error above which a group is boosted")
-    max_rounds: int = Field(default=2, ge=0, le=20, description="boosting rounds per group at most (one weak learner each)")
-    eta: float = Field(default=1.0, gt=0.0, le=10.0, description="boosting step: the weight of each weak learner's output")
+    error_threshold: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="training error above which a group is boosted"
+    )
+    max_rounds: int = Field(
+        default=2, ge=0, le=20, description="boosting rounds per group at most (one weak learner each)"
+    )
+    eta: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="boosting step: the weight of each weak learner's output"
+    )
     lr: float | None = Field(default=2e-4, gt=0.0, description="learning rate of weak learners (None: training lr)")
     epochs: int | None = Field(default=1, ge=1, le=100, description="epochs of weak learners (None: training epochs)")
     budget: float | None = Field(
-        default=None, ge=0.0,
+        default=None,
+        ge=0.0,
         description="max boosting FLOPs as a fraction of the group adapters' training FLOPs (None = no limit); "
-                    "hardest groups first, a round starts only if its estimated cost fits",
+        "hardest groups first, a round starts only if its estimated cost fits",
     )
 
 
@@ -99,11 +112,17 @@ class EnsembleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="chorus", description="the ensemble's name (1-64 of A-Z a-z 0-9 _ -, a letter or digit first)")
-    fit_weights: bool = Field(default=False, description="fit non-negative member weights per task on validation data "
-                                                         "(never on test); false: the default weights")
-    candidates: Literal["group", "all"] = Field(default="group", description="members a task's fitted weights may use: "
-                                                                             "its group's adapters, or all of them")
+    name: str = Field(
+        default="chorus", description="the ensemble's name (1-64 of A-Z a-z 0-9 _ -, a letter or digit first)"
+    )
+    fit_weights: bool = Field(
+        default=False,
+        description="fit non-negative member weights per task on validation data "
+        "(never on test); false: the default weights",
+    )
+    candidates: Literal["group", "all"] = Field(
+        default="group", description="members a task's fitted weights may use: its group's adapters, or all of them"
+    )
     l2: float = Field(default=0.01, ge=0.0, description="pull of fitted weights towards the default weights")
 
     @field_validator("name")
@@ -122,11 +141,17 @@ class TrainingParams(BaseModel):
     model: str = Field(default="smollm2-135m", description=MODEL_DOC)
     quantization: Literal["none", "nf4"] = Field(default="nf4", description=QUANTIZATION_DOC)
     groups: list[list[str]] | str | None = Field(
-        default=None, description="the groups to train, one adapter each: lists of task names (a task in one group "
-                                  "only), or a groups.json (through the API: the artifact id of one)")
+        default=None,
+        description="the groups to train, one adapter each: lists of task names (a task in one group "
+        "only), or a groups.json (through the API: the artifact id of one)",
+    )
     groups_source: str | None = Field(default=None, description="the groups.json the lists were read from, if any")
-    epochs: int = Field(default=3, ge=1, le=100, description="training epochs per adapter (the best epoch by mean "
-                                                             "validation accuracy is kept)")
+    epochs: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="training epochs per adapter (the best epoch by mean validation accuracy is kept)",
+    )
     lr: float = Field(default=5e-4, gt=0.0, le=1.0, description="AdamW learning rate")
     batch_size: int = Field(default=8, ge=1, le=1024, description="training rows per batch")
     eval_batch_size: int = Field(default=32, ge=1, le=4096, description="rows per scoring batch (validation and test)")
@@ -139,31 +164,45 @@ class TrainingParams(BaseModel):
     max_train: int | None = Field(default=500, ge=1, description="training examples per task (stratified); None = all")
     max_val: int | None = Field(default=200, ge=1, description="validation examples per task; None = all")
     max_test: int | None = Field(default=None, ge=1, description="test examples per task")
-    patience: int | None = Field(default=2, ge=0, description="epochs without improvement before stopping; 0/None = off")
+    patience: int | None = Field(
+        default=2, ge=0, description="epochs without improvement before stopping; 0/None = off"
+    )
     seed: int = Field(default=0, description=SEED_DOC)
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=16, le=8192, description=MAX_LENGTH_DOC)
     trainer: Literal["multi", "sequential"] = Field(
-        default="multi", description="multi: the group adapters and baselines train together in one fused run; "
-                                     "sequential: one after the other (same results up to float noise)")
+        default="multi",
+        description="multi: the group adapters and baselines train together in one fused run; "
+        "sequential: one after the other (same results up to float noise)",
+    )
     batching: Literal["task", "length"] = Field(
-        default="task", description="task: one task per batch, tasks interleaved; length: tasks mixed, "
-                                    "length-sorted batches capped by batch_tokens (less padding)")
-    batch_tokens: int | None = Field(default=None, ge=16, le=2**24,
-                                     description="padded tokens per batch at most (length batching); None = no cap")
-    step_rows: int | None = Field(default=None, ge=1, description="rows per fused forward/backward at most (multi "
-                                  "trainer; a larger step is split into micro-steps, same results); None = no cap")
-    step_tokens: int | None = Field(default=None, ge=16, le=2**24,
-                                    description="padded tokens per fused forward/backward at most; None = no cap")
+        default="task",
+        description="task: one task per batch, tasks interleaved; length: tasks mixed, "
+        "length-sorted batches capped by batch_tokens (less padding)",
+    )
+    batch_tokens: int | None = Field(
+        default=None, ge=16, le=2**24, description="padded tokens per batch at most (length batching); None = no cap"
+    )
+    step_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="rows per fused forward/backward at most (multi "
+        "trainer; a larger step is split into micro-steps, same results); None = no cap",
+    )
+    step_tokens: int | None = Field(
+        default=None, ge=16, le=2**24, description="padded tokens per fused forward/backward at most; None = no cap"
+    )
     dequantize: Literal["auto", "cached", "per_call"] = Field(
         default="auto",
         description="4-bit base during training: cached = each NF4 layer dequantised once (compute dtype) and used by "
-                    "plain matmuls; per_call = bitsandbytes dequantises in every forward and backward; auto = cached "
-                    "when the copies take at most a quarter of the device's free memory")
+        "plain matmuls; per_call = bitsandbytes dequantises in every forward and backward; auto = cached "
+        "when the copies take at most a quarter of the device's free memory",
+    )
     baselines: BaselineOptions = Field(default_factory=BaselineOptions, description=BaselineOptions.__doc__)
     boosting: BoostingOptions = Field(default_factory=BoostingOptions, description=BoostingOptions.__doc__)
     ensemble: EnsembleOptions = Field(default_factory=EnsembleOptions, description=EnsembleOptions.__doc__)
-    zero_shot: bool = Field(default=True, description="also evaluate the base model without adapter (the report's "
-                                                      "zero_shot column)")
+    zero_shot: bool = Field(
+        default=True, description="also evaluate the base model without adapter (the report's zero_shot column)"
+    )
     evaluate_test: bool = Field(default=True, description="evaluate on the test splits (false: validation only)")
 
     @field_validator("groups", mode="before")
@@ -215,11 +254,22 @@ class TrainingParams(BaseModel):
     def hyperparameters(self) -> dict[str, Any]:
         """The knobs recorded in every adapter's metadata."""
         return {
-            "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "rank": self.rank,
-            "alpha": self.lora_alpha, "targets": list(self.targets), "dropout": self.dropout,
-            "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "max_train": self.max_train,
-            "max_val": self.max_val, "patience": self.patience, "seed": self.seed, "max_length": self.max_length,
-            "optimizer": "adamw", "quantization": self.quantization,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "alpha": self.lora_alpha,
+            "targets": list(self.targets),
+            "dropout": self.dropout,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+            "max_train": self.max_train,
+            "max_val": self.max_val,
+            "patience": self.patience,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "optimizer": "adamw",
+            "quantization": self.quantization,
         }
 
 
@@ -264,15 +314,18 @@ class PipelineParams(BaseModel):
 
     def _shared(self) -> dict[str, Any]:
         return {
-            "model": self.model, "quantization": self.quantization, "tasks": list(self.tasks), "seed": self.seed,
-            "max_train": self.max_train, "max_val": self.max_val, "max_length": self.max_length,
+            "model": self.model,
+            "quantization": self.quantization,
+            "tasks": list(self.tasks),
+            "seed": self.seed,
+            "max_train": self.max_train,
+            "max_val": self.max_val,
+            "max_length": self.max_length,
         }
 
     def affinity_params(self) -> Any:
         """Stage 1 shares the model, data sizes, seed and the LoRA shape (theta0) with training."""
-        from shared.ml.affinity.params import AffinityParams
-
-        from shared.ml.affinity.params import stage1_rows
+        from shared.ml.affinity.params import AffinityParams, stage1_rows
 
         shared = self._shared()
         shared["max_train"] = stage1_rows(self.max_train)  # Stage 1 runs on a subsample unless affinity.max_train
@@ -289,8 +342,13 @@ class PipelineParams(BaseModel):
 
     def training_params(self, groups: list[list[str]]) -> TrainingParams:
         data = {
-            "model": self.model, "quantization": self.quantization, "seed": self.seed, "max_train": self.max_train,
-            "max_val": self.max_val, "max_test": self.max_test, "max_length": self.max_length,
+            "model": self.model,
+            "quantization": self.quantization,
+            "seed": self.seed,
+            "max_train": self.max_train,
+            "max_val": self.max_val,
+            "max_test": self.max_test,
+            "max_length": self.max_length,
         }
         data.update(self.training)
         data["groups"] = groups

@@ -28,8 +28,14 @@ def per_task_manifest(groups_manifest: EnsembleManifest, report: dict[str, Any])
         entry = report["adapters"][name]
         members.append(Member(name=name, path=entry["path"], sha256=entry["sha256"], role="group", tasks=[task]))
         weights[task] = TaskWeights(weights={name: 1.0})
-    return EnsembleManifest(name=f"{groups_manifest.name}-per-task", version=1, base=groups_manifest.base,
-                            max_length=groups_manifest.max_length, members=members, tasks=weights)
+    return EnsembleManifest(
+        name=f"{groups_manifest.name}-per-task",
+        version=1,
+        base=groups_manifest.base,
+        max_length=groups_manifest.max_length,
+        members=members,
+        tasks=weights,
+    )
 
 
 def select_on_validation(workdir: Path, reason: str, report_name: str = "train_report.json") -> dict[str, Any]:
@@ -48,13 +54,22 @@ def select_on_validation(workdir: Path, reason: str, report_name: str = "train_r
         shutil.copyfile(workdir / "ensemble.json", workdir / "ensemble_groups.json")
     if best == "single":
         chosen = load_manifest(workdir / "ensemble_single.json")
-        write_manifest(chosen.model_copy(update={"name": groups_manifest.name, "fingerprint": None}), workdir / "ensemble.json")
+        write_manifest(
+            chosen.model_copy(update={"name": groups_manifest.name, "fingerprint": None}), workdir / "ensemble.json"
+        )
     elif best == "per_task":
-        write_manifest(per_task_manifest(groups_manifest, report).model_copy(update={"name": groups_manifest.name}),
-                       workdir / "ensemble.json")
+        write_manifest(
+            per_task_manifest(groups_manifest, report).model_copy(update={"name": groups_manifest.name}),
+            workdir / "ensemble.json",
+        )
     deployed = load_manifest(workdir / "ensemble.json")
-    record = {"rule": "best mean validation accuracy among groups, single and per_task (ties: groups)",
-              "reason": reason, "validation_accuracy": scores, "chosen": best, "fingerprint": deployed.fingerprint}
+    record = {
+        "rule": "best mean validation accuracy among groups, single and per_task (ties: groups)",
+        "reason": reason,
+        "validation_accuracy": scores,
+        "chosen": best,
+        "fingerprint": deployed.fingerprint,
+    }
     report["selection"] = record
     report["ensemble"] = {**report["ensemble"], "fingerprint": deployed.fingerprint, "selected": best}
     tmp = report_path.with_name(f".{report_path.name}.tmp")

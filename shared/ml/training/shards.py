@@ -50,8 +50,10 @@ def load_trained(folder: Path, name: str) -> TrainedAdapter:
         raise RuntimeError(f"adapter {name!r} of the fanned-out training is missing from {folder}")
     meta = json.loads((path / "trained.json").read_text())
     return TrainedAdapter(
-        **{k: meta[k] for k in _FIELDS}, state=load_file(str(path / "adapter.safetensors")),
-        val_metrics={t: TaskMetrics(**m) for t, m in meta["val_metrics"].items()}, cost=Cost.from_dict(meta["cost"]),
+        **{k: meta[k] for k in _FIELDS},
+        state=load_file(str(path / "adapter.safetensors")),
+        val_metrics={t: TaskMetrics(**m) for t, m in meta["val_metrics"].items()},
+        cost=Cost.from_dict(meta["cost"]),
     )
 
 
@@ -61,7 +63,9 @@ def _spec_json(spec: AdapterSpec) -> dict[str, Any]:
     return {"name": spec.name, "tasks": list(spec.tasks), "seed": spec.seed, "lr": spec.lr, "epochs": spec.epochs}
 
 
-def training_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any]) -> tuple[Any, Any, dict[str, TaskData]]:
+def training_prepare(
+    args: dict[str, Any], workdir: Path, cache: dict[str, Any]
+) -> tuple[Any, Any, dict[str, TaskData]]:
     """The params, the loaded base and the prepared data of a fanned-out training phase (cached per process)."""
     from shared.ml.models import Base
     from shared.ml.training.params import TrainingParams
@@ -77,15 +81,16 @@ def training_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any])
     return params, base, data
 
 
-def training_shard(args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int,
-                   cache: dict[str, Any]) -> dict[str, Any]:
+def training_shard(
+    args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int, cache: dict[str, Any]
+) -> dict[str, Any]:
     """Adapters [start, end) of the phase, one canonical chunk of CHUNK at a time (finished chunks skipped)."""
     params, base, data = training_prepare(args, workdir, cache)
     specs = [AdapterSpec(**s) for s in args["specs"]]
     folder = Path(workdir) / FOLDER
     trained = 0
     for first in range(start - start % CHUNK, end, CHUNK):
-        chunk = specs[first:first + CHUNK]
+        chunk = specs[first : first + CHUNK]
         if all((folder / s.name / "trained.json").is_file() for s in chunk):
             continue
         for t in train_many(base, chunk, params, data, progress):
@@ -99,15 +104,18 @@ _SHARD_FN = f"{__name__}:training_shard"
 _PREPARE_FN = f"{__name__}:training_prepare"
 
 
-def train_adapters(base: Any, specs: list[AdapterSpec], params: Any, data: dict[str, TaskData], workdir: Path,
-                   progress: Progress) -> dict[str, TrainedAdapter]:
+def train_adapters(
+    base: Any, specs: list[AdapterSpec], params: Any, data: dict[str, TaskData], workdir: Path, progress: Progress
+) -> dict[str, TrainedAdapter]:
     """Every adapter of `specs` by name: one fused run here, or, under a job's sharder with more than one
     chunk of adapters, chunks fanned out over the workers (see the module docstring)."""
     sharder = current_sharder()
     if sharder is None or len(specs) <= CHUNK or any(s.init_state is not None for s in specs):
         return {t.name: t for t in train_many(base, specs, params, data, progress)}
     args = {"params": params.model_dump(mode="json"), "specs": [_spec_json(s) for s in specs]}
-    phase = Phase("adapters", "adapters", len(specs), _SHARD_FN, args, unit="adapters", align=CHUNK, prepare=_PREPARE_FN)
+    phase = Phase(
+        "adapters", "adapters", len(specs), _SHARD_FN, args, unit="adapters", align=CHUNK, prepare=_PREPARE_FN
+    )
     cache: dict[str, Any] = {"training-runtime:" + json.dumps(args["params"], sort_keys=True): (base, data)}
     sharder.run(phase, Path(workdir), progress, cache)
     folder = Path(workdir) / FOLDER

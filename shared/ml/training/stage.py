@@ -104,9 +104,16 @@ class _Run:
     def save(self, trained: TrainedAdapter, role: str) -> AdapterMeta:
         p = self.params
         meta = AdapterMeta(
-            name=trained.name, **self.base.info.identity(), tasks=list(trained.tasks), seed=trained.seed, rank=p.rank,
-            alpha=p.lora_alpha, targets=list(p.targets), hyperparameters=trained.hyperparameters,
-            val_metrics={t: m.to_dict() for t, m in trained.val_metrics.items()}, role=role,
+            name=trained.name,
+            **self.base.info.identity(),
+            tasks=list(trained.tasks),
+            seed=trained.seed,
+            rank=p.rank,
+            alpha=p.lora_alpha,
+            targets=list(p.targets),
+            hyperparameters=trained.hyperparameters,
+            val_metrics={t: m.to_dict() for t, m in trained.val_metrics.items()},
+            role=role,
         )
         saved = save_adapter_state(trained.state, trained.peft_config, self.workdir / "adapters" / trained.name, meta)
         self.metas[trained.name] = saved
@@ -122,8 +129,16 @@ class _Run:
                 adapter = member
                 self.pool.ensure(member, self.workdir / "adapters" / member, self.metas[member].sha256)
             with self.pool.active(adapter) as model:
-                scores = score_split(model, self.base, self.data[task], split, self.params, self.cost(cost_key),
-                                     self.shape, lora=adapter is not None)
+                scores = score_split(
+                    model,
+                    self.base,
+                    self.data[task],
+                    split,
+                    self.params,
+                    self.cost(cost_key),
+                    self.shape,
+                    lora=adapter is not None,
+                )
             self.logits[key] = scores.choice_logits
         return self.logits[key]
 
@@ -150,7 +165,11 @@ def _train_all(run: _Run, specs: list[AdapterSpec]) -> dict[str, TrainedAdapter]
 
 
 def run_training(
-    params: TrainingParams, workdir: Path, progress: Progress = silent, *, stage_costs: dict[str, Any] | None = None,
+    params: TrainingParams,
+    workdir: Path,
+    progress: Progress = silent,
+    *,
+    stage_costs: dict[str, Any] | None = None,
     affinity: dict[str, Any] | None = None,
     report_name: str = "train_report.json",
 ) -> dict[str, Any]:
@@ -211,7 +230,6 @@ def run_training(
             else:
                 run.costs["per_task"] = run.cost("per_task").merge(trained[name].cost)
 
-
     # 3. boosting of hard groups
     opts = params.boosting
     boost_results: dict[str, BoostResult] = {}
@@ -245,9 +263,19 @@ def run_training(
                 base_train = {t: run.member_logits(BASE_MEMBER, t, "train", "boosting") for t in g}
                 base_val = {t: run.member_logits(BASE_MEMBER, t, "val", "boosting") for t in g}
                 result = boost_group(
-                    run.base, {t: run.data[t] for t in g}, params, group=name, group_train=z_train,
-                    group_val=group_val, base_train=base_train, base_val=base_val, eta=opts.eta,
-                    max_rounds=opts.max_rounds, lr=opts.lr, epochs=b_epochs, progress=progress,
+                    run.base,
+                    {t: run.data[t] for t in g},
+                    params,
+                    group=name,
+                    group_train=z_train,
+                    group_val=group_val,
+                    base_train=base_train,
+                    base_val=base_val,
+                    eta=opts.eta,
+                    max_rounds=opts.max_rounds,
+                    lr=opts.lr,
+                    epochs=b_epochs,
+                    progress=progress,
                     max_flops=None if budget is None else budget - run.cost("boosting").total_flops,
                     round_flops=round_flops,
                 )
@@ -263,7 +291,9 @@ def run_training(
     booster_names = [b for g in group_names for b in boosters.get(g, [])]
     has_base = bool(booster_names)
     member_names = group_names + booster_names + ([BASE_MEMBER] if has_base else [])
-    weights = default_weights(list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER)
+    weights = default_weights(
+        list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER
+    )
     no_boost = default_weights(list(zip(group_names, groups, strict=True)), {}, opts.eta, member_names, BASE_MEMBER)
     fitted: dict[str, dict[str, float]] = {}
     with clock.stage("ensemble_weights"):
@@ -277,11 +307,22 @@ def run_training(
             members.append(Member(name=name, path=None, sha256=None, role="base", tasks=[]))
         else:
             meta = run.metas[name]
-            members.append(Member(name=name, path=f"adapters/{name}", sha256=meta.sha256,
-                                  role="booster" if name in booster_names else "group", tasks=list(meta.tasks)))
+            members.append(
+                Member(
+                    name=name,
+                    path=f"adapters/{name}",
+                    sha256=meta.sha256,
+                    role="booster" if name in booster_names else "group",
+                    tasks=list(meta.tasks),
+                )
+            )
     info = run.base.info
     manifest = EnsembleManifest(
-        name=params.ensemble.name, version=1, base=info.identity(), max_length=params.max_length, members=members,
+        name=params.ensemble.name,
+        version=1,
+        base=info.identity(),
+        max_length=params.max_length,
+        members=members,
         tasks={t: TaskWeights(weights=weights[t]) for t in tasks},
     )
     manifest = write_manifest(manifest, workdir / "ensemble.json")
@@ -290,9 +331,19 @@ def run_training(
         artifacts[f"adapter:{name}"] = f"adapters/{name}"
     if single_name:
         single_manifest = EnsembleManifest(
-            name=f"{params.ensemble.name}-single", version=1, base=info.identity(), max_length=params.max_length,
-            members=[Member(name="single", path="adapters/single", sha256=run.metas["single"].sha256, role="group",
-                            tasks=list(tasks))],
+            name=f"{params.ensemble.name}-single",
+            version=1,
+            base=info.identity(),
+            max_length=params.max_length,
+            members=[
+                Member(
+                    name="single",
+                    path="adapters/single",
+                    sha256=run.metas["single"].sha256,
+                    role="group",
+                    tasks=list(tasks),
+                )
+            ],
             tasks={t: TaskWeights(weights={"single": 1.0}) for t in tasks},
         )
         write_manifest(single_manifest, workdir / "ensemble_single.json")
@@ -303,7 +354,9 @@ def run_training(
     table: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
     metrics: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
     predictions: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
-    unfitted = default_weights(list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER)
+    unfitted = default_weights(
+        list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER
+    )
     with clock.stage("evaluation"):
         units = [(s, t) for s in splits for t in tasks]
         for k, (split, t) in enumerate(units):
@@ -314,8 +367,10 @@ def run_training(
             zg = run.member_logits(group_of[t], t, split, "evaluation")
             cols["ensemble_no_boost"] = combine(no_boost[t], {group_of[t]: zg})
             if fitted:
-                cols["ensemble_no_fit"] = combine(unfitted[t], {m: run.member_logits(m, t, split, "evaluation")
-                                                                for m in unfitted[t] if unfitted[t][m]})
+                cols["ensemble_no_fit"] = combine(
+                    unfitted[t],
+                    {m: run.member_logits(m, t, split, "evaluation") for m in unfitted[t] if unfitted[t][m]},
+                )
             if single_name:
                 cols["single"] = run.member_logits("single", t, split, "evaluation")
             if params.zero_shot:
@@ -325,8 +380,10 @@ def run_training(
             ms = {c: run.metrics(z, t, split) for c, z in cols.items()}
             table[split][t] = {c: m.accuracy for c, m in ms.items()}
             metrics[split][t] = {c: m.to_dict() for c, m in ms.items()}
-            predictions[split][t] = {"labels": run.labels(t, split).tolist(),
-                                     "columns": {c: z.argmax(-1).tolist() for c, z in cols.items()}}
+            predictions[split][t] = {
+                "labels": run.labels(t, split).tolist(),
+                "columns": {c: z.argmax(-1).tolist() for c, z in cols.items()},
+            }
         run.progress("evaluate", len(units), len(units), "done")
     run.pool.close()
 
@@ -347,7 +404,9 @@ def run_training(
     single_cost = run.costs.get("single")
     cost = {
         "formula": FLOP_FORMULA,
-        "device": str(run.base.device), "compute_dtype": info.compute_dtype, "quantization": info.quantization,
+        "device": str(run.base.device),
+        "compute_dtype": info.compute_dtype,
+        "quantization": info.quantization,
         "dequantize": resolve_dequantize(params.dequantize, run.base.model),
         "model_shape": run.shape.__dict__,
         "single": single_cost.to_dict() if single_cost else None,
@@ -361,7 +420,8 @@ def run_training(
         "ensemble_vs_single_flops": (ens_total.total_flops / single_cost.total_flops) if single_cost else None,
         "ensemble_with_affinity_vs_single_flops": (
             (ens_total.total_flops + affinity_flops) / single_cost.total_flops
-            if single_cost and affinity_flops is not None else None
+            if single_cost and affinity_flops is not None
+            else None
         ),
         "ensemble_vs_single_train_tokens": (ens_total.train_tokens / single_cost.train_tokens) if single_cost else None,
         "inference": {
@@ -376,13 +436,18 @@ def run_training(
     group_rows = []
     for name, g in zip(group_names, groups, strict=True):
         res = boost_results.get(name)
-        group_rows.append({
-            "name": name, "tasks": g, "train_error": train_errors.get(name),
-            "boosted": res is not None, "boosters": boosters.get(name, []),
-            "boosting": (res.stopped if res else skipped.get(name, "boosting off")),
-            "val_accuracy": mean([trained[name].val_metrics[t].accuracy for t in g]),
-            "val_accuracy_boosted": res.val_accuracy if res else None,
-        })
+        group_rows.append(
+            {
+                "name": name,
+                "tasks": g,
+                "train_error": train_errors.get(name),
+                "boosted": res is not None,
+                "boosters": boosters.get(name, []),
+                "boosting": (res.stopped if res else skipped.get(name, "boosting off")),
+                "val_accuracy": mean([trained[name].val_metrics[t].accuracy for t in g]),
+                "val_accuracy_boosted": res.val_accuracy if res else None,
+            }
+        )
     report = {
         "split": main_split,
         "tasks": table[main_split],
@@ -391,9 +456,16 @@ def run_training(
         "metrics": metrics,
         "groups": group_rows,
         "cost": cost,
-        "ensemble": {"path": "ensemble.json", "name": manifest.name, "fingerprint": manifest.fingerprint,
-                     "weights": weights, "fitted": bool(fitted)},
-        "adapters": {n: t.summary() | {"sha256": run.metas[n].sha256, "path": f"adapters/{n}"} for n, t in trained.items()},
+        "ensemble": {
+            "path": "ensemble.json",
+            "name": manifest.name,
+            "fingerprint": manifest.fingerprint,
+            "weights": weights,
+            "fitted": bool(fitted),
+        },
+        "adapters": {
+            n: t.summary() | {"sha256": run.metas[n].sha256, "path": f"adapters/{n}"} for n, t in trained.items()
+        },
         "boosting": {n: r.summary() for n, r in boost_results.items()},
         "model": info.to_dict(),
         "params": params.model_dump(mode="json"),
@@ -405,9 +477,12 @@ def run_training(
     results_chart(report, workdir / "results.png")  # beside the heatmaps of a pipeline
     artifacts["results_chart"] = "results.png"
     write_json(workdir / report_name, report)
-    return {"report": {k: report[k] for k in ("tasks", "average", "groups", "split")},
-            "cost": {k: cost[k] for k in ("ensemble_vs_single_flops", "inference")},
-            "fingerprint": manifest.fingerprint, "artifacts": artifacts}
+    return {
+        "report": {k: report[k] for k in ("tasks", "average", "groups", "split")},
+        "cost": {k: cost[k] for k in ("ensemble_vs_single_flops", "inference")},
+        "fingerprint": manifest.fingerprint,
+        "artifacts": artifacts,
+    }
 
 
 def _forward_flops(run: _Run, tasks: list[str], split: str, lora: bool = True) -> float:
@@ -454,8 +529,11 @@ def _affinity_flops(run: _Run, doc: dict[str, Any]) -> float | None:
 
     def lengths(split: str, names: list[str]) -> list[int]:
         cap = caps.get(split)
-        return [n for t in names
-                for n in run.data[t].lengths(split, run.base.tokenizer, run.params.max_length)[: cap or None]]
+        return [
+            n
+            for t in names
+            for n in run.data[t].lengths(split, run.base.tokenizer, run.params.max_length)[: cap or None]
+        ]
 
     def fwd(split: str, names: list[str]) -> float:
         ls = lengths(split, names)
@@ -485,8 +563,9 @@ def _stage_flops(stage_costs: dict[str, Any] | None, name: str) -> float | None:
     return None
 
 
-def _fit_task(run: _Run, task: str, group: str, boosters: list[str], group_names: list[str],
-              default: dict[str, float]) -> dict[str, float]:
+def _fit_task(
+    run: _Run, task: str, group: str, boosters: list[str], group_names: list[str], default: dict[str, float]
+) -> dict[str, float]:
     """Non-negative weights for one task on its validation split (never the test split)."""
     key = "weight_fit"
     terms: dict[str, torch.Tensor] = {group: run.member_logits(group, task, "val", key)}
@@ -603,12 +682,19 @@ def _write_pipeline_report(workdir: Path, params: PipelineParams) -> dict[str, A
     groups_file = workdir / "groups.json"
     grouping = json.loads(groups_file.read_text()) if groups_file.exists() else {}
     report = {
-        "tasks": train["tasks"], "average": train["average"], "split": train["split"],
-        "validation": train["validation"], "cost": train["cost"], "groups": train["groups"],
+        "tasks": train["tasks"],
+        "average": train["average"],
+        "split": train["split"],
+        "validation": train["validation"],
+        "cost": train["cost"],
+        "groups": train["groups"],
         "grouping": {k: v for k, v in grouping.items() if k != "groups"} if isinstance(grouping, dict) else {},
-        "ensemble": train["ensemble"], "boosting": train["boosting"], "metrics": train["metrics"],
+        "ensemble": train["ensemble"],
+        "boosting": train["boosting"],
+        "metrics": train["metrics"],
         "selection": train.get("selection"),
-        "model": train["model"], "params": params.model_dump(mode="json"),
+        "model": train["model"],
+        "params": params.model_dump(mode="json"),
     }
     write_json(workdir / "report.json", report)
     return report

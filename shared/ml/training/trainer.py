@@ -53,9 +53,15 @@ def loop_knobs(config: Any) -> tuple[int, int, Any, int, float, tuple[str, ...],
     """(batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm) of a
     config, with the trainer's defaults: the knobs every training loop reads the same way."""
     return (
-        int(cfg(config, "batch_size", 8)), int(cfg(config, "max_length", DEFAULT_MAX_LENGTH)), cfg(config, "patience"),
-        int(cfg(config, "rank", 4)), lora_alpha(config), tuple(cfg(config, "targets", DEFAULT_TARGETS)),
-        float(cfg(config, "dropout", 0.0)), float(cfg(config, "weight_decay", 0.0)), cfg(config, "max_grad_norm", 1.0),
+        int(cfg(config, "batch_size", 8)),
+        int(cfg(config, "max_length", DEFAULT_MAX_LENGTH)),
+        cfg(config, "patience"),
+        int(cfg(config, "rank", 4)),
+        lora_alpha(config),
+        tuple(cfg(config, "targets", DEFAULT_TARGETS)),
+        float(cfg(config, "dropout", 0.0)),
+        float(cfg(config, "weight_decay", 0.0)),
+        cfg(config, "max_grad_norm", 1.0),
     )
 
 
@@ -121,7 +127,11 @@ LENGTH_POOL = 64  # "length" batching sorts pools of this many batches' rows by 
 
 
 def epoch_plan(
-    lengths: dict[str, Sequence[int]], batch_size: int, seed: int, epoch: int, batching: str = "task",
+    lengths: dict[str, Sequence[int]],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    batching: str = "task",
     batch_tokens: int | None = None,
 ) -> list[list[tuple[str, int]]]:
     """The training batches of one epoch as (task, row index) lists. Deterministic for (seed, epoch).
@@ -160,8 +170,13 @@ def epoch_plan(
 
 
 def epoch_batches(
-    encoded: dict[str, list[Encoded]], batch_size: int, seed: int, epoch: int, pad_id: int = 0,
-    batching: str = "task", batch_tokens: int | None = None,
+    encoded: dict[str, list[Encoded]],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    pad_id: int = 0,
+    batching: str = "task",
+    batch_tokens: int | None = None,
 ) -> list[Batch]:
     """The collated batches of `epoch_plan` (default: one task per batch, tasks interleaved). Example ids
     travel in the batch."""
@@ -268,7 +283,9 @@ def trainable_4bit(model: Any) -> int:
             continue
         state = getattr(module.weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
             changed += 1
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
@@ -278,7 +295,13 @@ def trainable_4bit(model: Any) -> int:
 
 @contextmanager
 def temporary_adapter(
-    base: Base, name: str, rank: int, alpha: float, targets: Sequence[str], dropout: float, seed: int,
+    base: Base,
+    name: str,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    dropout: float,
+    seed: int,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[Any]:
     """A fresh seeded LoRA attached to `base.model` as adapter `name`, active and trainable inside the
@@ -292,7 +315,9 @@ def temporary_adapter(
     prev_flags = {n: p.requires_grad for n, p in original.named_parameters()} if was_peft else {}
     if was_peft and name in original.peft_config:
         raise ValueError(f"adapter name {name!r} is already loaded on the base model")
-    pm = attach_lora(original, rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout, seed=seed, adapter_name=name)
+    pm = attach_lora(
+        original, rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout, seed=seed, adapter_name=name
+    )
     try:
         pm.set_adapter(name)
         if init_state is not None:
@@ -347,10 +372,14 @@ class TrainedAdapter:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "name": self.name, "tasks": list(self.tasks), "best_epoch": self.best_epoch,
+            "name": self.name,
+            "tasks": list(self.tasks),
+            "best_epoch": self.best_epoch,
             "val_metrics": {t: m.to_dict() for t, m in self.val_metrics.items()},
             "val_accuracy": mean([m.accuracy for m in self.val_metrics.values()]),
-            "history": self.history, "cost": self.cost.to_dict(), **self.extra,
+            "history": self.history,
+            "cost": self.cost.to_dict(),
+            **self.extra,
         }
 
 
@@ -403,8 +432,11 @@ def fit_lora(
     history: list[dict[str, Any]] = []
     best: tuple[tuple[float, ...], int, dict[str, torch.Tensor], dict[str, TaskMetrics]] | None = None
     trainable_4bit(base.model)
-    with meter, temporary_adapter(base, name, rank, alpha, targets, dropout, seed, init_state) as model, \
-            dequantized_base(base.model, cfg(config, "dequantize", "auto")):
+    with (
+        meter,
+        temporary_adapter(base, name, rank, alpha, targets, dropout, seed, init_state) as model,
+        dequantized_base(base.model, cfg(config, "dequantize", "auto")),
+    ):
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         generator_state = torch.random.get_rng_state()
@@ -445,9 +477,13 @@ def fit_lora(
                 model.eval()
                 score, fields, metrics = evaluate_fn(model, meter.cost)
                 train_acc = {t: correct[t] / seen[t] for t in seen}
-                entry = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1), **fields,
-                         **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
-                         "seconds": round(time.perf_counter() - start, 3)}
+                entry = {
+                    "epoch": epoch,
+                    "train_loss": loss_sum / max(rows, 1),
+                    **fields,
+                    **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
                 history.append(entry)
                 if best is None or score > best[0]:
                     best = (score, epoch, extract_state(model, name), copy.deepcopy(metrics))
@@ -457,7 +493,12 @@ def fit_lora(
                     if patience and since_best >= int(patience):
                         break
             if done < epochs * per_epoch:  # stopped early: close the bar
-                progress(stage, epochs * per_epoch, epochs * per_epoch, f"stopped early; best epoch {best[1] if best else '-'}")
+                progress(
+                    stage,
+                    epochs * per_epoch,
+                    epochs * per_epoch,
+                    f"stopped early; best epoch {best[1] if best else '-'}",
+                )
             assert best is not None
             load_state(model, name, best[2])  # restore the best epoch (the state returned below)
             peft_cfg = peft_config_dict(model.peft_config[name])
@@ -465,14 +506,34 @@ def fit_lora(
             torch.random.set_rng_state(generator_state)
     _, best_epoch, best_state, best_metrics = best
     hyper = {
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank, "alpha": alpha, "targets": list(targets),
-        "dropout": dropout, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "patience": patience,
-        "seed": seed, "max_length": max_length, "max_train": cfg(config, "max_train"), "max_val": cfg(config, "max_val"),
-        "optimizer": "adamw", **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "rank": rank,
+        "alpha": alpha,
+        "targets": list(targets),
+        "dropout": dropout,
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "patience": patience,
+        "seed": seed,
+        "max_length": max_length,
+        "max_train": cfg(config, "max_train"),
+        "max_val": cfg(config, "max_val"),
+        "optimizer": "adamw",
+        **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
     }
     return TrainedAdapter(
-        name=name, tasks=list(data), state=best_state, val_metrics=best_metrics, history=history,
-        best_epoch=best_epoch, cost=meter.cost, peft_config=peft_cfg, hyperparameters=hyper, seed=seed,
+        name=name,
+        tasks=list(data),
+        state=best_state,
+        val_metrics=best_metrics,
+        history=history,
+        best_epoch=best_epoch,
+        cost=meter.cost,
+        peft_config=peft_cfg,
+        hyperparameters=hyper,
+        seed=seed,
     )
 
 
@@ -518,14 +579,28 @@ def add_eval_cost(cost: Cost, shape: ModelShape, lengths: Sequence[int], lora: b
 
 
 def score_split(
-    model: Any, base: Base, data: TaskData, split: str, config: Any, cost: Cost | None = None,
-    shape: ModelShape | None = None, lora: bool = True, progress: Progress = silent, stage: str = "",
+    model: Any,
+    base: Base,
+    data: TaskData,
+    split: str,
+    config: Any,
+    cost: Cost | None = None,
+    shape: ModelShape | None = None,
+    lora: bool = True,
+    progress: Progress = silent,
+    stage: str = "",
 ) -> TaskScores:
     """score_task on one split of a task (the canonical scoring pass), adding its cost to `cost`."""
     max_length = int(cfg(config, "max_length", DEFAULT_MAX_LENGTH))
     scores = score_task(
-        model, base.tokenizer, data.bound, data.split(split), int(cfg(config, "eval_batch_size", 32)),
-        max_length, progress, stage or f"score {data.name} {split}",
+        model,
+        base.tokenizer,
+        data.bound,
+        data.split(split),
+        int(cfg(config, "eval_batch_size", 32)),
+        max_length,
+        progress,
+        stage or f"score {data.name} {split}",
     )
     if cost is not None and shape is not None:
         add_eval_cost(cost, shape, data.lengths(split, base.tokenizer, max_length), lora=lora)
@@ -534,7 +609,9 @@ def score_split(
 
 def validation_evaluator(base: Base, data: dict[str, TaskData], config: Any) -> EvalFn:
     """Score = (mean validation accuracy, -mean validation loss) over the tasks."""
-    shape = ModelShape.from_model(base.model, int(cfg(config, "rank", 4)), tuple(cfg(config, "targets", DEFAULT_TARGETS)))
+    shape = ModelShape.from_model(
+        base.model, int(cfg(config, "rank", 4)), tuple(cfg(config, "targets", DEFAULT_TARGETS))
+    )
 
     def evaluate(model: Any, cost: Cost) -> tuple[tuple[float, ...], dict[str, Any], dict[str, TaskMetrics]]:
         metrics = {}
@@ -574,7 +651,12 @@ def train_adapter(
         raise ValueError(f"no prepared data for task(s) {missing}")
     subset = {t: data[t] for t in names}
     return fit_lora(
-        base, subset, config, name=name,
+        base,
+        subset,
+        config,
+        name=name,
         loss_fn=answer_ce_with_accuracy({t: d.bound.choice_token_ids for t, d in subset.items()}),
-        evaluate_fn=validation_evaluator(base, subset, config), progress=progress, init_state=init_state,
+        evaluate_fn=validation_evaluator(base, subset, config),
+        progress=progress,
+        init_state=init_state,
     )
