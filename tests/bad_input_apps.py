@@ -91,8 +91,10 @@ def store_state() -> dict[str, Any]:
     from shared.storage import ArtifactStore
 
     with session_scope() as session:
-        counts: dict[str, Any] = {m.__tablename__: session.scalar(select(func.count()).select_from(m))
-                                  for m in (ApiKey, Artifact, Adapter, Dataset, Ensemble, Job, JobEvent)}
+        counts: dict[str, Any] = {
+            m.__tablename__: session.scalar(select(func.count()).select_from(m))
+            for m in (ApiKey, Artifact, Adapter, Dataset, Ensemble, Job, JobEvent)
+        }
     counts["objects"] = sorted(p.name for p in ArtifactStore().iter_objects())
     return counts
 
@@ -102,9 +104,12 @@ def write_ensembles(root: Path, base: Any) -> Path:
     from shared.ml.serving.synthetic import write_ensemble, write_random_adapter
 
     folder = root / ENSEMBLE
-    metas = {name: write_random_adapter(folder / "adapters" / name, base.model, base.info, name=name, tasks=tasks,
-                                        rank=4, seed=seed, b_scale=0.3)
-             for name, (tasks, seed) in MEMBERS.items()}
+    metas = {
+        name: write_random_adapter(
+            folder / "adapters" / name, base.model, base.info, name=name, tasks=tasks, rank=4, seed=seed, b_scale=0.3
+        )
+        for name, (tasks, seed) in MEMBERS.items()
+    }
     write_ensemble(folder, base.info, metas, WEIGHTS, name=ENSEMBLE, base_member="base")
     return root
 
@@ -119,10 +124,14 @@ def inference_app(root: Path, **overrides: Any) -> Any:
 
     base = Base.load("tiny-llama", "none", "cpu")
     write_ensembles(root, base)
-    options = {"max_wait_ms": 1, "max_row_chars": 2000, "max_rows_per_request": 16, "max_body_bytes": 64_000,
-               **overrides}
-    return create_app(base=base, source=DirectoryEnsembleSource(root), authenticator=DbKeyAuthenticator(0),
-                      **options)
+    options = {
+        "max_wait_ms": 1,
+        "max_row_chars": 2000,
+        "max_rows_per_request": 16,
+        "max_body_bytes": 64_000,
+        **overrides,
+    }
+    return create_app(base=base, source=DirectoryEnsembleSource(root), authenticator=DbKeyAuthenticator(0), **options)
 
 
 def dataset_api(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:

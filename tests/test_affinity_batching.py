@@ -11,8 +11,9 @@ from shared.ml.affinity.params import AffinityParams
 from shared.ml.affinity.store import projection_starts
 from shared.ml.sharding import split_ranges
 
-SMOLLM2 = LlamaConfig(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                      num_key_value_heads=3)
+SMOLLM2 = LlamaConfig(
+    hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3
+)
 
 
 def test_cut_sorted_caps_rows_and_padded_tokens():
@@ -48,7 +49,9 @@ def test_gpu_defaults_scale_with_memory_and_model_size():
     llama8b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336)
     assert gpu_batching(llama8b, 80 * 2**30, 5 * 2**30).tokens < small.tokens
     assert gpu_batching(SMOLLM2, 2**30, 2**31).tokens >= 16  # weights larger than the device: still a floor
-    toy = LlamaConfig(hidden_size=8, num_hidden_layers=1, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2)
+    toy = LlamaConfig(
+        hidden_size=8, num_hidden_layers=1, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2
+    )
     assert gpu_batching(toy, 141 * 2**30, 0).tokens == 2**24  # what params.batch_tokens accepts at most
     with pytest.raises(ValueError, match="batch_size and batch_tokens"):
         gpu_batching(object(), 2**30, 0)

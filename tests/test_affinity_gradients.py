@@ -7,9 +7,24 @@ import math
 import pytest
 import torch
 
-from shared.ml.affinity.gradients import BGradCapture, b_only_grad, choice_log_odds, log_odds, output_f, project_batch, spec_for
+from shared.ml.affinity.gradients import (
+    BGradCapture,
+    b_only_grad,
+    choice_log_odds,
+    log_odds,
+    output_f,
+    project_batch,
+    spec_for,
+)
 from shared.ml.affinity.projection import (
-    _GOLDEN, _MASK32, Projector, ProjectionSpec, mix32, mix32_int, rademacher_block, seed_key,
+    _GOLDEN,
+    _MASK32,
+    ProjectionSpec,
+    Projector,
+    mix32,
+    mix32_int,
+    rademacher_block,
+    seed_key,
 )
 from shared.ml.encoding import bind, collate, encode_examples
 from shared.ml.models import answer_logits, attach_lora, load_model, lora_state
@@ -39,7 +54,7 @@ def _autograd_per_example(model, batch, output="vocab"):
         out = []
         for i in range(len(batch)):  # the loop the production code never does
             grads = torch.autograd.grad(f[i], b_params, retain_graph=True)
-            out.append({n: g.detach().clone() for n, g in zip(names, grads)})
+            out.append({n: g.detach().clone() for n, g in zip(names, grads, strict=False)})
     return f.detach(), out
 
 
@@ -123,7 +138,10 @@ def test_choice_f_is_the_log_odds_over_the_task_choices(tiny):
     # f > 0 exactly when the gold choice has the largest choice logit (for two choices)
     f = output_f(z.float(), batch, "choice")
     two = (batch.choice_tokens >= 0).sum(1) == 2
-    wins = z.gather(1, batch.choice_tokens.clamp(min=0)).masked_fill(batch.choice_tokens < 0, -1e9).argmax(1) == batch.labels
+    wins = (
+        z.gather(1, batch.choice_tokens.clamp(min=0)).masked_fill(batch.choice_tokens < 0, -1e9).argmax(1)
+        == batch.labels
+    )
     assert torch.equal((f > 0)[two], wins[two])
 
 
@@ -133,8 +151,15 @@ def test_padding_does_not_change_a_rows_gradient(tiny):
     model, _, batch = tiny
     i = int(batch.last_index.argmin())  # the shortest row carries the most padding in the batch
     ids = batch.input_ids[i : i + 1, : int(batch.last_index[i]) + 1]
-    one = Batch(ids, torch.ones_like(ids), batch.last_index[i : i + 1], batch.labels[i : i + 1],
-                batch.answer_tokens[i : i + 1], batch.example_ids[i : i + 1], batch.tasks[i : i + 1])
+    one = Batch(
+        ids,
+        torch.ones_like(ids),
+        batch.last_index[i : i + 1],
+        batch.labels[i : i + 1],
+        batch.answer_tokens[i : i + 1],
+        batch.example_ids[i : i + 1],
+        batch.tasks[i : i + 1],
+    )
     with b_only_grad(model), BGradCapture(model) as cap:
         _, full = cap.run(model, batch)
         _, alone = cap.run(model, one)

@@ -24,7 +24,9 @@ def _scipy_solution(X: np.ndarray, f0: np.ndarray, lam: float) -> tuple[np.ndarr
         p = 1.0 / (1.0 + np.exp(z))  # sigmoid(-z)
         return -(X.T @ p) / len(z) + 2 * lam * w
 
-    res = minimize(fun, np.zeros(X.shape[1]), jac=jac, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000})
+    res = minimize(
+        fun, np.zeros(X.shape[1]), jac=jac, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000}
+    )
     return res.x, float(res.fun)
 
 
@@ -35,7 +37,9 @@ def test_batched_solver_reaches_the_scipy_optimum(lam):
     X = rng.normal(size=(N, d)).astype(np.float32)
     f0 = rng.normal(-0.5, 1.5, size=N).astype(np.float32)
     sets = [np.arange(0, 30), np.arange(20, 90), np.arange(0, 90), np.array([3, 7, 50, 60, 61])]
-    res = solve_subsets(torch.from_numpy(X), torch.from_numpy(f0), [torch.as_tensor(s) for s in sets], lam, max_elems=60 * d)
+    res = solve_subsets(
+        torch.from_numpy(X), torch.from_numpy(f0), [torch.as_tensor(s) for s in sets], lam, max_elems=60 * d
+    )
     assert bool(res.converged.all())
     for k, s in enumerate(sets):
         w_ref, obj_ref = _scipy_solution(X[s].astype(np.float64), f0[s].astype(np.float64), lam)

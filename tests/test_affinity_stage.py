@@ -13,8 +13,15 @@ import torch
 
 from shared.ml.affinity.params import AffinityParams, GroupingParams
 from shared.ml.affinity.stage import (
-    finalize_affinity, prepare_affinity, run_affinity, run_base_eval, run_estimate_shard, run_gradient_batches, run_grouping,
+    finalize_affinity,
+    prepare_affinity,
+    run_affinity,
+    run_base_eval,
+    run_estimate_shard,
+    run_gradient_batches,
+    run_grouping,
 )
+from tests.recompute import logistic_stationarity, read_rows, softplus, solve_logistic
 
 TASKS = ["cb", "rte", "sst2"]
 
@@ -22,9 +29,23 @@ TASKS = ["cb", "rte", "sst2"]
 def _params(**kw) -> AffinityParams:
     # forward mode and the accuracy metric: these tests pin the forward estimate's machinery (the defaults are
     # mode linear, metric neg_loss: test_defaults_are_the_measured_stage1)
-    base = dict(model="tiny-llama", tasks=TASKS, max_train=10, max_val=6, dim=16, subset_size=2, lam=0.05, device="cpu",
-                batch_size=4, eval_batch_size=8, init="base", mode="forward", metric="accuracy", meta_batch_size=8,
-                meta_lr=5e-4)
+    base = dict(
+        model="tiny-llama",
+        tasks=TASKS,
+        max_train=10,
+        max_val=6,
+        dim=16,
+        subset_size=2,
+        lam=0.05,
+        device="cpu",
+        batch_size=4,
+        eval_batch_size=8,
+        init="base",
+        mode="forward",
+        metric="accuracy",
+        meta_batch_size=8,
+        meta_lr=5e-4,
+    )
     base.update(kw)
     return AffinityParams(**base)
 
@@ -33,7 +54,13 @@ def _params(**kw) -> AffinityParams:
 def run_dir(tmp_path_factory) -> Path:
     wd = tmp_path_factory.mktemp("aff") / "run"
     summary = run_affinity(_params(), wd)
-    assert set(summary["artifacts"]) >= {"heatmap", "subset_results_csv", "gradients", "theta0", "projection_spec"}
+    assert set(summary["artifacts"]) >= {
+        "affinity_heatmap",
+        "subset_results_csv",
+        "gradients",
+        "theta0",
+        "projection_spec",
+    }
     for rel in summary["artifacts"].values():
         assert (wd / rel).exists(), rel
     return wd
@@ -151,14 +178,63 @@ def test_sharded_run_matches_the_single_run(run_dir, tmp_path):
     assert np.allclose(ta, tb, rtol=1e-4)
 
 
-def test_linear_mode(tmp_path):
-    wd = tmp_path / "linear"
+@pytest.fixture(scope="module")
+def linear_dir(tmp_path_factory) -> Path:
+    """A linear-mode run (the default mode): estimates from the validation rows' own gradients."""
+    wd = tmp_path_factory.mktemp("aff") / "linear"
     run_affinity(_params(mode="linear", metric="neg_loss"), wd)
-    doc = json.loads((wd / "affinity.json").read_text())
+    return wd
+
+
+def test_linear_mode(linear_dir):
+    doc = json.loads((linear_dir / "affinity.json").read_text())
     assert doc["mode"] == "linear" and doc["metric"] == "neg_loss"
     assert np.isfinite(np.array(doc["matrix"], dtype=float)).all()
-    assert np.load(wd / "grads_val.npy").shape == (18, 16)
+    assert np.load(linear_dir / "grads_val.npy").shape == (18, 16)
     assert all(r["macro_f1"] is None for r in doc["per_subset"])
+
+
+def test_linear_estimates_recompute_from_the_saved_gradients(linear_dir):
+    """The linear proxy from the saved files alone: lambda from grads_train.npy, each subset's w is the optimum of
+    its tasks' logistic regression on (grads_train, f0_train), each per-subset loss / accuracy is
+    mean softplus(-(f0_val + G_val w)) / mean(f0_val + G_val w > 0) over the task's validation rows, and T
+    averages the recomputed -loss over the subsets holding both tasks."""
+    doc = json.loads((linear_dir / "affinity.json").read_text())
+    load = lambda name: np.load(linear_dir / name, allow_pickle=False)  # noqa: E731
+    G, f0, Gv, fv, W = (
+        load("grads_train.npy"),
+        load("f0_train.npy"),
+        load("grads_val.npy"),
+        load("f0_val.npy"),
+        load("weights.npy"),
+    )
+    train_task = np.array([r["task"] for r in read_rows(linear_dir / "rows_train.csv")])
+    val_task = np.array([r["task"] for r in read_rows(linear_dir / "rows_val.csv")])
+    assert G.shape == (30, 16) and Gv.shape == (18, 16) and W.shape == (3, 16)
+    assert list(np.unique(val_task, return_counts=True)[1]) == [6, 6, 6]
+    lam = 0.05 * float(np.mean((G.astype(np.float64) ** 2).sum(1)))  # lam_scale "gradient": lam * mean ||g||^2
+    assert doc["lam_effective"] == pytest.approx(lam, rel=1e-6)
+    recomputed: dict[tuple[int, str], float] = {}
+    for k, subset in enumerate(doc["subsets"]):
+        rows = np.isin(train_task, subset)
+        grad = logistic_stationarity(G[rows], f0[rows], W[k], lam)
+        start = logistic_stationarity(G[rows], f0[rows], np.zeros_like(W[k]), lam)
+        assert np.linalg.norm(grad) <= 1e-3 * np.linalg.norm(start), (k, subset)  # w is the optimum (w = 0 is not)
+        assert np.allclose(W[k], solve_logistic(G[rows], f0[rows], lam), rtol=1e-3, atol=1e-3 * np.abs(W[k]).max())
+        for task in subset:
+            z = fv[val_task == task].astype(np.float64) + Gv[val_task == task].astype(np.float64) @ W[k].astype(
+                np.float64
+            )
+            row = next(r for r in doc["per_subset"] if r["subset"] == k and r["task"] == task)
+            assert row["n"] == 6 and row["train_rows"] == int(rows.sum())
+            assert row["loss"] == pytest.approx(float(np.mean(softplus(-z))), rel=1e-5), (k, task)
+            assert row["accuracy"] == pytest.approx(float(np.mean(z > 0)), abs=1e-12), (k, task)
+            recomputed[k, task] = -float(np.mean(softplus(-z)))
+    T = np.array(doc["matrix"], dtype=float)
+    for i, a in enumerate(TASKS):
+        for j, b in enumerate(TASKS):
+            cells = [v for (k, t), v in recomputed.items() if t == a and b in doc["subsets"][k]]
+            assert T[i, j] == pytest.approx(np.mean(cells), rel=1e-5), (a, b)
 
 
 def test_meta_initialised_theta0(tmp_path):
@@ -211,7 +287,9 @@ def test_representer_backmap_sketches_back_to_w(run_dir, tmp_path):
     assert torch.allclose(sketched, sol.w, rtol=1e-3, atol=1e-4 * float(sol.w.abs().max()))
     # far smaller than P w, which carries the sketch's noise
     pw = rt.projector.backmap(sol.w)
-    assert float(flat.norm(dim=1).max()) < float(torch.cat([pw[q.name].reshape(2, -1) for q in rt.spec.params], 1).norm(dim=1).min())
+    assert float(flat.norm(dim=1).max()) < float(
+        torch.cat([pw[q.name].reshape(2, -1) for q in rt.spec.params], 1).norm(dim=1).min()
+    )
     summary = run_affinity(_params(backmap="representer"), tmp_path / "rep")
     doc = json.loads((tmp_path / "rep" / "affinity.json").read_text())
     assert doc["backmap"] == "representer" and np.isfinite(np.array(doc["matrix"], dtype=float)).all()
@@ -287,21 +365,25 @@ def test_token_capped_fan_out_cuts_at_projection_groups_and_matches_the_single_r
     assert np.allclose(capped, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-def test_defaults_are_the_measured_stage1(tmp_path):
+def test_defaults_are_the_measured_stage1(linear_dir):
     """The default Stage 1 is the one the H200 studies measured: meta-initialised, first-order (linear) estimates of
     the answer-choice loss, on at most STAGE1_TRAIN_ROWS training rows per task, also inside a pipeline."""
     from shared.ml.defaults import STAGE1_TRAIN_ROWS
     from shared.ml.training.params import PipelineParams
 
     p = AffinityParams(tasks=TASKS)
-    assert (p.mode, p.metric, p.init, p.max_train, p.meta_batch_size, p.meta_lr) == ("linear", "neg_loss", "meta",
-                                                                                      STAGE1_TRAIN_ROWS, 32, 1e-3)
+    assert (p.mode, p.metric, p.init, p.max_train, p.meta_batch_size, p.meta_lr) == (
+        "linear",
+        "neg_loss",
+        "meta",
+        STAGE1_TRAIN_ROWS,
+        32,
+        1e-3,
+    )
     assert PipelineParams(tasks=TASKS, max_train=1000).affinity_params().max_train == STAGE1_TRAIN_ROWS
     assert PipelineParams(tasks=TASKS, max_train=40).affinity_params().max_train == 40
     assert PipelineParams(tasks=TASKS, max_train=1000, affinity={"max_train": 600}).affinity_params().max_train == 600
     # a linear run writes the validation gradients its estimates come from, and its estimates are finite
-    wd = tmp_path / "lin"
-    run_affinity(_params(mode="linear", metric="neg_loss"), wd)
-    doc = json.loads((wd / "affinity.json").read_text())
-    assert doc["mode"] == "linear" and (wd / "grads_val.npy").exists()
+    doc = json.loads((linear_dir / "affinity.json").read_text())
+    assert doc["mode"] == "linear" and (linear_dir / "grads_val.npy").exists()
     assert all(np.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0 for r in doc["per_subset"])

@@ -32,8 +32,12 @@ SEEN: Counter[str] = Counter()
 # tasks and templates of the ensemble, a list's `after` cursor against the ids the caller can see. Schema-valid
 # requests may rightly be refused there, so only the "valid data is accepted" check is left out for them.
 LISTS = ("jobs", "datasets", "artifacts", "adapters", "ensembles", "keys")
-SEMANTIC = {"POST /v1/jobs", "POST /v1/datasets", "POST /v1/ensembles/{ensemble_id}/classify",
-            *(f"GET /v1/{name}" for name in LISTS)}
+SEMANTIC = {
+    "POST /v1/jobs",
+    "POST /v1/datasets",
+    "POST /v1/ensembles/{ensemble_id}/classify",
+    *(f"GET /v1/{name}" for name in LISTS),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,10 +71,15 @@ def _problems(app: Any, key: str, service: str, scope: str) -> list[str]:
                         continue
                     interaction = event.recorder.interactions.get(case_id)
                     response = interaction.response if interaction else None
-                    problems.append(f"{event.label} [{check.name}] {check.failure_info.failure.title}: "
-                                    f"{check.failure_info.failure.message[:300]}\n  {check.failure_info.code_sample}"
-                                    + (f"\n  -> {response.status_code} {response.content[:300]!r}"
-                                       if response is not None and response.content else ""))
+                    problems.append(
+                        f"{event.label} [{check.name}] {check.failure_info.failure.title}: "
+                        f"{check.failure_info.failure.message[:300]}\n  {check.failure_info.code_sample}"
+                        + (
+                            f"\n  -> {response.status_code} {response.content[:300]!r}"
+                            if response is not None and response.content
+                            else ""
+                        )
+                    )
         elif isinstance(event, (events.NonFatalError, events.FatalError)):
             problems.append(f"{type(event).__name__}: {getattr(event, 'info', event)}")
     return sorted(set(problems))
@@ -97,8 +106,9 @@ def inference_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         keys = make_keys("fuzz")
         app = inference_app(tmp_path_factory.mktemp("fuzz-ensembles"), docs=True)
         with TestClient(app) as client:  # runs the app's lifespan for the whole module
-            loaded = client.post(f"/v1/ensembles/{ENSEMBLE}/load", headers=auth(keys["admin"]),
-                                 json={"owner": "fuzz-infer"})
+            loaded = client.post(
+                f"/v1/ensembles/{ENSEMBLE}/load", headers=auth(keys["admin"]), json={"owner": "fuzz-infer"}
+            )
             assert loaded.status_code == 200, loaded.text
             yield app, keys
 

@@ -19,8 +19,10 @@ from fastapi.testclient import TestClient
 from tests.bad_input_apps import auth, isolated_home, job_api, make_keys, store_state
 
 TASKS = ["cb", "rte", "copa"]
-AFFINITY = {"tasks": ["cb", "rte", "copa", "wic"],
-            "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]}
+AFFINITY = {
+    "tasks": ["cb", "rte", "copa", "wic"],
+    "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]],
+}
 GROUPING = {"affinity": AFFINITY, "groups": 2, "method": "sdp"}
 
 
@@ -52,26 +54,34 @@ def test_an_unknown_model_is_refused_at_submit_and_nothing_is_stored(env: dict[s
     assert store_state() == before
 
 
-@pytest.mark.parametrize(("job_type", "params", "param", "words"), [
-    ("pipeline", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
-    ("pipeline", {"training": {"epochs": 0}}, "params.training.epochs", "greater than or equal to 1"),
-    ("pipeline", {"training": {"boosting": {"eta": 0}}}, "params.training.boosting.eta", "greater than 0"),
-    ("pipeline", {"training": {"groups": [["cb"]]}}, "params.training.groups", "set by the grouping stage"),
-    ("pipeline", {"affinity": {"dim": 0}}, "params.affinity.dim", "greater than or equal to 1"),
-    ("pipeline", {"affinity": {"dimm": 64}}, "params.affinity.dimm", "did you mean 'dim'"),
-    ("pipeline", {"grouping": {"method": "kmeans"}}, "params.grouping.method", "'auto', 'sdp' or 'spectral'"),
-    ("pipeline", {"affinity": {"precision": "bf16"}, "quantization": "nf4"}, "params.affinity.precision",
-     "needs quantization 'none'"),
-    ("pipeline", {"epochs": 3}, "params.epochs", "params.training.epochs"),
-    ("pipeline", {"groups": 5}, "params.groups", "more than the 3 tasks"),
-    ("affinity", {"subset_size": 5}, "params.subset_size", "more than the 3 tasks"),
-    ("study", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
-    ("study", {"affinity": {"lam": -1}}, "params.affinity.lam", "greater than 0"),
-    ("validate_affinity", {"training": {"epochs": 0}}, "params.training.epochs", "greater than or equal to 1"),
-    ("validate_affinity", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
-])
-def test_nested_errors_keep_their_full_path(env: dict[str, Any], job_type: str, params: dict[str, Any], param: str,
-                                            words: str) -> None:
+@pytest.mark.parametrize(
+    ("job_type", "params", "param", "words"),
+    [
+        ("pipeline", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
+        ("pipeline", {"training": {"epochs": 0}}, "params.training.epochs", "greater than or equal to 1"),
+        ("pipeline", {"training": {"boosting": {"eta": 0}}}, "params.training.boosting.eta", "greater than 0"),
+        ("pipeline", {"training": {"groups": [["cb"]]}}, "params.training.groups", "set by the grouping stage"),
+        ("pipeline", {"affinity": {"dim": 0}}, "params.affinity.dim", "greater than or equal to 1"),
+        ("pipeline", {"affinity": {"dimm": 64}}, "params.affinity.dimm", "did you mean 'dim'"),
+        ("pipeline", {"grouping": {"method": "kmeans"}}, "params.grouping.method", "'auto', 'sdp' or 'spectral'"),
+        (
+            "pipeline",
+            {"affinity": {"precision": "bf16"}, "quantization": "nf4"},
+            "params.affinity.precision",
+            "needs quantization 'none'",
+        ),
+        ("pipeline", {"epochs": 3}, "params.epochs", "params.training.epochs"),
+        ("pipeline", {"groups": 5}, "params.groups", "more than the 3 tasks"),
+        ("affinity", {"subset_size": 5}, "params.subset_size", "more than the 3 tasks"),
+        ("study", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
+        ("study", {"affinity": {"lam": -1}}, "params.affinity.lam", "greater than 0"),
+        ("validate_affinity", {"training": {"epochs": 0}}, "params.training.epochs", "greater than or equal to 1"),
+        ("validate_affinity", {"training": {"epoch": 3}}, "params.training.epoch", "did you mean 'epochs'"),
+    ],
+)
+def test_nested_errors_keep_their_full_path(
+    env: dict[str, Any], job_type: str, params: dict[str, Any], param: str, words: str
+) -> None:
     err = _error(_submit(env, job_type, {"tasks": TASKS, **params}))
     assert err["code"] == "invalid_params"
     assert err["param"] == param and err["message"].startswith(f"{param}: ") and words in err["message"], err
@@ -83,16 +93,31 @@ def test_a_shared_field_error_stays_at_the_top_level(env: dict[str, Any]) -> Non
 
 
 def test_valid_sections_are_accepted_and_stored_as_given(env: dict[str, Any]) -> None:
-    r = _submit(env, "pipeline", {"tasks": TASKS, "model": "tiny-llama", "affinity": {"dim": 64},
-                                  "grouping": {"method": "sdp"}, "training": {"epochs": 2, "boosting": {"eta": 0.5}}})
+    r = _submit(
+        env,
+        "pipeline",
+        {
+            "tasks": TASKS,
+            "model": "tiny-llama",
+            "affinity": {"dim": 64},
+            "grouping": {"method": "sdp"},
+            "training": {"epochs": 2, "boosting": {"eta": 0.5}},
+        },
+    )
     assert r.status_code == 201, r.text
     params = r.json()["params"]
     assert params["affinity"] == {"dim": 64} and params["training"] == {"epochs": 2, "boosting": {"eta": 0.5}}
 
 
 # -- cursors and query parameters --------------------------------------------------------------------
-LISTS = [("/v1/jobs", "job", "submit"), ("/v1/datasets", "ds", "submit"), ("/v1/artifacts", "art", "submit"),
-         ("/v1/adapters", "ad", "submit"), ("/v1/ensembles", "ens", "submit"), ("/v1/keys", "key", "admin")]
+LISTS = [
+    ("/v1/jobs", "job", "submit"),
+    ("/v1/datasets", "ds", "submit"),
+    ("/v1/artifacts", "art", "submit"),
+    ("/v1/adapters", "ad", "submit"),
+    ("/v1/ensembles", "ens", "submit"),
+    ("/v1/keys", "key", "admin"),
+]
 
 
 @pytest.mark.parametrize(("path", "prefix", "scope"), LISTS)
@@ -109,8 +134,11 @@ def test_cursors_page_through_a_list_and_another_owners_id_is_unknown(env: dict[
     headers = auth(env["keys"]["other"])
     first = env["client"].get("/v1/jobs", params={"limit": 2, "type": "grouping"}, headers=headers).json()
     assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
-    rest = env["client"].get("/v1/jobs", params={"limit": 2, "type": "grouping", "after": first["last_id"]},
-                             headers=headers).json()
+    rest = (
+        env["client"]
+        .get("/v1/jobs", params={"limit": 2, "type": "grouping", "after": first["last_id"]}, headers=headers)
+        .json()
+    )
     assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
     # the same id is not a cursor for another owner (nor does the answer tell that it exists)
     err = _error(env["client"].get("/v1/jobs", params={"after": ids[0]}, headers=auth(env["keys"]["submit"])))
@@ -121,8 +149,12 @@ def _operations(env: dict[str, Any]) -> list[tuple[str, str]]:
     """(method, path with placeholder ids) of every documented operation and every undocumented route."""
     spec = env["client"].get("/openapi.json").json()
     ops = [(method.upper(), path) for path, item in spec["paths"].items() for method in item]
-    ops += [(m, r.path) for r in env["app"].routes if isinstance(r, APIRoute) and not r.include_in_schema
-            for m in sorted(r.methods - {"HEAD"})]
+    ops += [
+        (m, r.path)
+        for r in env["app"].routes
+        if isinstance(r, APIRoute) and not r.include_in_schema
+        for m in sorted(r.methods - {"HEAD"})
+    ]
     return [(m, re.sub(r"\{[^}]+\}", "x-1", path)) for m, path in ops]
 
 
@@ -157,8 +189,16 @@ def _undescribed(schema: dict[str, Any], defs: dict[str, Any], path: str = "") -
 
 
 # EvalParams lives in shared/ml/eval_params.py, outside the params modules described so far.
-DESCRIBED_TYPES = ("affinity", "grouping", "approximation_error", "validate_estimates", "validate_affinity", "training",
-                   "pipeline", "study")
+DESCRIBED_TYPES = (
+    "affinity",
+    "grouping",
+    "approximation_error",
+    "validate_estimates",
+    "validate_affinity",
+    "training",
+    "pipeline",
+    "study",
+)
 
 
 def test_job_types_show_every_knob_with_its_default_and_description(env: dict[str, Any]) -> None:
@@ -195,8 +235,13 @@ def test_openapi_publishes_the_params_models_descriptions_and_examples(env: dict
     assert {"type": "object", "additionalProperties": True} in params["anyOf"]  # the job type picks the model
     boosting = schemas["PipelineParams"]["properties"]["training"]["properties"]["boosting"]
     assert boosting["$ref"] == "#/components/schemas/BoostingOptions" and "BoostingOptions" in schemas
-    ours = [n for n in schemas if n.endswith("Out") or n.startswith("ListResponse") or n in
-            ("JobCreate", "KeyCreate", "Deleted", *(f"{c}Params" for c in ("Pipeline", "Training", "Study")))]
+    ours = [
+        n
+        for n in schemas
+        if n.endswith("Out")
+        or n.startswith("ListResponse")
+        or n in ("JobCreate", "KeyCreate", "Deleted", *(f"{c}Params" for c in ("Pipeline", "Training", "Study")))
+    ]
     for name in ours:
         assert not _undescribed(schemas[name], schemas), (name, _undescribed(schemas[name], schemas))
     for name in ("JobOut", "JobCreate", "DatasetOut", "ArtifactOut"):

@@ -13,7 +13,11 @@ from services.cli.common import floats, groups_option
 from services.cli.main import app
 from services.cli.stage1 import seeds_option
 from shared.ml.affinity.params import (
-    AffinityParams, ApproxErrorParams, GroupingParams, ValidateAffinityParams, ValidateParams,
+    AffinityParams,
+    ApproxErrorParams,
+    GroupingParams,
+    ValidateAffinityParams,
+    ValidateParams,
 )
 from shared.ml.eval_params import EvalParams
 from shared.ml.study.params import StudyParams
@@ -33,10 +37,18 @@ MODELS: dict[str, list[type]] = {
 }
 # options named otherwise than their field (Stage 2's nested sections)
 RENAMED = {
-    "single": "baselines.single", "per_task": "baselines.per_task", "boost": "boosting.enabled",
-    "boost_threshold": "boosting.error_threshold", "boost_rounds": "boosting.max_rounds", "eta": "boosting.eta",
-    "boost_lr": "boosting.lr", "boost_epochs": "boosting.epochs", "boost_budget": "boosting.budget",
-    "fit_weights": "ensemble.fit_weights", "weight_candidates": "ensemble.candidates", "name": "ensemble.name",
+    "single": "baselines.single",
+    "per_task": "baselines.per_task",
+    "boost": "boosting.enabled",
+    "boost_threshold": "boosting.error_threshold",
+    "boost_rounds": "boosting.max_rounds",
+    "eta": "boosting.eta",
+    "boost_lr": "boosting.lr",
+    "boost_epochs": "boosting.epochs",
+    "boost_budget": "boosting.budget",
+    "fit_weights": "ensemble.fit_weights",
+    "weight_candidates": "ensemble.candidates",
+    "name": "ensemble.name",
 }
 # options given as text that the command parses into the field's value
 PARSE = {"scales": lambda text: floats(text, "--scales"), "seeds": seeds_option, "groups": groups_option}
@@ -47,8 +59,23 @@ EXEMPT = {
     "inference": "the inference service's settings (InferenceSettings), not a job's params",
     "up": "the inference service's settings",
 }
-FIELD_NAMES = {"model", "quantization", "max_train", "max_val", "max_test", "epochs", "seed", "seeds", "lr",
-               "batch_size", "max_length", "dim", "rank", "tasks", "groups"}
+FIELD_NAMES = {
+    "model",
+    "quantization",
+    "max_train",
+    "max_val",
+    "max_test",
+    "epochs",
+    "seed",
+    "seeds",
+    "lr",
+    "batch_size",
+    "max_length",
+    "dim",
+    "rank",
+    "tasks",
+    "groups",
+}
 
 
 def _commands() -> dict[str, Any]:
@@ -103,8 +130,11 @@ def test_every_option_defaults_to_its_params_model_default() -> None:
     assert len(compared) >= 100, compared  # the walk really saw the commands' options
     # what the issue found: approx-error ran 100/50 rows while the same job over HTTP ran 500/200
     approx = {p.name: p.default for p in commands["approx-error"].params}
-    assert (approx["max_train"], approx["max_val"]) == (500, 200) == (
-        ApproxErrorParams.model_fields["max_train"].default, ApproxErrorParams.model_fields["max_val"].default)
+    assert (
+        (approx["max_train"], approx["max_val"])
+        == (500, 200)
+        == (ApproxErrorParams.model_fields["max_train"].default, ApproxErrorParams.model_fields["max_val"].default)
+    )
     # the Stage-1 defaults chosen by the studies reach `chorus affinity` too
     affinity = {p.name: p.default for p in commands["affinity"].params}
     assert (affinity["mode"], affinity["metric"], affinity["max_train"]) == ("linear", "neg_loss", 150)
@@ -119,8 +149,11 @@ def test_options_left_to_the_model_are_really_left_out(tmp_path) -> None:  # typ
     for bad, message in (({"seeds": [1, 1]}, "seeds"), ({"groups": 3}, "groups=3 is more than the 2 tasks")):
         params = tmp_path / "study.json"
         params.write_text(json.dumps({"tasks": ["cb", "rte"], **bad}))
-        r = CliRunner().invoke(app, ["study", "--out", str(tmp_path / "out"), "--params", str(params),
-                                     "--model", "no-such-model"], env={"COLUMNS": "250"})
+        r = CliRunner().invoke(
+            app,
+            ["study", "--out", str(tmp_path / "out"), "--params", str(params), "--model", "no-such-model"],
+            env={"COLUMNS": "250"},
+        )
         assert r.exit_code == 2 and message in r.output, r.output  # the file's value reached the model
     help_text = " ".join(CliRunner().invoke(app, ["study", "--help"], env={"COLUMNS": "250"}).output.split())
     assert "[default: 0,1,2]" in help_text and "[default: 500]" in help_text

@@ -28,8 +28,10 @@ from services.cli.main import app
 from tests.bad_input_apps import isolated_home, job_api, make_keys
 from tests.integration.conftest import wait_for
 
-AFFINITY = {"tasks": ["cb", "rte", "copa", "wic"],
-            "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]}
+AFFINITY = {
+    "tasks": ["cb", "rte", "copa", "wic"],
+    "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]],
+}
 GROUPING = json.dumps({"affinity": AFFINITY, "groups": 2, "method": "sdp"})
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing answers HTTP there
 WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
@@ -49,8 +51,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with isolated_home(tmp_path_factory.mktemp("cli-home")):
         keys = make_keys("cli")
         port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
@@ -148,12 +151,19 @@ def test_cli_choices_are_the_params_models_choices() -> None:
     from shared.ml.affinity.params import AffinityParams, ApproxErrorParams, GroupingParams
     from shared.ml.training.params import EnsembleOptions, TrainingParams
 
-    pairs = [(common.Quantization, TrainingParams, "quantization"), (common.Device, AffinityParams, "device"),
-             (common.Precision, ApproxErrorParams, "precision"), (common.Output, AffinityParams, "output"),
-             (common.Init, AffinityParams, "init"), (common.LamScale, AffinityParams, "lam_scale"),
-             (common.Mode, AffinityParams, "mode"), (common.Backmap, AffinityParams, "backmap"),
-             (common.AffinityMetric, AffinityParams, "metric"), (common.GroupingMethod, GroupingParams, "method"),
-             (common.Candidates, EnsembleOptions, "candidates")]
+    pairs = [
+        (common.Quantization, TrainingParams, "quantization"),
+        (common.Device, AffinityParams, "device"),
+        (common.Precision, ApproxErrorParams, "precision"),
+        (common.Output, AffinityParams, "output"),
+        (common.Init, AffinityParams, "init"),
+        (common.LamScale, AffinityParams, "lam_scale"),
+        (common.Mode, AffinityParams, "mode"),
+        (common.Backmap, AffinityParams, "backmap"),
+        (common.AffinityMetric, AffinityParams, "metric"),
+        (common.GroupingMethod, GroupingParams, "method"),
+        (common.Candidates, EnsembleOptions, "candidates"),
+    ]
     for alias, model, field in pairs:
         assert set(get_args(alias)) == set(get_args(model.model_fields[field].annotation)), field
     from services.cli.jobs import JobStatus
@@ -188,11 +198,27 @@ def test_up_serves_the_inference_model_and_prints_its_url(tmp_path: Path) -> Non
     api_port, inference_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "CHORUS_ADMIN_KEY")}
     env.update(CHORUS_HOME=str(tmp_path / "home"), CHORUS_INFERENCE_DEVICE="cpu", CHORUS_API_URL=NOWHERE)
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--port", str(api_port),
-                             "--inference-port", str(inference_port), "--inference-model", "tiny-llama",
-                             "--inference-quantization", "none"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "up",
+            "--port",
+            str(api_port),
+            "--inference-port",
+            str(inference_port),
+            "--inference-model",
+            "tiny-llama",
+            "--inference-quantization",
+            "none",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()

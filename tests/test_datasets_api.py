@@ -27,7 +27,9 @@ def _headers(env: dict[str, Any], owner: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {env['keys'][owner]}"}
 
 
-def _upload(env: dict[str, Any], name: str, files: dict[str, tuple[str, bytes]], owner: str = "alice", **form: str) -> Any:
+def _upload(
+    env: dict[str, Any], name: str, files: dict[str, tuple[str, bytes]], owner: str = "alice", **form: str
+) -> Any:
     return env["client"].post("/v1/datasets", headers=_headers(env, owner), data={"name": name, **form}, files=files)
 
 
@@ -53,8 +55,10 @@ def test_plain_csv_with_defaults_warns_about_integer_labels(env: dict[str, Any])
 
 def test_label_names_json_and_comma_lists_agree(env: dict[str, Any]) -> None:
     data = _csv(_rows(20, integer=True))
-    made = [_upload(env, f"names-{i}", {"file": ("d.csv", data)}, label_names=spec)
-            for i, spec in enumerate(['["negative","positive"]', "negative,positive"])]
+    made = [
+        _upload(env, f"names-{i}", {"file": ("d.csv", data)}, label_names=spec)
+        for i, spec in enumerate(['["negative","positive"]', "negative,positive"])
+    ]
     assert [m.status_code for m in made] == [201, 201], [m.text for m in made]
     assert made[0].json()["label_names"] == made[1].json()["label_names"] == ["negative", "positive"]
     assert made[0].json()["warnings"] == []
@@ -84,8 +88,11 @@ def test_split_column_and_formats(env: dict[str, Any]) -> None:
 
 
 def test_one_file_per_split(env: dict[str, Any]) -> None:
-    files = {"file": ("train.csv", _csv(_rows(20))), "validation_file": ("val.csv", _csv(_rows(6))),
-             "test_file": ("test.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in _rows(8)))}
+    files = {
+        "file": ("train.csv", _csv(_rows(20))),
+        "validation_file": ("val.csv", _csv(_rows(6))),
+        "test_file": ("test.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in _rows(8))),
+    }
     response = _upload(env, "three", files)
     assert response.status_code == 201, response.text
     body = response.json()
@@ -112,8 +119,13 @@ def test_delete_by_name_is_owner_scoped_and_waits_for_jobs(env: dict[str, Any]) 
         other = client.delete(f"/v1/datasets/{ref}", headers=_headers(env, "bob"))
         assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
     with session_scope() as session:
-        job = Job(id=new_id("job"), type="training", status="running", owner="alice",
-                  params={"groups": [["cb", body["task_name"]]]})
+        job = Job(
+            id=new_id("job"),
+            type="training",
+            status="running",
+            owner="alice",
+            params={"groups": [["cb", body["task_name"]]]},
+        )
         session.add(job)
     busy = client.delete("/v1/datasets/doomed", headers=_headers(env, "alice"))
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "dataset_in_use"

@@ -16,8 +16,11 @@ def tok():
 
 def make_task(choices=("Yes", "No"), truncate="passage") -> Task:
     return Task(
-        name="toy", template="{{passage}} Question: {{question}}? Answer:", choices=list(choices),
-        loader=lambda: {"train": [], "val": [], "test": []}, truncate_field=truncate,
+        name="toy",
+        template="{{passage}} Question: {{question}}? Answer:",
+        choices=list(choices),
+        loader=lambda: {"train": [], "val": [], "test": []},
+        truncate_field=truncate,
     )
 
 

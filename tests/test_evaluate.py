@@ -13,9 +13,16 @@ from shared.ml.tasks.base import Example, Task
 
 
 def toy_task(n: int = 24) -> Task:
-    examples = [Example(f"toy/test/{i}", {"text": f"review number {i} was {'good' if i % 2 else 'bad'}"}, i % 2) for i in range(n)]
-    return Task(name="toy", template="{{text}}. Is it positive or negative? Answer:", choices=["negative", "positive"],
-                loader=lambda: {"train": examples, "val": examples, "test": examples})
+    examples = [
+        Example(f"toy/test/{i}", {"text": f"review number {i} was {'good' if i % 2 else 'bad'}"}, i % 2)
+        for i in range(n)
+    ]
+    return Task(
+        name="toy",
+        template="{{text}}. Is it positive or negative? Answer:",
+        choices=["negative", "positive"],
+        loader=lambda: {"train": examples, "val": examples, "test": examples},
+    )
 
 
 def test_scores_are_in_example_order_and_batch_independent(tiny_base):

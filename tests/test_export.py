@@ -28,10 +28,39 @@ def trained(tmp_path_factory):
     groups = root / "groups.json"
     groups.write_text(json.dumps({"groups": [["cb", "rte"], ["sst2"]]}))
     run = root / "run"
-    result = runner.invoke(app, [
-        "train", "--groups", str(groups), "--model", "tiny-llama", "--quantization", "none", "--max-train", "8",
-        "--max-val", "4", "--max-test", "4", "--epochs", "1", "--max-length", "64", "--lr", "5e-2", "--no-single",
-        "--boost-threshold", "0", "--boost-rounds", "1", "--boost-lr", "5e-2", "--out", str(run)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--groups",
+            str(groups),
+            "--model",
+            "tiny-llama",
+            "--quantization",
+            "none",
+            "--max-train",
+            "8",
+            "--max-val",
+            "4",
+            "--max-test",
+            "4",
+            "--epochs",
+            "1",
+            "--max-length",
+            "64",
+            "--lr",
+            "5e-2",
+            "--no-single",
+            "--boost-threshold",
+            "0",
+            "--boost-rounds",
+            "1",
+            "--boost-lr",
+            "5e-2",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root, run
 
@@ -45,6 +74,7 @@ def exported(trained):
     return run, out
 
 
+@pytest.mark.needs_data  # the `trained` fixture trains on cb, rte and sst2
 def test_export_writes_a_self_contained_folder(exported):
     from shared.ml.serving.export import SNIPPET
     from shared.ml.training.ensemble import load_manifest
@@ -75,6 +105,7 @@ def test_export_writes_a_self_contained_folder(exported):
     assert not re.search(r"^\s*(import|from)\s+(shared|services|chorus)\b", code, re.M)
 
 
+@pytest.mark.needs_data  # the `trained` fixture trains on cb, rte and sst2
 def test_plain_peft_script_reproduces_the_reference_ensemble(exported, tmp_path):
     from shared.ml.models import Base, tiny_llama_folder
     from shared.ml.tasks.registry import get_task
@@ -88,8 +119,14 @@ def test_plain_peft_script_reproduces_the_reference_ensemble(exported, tmp_path)
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps({t: [ex.fields for ex in exs] for t, exs in examples.items()}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(script), str(out), str(rows), str(tiny_llama_folder())],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), str(rows), str(tiny_llama_folder())],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     plain = json.loads(proc.stdout)
 
@@ -103,6 +140,7 @@ def test_plain_peft_script_reproduces_the_reference_ensemble(exported, tmp_path)
     assert any(not torch.allclose(torch.tensor(plain[t]), torch.tensor(plain[t]).mean(-1, keepdim=True)) for t in TASKS)
 
 
+@pytest.mark.needs_data  # the `trained` fixture trains on cb, rte and sst2
 def test_export_refuses_bad_input_and_writes_nothing(trained, tmp_path):
     import shutil
 
@@ -130,6 +168,7 @@ def test_export_refuses_bad_input_and_writes_nothing(trained, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.export-*"))
 
 
+@pytest.mark.needs_data  # the `trained` fixture trains on cb, rte and sst2
 def test_published_run_json_has_no_partial_paths(trained):
     root, run = trained
     files = list(run.rglob("*.json"))
@@ -168,8 +207,9 @@ def test_grouping_run_published_by_the_cli_records_the_published_affinity_path(t
     matrix = [[1.0, 0.8, -0.5, -0.4], [0.7, 1.0, -0.3, -0.6], [-0.4, -0.5, 1.0, 0.9], [-0.6, -0.2, 0.8, 1.0]]
 
     def stage(workdir):
-        (workdir / "affinity.json").write_text(json.dumps({"tasks": ["cb", "rte", "sst2", "boolq"], "matrix": matrix,
-                                                           "metric": "accuracy"}))
+        (workdir / "affinity.json").write_text(
+            json.dumps({"tasks": ["cb", "rte", "sst2", "boolq"], "matrix": matrix, "metric": "accuracy"})
+        )
         return run_grouping(GroupingParams(groups=2, permutations=99), workdir)
 
     run_into(out, "pipeline", "groups.json", stage)

@@ -19,8 +19,10 @@ from shared.jobs.config import ServiceSettings
 from shared.ml.progress import Cancelled
 from shared.ml.sharding import Phase, split_ranges
 
-def record_shard(args: dict[str, Any], workdir: Path, progress: Any, start: int, end: int,
-                 cache: dict[str, Any]) -> dict[str, Any]:
+
+def record_shard(
+    args: dict[str, Any], workdir: Path, progress: Any, start: int, end: int, cache: dict[str, Any]
+) -> dict[str, Any]:
     """A shard function for these tests: writes one file per item, fails where asked; calls go to the cache."""
     if start in args.get("fail_at", []):
         raise ValueError(f"shard at {start} fails")
@@ -36,17 +38,22 @@ def record_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any]) -
     (workdir / "prepared").write_text("1")
 
 
-def stolen_shard(args: dict[str, Any], workdir: Path, progress: Any, start: int, end: int,
-                 cache: dict[str, Any]) -> dict[str, Any]:
+def stolen_shard(
+    args: dict[str, Any], workdir: Path, progress: Any, start: int, end: int, cache: dict[str, Any]
+) -> dict[str, Any]:
     """A shard whose claim another worker takes over while it runs (as after an expired lease)."""
     import time
 
     from sqlalchemy import create_engine
 
     with create_engine(args["url"]).begin() as conn:
-        conn.execute(update(JobShard).where(JobShard.job_id == args["job_id"], JobShard.index == start)
-                     .values(attempts=JobShard.attempts + 1, claimed_by="thief:1",
-                             lease_expires_at=utcnow() + timedelta(seconds=60)))
+        conn.execute(
+            update(JobShard)
+            .where(JobShard.job_id == args["job_id"], JobShard.index == start)
+            .values(
+                attempts=JobShard.attempts + 1, claimed_by="thief:1", lease_expires_at=utcnow() + timedelta(seconds=60)
+            )
+        )
     for step in range(100):
         progress("items", step, 100)  # raises ClaimLost once the heartbeat saw the takeover
         time.sleep(0.05)
@@ -117,7 +124,11 @@ def test_shard_rows_are_created_once(db) -> None:  # type: ignore[no-untyped-def
     [t.join() for t in threads]
     rows = _shards(db, other)
     assert [(r.index, r.start, r.end, r.status, r.attempts) for r in rows] == [
-        (0, 0, 3, "pending", 0), (1, 3, 6, "pending", 0), (2, 6, 9, "pending", 0), (3, 9, 12, "pending", 0)]
+        (0, 0, 3, "pending", 0),
+        (1, 3, 6, "pending", 0),
+        (2, 6, 9, "pending", 0),
+        (3, 9, 12, "pending", 0),
+    ]
 
 
 def test_each_shard_is_claimed_exactly_once(db) -> None:  # type: ignore[no-untyped-def]
@@ -160,8 +171,9 @@ def test_expired_or_orphaned_claims_are_taken_over(db) -> None:  # type: ignore[
     assert first and second and (first.index, second.index) == (0, 1)
     # shard 0's worker stopped renewing: its lease expires, another worker takes it over
     with db() as session:
-        session.execute(update(JobShard).where(JobShard.id == first.id)
-                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(JobShard).where(JobShard.id == first.id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
         session.commit()
         assert fanout.has_claimable(session, job_id, "p", 3)
         again = fanout.claim_shard(session, job_id, "p", "host-b:7", 30, 3)
@@ -178,8 +190,9 @@ def test_expired_or_orphaned_claims_are_taken_over(db) -> None:  # type: ignore[
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with db() as session:
-        session.execute(update(JobShard).where(JobShard.id == second.id)
-                        .values(claimed_by=f"{fanout.state.HOSTNAME}:{dead.pid}"))
+        session.execute(
+            update(JobShard).where(JobShard.id == second.id).values(claimed_by=f"{fanout.state.HOSTNAME}:{dead.pid}")
+        )
         session.commit()
         took = fanout.claim_shard(session, job_id, "p", "host-b:7", 30, 3)
     assert took and took.index == 1 and took.attempt == 2
@@ -204,6 +217,59 @@ def test_attempts_are_bounded(db) -> None:  # type: ignore[no-untyped-def]
     assert [r.status for r in _shards(db, job_id)] == ["failed"]
 
 
+@pytest.fixture
+def strict_db(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A database with the production allow-list of shard functions (`db` widens it to this module's)."""
+    url = f"sqlite:///{tmp_path / 'strict.db'}"
+    migrate(url)
+    return get_sessionmaker(url)
+
+
+def test_shard_functions_outside_the_ml_core_are_refused(strict_db, settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A shard spec comes from the database: only functions of the ML core run; anything else is refused before it
+    is imported, the phase fails with that error and nothing is written."""
+    from shared.ml.affinity import stage
+    from shared.ml.training import shards
+
+    assert fanout.SHARD_FN_PREFIX == "shared.ml."
+    for ref in (
+        "os:system",
+        "subprocess:check_call",
+        "tests.test_fanout:record_shard",
+        "shared.mlx.evil:f",
+        "shared.jobs.fanout:run_claim",
+        "shared.ml",
+        "",
+        None,
+        3,
+    ):
+        with pytest.raises(ValueError, match="is not a function of the ML core"):
+            fanout.shard_function(ref)  # type: ignore[arg-type]
+    assert fanout.shard_function("shared.ml.affinity.stage:affinity_shard") is stage.affinity_shard
+    assert fanout.shard_function("shared.ml.training.shards:training_prepare") is shards.training_prepare
+    job_id = _job(strict_db)
+    workdir = settings.workdir_root / job_id
+    sharder = fanout.JobSharder(job_id, settings, None, maker=strict_db)
+    with pytest.raises(ValueError, match="'tests.test_fanout:record_shard' is not a function of the ML core"):
+        sharder.run(Phase("items", "items", 4, SPEC["fn"], {}), workdir, lambda *a, **k: None, {})
+    assert not list(workdir.glob("item-*")) and all(r.status != "done" for r in _shards(strict_db, job_id))
+    # a helper refuses a foreign `prepare` hook too, before it claims a shard
+    other = _job(strict_db)
+    phase = Phase("items", "items", 2, "shared.ml.affinity.stage:affinity_shard", {}, prepare="os:getcwd")
+    with strict_db() as session:
+        fanout.ensure_shards(
+            session,
+            other,
+            "items",
+            [(0, 1), (1, 2)],
+            {"fn": phase.fn, "prepare": phase.prepare, "args": {}, "label": "items", "unit": "items"},
+        )
+    with caplog.at_level("ERROR", logger=fanout.log.name):
+        outcome = fanout.run_helper(other, "items", settings, strict_db)
+    assert outcome["outcome"] == "error" and all(r.attempts == 0 for r in _shards(strict_db, other)), outcome
+    assert "'os:getcwd' is not a function of the ML core" in caplog.text
+
+
 def test_the_jobs_own_worker_finishes_a_phase_alone(db, settings) -> None:  # type: ignore[no-untyped-def]
     job_id = _job(db)
     sent: list[tuple[str, str, int]] = []
@@ -225,7 +291,9 @@ def test_the_jobs_own_worker_finishes_a_phase_alone(db, settings) -> None:  # ty
     assert again == {} and sent == []
     with db() as session:
         messages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
-    assert [m for m in messages if " done by " in m] == [f"items: shard {k}/4 done by {fanout.worker_id()}" for k in (1, 2, 3, 4)]
+    assert [m for m in messages if " done by " in m] == [
+        f"items: shard {k}/4 done by {fanout.worker_id()}" for k in (1, 2, 3, 4)
+    ]
     assert messages[-1].startswith("items: all 4 shards done (4 by ")
 
 
@@ -254,8 +322,9 @@ def test_a_helper_does_nothing_for_a_finished_job_and_stops_on_cancel(db, settin
     # a running job: the helper works until nothing is claimable
     live = _job(db)
     with db() as session:
-        fanout.ensure_shards(session, live, "p", [(0, 1), (1, 2), (2, 3)],
-                             {**SPEC, "prepare": "tests.test_fanout:record_prepare"})
+        fanout.ensure_shards(
+            session, live, "p", [(0, 1), (1, 2), (2, 3)], {**SPEC, "prepare": "tests.test_fanout:record_prepare"}
+        )
     out = fanout.run_helper(live, "p", settings, db)
     assert out["outcome"] == "done" and out["shards"] == [0, 1, 2]
     assert (settings.workdir_root / live / "prepared").exists()
@@ -275,8 +344,11 @@ def test_a_helper_does_nothing_for_a_finished_job_and_stops_on_cancel(db, settin
 
 def test_a_worker_that_lost_its_claim_drops_the_shard_and_goes_on(db, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     job_id = _job(db)
-    spec = {**SPEC, "fn": "tests.test_fanout:stolen_shard",
-            "args": {"url": f"sqlite:///{tmp_path / 'fanout.db'}", "job_id": job_id}}
+    spec = {
+        **SPEC,
+        "fn": "tests.test_fanout:stolen_shard",
+        "args": {"url": f"sqlite:///{tmp_path / 'fanout.db'}", "job_id": job_id},
+    }
     with db() as session:
         fanout.ensure_shards(session, job_id, "p", [(0, 1)], spec)
     quick = settings.model_copy(update={"lease_seconds": 0.3})

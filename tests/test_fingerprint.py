@@ -32,7 +32,9 @@ OWNER = "fp-other"  # the owner of make_keys("fp")["other"] (submit + infer)
 # A hand-built manifest and its fingerprint, computed once: a change of the canonical form (key order,
 # separators, float rendering, which keys count) changes this digest.
 PINNED = {
-    "format": "chorus.ensemble/v1", "name": "pinned", "version": 2,
+    "format": "chorus.ensemble/v1",
+    "name": "pinned",
+    "version": 2,
     "base": {"base_model": "tiny-llama", "base_revision": "tiny-llama-seed0", "quantization": "none"},
     "max_length": 128,
     "members": [
@@ -54,8 +56,12 @@ def _flip_byte(path: Path, offset: int = -5) -> None:
 
 def _write_bundle(folder: Path, base: Any, name: str, seeds: dict[str, int]) -> EnsembleManifest:
     """Adapters (seeded, real PEFT folders on `base`) + a fingerprinted ensemble.json in `folder`."""
-    metas = {m: write_random_adapter(folder / "adapters" / m, base.model, base.info, name=m, tasks=["sst2"], rank=4,
-                                     seed=seed, b_scale=0.3) for m, seed in seeds.items()}
+    metas = {
+        m: write_random_adapter(
+            folder / "adapters" / m, base.model, base.info, name=m, tasks=["sst2"], rank=4, seed=seed, b_scale=0.3
+        )
+        for m, seed in seeds.items()
+    }
     weights = {m: 1.0 / len(seeds) for m in seeds}
     return write_ensemble(folder, base.info, metas, {"sst2": weights}, name=name)
 
@@ -73,8 +79,15 @@ def _ingest(workdir: Path, owner: str = OWNER) -> str:
         job = Job(id=new_id("job"), type="training", status="running", owner=owner)
         session.add(job)
         session.flush()
-        ingest_stage(session, ArtifactStore(), job_id=job.id, owner=owner, stage="training", workdir=workdir,
-                     summary={"artifacts": artifacts})
+        ingest_stage(
+            session,
+            ArtifactStore(),
+            job_id=job.id,
+            owner=owner,
+            stage="training",
+            workdir=workdir,
+            summary={"artifacts": artifacts},
+        )
         return session.scalars(select(Ensemble.id).where(Ensemble.job_id == job.id)).one()
 
 
@@ -100,10 +113,18 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         base = Base.load("tiny-llama", "none", "cpu")
         source = ChainSource([StoreEnsembleSource(), DirectoryEnsembleSource(root)])
         app = create_app(base=base, source=source, authenticator=DbKeyAuthenticator(0), max_wait_ms=1)
-        with TestClient(job_api(rate_limit_enabled=False), raise_server_exceptions=False) as jobs, \
-                TestClient(app, raise_server_exceptions=False) as inference:
-            yield {"jobs": jobs, "inference": inference, "keys": keys, "root": root, "base": base,
-                   "service": app.state.service}
+        with (
+            TestClient(job_api(rate_limit_enabled=False), raise_server_exceptions=False) as jobs,
+            TestClient(app, raise_server_exceptions=False) as inference,
+        ):
+            yield {
+                "jobs": jobs,
+                "inference": inference,
+                "keys": keys,
+                "root": root,
+                "base": base,
+                "service": app.state.service,
+            }
 
 
 def _load(env: dict[str, Any], ensemble_id: str) -> Any:
@@ -128,8 +149,9 @@ def test_fingerprint_changes_when_one_adapter_byte_changes(tiny_base, tmp_path: 
     _flip_byte(weights)
     # Rewrite the manifest as training does: each member's sha256 taken from its weights file.
     members = [m.model_copy(update={"sha256": sha256_file(tmp_path / m.path / WEIGHTS_FILE)}) for m in manifest.members]
-    rewritten = write_manifest(manifest.model_copy(update={"members": members, "fingerprint": None}),
-                               tmp_path / "ensemble.json")
+    rewritten = write_manifest(
+        manifest.model_copy(update={"members": members, "fingerprint": None}), tmp_path / "ensemble.json"
+    )
     assert rewritten.member("a0").sha256 == manifest.member("a0").sha256
     assert rewritten.member("a1").sha256 != manifest.member("a1").sha256
     assert rewritten.fingerprint != manifest.fingerprint
@@ -158,7 +180,9 @@ def test_job_api_and_inference_service_report_the_same_fingerprint(env, tmp_path
     served = env["inference"].get(f"/v1/ensembles/{ensemble_id}", headers=key).json()
     assert {m["name"]: m["sha256"] for m in served["members"]} == {m.name: m.sha256 for m in manifest.members}
     assert set(shown.json()["members"]) == {"c0", "c1"}
-    assert env["inference"].delete(f"/v1/ensembles/{ensemble_id}", headers=auth(env["keys"]["admin"])).status_code == 200
+    assert (
+        env["inference"].delete(f"/v1/ensembles/{ensemble_id}", headers=auth(env["keys"]["admin"])).status_code == 200
+    )
 
 
 # -- tampering --------------------------------------------------------------------------------------
@@ -199,8 +223,10 @@ def test_an_edited_stored_adapter_is_refused_naming_the_member(env, tmp_path: Pa
     ensemble_id = _ingest(tmp_path)
     key = auth(env["keys"]["other"])
     shown = env["jobs"].get(f"/v1/ensembles/{ensemble_id}", headers=key).json()
-    folders = {m: _stored_path(env["jobs"].get(f"/v1/adapters/{a}", headers=key).json()["artifact_id"])
-               for m, a in shown["members"].items()}
+    folders = {
+        m: _stored_path(env["jobs"].get(f"/v1/adapters/{a}", headers=key).json()["artifact_id"])
+        for m, a in shown["members"].items()
+    }
     names = [m.name for m in manifest.members]
 
     def refused(member: str) -> None:

@@ -25,10 +25,20 @@ def _versions(folder: Path, base: Any) -> dict[str, Any]:
     """v1.json (adapter a0) and v2.json (adapter b0) in `folder`; ensemble.json starts as v1."""
     versions = {}
     for version, (member, seed) in enumerate([("a0", 101), ("b0", 102)], start=1):
-        meta = write_random_adapter(folder / "adapters" / member, base.model, base.info, name=member, tasks=["sst2"],
-                                    rank=4, seed=seed, b_scale=0.5, targets=("q_proj", "v_proj", "o_proj"))
-        versions[f"v{version}"] = write_ensemble(folder, base.info, {member: meta}, {"sst2": {member: 1.0}}, name=ID,
-                                                 version=version)
+        meta = write_random_adapter(
+            folder / "adapters" / member,
+            base.model,
+            base.info,
+            name=member,
+            tasks=["sst2"],
+            rank=4,
+            seed=seed,
+            b_scale=0.5,
+            targets=("q_proj", "v_proj", "o_proj"),
+        )
+        versions[f"v{version}"] = write_ensemble(
+            folder, base.info, {member: meta}, {"sst2": {member: 1.0}}, name=ID, version=version
+        )
         (folder / f"v{version}.json").write_text((folder / "ensemble.json").read_text())
     (folder / "ensemble.json").write_text((folder / "v1.json").read_text())
     return versions
@@ -50,14 +60,28 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         versions = _versions(root / ID, base)
         examples = get_task("sst2").split("test")[:N_ROWS]
         ref_base = Base.load("tiny-llama", "none", "cpu")  # the offline reference, on a base of its own
-        expected = {m.fingerprint: torch.softmax(ensemble_choice_logits(ref_base, m, root / ID, "sst2", examples), -1)
-                    for m in versions.values()}
-        app = create_app(base=base, source=DirectoryEnsembleSource(root), authenticator=DbKeyAuthenticator(0),
-                         max_wait_ms=1, max_adapters=4)
+        expected = {
+            m.fingerprint: torch.softmax(ensemble_choice_logits(ref_base, m, root / ID, "sst2", examples), -1)
+            for m in versions.values()
+        }
+        app = create_app(
+            base=base,
+            source=DirectoryEnsembleSource(root),
+            authenticator=DbKeyAuthenticator(0),
+            max_wait_ms=1,
+            max_adapters=4,
+        )
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield {"client": client, "keys": keys, "root": root, "service": app.state.service, "expected": expected,
-                   "v1": versions["v1"].fingerprint, "v2": versions["v2"].fingerprint,
-                   "rows": [{"task": "sst2", "fields": ex.fields} for ex in examples]}
+            yield {
+                "client": client,
+                "keys": keys,
+                "root": root,
+                "service": app.state.service,
+                "expected": expected,
+                "v1": versions["v1"].fingerprint,
+                "v2": versions["v2"].fingerprint,
+                "rows": [{"task": "sst2", "fields": ex.fields} for ex in examples],
+            }
 
 
 def test_versions_differ_in_fingerprint_and_output(env) -> None:  # type: ignore[no-untyped-def]

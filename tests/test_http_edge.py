@@ -53,8 +53,9 @@ def test_body_limit_one_shape_declared_streamed_and_per_route() -> None:
         assert client.post("/echo/x", content=b"a" * 100).json() == {"name": "x", "bytes": 100}
         declared = client.post("/echo/x", content=b"a" * 101)
         assert declared.status_code == 413
-        assert declared.json() == {"error": {"code": "payload_too_large",
-                                             "message": "request body is over the 100-byte limit", "param": None}}
+        assert declared.json() == {
+            "error": {"code": "payload_too_large", "message": "request body is over the 100-byte limit", "param": None}
+        }
         streamed = client.post("/echo/x", content=iter([b"a" * 60, b"a" * 60]))  # chunked: no Content-Length
         assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
         assert client.post("/echo/big", content=b"a" * 900).status_code == 200  # per-route override
@@ -116,11 +117,17 @@ def test_client_retries_rate_limited_requests() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         calls["n"] += 1
         if request.url.path == "/v1/jobs/job-1" and calls["n"] < 3:
-            return httpx.Response(429, headers={"Retry-After": "0"},
-                                  json={"error": {"code": "rate_limited", "message": "slow down", "param": None}})
+            return httpx.Response(
+                429,
+                headers={"Retry-After": "0"},
+                json={"error": {"code": "rate_limited", "message": "slow down", "param": None}},
+            )
         if request.url.path == "/v1/jobs/job-2":
-            return httpx.Response(429, headers={"Retry-After": "120"},
-                                  json={"error": {"code": "rate_limited", "message": "slow down", "param": None}})
+            return httpx.Response(
+                429,
+                headers={"Retry-After": "120"},
+                json={"error": {"code": "rate_limited", "message": "slow down", "param": None}},
+            )
         if request.url.path == "/v1/jobs":
             return httpx.Response(429, json={"error": {"code": "quota_exceeded", "message": "too many", "param": None}})
         return httpx.Response(200, json={"id": "job-1", "status": "queued"})

@@ -125,8 +125,9 @@ def test_label_names_json_comma_and_file_agree(tmp_path: Path) -> None:
     with pytest.raises(DatasetValidationError, match="label_names: not a JSON list"):
         parse_label_names('["negative",')
     path = _csv(tmp_path / "d.csv", _rows(20, label=lambda i: i % 2))
-    for i, spec in enumerate(['["negative","positive"]', "negative,positive", f"@{tmp_path / 'names.txt'}",
-                              f"@{tmp_path / 'names.json'}"]):
+    for i, spec in enumerate(
+        ['["negative","positive"]', "negative,positive", f"@{tmp_path / 'names.txt'}", f"@{tmp_path / 'names.json'}"]
+    ):
         result = _import(str(path), "--name", f"names-{i}", "--label-names", spec)
         assert result.exit_code == 0, result.output
         assert get_task(f"names-{i}").choices == expected
@@ -248,8 +249,12 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation", "test", "unsupervised"]}))
     for split, n in (("train", 20), ("validation", 6), ("test", 4)):
-        _save_to_disk(folder / split, [{"text": f"{split} {i}", "label": i % 2} for i in range(n)], ["negative", "positive"])
-    _save_to_disk(folder / "unsupervised", [{"text": f"u {i}", "label": -1} for i in range(5)], ["negative", "positive"])
+        _save_to_disk(
+            folder / split, [{"text": f"{split} {i}", "label": i % 2} for i in range(n)], ["negative", "positive"]
+        )
+    _save_to_disk(
+        folder / "unsupervised", [{"text": f"u {i}", "label": -1} for i in range(5)], ["negative", "positive"]
+    )
     result = _import(str(folder))
     assert result.exit_code == 0, result.output
     assert "split 'unsupervised' of the saved dataset skipped" in result.output.replace("\n", " ")
@@ -296,8 +301,13 @@ def test_tasks_rm_refuses_while_a_job_uses_the_task(tmp_path: Path, home: Path) 
     assert _import(str(_csv(tmp_path / "busy.csv", _rows(10)))).exit_code == 0
     migrate()
     with session_scope() as session:
-        job = Job(id=new_id("job"), type="training", status="queued", owner="alice",
-                  params={"groups": [["cb", "busy"]], "model": "tiny-llama"})
+        job = Job(
+            id=new_id("job"),
+            type="training",
+            status="queued",
+            owner="alice",
+            params={"groups": [["cb", "busy"]], "model": "tiny-llama"},
+        )
         session.add(job)
         done = Job(id=new_id("job"), type="evaluation", status="succeeded", owner="alice", params={"tasks": ["busy"]})
         session.add(done)

@@ -24,8 +24,18 @@ N_EXAMPLES = 3
 
 def _adapters(folder: Path, base: Base, specs: dict[str, tuple[list[str], int, str]], info=None) -> dict:
     return {
-        name: write_random_adapter(folder / "adapters" / name, base.model, info or base.info, name=name, tasks=tasks,
-                                   rank=4, seed=seed, b_scale=0.3, role=role, targets=("q_proj", "v_proj", "o_proj"))
+        name: write_random_adapter(
+            folder / "adapters" / name,
+            base.model,
+            info or base.info,
+            name=name,
+            tasks=tasks,
+            rank=4,
+            seed=seed,
+            b_scale=0.3,
+            role=role,
+            targets=("q_proj", "v_proj", "o_proj"),
+        )
         for name, (tasks, seed, role) in specs.items()
     }
 
@@ -61,20 +71,27 @@ def env(tmp_path_factory):
     (alpha / "ensemble.json").write_text((alpha / "v1.json").read_text())
 
     beta = root / "beta"
-    write_ensemble(beta, base.info, _adapters(beta, base, {"h0": (["sst2"], 11, "group")}), {"sst2": {"h0": 1.0}},
-                   name="beta")
+    write_ensemble(
+        beta, base.info, _adapters(beta, base, {"h0": (["sst2"], 11, "group")}), {"sst2": {"h0": 1.0}}, name="beta"
+    )
 
     # 409: the manifest names another quantization; an adapter trained on another base revision
     nf4 = _copy(alpha, root / "nf4")
     data = json.loads((nf4 / "ensemble.json").read_text())
     data["base"]["quantization"] = "nf4"
     from shared.ml.training.ensemble import compute_fingerprint
+
     data["fingerprint"] = compute_fingerprint(data)
     (nf4 / "ensemble.json").write_text(json.dumps(data))
     foreign = root / "foreign"
     other = Base.load("tiny-llama-seed1", "none", "cpu")
-    write_ensemble(foreign, base.info, _adapters(foreign, base, {"f0": (["sst2"], 5, "group")}, info=other.info),
-                   {"sst2": {"f0": 1.0}}, name="foreign")
+    write_ensemble(
+        foreign,
+        base.info,
+        _adapters(foreign, base, {"f0": (["sst2"], 5, "group")}, info=other.info),
+        {"sst2": {"f0": 1.0}},
+        name="foreign",
+    )
     # tampered weights (same size, one byte flipped)
     tampered = _copy(alpha, root / "tampered")
     weights = tampered / "adapters" / "g1" / "adapter_model.safetensors"
@@ -100,19 +117,37 @@ def env(tmp_path_factory):
 
     migrate()
     with session_scope() as session:
-        keys = {scope: create_key(session, f"owner-{scope}", [scope], f"test {scope}")[1]
-                for scope in ("admin", "infer", "submit")}
+        keys = {
+            scope: create_key(session, f"owner-{scope}", [scope], f"test {scope}")[1]
+            for scope in ("admin", "infer", "submit")
+        }
         for owner in ("alice", "bob"):  # two tenants with inference keys
             keys[owner] = create_key(session, f"owner-{owner}", ["infer"], f"test {owner}")[1]
         revoked_row, keys["revoked"] = create_key(session, "owner-x", ["admin"], "revoked")
         from shared.db.models import utcnow
+
         revoked_row.revoked_at = utcnow()
 
-    app = create_app(base=base, source=DirectoryEnsembleSource(root), authenticator=DbKeyAuthenticator(0),
-                     max_wait_ms=3, max_row_chars=2000, max_rows_per_request=50, max_adapters=8,
-                     max_body_bytes=200_000)
-    return {"app": app, "root": root, "keys": keys, "examples": examples, "expected": expected,
-            "v1": v1.fingerprint, "v2": v2.fingerprint, "service": app.state.service}
+    app = create_app(
+        base=base,
+        source=DirectoryEnsembleSource(root),
+        authenticator=DbKeyAuthenticator(0),
+        max_wait_ms=3,
+        max_row_chars=2000,
+        max_rows_per_request=50,
+        max_adapters=8,
+        max_body_bytes=200_000,
+    )
+    return {
+        "app": app,
+        "root": root,
+        "keys": keys,
+        "examples": examples,
+        "expected": expected,
+        "v1": v1.fingerprint,
+        "v2": v2.fingerprint,
+        "service": app.state.service,
+    }
 
 
 def _h(env, scope="admin"):
@@ -168,11 +203,15 @@ def test_classify_equals_offline_ensemble(env):
             assert set(sst2["members"]) == {"g1", "g0"}
             # the text shorthand for a one-field task gives the same answer as fields
             ex = env["examples"]["sst2"][0]
-            r2 = await client.post("/v1/ensembles/alpha/classify", headers=_h(env, "infer"),
-                                   json={"rows": [{"task": "sst2", "text": ex.fields["sentence"]}]})
+            r2 = await client.post(
+                "/v1/ensembles/alpha/classify",
+                headers=_h(env, "infer"),
+                json={"rows": [{"task": "sst2", "text": ex.fields["sentence"]}]},
+            )
             assert r2.status_code == 200, r2.text
             assert r2.json()["results"][0]["probabilities"] == pytest.approx(
-                body["results"][2 * N_EXAMPLES]["probabilities"], abs=1e-5)
+                body["results"][2 * N_EXAMPLES]["probabilities"], abs=1e-5
+            )
             listed = await client.get("/v1/ensembles", headers=_h(env, "infer"))
             assert listed.status_code == 200
             assert [e["id"] for e in listed.json()["data"]] == ["alpha"]
@@ -188,8 +227,14 @@ def test_bad_rows_get_422_naming_row_and_field(env):
     cases = [
         ([{"task": "sst2", "text": "fine"}, {"task": "nope", "text": "x"}], "rows[1].task"),
         ([{"task": "copa", "fields": {"premise": "a"}}], "rows[0].task"),  # a real task, not in the ensemble
-        ([{"task": "sst2", "text": "ok"}, {"task": "sst2", "text": "ok"},
-          {"task": "cb", "fields": {"premise": "It rains."}}], "rows[2].fields.hypothesis"),
+        (
+            [
+                {"task": "sst2", "text": "ok"},
+                {"task": "sst2", "text": "ok"},
+                {"task": "cb", "fields": {"premise": "It rains."}},
+            ],
+            "rows[2].fields.hypothesis",
+        ),
         ([{"task": "sst2", "text": "x" * 2001}], "rows[0].fields.sentence"),
         ([{"task": "cb", "text": "two fields needed"}], "rows[0].text"),
         ([{"task": "sst2"}], "rows[0].fields"),
@@ -210,11 +255,17 @@ def test_bad_rows_get_422_naming_row_and_field(env):
                 assert set(error) == {"code", "message", "param"} and error["message"]
             r = await client.post("/v1/ensembles/alpha/classify", headers=_h(env, "infer"), content=b"{not json")
             assert r.status_code == 422 and "error" in r.json()
-            r = await client.post("/v1/ensembles/alpha/classify", headers=_h(env, "infer"),
-                                  json={"rows": [{"task": "sst2", "text": "y" * 300_000}]})
+            r = await client.post(
+                "/v1/ensembles/alpha/classify",
+                headers=_h(env, "infer"),
+                json={"rows": [{"task": "sst2", "text": "y" * 300_000}]},
+            )
             assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
-            r = await client.post("/v1/ensembles/missing/classify", headers=_h(env, "infer"),
-                                  json={"rows": [{"task": "sst2", "text": "a"}]})
+            r = await client.post(
+                "/v1/ensembles/missing/classify",
+                headers=_h(env, "infer"),
+                json={"rows": [{"task": "sst2", "text": "a"}]},
+            )
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
     asyncio.run(main())
@@ -251,11 +302,17 @@ def test_scopes(env):
     async def main():
         async with _client(env) as client:
             await _ensure_alpha(client, env)
-            for method, url, body in [("POST", "/v1/ensembles/alpha/classify", row), ("GET", "/v1/ensembles", None),
-                                      ("POST", "/v1/ensembles/alpha/load", None), ("DELETE", "/v1/ensembles/beta", None)]:
+            for method, url, body in [
+                ("POST", "/v1/ensembles/alpha/classify", row),
+                ("GET", "/v1/ensembles", None),
+                ("POST", "/v1/ensembles/alpha/load", None),
+                ("DELETE", "/v1/ensembles/beta", None),
+            ]:
                 r = await client.request(method, url, json=body)
                 assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", url
-                r = await client.request(method, url, json=body, headers={"Authorization": "Bearer chorus_wrong_key_123456"})
+                r = await client.request(
+                    method, url, json=body, headers={"Authorization": "Bearer chorus_wrong_key_123456"}
+                )
                 assert r.status_code == 401, url
                 r = await client.request(method, url, json=body, headers=_h(env, "revoked"))
                 assert r.status_code == 401, url
@@ -264,8 +321,12 @@ def test_scopes(env):
             assert (await client.delete("/v1/ensembles/alpha", headers=_h(env, "infer"))).status_code == 403
             r = await client.post("/v1/ensembles/alpha/classify", json=row, headers=_h(env, "submit"))
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-            assert (await client.post("/v1/ensembles/alpha/classify", json=row, headers=_h(env, "infer"))).status_code == 200
-            assert (await client.post("/v1/ensembles/alpha/classify", json=row, headers=_h(env, "admin"))).status_code == 200
+            assert (
+                await client.post("/v1/ensembles/alpha/classify", json=row, headers=_h(env, "infer"))
+            ).status_code == 200
+            assert (
+                await client.post("/v1/ensembles/alpha/classify", json=row, headers=_h(env, "admin"))
+            ).status_code == 200
             health = await client.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "ok"
 
@@ -332,8 +393,14 @@ def test_unload_while_requests_are_in_flight(env):
             await _ensure_alpha(client, env)
             gate = threading.Event()
             service.model_executor.submit(gate.wait, 30)  # hold the model thread: requests queue behind it
-            tasks = [asyncio.create_task(client.post("/v1/ensembles/alpha/classify", headers=_h(env, "infer"),
-                                                     json={"rows": _rows(env, ("cb",))})) for _ in range(4)]
+            tasks = [
+                asyncio.create_task(
+                    client.post(
+                        "/v1/ensembles/alpha/classify", headers=_h(env, "infer"), json={"rows": _rows(env, ("cb",))}
+                    )
+                )
+                for _ in range(4)
+            ]
             for _ in range(200):
                 await asyncio.sleep(0.01)
                 if service.ensembles["alpha"].in_flight == 4:
@@ -341,8 +408,9 @@ def test_unload_while_requests_are_in_flight(env):
             assert service.ensembles["alpha"].in_flight == 4
             r = await client.delete("/v1/ensembles/alpha", headers=_h(env))
             assert r.status_code == 200 and r.json()["in_flight"] == 4
-            late = await client.post("/v1/ensembles/alpha/classify", headers=_h(env, "infer"),
-                                     json={"rows": _rows(env, ("cb",))})
+            late = await client.post(
+                "/v1/ensembles/alpha/classify", headers=_h(env, "infer"), json={"rows": _rows(env, ("cb",))}
+            )
             assert late.status_code == 404  # unloaded: new requests are refused...
             gate.set()
             done = await asyncio.gather(*tasks)
@@ -366,9 +434,14 @@ def test_metrics(env):
     r = asyncio.run(main())
     assert r.status_code == 200
     text = r.text
-    for name in ("chorus_inference_requests_total", "chorus_inference_request_seconds_bucket",
-                 "chorus_inference_batch_pairs_bucket", "chorus_inference_loaded_adapters",
-                 "chorus_inference_loaded_ensembles", "chorus_inference_rows_total"):
+    for name in (
+        "chorus_inference_requests_total",
+        "chorus_inference_request_seconds_bucket",
+        "chorus_inference_batch_pairs_bucket",
+        "chorus_inference_loaded_adapters",
+        "chorus_inference_loaded_ensembles",
+        "chorus_inference_rows_total",
+    ):
         assert name in text, name
     assert 'route="/v1/ensembles/{ensemble_id}/classify"' in text
 
@@ -381,13 +454,23 @@ def _stored_ensemble(service, folder: Path, name: str, owner: str) -> str:
     from shared.storage import ArtifactStore
 
     base = service.base
-    metas = {n: write_random_adapter(folder / "adapters" / n, base.model, base.info, name=n, tasks=["sst2"],
-                                     seed=20 + i) for i, n in enumerate(["s0", "s1"])}
+    metas = {
+        n: write_random_adapter(folder / "adapters" / n, base.model, base.info, name=n, tasks=["sst2"], seed=20 + i)
+        for i, n in enumerate(["s0", "s1"])
+    }
     write_ensemble(folder, base.info, metas, {"sst2": {"s0": 1.0, "s1": 0.5}}, name=name)
     with session_scope() as session:
-        ingest_stage(session, ArtifactStore(), job_id=None, owner=owner, stage="training", workdir=folder,
-                     summary={"artifacts": {"adapters/s0": "adapters/s0", "adapters/s1": "adapters/s1",
-                                            "ensemble": "ensemble.json"}})
+        ingest_stage(
+            session,
+            ArtifactStore(),
+            job_id=None,
+            owner=owner,
+            stage="training",
+            workdir=folder,
+            summary={
+                "artifacts": {"adapters/s0": "adapters/s0", "adapters/s1": "adapters/s1", "ensemble": "ensemble.json"}
+            },
+        )
         return session.query(Ensemble).filter_by(name=name).one().id
 
 
@@ -400,12 +483,16 @@ def test_ensembles_from_the_job_store(env, tmp_path):
     original = service.source
     service.source = StoreEnsembleSource()
     try:
+
         async def main():
             async with _client(env) as client:
                 r = await client.post(f"/v1/ensembles/{ensemble_id}/load", headers=_h(env))
                 assert r.status_code == 200, r.text
-                r = await client.post(f"/v1/ensembles/{ensemble_id}/classify", headers=_h(env, "infer"),
-                                      json={"rows": [{"task": "sst2", "text": "a fine film"}]})
+                r = await client.post(
+                    f"/v1/ensembles/{ensemble_id}/classify",
+                    headers=_h(env, "infer"),
+                    json={"rows": [{"task": "sst2", "text": "a fine film"}]},
+                )
                 assert r.status_code == 200, r.text
                 assert set(r.json()["results"][0]["members"]) == {"s0", "s1"}
                 assert (await client.delete(f"/v1/ensembles/{ensemble_id}", headers=_h(env))).status_code == 200

@@ -23,8 +23,9 @@ OWNER = "lazy-other"  # the owner of make_keys("lazy")["other"] (submit + infer)
 
 
 def _bundle(folder: Path, base: Any, name: str, seed: int) -> str:
-    meta = write_random_adapter(folder / "adapters" / "g0", base.model, base.info, name="g0", tasks=["sst2"], rank=4,
-                                seed=seed, b_scale=0.3)
+    meta = write_random_adapter(
+        folder / "adapters" / "g0", base.model, base.info, name="g0", tasks=["sst2"], rank=4, seed=seed, b_scale=0.3
+    )
     return write_ensemble(folder, base.info, {"g0": meta}, {"sst2": {"g0": 1.0}}, name=name).fingerprint
 
 
@@ -39,8 +40,15 @@ def _ingest(workdir: Path, owner: str = OWNER) -> tuple[str, str]:
         job = Job(id=new_id("job"), type="training", status="running", owner=owner)
         session.add(job)
         session.flush()
-        ingest_stage(session, ArtifactStore(), job_id=job.id, owner=owner, stage="training", workdir=workdir,
-                     summary={"artifacts": {"ensemble": "ensemble.json", "adapter:g0": "adapters/g0"}})
+        ingest_stage(
+            session,
+            ArtifactStore(),
+            job_id=job.id,
+            owner=owner,
+            stage="training",
+            workdir=workdir,
+            summary={"artifacts": {"ensemble": "ensemble.json", "adapter:g0": "adapters/g0"}},
+        )
         row = session.scalars(select(Ensemble).where(Ensemble.job_id == job.id)).one()
         return row.id, row.artifact_id
 
@@ -67,8 +75,13 @@ def env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
             source = ChainSource([StoreEnsembleSource(), DirectoryEnsembleSource(root)])
             return create_app(base=base, source=source, authenticator=DbKeyAuthenticator(0), max_wait_ms=1, **settings)
 
-        yield {"lazy": app(lazy_base, lazy_load=True), "default": app(Base.load("tiny-llama", "none", "cpu")),
-               "keys": keys, "jobs": jobs, "folder_fp": folder_fp}
+        yield {
+            "lazy": app(lazy_base, lazy_load=True),
+            "default": app(Base.load("tiny-llama", "none", "cpu")),
+            "keys": keys,
+            "jobs": jobs,
+            "folder_fp": folder_fp,
+        }
 
 
 def _run(app: Any, calls: Any) -> Any:
@@ -183,8 +196,9 @@ def test_folder_ensembles_and_unknown_ids_load_for_admin_keys_only(env) -> None:
         assert _loaded(app)["handmade"] == "lazy-admin"  # the loading admin key's owner, as with POST .../load
         r = await _classify(client, "handmade", keys["other"])
         assert r.status_code == 404, r.text
-        r = await client.post("/v1/ensembles/handmade/classify", headers=auth(keys["other"]),
-                              json={"rows": [ROW] * 300})
+        r = await client.post(
+            "/v1/ensembles/handmade/classify", headers=auth(keys["other"]), json={"rows": [ROW] * 300}
+        )
         assert r.status_code == 422 and r.json()["error"]["param"] == "rows"  # checked before anything loads
 
     _run(app, calls)

@@ -13,7 +13,11 @@ def test_tiny_llama_is_deterministic(tiny_base):
     again = Base.load("tiny-llama", "none", "cpu")
     for (n1, p1), (n2, p2) in zip(tiny_base.model.named_parameters(), again.model.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
-    assert tiny_base.info.identity() == {"base_model": "tiny-llama", "base_revision": "tiny-llama-seed0", "quantization": "none"}
+    assert tiny_base.info.identity() == {
+        "base_model": "tiny-llama",
+        "base_revision": "tiny-llama-seed0",
+        "quantization": "none",
+    }
 
 
 def test_other_seed_gives_other_weights(tiny_base):

@@ -6,6 +6,7 @@ fake clock; the heartbeat thread by a short interval."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,9 +41,20 @@ def test_stage_meter_never_goes_backwards() -> None:
     seen = []
     # a stage as the affinity stage reports it: meta fine-tune, gradients, estimate (restarting from 0 each),
     # a step reported again after a later one, a total that grows, and a step without a total
-    for step, done, total in [("meta", 0, 10), ("meta", 5, 10), ("meta", 10, 10), ("gradients", 0, 4),
-                              ("gradients", 4, 4), ("estimate", 0, 40), ("gradients", 1, 4), ("estimate", 10, 40),
-                              ("estimate", 10, 80), ("estimate", 80, 80), ("finalize", 0, 0), ("finalize", 1, 1)]:
+    for step, done, total in [
+        ("meta", 0, 10),
+        ("meta", 5, 10),
+        ("meta", 10, 10),
+        ("gradients", 0, 4),
+        ("gradients", 4, 4),
+        ("estimate", 0, 40),
+        ("gradients", 1, 4),
+        ("estimate", 10, 40),
+        ("estimate", 10, 80),
+        ("estimate", 80, 80),
+        ("finalize", 0, 0),
+        ("finalize", 1, 1),
+    ]:
         seen.append(meter.update(step, done, total))
     assert seen == sorted(seen), seen
     assert 0.0 == seen[0] < seen[-1] < 1.0
@@ -51,11 +63,20 @@ def test_stage_meter_never_goes_backwards() -> None:
 
 def test_job_percent_is_monotone_over_stages_and_attempts() -> None:
     percent = JobPercent()
-    values = [percent.update(stage, i, 3, step, done, total) for stage, i, step, done, total in [
-        ("affinity", 0, "gradients", 0, 10), ("affinity", 0, "gradients", 10, 10), ("affinity", 0, "estimate", 0, 5),
-        ("grouping", 1, "grouping", 0, 1), ("grouping", 1, "grouping", 1, 1),
-        ("affinity", 0, "gradients", 3, 10),  # a late event of an earlier stage
-        ("training", 2, "train", 0, 100), ("training", 2, "evaluate", 0, 6), ("training", 2, "evaluate", 6, 6)]]
+    values = [
+        percent.update(stage, i, 3, step, done, total)
+        for stage, i, step, done, total in [
+            ("affinity", 0, "gradients", 0, 10),
+            ("affinity", 0, "gradients", 10, 10),
+            ("affinity", 0, "estimate", 0, 5),
+            ("grouping", 1, "grouping", 0, 1),
+            ("grouping", 1, "grouping", 1, 1),
+            ("affinity", 0, "gradients", 3, 10),  # a late event of an earlier stage
+            ("training", 2, "train", 0, 100),
+            ("training", 2, "evaluate", 0, 6),
+            ("training", 2, "evaluate", 6, 6),
+        ]
+    ]
     assert values == sorted(values) and values[-1] < 100.0
     assert values[3] == pytest.approx(100 / 3)  # a new stage starts at its share
 
@@ -110,7 +131,9 @@ def test_idle_text_is_repeated_while_no_step_runs() -> None:
     progress.idle("job-1 running; last event: stage affinity started (1/3)")
     clock.now += 30
     progress.tick()
-    assert len(_lines(out)) == 2 and _lines(out)[1].endswith("job-1 running; last event: stage affinity started (1/3) [30s]")
+    assert len(_lines(out)) == 2 and _lines(out)[1].endswith(
+        "job-1 running; last event: stage affinity started (1/3) [30s]"
+    )
     progress("gradients", 0, 8)
     clock.now += 30
     progress.tick()  # a running step is shown rather than the idle text
@@ -180,8 +203,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
@@ -195,11 +219,10 @@ def test_follow_prints_progress_lines_into_a_log(api: dict[str, Any]) -> None:
     from shared.jobs.runner import run_job
 
     matrix = [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]
-    params = '{"affinity": {"tasks": ["cb", "rte", "copa", "wic"], "matrix": %s}, "groups": 2}' % matrix
+    params = json.dumps({"affinity": {"tasks": ["cb", "rte", "copa", "wic"], "matrix": matrix}, "groups": 2})
     env = {"CHORUS_API_URL": api["url"], "CHORUS_API_KEY": api["keys"]["submit"], "COLUMNS": "200"}
     r = CliRunner().invoke(app, ["submit", "grouping", "--params", params, "--json"], env=env)
     assert r.exit_code == 0, r.output
-    import json
 
     job_id = json.loads(r.stdout)["id"]
     assert run_job(job_id)["outcome"] == "succeeded"
@@ -218,8 +241,17 @@ def test_the_job_apis_percent_never_goes_backwards_within_a_stage(tmp_path, monk
 
     monkeypatch.setattr(job_progress, "get_sessionmaker", lambda: None)
     p = job_progress.JobProgress("job-x", "token", object(), "affinity", 1, 3)
-    seen = [p.snapshot(step, done, total)["percent"]
-            for step, done, total in [("meta", 5, 10), ("meta", 10, 10), ("gradients", 0, 12), ("gradients", 6, 12),
-                                      ("meta", 0, 10), ("estimate", 1, 4), ("gradients", 12, 12)]]
+    seen = [
+        p.snapshot(step, done, total)["percent"]
+        for step, done, total in [
+            ("meta", 5, 10),
+            ("meta", 10, 10),
+            ("gradients", 0, 12),
+            ("gradients", 6, 12),
+            ("meta", 0, 10),
+            ("estimate", 1, 4),
+            ("gradients", 12, 12),
+        ]
+    ]
     assert seen == sorted(seen) and 100 / 3 < seen[0] and seen[-1] < 200 / 3
     assert p.snapshot(None, 0, 0, "starting")["percent"] == seen[-1]

@@ -21,9 +21,19 @@ from services.cli.main import app
 from tests.bad_input_apps import auth, isolated_home, job_api, make_keys
 from tests.integration.conftest import wait_for
 
-PIPELINE = {"model": "tiny-llama", "quantization": "none", "tasks": ["cb", "rte"], "groups": 2, "seed": 0,
-            "max_train": 8, "max_val": 4, "max_test": 4, "max_length": 64, "affinity": {"dim": 8},
-            "training": {"epochs": 1, "batch_size": 4, "eval_batch_size": 8, "rank": 2, "boosting": {"enabled": False}}}
+PIPELINE = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "tasks": ["cb", "rte"],
+    "groups": 2,
+    "seed": 0,
+    "max_train": 8,
+    "max_val": 4,
+    "max_test": 4,
+    "max_length": 64,
+    "affinity": {"dim": 8},
+    "training": {"epochs": 1, "batch_size": 4, "eval_batch_size": 8, "rank": 2, "boosting": {"enabled": False}},
+}
 WIDE = {"COLUMNS": "200"}
 
 
@@ -36,8 +46,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
@@ -72,13 +83,20 @@ def test_results_prints_the_accuracy_and_cost_tables(api: dict[str, Any], pipeli
     assert r.exit_code == 0, r.output
     text = r.stdout
     assert not text.lstrip().startswith("{") and '"stages"' not in text  # tables, not a JSON dump
-    report = json.loads(httpx.get(f"{api['url']}/v1/artifacts/{_artifacts(api, pipeline_job)['pipeline_report']}"
-                                  "/content", headers=auth(api["keys"]["submit"])).content)
+    report = json.loads(
+        httpx.get(
+            f"{api['url']}/v1/artifacts/{_artifacts(api, pipeline_job)['pipeline_report']}/content",
+            headers=auth(api["keys"]["submit"]),
+        ).content
+    )
     header = next(line for line in text.splitlines() if "zero_shot" in line)
     assert "single" in header and "ensemble" in header
     for task in ("cb", "rte"):  # each task's row shows the report's accuracies, in %
         row = next(line for line in text.splitlines() if line.strip("│┃ ").startswith(task))
-        assert f"{100 * report['tasks'][task]['ensemble']:.1f}" in row and f"{100 * report['tasks'][task]['zero_shot']:.1f}" in row
+        assert (
+            f"{100 * report['tasks'][task]['ensemble']:.1f}" in row
+            and f"{100 * report['tasks'][task]['zero_shot']:.1f}" in row
+        )
     assert "average" in text
     ratio = report["cost"]["ensemble_vs_single_flops"]
     assert "ensemble / single training compute" in text and f"{ratio:.3f}x" in text
@@ -131,14 +149,24 @@ def _artifacts(api: dict[str, Any], job_id: str) -> dict[str, str]:
 
 
 @pytest.mark.needs_data
-@pytest.mark.parametrize("job_type, params, expected", [
-    ("evaluation", {"model": "tiny-llama", "tasks": ["cb", "rte"], "max_examples": 4, "batch_size": 4},
-     ["macro-F1", "cb", "rte", "average"]),
-    ("affinity", {"model": "tiny-llama", "tasks": ["cb", "rte"], "max_train": 8, "max_val": 4, "dim": 8,
-                  "max_length": 64}, ["T[i, j] = estimated", "neg_loss", "cb", "rte", "subsets"]),
-])
-def test_results_of_other_job_types_print_their_offline_tables(api: dict[str, Any], job_type: str,
-                                                               params: dict[str, Any], expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    "job_type, params, expected",
+    [
+        (
+            "evaluation",
+            {"model": "tiny-llama", "tasks": ["cb", "rte"], "max_examples": 4, "batch_size": 4},
+            ["macro-F1", "cb", "rte", "average"],
+        ),
+        (
+            "affinity",
+            {"model": "tiny-llama", "tasks": ["cb", "rte"], "max_train": 8, "max_val": 4, "dim": 8, "max_length": 64},
+            ["T[i, j] = estimated", "neg_loss", "cb", "rte", "subsets"],
+        ),
+    ],
+)
+def test_results_of_other_job_types_print_their_offline_tables(
+    api: dict[str, Any], job_type: str, params: dict[str, Any], expected: list[str]
+) -> None:
     r = _cli(api, "results", _job(api, job_type, params))
     assert r.exit_code == 0, r.output
     for text in expected:

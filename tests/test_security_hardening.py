@@ -39,8 +39,14 @@ def test_model_names_registry_and_allowed_dirs(tmp_path: Path) -> None:
     assert dirs == [allowed.resolve()]
     assert check_api_model("smollm2-135m") == "smollm2-135m"
     assert check_api_model(str(allowed / "mine"), dirs) == str(allowed / "mine")
-    for name, dirs_given in [(str(allowed / "mine"), []), (str(outside), dirs), (str(allowed / "escape"), dirs),
-                             (str(allowed / ".." / "elsewhere"), dirs), ("models/mine", dirs), ("tmp", dirs)]:
+    for name, dirs_given in [
+        (str(allowed / "mine"), []),
+        (str(outside), dirs),
+        (str(allowed / "escape"), dirs),
+        (str(allowed / ".." / "elsewhere"), dirs),
+        ("models/mine", dirs),
+        ("tmp", dirs),
+    ]:
         with pytest.raises(ModelNameError):
             check_api_model(name, dirs_given)
     assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -58,9 +64,11 @@ def test_api_params_modules_stay_torch_free() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from services.api import job_params; from shared.ml import model_names; "
-            "from shared.jobs.registry import JOB_TYPES; [jt.params_class() for jt in JOB_TYPES.values()]; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from services.api import job_params; from shared.ml import model_names; "
+        "from shared.jobs.registry import JOB_TYPES; [jt.params_class() for jt in JOB_TYPES.values()]; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -77,19 +85,28 @@ def test_model_folders_only_inside_allowed_dirs(home: Path, tmp_path: Path) -> N
     (allowed / "escape").symlink_to(tmp_path)
     keys = make_keys("folders")
     with TestClient(job_api(rate_limit_enabled=False, allowed_model_dirs=str(allowed))) as client:
-        ok = client.post("/v1/jobs", headers=auth(keys["submit"]),
-                         json={"type": "evaluation", "params": {**EVAL, "model": str(allowed / "mine")}})
+        ok = client.post(
+            "/v1/jobs",
+            headers=auth(keys["submit"]),
+            json={"type": "evaluation", "params": {**EVAL, "model": str(allowed / "mine")}},
+        )
         assert ok.status_code == 201, ok.text
         before = store_state()
         for model in (str(allowed / "escape"), str(tmp_path), "mine", "tiny-llama-seed9"):
-            r = client.post("/v1/jobs", headers=auth(keys["submit"]), json={"type": "evaluation",
-                                                                             "params": {**EVAL, "model": model}})
+            r = client.post(
+                "/v1/jobs",
+                headers=auth(keys["submit"]),
+                json={"type": "evaluation", "params": {**EVAL, "model": model}},
+            )
             assert r.status_code == 422 and r.json()["error"]["param"] == "params.model", (model, r.text)
             assert str(tmp_path) not in r.json()["error"]["message"]  # server paths are scrubbed
         assert store_state() == before
     with TestClient(job_api(rate_limit_enabled=False)) as client:  # default: no folders at all
-        r = client.post("/v1/jobs", headers=auth(keys["submit"]),
-                        json={"type": "evaluation", "params": {**EVAL, "model": str(allowed / "mine")}})
+        r = client.post(
+            "/v1/jobs",
+            headers=auth(keys["submit"]),
+            json={"type": "evaluation", "params": {**EVAL, "model": str(allowed / "mine")}},
+        )
         assert r.status_code == 422 and r.json()["error"]["param"] == "params.model"
 
 
@@ -143,8 +160,12 @@ def _keyless_statuses(options: dict[str, Any]) -> list[int]:
     app = job_api(rate_limit_anon_burst=3, rate_limit_anon_rate=0.001, rate_limit_redis_url="memory")
     server, thread, port = _serve(app, options)
     try:
-        return [httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"X-Forwarded-For": f"203.0.113.{i}"},
-                          timeout=30).status_code for i in range(6)]
+        return [
+            httpx.get(
+                f"http://127.0.0.1:{port}/v1/jobs", headers={"X-Forwarded-For": f"203.0.113.{i}"}, timeout=30
+            ).status_code
+            for i in range(6)
+        ]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -176,8 +197,9 @@ def test_cli_commands_start_uvicorn_without_proxy_trust(home: Path, monkeypatch:
     for name in ("MODEL", "QUANTIZATION", "DEVICE", "PRELOAD"):
         monkeypatch.delenv(f"CHORUS_INFERENCE_{name}", raising=False)
     api_command(host="127.0.0.1", port=8000, workers=1, log_level="warning")
-    inference_command(host="127.0.0.1", port=8001, model=None, quantization=None, device=None, preload=None,
-                      log_level="warning")
+    inference_command(
+        host="127.0.0.1", port=8001, model=None, quantization=None, device=None, preload=None, log_level="warning"
+    )
     assert [(c["proxy_headers"], c["forwarded_allow_ips"]) for c in calls] == [(False, "")] * 2
     cmd = _inference_cmd("127.0.0.1", 8001)
     assert cmd is not None and ("--no-proxy-headers" in cmd or cmd[2:4] == ["services.cli.main", "inference"])

@@ -35,17 +35,32 @@ SERVICE_ENV = {
     "CHORUS_QUEUE": "chorus",
 }
 TASKS4 = ["cb", "rte", "copa", "wic"]
-AFFINITY = {"tasks": TASKS4, "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1],
-                                        [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]]}
+AFFINITY = {
+    "tasks": TASKS4,
+    "matrix": [[0.9, 0.8, 0.1, 0.2], [0.8, 0.9, 0.2, 0.1], [0.1, 0.2, 0.9, 0.8], [0.2, 0.1, 0.8, 0.9]],
+}
 GROUPING = {"affinity": AFFINITY, "groups": 2, "method": "sdp"}
 SMALL_EVAL = {"model": "tiny-llama", "tasks": ["cb", "rte"], "max_examples": 4, "batch_size": 4}
 # Runs for minutes on tiny-llama (batch 1, every test row, ~5000 rows): stopped long before that.
 LONG_EVAL = {"model": "tiny-llama", "tasks": ["sst2", "mr", "subj", "cr"], "batch_size": 1, "max_length": 64}
 SOFT_LIMIT = 25  # seconds: the forked job process imports the ML core and starts the stage well within it
-TRAINING = {"model": "tiny-llama", "quantization": "none", "groups": [["cb"], ["rte"]], "epochs": 1,
-            "max_train": 8, "max_val": 4, "max_test": 4, "batch_size": 4, "eval_batch_size": 8, "rank": 2,
-            "max_length": 64, "seed": 0, "boosting": {"enabled": False}, "baselines": {"single": False},
-            "zero_shot": False}
+TRAINING = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "groups": [["cb"], ["rte"]],
+    "epochs": 1,
+    "max_train": 8,
+    "max_val": 4,
+    "max_test": 4,
+    "batch_size": 4,
+    "eval_batch_size": 8,
+    "rank": 2,
+    "max_length": 64,
+    "seed": 0,
+    "boosting": {"enabled": False},
+    "baselines": {"single": False},
+    "zero_shot": False,
+}
 
 
 def _clear_service_caches() -> None:
@@ -67,7 +82,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         with isolated_home(tmp_path_factory.mktemp("service-home")) as path:
             from shared.config import get_settings
 
-            assert get_settings().db_url.startswith("sqlite:///") and get_settings().celery_broker_url.startswith("sqla+sqlite:///")
+            assert get_settings().db_url.startswith("sqlite:///") and get_settings().celery_broker_url.startswith(
+                "sqla+sqlite:///"
+            )
             yield path
         from shared.db.session import dispose_engines
 
@@ -119,8 +136,11 @@ def _events(api: TestClient, key: str, job_id: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     after: int | None = None
     while True:
-        page = api.get(f"/v1/jobs/{job_id}/events", headers=auth(key),
-                       params={"limit": 7, **({"after": after} if after is not None else {})}).json()
+        page = api.get(
+            f"/v1/jobs/{job_id}/events",
+            headers=auth(key),
+            params={"limit": 7, **({"after": after} if after is not None else {})},
+        ).json()
         out += page["data"]
         if not page["has_more"]:
             return out
@@ -132,7 +152,9 @@ def _messages(api: TestClient, key: str, job_id: str) -> list[str]:
 
 
 def _wait_done(api: TestClient, key: str, job_id: str, timeout: float = 240) -> dict[str, Any]:
-    return wait_for(lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.3, f"{job_id} to finish")
+    return wait_for(
+        lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.3, f"{job_id} to finish"
+    )
 
 
 def _db_job(job_id: str) -> Any:
@@ -256,8 +278,12 @@ def test_cooperative_cancel_of_a_running_job(api, keys, parked) -> None:  # type
     outcome: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: outcome.update(_run(job["id"])), daemon=True)
     runner.start()
-    wait_for(lambda: any((e.get("data") or {}).get("type") == "progress" for e in _events(api, key, job["id"])),
-             120, 0.2, "the first progress report")
+    wait_for(
+        lambda: any((e.get("data") or {}).get("type") == "progress" for e in _events(api, key, job["id"])),
+        120,
+        0.2,
+        "the first progress report",
+    )
     cancelled = api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key)).json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     runner.join(timeout=120)
@@ -337,11 +363,15 @@ def test_json_body_cap_refuses_oversized_job_requests(api, keys, parked, monkeyp
     big = {"type": "grouping", "params": GROUPING, "metadata": {"note": "x" * 5000}}
     declared = api.post("/v1/jobs", headers=auth(key), json=big)
     assert declared.status_code == 413, declared.text
-    assert declared.json()["error"] == {"code": "payload_too_large", "message": "request body is over the 4,096-byte limit",
-                                        "param": None}
+    assert declared.json()["error"] == {
+        "code": "payload_too_large",
+        "message": "request body is over the 4,096-byte limit",
+        "param": None,
+    }
     body = json.dumps(big).encode()
-    streamed = api.post("/v1/jobs", headers={**auth(key), "content-type": "application/json"},
-                        content=iter([body[:3000], body[3000:]]))  # chunked: no Content-Length
+    streamed = api.post(
+        "/v1/jobs", headers={**auth(key), "content-type": "application/json"}, content=iter([body[:3000], body[3000:]])
+    )  # chunked: no Content-Length
     assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
     assert store_state() == before  # nothing was written
     small = api.post("/v1/jobs", headers=auth(key), json={**big, "metadata": {"note": "x" * 100}})
@@ -389,8 +419,11 @@ def server(home: Path) -> Iterator[str]:
     import uvicorn
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port,
-                                        log_level="warning", lifespan="on"))
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_for(lambda: srv.started, 30, 0.05, "uvicorn to start")
@@ -441,8 +474,9 @@ def test_python_client_against_the_real_api(server, keys, parked, tmp_path) -> N
         assert client.cancel(queued["id"])["status"] == "cancelled"
         assert _run(queued["id"])["outcome"] == "terminal"  # a cancelled job's message does nothing
         rows = tmp_path / "reviews.jsonl"
-        rows.write_text("".join(json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) + "\n"
-                                for i in range(20)))
+        rows.write_text(
+            "".join(json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(20))
+        )
         dataset = client.upload_dataset(rows, "reviews", "text", "label")
         assert dataset["num_rows"] == 20 and [d["id"] for d in client.list_datasets()["data"]] == [dataset["id"]]
         assert client.delete_dataset(dataset["id"])["deleted"] is True
@@ -494,15 +528,15 @@ def test_worker_enforces_the_job_time_limit(api, keys, worker, monkeypatch) -> N
     job = _submit(api, key, "evaluation", LONG_EVAL)
     monkeypatch.setenv("CHORUS_QUEUE", "chorus")
     _clear_service_caches()
-    worker_module.celery_app.send_task(worker_module.RUN_JOB, args=[job["id"]], queue="chorus",
-                                       soft_time_limit=SOFT_LIMIT, time_limit=SOFT_LIMIT + 60)
+    worker_module.celery_app.send_task(
+        worker_module.RUN_JOB, args=[job["id"]], queue="chorus", soft_time_limit=SOFT_LIMIT, time_limit=SOFT_LIMIT + 60
+    )
     done = _wait_done(api, key, job["id"], 180)
     assert done["status"] == "failed", (done, worker.text()[-3000:])
     assert done["error"]["code"] == "timeout"
     assert done["error"]["message"] == "stage evaluation exceeded the job time limit"
     assert done["stages"][0]["status"] == "failed"
     assert "job succeeded" not in _messages(api, key, job["id"])
-
 
 
 def test_time_limit_before_the_stage_starts_fails_the_job(api, keys, worker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -516,8 +550,12 @@ def test_time_limit_before_the_stage_starts_fails_the_job(api, keys, worker, mon
     _clear_service_caches()
     # Far shorter than importing the grouping stage (cvxpy, sklearn, matplotlib) in the fresh job process, and
     # longer than the runner import and claim before it (under load 0.5 s sometimes fired before the claim).
-    worker_module.celery_app.send_task(worker_module.RUN_JOB, args=[job["id"]], queue="chorus",
-                                       soft_time_limit=1.5, time_limit=60)
+    worker_module.celery_app.send_task(
+        worker_module.RUN_JOB, args=[job["id"]], queue="chorus", soft_time_limit=1.5, time_limit=60
+    )
     done = _wait_done(api, key, job["id"], 120)
     assert (done["status"], (done["error"] or {}).get("code"), done["attempt"]) == ("failed", "timeout", 1), (
-        done, _messages(api, key, job["id"]), worker.text()[-4000:])
+        done,
+        _messages(api, key, job["id"]),
+        worker.text()[-4000:],
+    )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import pytest
 
@@ -61,18 +60,76 @@ def test_sizes_are_respected_and_an_oversize_item_runs_alone():
     assert [9] in seen
 
 
-def test_a_lone_request_waits_at_most_max_wait():
-    async def main():
-        with ThreadPoolExecutor(1) as pool:
-            batcher = DynamicBatcher(lambda items: items, pool, max_batch=64, max_wait_ms=10)
-            start = time.perf_counter()
-            result = await batcher.submit("x")
-            elapsed = time.perf_counter() - start
-            await batcher.close()
-            return result, elapsed
+class _VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop on a virtual clock: when nothing is ready, time jumps to the next timer instead of sleeping,
+    so waits are exact and take no wall time (the batcher reads time through loop.time())."""
 
-    result, elapsed = _run(main())
-    assert result == "x" and elapsed < 2.0  # generous: shared CI machines
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        select = self._selector.select
+
+        def jump(timeout: float | None = None):  # type: ignore[no-untyped-def]
+            events = select(0)
+            if not events and timeout:
+                self.now += timeout
+            return events
+
+        self._selector.select = jump  # type: ignore[method-assign]
+
+    def time(self) -> float:
+        return self.now
+
+
+class _InlineExecutor(Executor):
+    """Runs `process` at once in the loop's thread (no wall-clock work in flight while virtual time moves)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _virtual(coro_fn):  # type: ignore[no-untyped-def]
+    loop = _VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro_fn(loop))
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("max_wait_ms", [10, 2_500])
+def test_a_lone_request_waits_exactly_max_wait(max_wait_ms):
+    """On a virtual clock: a lone request is sent max_wait_ms after it arrived, not before and not later; a
+    request arriving within that window joins its batch, one arriving after it starts the next batch."""
+    seen: list[tuple[float, list[str]]] = []
+
+    async def main(loop):  # type: ignore[no-untyped-def]
+        def process(items):  # type: ignore[no-untyped-def]
+            seen.append((loop.time(), list(items)))
+            return [x.upper() for x in items]
+
+        batcher = DynamicBatcher(process, _InlineExecutor(), max_batch=64, max_wait_ms=max_wait_ms)
+        wait = max_wait_ms / 1000
+        lone = await asyncio.wait_for(batcher.submit("x"), timeout=1000 * wait)
+        sent_at = seen[-1][0]
+        start = loop.time()
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.4 * wait)
+        second = asyncio.ensure_future(batcher.submit("b"))  # inside a's window: same batch
+        both = await asyncio.wait_for(asyncio.gather(first, second), timeout=1000 * wait)
+        await asyncio.sleep(0.5 * wait)
+        late = await asyncio.wait_for(batcher.submit("c"), timeout=1000 * wait)
+        await batcher.close()
+        return lone, sent_at, start, both, late
+
+    lone, sent_at, start, both, late = _virtual(main)
+    wait = max_wait_ms / 1000
+    assert lone == "X" and both == ["A", "B"] and late == "C"
+    assert [batch for _, batch in seen] == [["x"], ["a", "b"], ["c"]]
+    assert sent_at == pytest.approx(wait, abs=1e-9)  # the lone request arrived at time 0
+    assert seen[1][0] == pytest.approx(start + wait, abs=1e-9)  # a's window, not b's
+    assert seen[2][0] == pytest.approx(start + 1.5 * wait + wait, abs=1e-9)
 
 
 def test_errors_fail_only_their_items_or_the_whole_batch():

@@ -32,9 +32,26 @@ def test_inference_command_serves_the_app(tmp_path):
     port = _free_port()
     env = {**os.environ, "CHORUS_INFERENCE_ENSEMBLES_DIR": str(tmp_path), "CHORUS_INFERENCE_USE_DATABASE": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "inference", "--port", str(port), "--model", "tiny-llama",
-         "--quantization", "none", "--device", "cpu", "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            "inference",
+            "--port",
+            str(port),
+            "--model",
+            "tiny-llama",
+            "--quantization",
+            "none",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
@@ -48,7 +65,9 @@ def test_inference_command_serves_the_app(tmp_path):
         assert health is not None, proc.stdout.read().decode() if proc.poll() is not None else "server did not start"
         assert health.status_code == 200
         assert health.json()["base"] == {"base_model": "tiny-llama", "quantization": "none", "compute_dtype": "float32"}
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/ensembles/x/classify", json={"rows": [{"task": "sst2", "text": "a"}]})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/ensembles/x/classify", json={"rows": [{"task": "sst2", "text": "a"}]}
+        )
         assert r.status_code == 401  # real DB-backed auth, no key
         r = httpx.get(f"http://127.0.0.1:{port}/docs")
         assert r.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in r.text  # docs by default, no CDN

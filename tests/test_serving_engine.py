@@ -30,8 +30,9 @@ def _peft_with_adapters(quantization: str):
     base = Base.load("tiny-llama", quantization, "cpu")
     peft_model = None
     for name, rank, targets, seed, extra in ADAPTERS:
-        peft_model = attach_lora(base.model if peft_model is None else peft_model, rank=rank, targets=targets,
-                                 seed=seed, adapter_name=name)
+        peft_model = attach_lora(
+            base.model if peft_model is None else peft_model, rank=rank, targets=targets, seed=seed, adapter_name=name
+        )
         for key, value in extra.items():
             setattr(peft_model.peft_config[name], key, value)
         gen = torch.Generator().manual_seed(100 + seed)
@@ -46,8 +47,10 @@ def _peft_with_adapters(quantization: str):
     # named_parameters, not get_peft_model_state_dict: state_dict() on a CPU 4-bit model that has run a
     # forward re-packs its weights (bitsandbytes), which changes later logits by ~1e-3.
     states = {
-        name: ({k: v.detach().clone() for k, v in lora_state(peft_model, name).items()},
-               {**peft_model.peft_config[name].to_dict(), **extra})
+        name: (
+            {k: v.detach().clone() for k, v in lora_state(peft_model, name).items()},
+            {**peft_model.peft_config[name].to_dict(), **extra},
+        )
         for name, *_ in ADAPTERS
     }
     gen = torch.Generator().manual_seed(7)
@@ -118,7 +121,9 @@ def test_nf4_mixed_batch_matches_peft():
     for row, adapter in enumerate(assignment):
         torch.testing.assert_close(out[row], reference[adapter][row], atol=2e-2, rtol=0)
         if adapter is not None:  # far closer to its own adapter than to the base
-            assert (out[row] - reference[adapter][row]).abs().max() < 0.2 * (reference[adapter][row] - reference[None][row]).abs().max()
+            assert (out[row] - reference[adapter][row]).abs().max() < 0.2 * (
+                reference[adapter][row] - reference[None][row]
+            ).abs().max()
 
 
 def test_slots_lru_and_pinning():
@@ -201,7 +206,9 @@ def test_unsupported_adapters_are_refused(tiny_base):
     with pytest.raises(AdapterFormatError, match="use_dora"):
         prepare_adapter("d", state, {**config, "use_dora": True})
     with pytest.raises(AdapterFormatError, match="unsupported tensor"):
-        prepare_adapter("b", {**state, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(64)}, config)
+        prepare_adapter(
+            "b", {**state, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(64)}, config
+        )
     key = next(k for k in state if "lora_A" in k)
     bad = {**state, key: torch.zeros(2, 99)}
     with pytest.raises(AdapterShapeError):

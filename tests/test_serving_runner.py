@@ -15,12 +15,21 @@ from shared.ml.serving.synthetic import write_ensemble, write_random_adapter
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ens")
     base = Base.load("tiny-llama", "none", "cpu")
-    metas = {n: write_random_adapter(folder / "adapters" / n, base.model, base.info, name=n, tasks=["cb", "sst2"],
-                                     rank=r, seed=s, b_scale=0.3)
-             for n, r, s in (("g0", 4, 1), ("g1", 8, 2))}
-    manifest = write_ensemble(folder, base.info, metas,
-                              {"cb": {"g0": 1.0, "g1": 0.7, "base": -0.2}, "sst2": {"g1": 1.0}}, name="r",
-                              base_member="base", max_length=48)
+    metas = {
+        n: write_random_adapter(
+            folder / "adapters" / n, base.model, base.info, name=n, tasks=["cb", "sst2"], rank=r, seed=s, b_scale=0.3
+        )
+        for n, r, s in (("g0", 4, 1), ("g1", 8, 2))
+    }
+    manifest = write_ensemble(
+        folder,
+        base.info,
+        metas,
+        {"cb": {"g0": 1.0, "g1": 0.7, "base": -0.2}, "sst2": {"g1": 1.0}},
+        name="r",
+        base_member="base",
+        max_length=48,
+    )
     return folder, base, manifest
 
 
@@ -45,8 +54,9 @@ def test_chunked_run_equals_offline_reference(built):
     flat = [want["cb"][i] for i in range(4)] + [want["sst2"][i] for i in range(4)]
     for got, logits in zip(out_a, flat, strict=True):
         torch.testing.assert_close(torch.tensor(list(got.logits.values())), logits, atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(list(got.probabilities.values())), torch.softmax(logits, -1),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(list(got.probabilities.values())), torch.softmax(logits, -1), atol=1e-4, rtol=0
+        )
     for got_b, got_a in zip(out_b, out_a[::-1], strict=True):
         assert got_b.probabilities == pytest.approx(got_a.probabilities, abs=1e-5)
     runner.deactivate(ensemble)

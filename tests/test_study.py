@@ -17,7 +17,9 @@ from shared.ml.study.stats import hierarchical_bootstrap, macro_accuracy, mcnema
 runner = CliRunner()
 
 
-def _arm(rng: np.random.Generator, p: float, seeds: int = 3, tasks: int = 4, rows: int = 200) -> list[dict[str, np.ndarray]]:
+def _arm(
+    rng: np.random.Generator, p: float, seeds: int = 3, tasks: int = 4, rows: int = 200
+) -> list[dict[str, np.ndarray]]:
     return [{f"t{k}": rng.random(rows) < p for k in range(tasks)} for _ in range(seeds)]
 
 
@@ -96,12 +98,46 @@ TASKS = ["cb", "rte", "sst2"]
 def study_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "run"
     params = tmp_path_factory.mktemp("params") / "p.json"
-    params.write_text(json.dumps({"max_length": 128, "affinity": {"dim": 8}, "bootstrap": 200,
-                                  "training": {"lr": 5e-3, "boosting": {"error_threshold": 0, "max_rounds": 1},
-                                               "ensemble": {"fit_weights": True}}}))
-    result = runner.invoke(app, ["study", "--model", "tiny-llama", "--tasks", ",".join(TASKS), "--seeds", "1",
-                                 "--groups", "auto", "--max-train", "12", "--max-val", "6", "--max-test", "6",
-                                 "--epochs", "1", "--params", str(params), "--out", str(out)])
+    params.write_text(
+        json.dumps(
+            {
+                "max_length": 128,
+                "affinity": {"dim": 8},
+                "bootstrap": 200,
+                "training": {
+                    "lr": 5e-3,
+                    "boosting": {"error_threshold": 0, "max_rounds": 1},
+                    "ensemble": {"fit_weights": True},
+                },
+            }
+        )
+    )
+    result = runner.invoke(
+        app,
+        [
+            "study",
+            "--model",
+            "tiny-llama",
+            "--tasks",
+            ",".join(TASKS),
+            "--seeds",
+            "1",
+            "--groups",
+            "auto",
+            "--max-train",
+            "12",
+            "--max-val",
+            "6",
+            "--max-test",
+            "6",
+            "--epochs",
+            "1",
+            "--params",
+            str(params),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -113,8 +149,13 @@ def test_study_writes_the_contract_and_its_figures_recompute(study_out):
     assert study["tasks"] == TASKS and study["seeds"] == [0]
     assert {"single", "per_task", "random", "affinity", "chorus"} <= set(study["arms"])
     # every arm's accuracy recomputed from the saved per-row predictions
-    where = {"single": ("affinity", "single"), "per_task": ("per_task", "ensemble"), "random": ("random", "ensemble"),
-             "affinity": ("affinity", "ensemble"), "affinity_no_boost": ("affinity", "ensemble_no_boost")}
+    where = {
+        "single": ("affinity", "single"),
+        "per_task": ("per_task", "ensemble"),
+        "random": ("random", "ensemble"),
+        "affinity": ("affinity", "ensemble"),
+        "affinity_no_boost": ("affinity", "ensemble_no_boost"),
+    }
     for arm, (run, col) in where.items():
         preds = json.loads((out / "seed_0" / run / "predictions.json").read_text())["test"]
         acc = np.mean([np.mean(np.array(preds[t]["columns"][col]) == np.array(preds[t]["labels"])) for t in TASKS])
@@ -125,7 +166,8 @@ def test_study_writes_the_contract_and_its_figures_recompute(study_out):
         assert d["mean"] == pytest.approx(study["arms"][arm]["average"] - study["arms"]["single"]["average"])
         assert d["ci95"][0] <= d["mean"] + 1e-12 and d["mean"] - 1e-12 <= d["ci95"][1]
     assert study["differences"]["affinity-random"]["mean"] == pytest.approx(
-        study["arms"]["affinity"]["average"] - study["arms"]["random"]["average"])
+        study["arms"]["affinity"]["average"] - study["arms"]["random"]["average"]
+    )
     # FLOPs: affinity = its group training + Stage 1 (which includes the meta fine-tune), from the run reports
     aff = json.loads((out / "seed_0" / "affinity" / "train_report.json").read_text())["cost"]
     rnd = json.loads((out / "seed_0" / "random" / "train_report.json").read_text())["cost"]
@@ -138,7 +180,103 @@ def test_study_writes_the_contract_and_its_figures_recompute(study_out):
     # random groups have the affinity groups' sizes
     groups = study["groups"]["0"]
     assert sorted(map(len, groups["random"])) == sorted(map(len, groups["affinity"]))
-    assert "affinity-single" in output or "affinity" in output
+
+
+def _correct(out, run: str, column: str, split: str = "test") -> dict[str, np.ndarray]:
+    preds = json.loads((out / "seed_0" / run / "predictions.json").read_text())[split]
+    return {t: np.array(preds[t]["columns"][column]) == np.array(preds[t]["labels"]) for t in TASKS}
+
+
+@pytest.mark.needs_data
+def test_every_study_figure_recomputes_from_the_predictions_and_reports(study_out):
+    """Each arm (the deployed `chorus` arm and zero-shot included), its per-task accuracies, every paired
+    difference, the McNemar counts and exact p, the FLOP ratios and the validation choice, recomputed from the
+    saved per-row predictions and run reports; study.md and the printed table show the same numbers."""
+    from scipy.stats import binomtest
+
+    out, output = study_out
+    study = json.loads((out / "study.json").read_text())
+    report = json.loads((out / "seed_0" / "affinity" / "train_report.json").read_text())
+    selection = report.get("selection")
+    chosen = (
+        {"groups": "ensemble", "single": "single", "per_task": "per_task"}[selection["chosen"]]
+        if selection
+        else "ensemble"
+    )
+    columns = {
+        "single": ("affinity", "single"),
+        "zero_shot": ("affinity", "zero_shot"),
+        "chorus": ("affinity", chosen),
+        **{
+            f"{arm}{v}": (arm, f"ensemble{v}")
+            for arm in ("per_task", "random", "affinity")
+            for v in ("", "_no_boost", "_no_fit")
+        },
+    }
+    assert set(study["arms"]) == set(columns)
+    correct = {arm: _correct(out, *where) for arm, where in columns.items()}
+    acc = {arm: float(np.mean([np.mean(c[t]) for t in TASKS])) for arm, c in correct.items()}
+    for arm, c in correct.items():
+        assert study["arms"][arm]["average"] == pytest.approx(acc[arm], abs=1e-12), arm
+        assert study["arms"][arm]["per_task"] == pytest.approx({t: float(np.mean(c[t])) for t in TASKS}, abs=1e-12), arm
+    assert {k for k in study["differences"] if k.endswith("-single")} == {
+        f"{a}-single" for a in columns if a != "single"
+    }
+    for name, d in study["differences"].items():
+        a, b = name.split("-", 1)
+        b = d.get("control", b)
+        if name == "affinity-best_control":
+            assert b == max(("single", "per_task", "random"), key=lambda arm: acc[arm])
+        assert d["mean"] == pytest.approx(acc[a] - acc[b], abs=1e-12), name
+        assert d["ci95"][0] <= d["mean"] + 1e-12 <= d["ci95"][1] + 2e-12, name
+    assert set(study["mcnemar"]) == {
+        "per_task-single",
+        "random-single",
+        "affinity-single",
+        "chorus-single",
+        "affinity-random",
+    }
+    for name, per_task in study["mcnemar"].items():
+        a, b = name.split("-")
+        for t in TASKS:
+            only_a = int((correct[a][t] & ~correct[b][t]).sum())
+            only_b = int((correct[b][t] & ~correct[a][t]).sum())
+            p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+            assert (per_task[t]["only_a"], per_task[t]["only_b"]) == (only_a, only_b), (name, t)
+            assert per_task[t]["p"] == pytest.approx(p, abs=1e-12), (name, t)
+    # FLOPs: every ratio is FLOPs / single's; chorus also pays for the single and per-task adapters the validation
+    # fallback compared (when it ran)
+    flops, cost = study["flops"], report["cost"]
+    fallback = sum((cost.get(k) or {}).get("total_flops", 0.0) for k in ("single", "per_task")) if selection else 0.0
+    assert flops["chorus"] == pytest.approx(
+        cost["ensemble_training"]["total_flops"] + cost["affinity_flops"] + fallback, rel=1e-12
+    )
+    per_task_run = json.loads((out / "seed_0" / "per_task" / "train_report.json").read_text())["cost"]
+    assert flops["per_task"] == pytest.approx(per_task_run["ensemble_training"]["total_flops"], rel=1e-12)
+    assert study["flops_vs_single"] == pytest.approx({k: v / flops["single"] for k, v in flops.items()}, rel=1e-12)
+    # validation: which headline arm the validation rows favour
+    val = {
+        arm: float(np.mean([np.mean(c) for c in _correct(out, *columns[arm], "val").values()]))
+        for arm in ("single", "per_task", "random", "affinity")
+    }
+    pick = study["validation_choice"]["per_seed"][0]
+    assert pick["val_accuracy"] == pytest.approx(val, abs=1e-12) and val[pick["choice"]] == max(val.values())
+    # the table: study.md and the printed output carry the same accuracies and differences
+    md = (out / "study.md").read_text()
+    for arm in columns:
+        assert f"| {arm} | {100 * acc[arm]:.2f} | {100 * acc[arm]:.1f} |" in md, arm
+    d = study["differences"]["affinity-random"]
+    assert (
+        f"| affinity-random | {100 * d['mean']:+.2f} | [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] |" in md
+    )
+    printed: dict[str, list[str]] = {}  # the first printed line of each arm (the table comes before the notes)
+    for line in output.splitlines():
+        if line.split():
+            printed.setdefault(line.split()[0], line.split()[1:])
+    for arm in ("single", "per_task", "random", "affinity", "zero_shot", "chorus"):
+        assert printed[arm][0] == f"{100 * acc[arm]:.2f}", (arm, output)
+    assert printed["affinity-random"][0] == f"{100 * d['mean']:+.2f}", output
+    assert f"{flops['stage1']:.3g} FLOPs" in md
 
 
 def test_the_deployed_arm_follows_the_structure_test_and_validation(study_out):

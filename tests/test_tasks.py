@@ -54,14 +54,27 @@ SIZES = {
 }
 
 # What SOURCES.md counts: official train (carved into train+val) and official val (our test) ...
-SUPERGLUE = {"cb": (250, 56), "copa": (400, 100), "wic": (5428, 638), "rte": (2490, 277), "wsc": (554, 104),
-             "multirc": (27243, 4848), "trec": (5452, 500)}
+SUPERGLUE = {
+    "cb": (250, 56),
+    "copa": (400, 100),
+    "wic": (5428, 638),
+    "rte": (2490, 277),
+    "wsc": (554, 104),
+    "multirc": (27243, 4848),
+    "trec": (5452, 500),
+}
 # ... single files carved 80/10/10 ...
 SINGLE_FILE = {"mr": 10662, "subj": 10000, "cr": 3775, "mpqa": 10606, "boolq": 3270, "ag_news": 7600}
 # ... and official three-way splits.
-OFFICIAL = {"sst2": (6920, 872, 1821), "sst5": (8544, 1101, 2210), "tweet_emotion": (3257, 374, 1421),
-            "tweet_hate": (9000, 1000, 2970), "tweet_irony": (2862, 955, 784), "tweet_offensive": (11916, 1324, 860),
-            "tweet_stance_climate": (355, 40, 169)}
+OFFICIAL = {
+    "sst2": (6920, 872, 1821),
+    "sst5": (8544, 1101, 2210),
+    "tweet_emotion": (3257, 374, 1421),
+    "tweet_hate": (9000, 1000, 2970),
+    "tweet_irony": (2862, 955, 784),
+    "tweet_offensive": (11916, 1324, 860),
+    "tweet_stance_climate": (355, 40, 169),
+}
 CARVED_VAL = [*SUPERGLUE, *SINGLE_FILE]
 
 
@@ -72,7 +85,20 @@ def tasks() -> dict[str, Task]:
 
 def test_builtin_names(tasks: dict[str, Task]) -> None:
     assert BUILTIN_TASKS[: len(CORE_TASKS)] == CORE_TASKS
-    assert set(CORE_TASKS) == {"cb", "copa", "rte", "wic", "wsc", "boolq", "multirc", "sst2", "mr", "subj", "cr", "mpqa"}
+    assert set(CORE_TASKS) == {
+        "cb",
+        "copa",
+        "rte",
+        "wic",
+        "wsc",
+        "boolq",
+        "multirc",
+        "sst2",
+        "mr",
+        "subj",
+        "cr",
+        "mpqa",
+    }
     assert tuple(tasks) == BUILTIN_TASKS
     assert set(SIZES) == set(BUILTIN_TASKS)
 
@@ -146,7 +172,9 @@ def test_ids_stable_across_loads_and_processes(tasks: dict[str, Task]) -> None:
         f"print(json.dumps({{n: _fingerprint(get_task(n)) for n in {names!r}}}))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 
@@ -162,9 +190,17 @@ def test_carved_splits_are_stratified(tasks: dict[str, Task], name: str) -> None
         assert max(abs(props[k] - train[k]) for k in train) <= tolerance, (name, split, props, train)
 
 
-@pytest.mark.parametrize(("name", "field"), [("mpqa", "sentence"), ("cr", "sentence"), ("wsc", "text"),
-                                             ("boolq", "passage"), ("multirc", "paragraph"),
-                                             ("rte", "premise")])
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("mpqa", "sentence"),
+        ("cr", "sentence"),
+        ("wsc", "text"),
+        ("boolq", "passage"),
+        ("multirc", "paragraph"),
+        ("rte", "premise"),
+    ],
+)
 def test_carves_keep_shared_context_in_one_split(tasks: dict[str, Task], name: str, field: str) -> None:
     task = tasks[name]
     seen = {s: {normalise(ex.fields[field]).lower() for ex in task.split(s)} for s in SPLITS}
@@ -185,15 +221,24 @@ def test_superglue_label_mapping(tasks: dict[str, Task]) -> None:
     first = json.loads((get_settings().data_dir / "cb" / "val.jsonl").open().readline())
     ex = cb["cb/test/0"]
     assert tasks["cb"].label_names[ex.label] == first["label"] and ex.fields["premise"] == first["premise"]
-    assert tasks["cb"].choices == ["Yes", "No", "Maybe"] and tasks["cb"].label_names == ["entailment", "contradiction", "neutral"]
+    assert tasks["cb"].choices == ["Yes", "No", "Maybe"] and tasks["cb"].label_names == [
+        "entailment",
+        "contradiction",
+        "neutral",
+    ]
     # MultiRC: label 0 (false answer) must read "No" (the reference had this inverted).
     multirc = {ex.id: ex for ex in tasks["multirc"].split("test")}
     assert tasks["multirc"].choices == ["No", "Yes"]
     assert multirc["multirc/test/0-0-0"].fields["answer"] == "No" and multirc["multirc/test/0-0-0"].label == 0
-    assert multirc["multirc/test/0-0-2"].fields["answer"].startswith("Less the mass") and multirc["multirc/test/0-0-2"].label == 1
+    assert (
+        multirc["multirc/test/0-0-2"].fields["answer"].startswith("Less the mass")
+        and multirc["multirc/test/0-0-2"].label == 1
+    )
     wsc = tasks["wsc"].split("test")[0]
     assert {"text", "span1_text", "span2_text"} <= wsc.fields.keys()
-    assert f'pronoun "{wsc.fields["span2_text"].lower()}" refer to {wsc.fields["span1_text"]}' in tasks["wsc"].render(wsc.fields)
+    assert f'pronoun "{wsc.fields["span2_text"].lower()}" refer to {wsc.fields["span1_text"]}' in tasks["wsc"].render(
+        wsc.fields
+    )
 
 
 def test_copa_prompt_uses_question(tasks: dict[str, Task]) -> None:
@@ -221,8 +266,12 @@ def test_verbalizers_bind_to_tiny_tokenizer(tasks: dict[str, Task]) -> None:
 
 def test_lettered_fallback_when_first_tokens_collide() -> None:
     tokenizer = build_tiny_tokenizer()
-    task = Task(name="collide", template="{{ text }} Answer:", choices=["Yes, it is", "Yes and no"],
-                loader=lambda: {s: [] for s in SPLITS})
+    task = Task(
+        name="collide",
+        template="{{ text }} Answer:",
+        choices=["Yes, it is", "Yes and no"],
+        loader=lambda: {s: [] for s in SPLITS},
+    )
     first = [tokenizer(" " + c, add_special_tokens=False).input_ids[0] for c in task.choices]
     assert first[0] == first[1]
     bound = bind(task, tokenizer)
@@ -253,8 +302,12 @@ def test_registry_lookup_and_task_lists() -> None:
     with pytest.raises(ValueError, match="no task names"):
         parse_task_list(" , ")
     described = get_task("cb").describe()
-    assert described == {"name": "cb", "choices": ["Yes", "No", "Maybe"], "sizes": {"train": 225, "val": 25, "test": 56},
-                         "source": "builtin"}
+    assert described == {
+        "name": "cb",
+        "choices": ["Yes", "No", "Maybe"],
+        "sizes": {"train": 225, "val": 25, "test": 56},
+        "source": "builtin",
+    }
 
 
 def test_core_tasks_load_fast() -> None:

@@ -52,7 +52,9 @@ EVIL = {**PAYLOADS, "{{ text }}" + "x" * MAX_TEMPLATE_CHARS: "4,096-character li
 
 
 def _rows(n: int = 20) -> list[dict]:
-    return [{"text": f"review {i} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(n)]
+    return [
+        {"text": f"review {i} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(n)
+    ]
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -91,8 +93,10 @@ def test_position_is_the_offending_line() -> None:
 
 def test_plain_templates_pass_and_render() -> None:
     fields = ["text", "question"]
-    ok = ("{% if question == 'cause' %}Why?{% elif question in ['a', 'b'] %}AB{% else %}{{ question|upper }}{% endif %} "
-          "{{ text|trim|truncate(12) }} {{ text|replace('bad', 'poor')|default('') }} {{ text|length }} Answer:")
+    ok = (
+        "{% if question == 'cause' %}Why?{% elif question in ['a', 'b'] %}AB{% else %}{{ question|upper }}{% endif %} "
+        "{{ text|trim|truncate(12) }} {{ text|replace('bad', 'poor')|default('') }} {{ text|length }} Answer:"
+    )
     validate_template(ok, fields)
     assert template_variables(ok) == ("question", "text")
     out = render_template(ok, {"text": " a bad example of text ", "question": "effect"})
@@ -177,16 +181,47 @@ def test_cli_import_refuses_with_a_clean_error(tmp_path: Path, home: Path) -> No
     path = _write(tmp_path / "d.jsonl", _rows())
     marker = tmp_path / "ran"
     runner = CliRunner()
-    for template in ["{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}",
-                     "{{ text[/] }}", "{% for i in range(100000000) %}x{% endfor %}"]:
-        result = runner.invoke(app, ["import", str(path), "--name", "evil", "--text-field", "text",
-                                     "--label-field", "label", "--template", template])
+    for template in [
+        "{{ cycler.__init__.__globals__.os.popen('touch " + str(marker) + "').read() }}",
+        "{{ text[/] }}",
+        "{% for i in range(100000000) %}x{% endfor %}",
+    ]:
+        result = runner.invoke(
+            app,
+            [
+                "import",
+                str(path),
+                "--name",
+                "evil",
+                "--text-field",
+                "text",
+                "--label-field",
+                "label",
+                "--template",
+                template,
+            ],
+        )
         assert result.exit_code == 2, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         assert "template" in result.output and "Traceback" not in result.output
-    assert "function calls are not allowed" in runner.invoke(app, [
-        "import", str(path), "--name", "evil", "--text-field", "text", "--label-field", "label", "--template",
-        "{{ text.__class__.__mro__[1].__subclasses__() }}"]).output
+    assert (
+        "function calls are not allowed"
+        in runner.invoke(
+            app,
+            [
+                "import",
+                str(path),
+                "--name",
+                "evil",
+                "--text-field",
+                "text",
+                "--label-field",
+                "label",
+                "--template",
+                "{{ text.__class__.__mro__[1].__subclasses__() }}",
+            ],
+        ).output
+    )
     assert not marker.exists() and _task_folder(home) == []
 
 
@@ -198,8 +233,9 @@ def test_cli_import_bad_rows_name_the_line(tmp_path: Path, home: Path) -> None:
     lines[5] = '{"text": "a", "label": "pos", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["import", str(path), "--name", "bad", "--text-field", "text",
-                                      "--label-field", "label"])
+    result = CliRunner().invoke(
+        app, ["import", str(path), "--name", "bad", "--text-field", "text", "--label-field", "label"]
+    )
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "line 3" in result.output and "5,000 digits" in result.output

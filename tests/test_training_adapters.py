@@ -25,8 +25,17 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
 def _meta(base: Base, name: str = "g0") -> dict:
-    return {"name": name, **base.info.identity(), "tasks": ["cb", "rte"], "seed": 3, "rank": 4, "alpha": 32.0,
-            "targets": list(TARGETS), "hyperparameters": {"lr": 1e-3}, "val_metrics": {"cb": {"accuracy": 0.5}}}
+    return {
+        "name": name,
+        **base.info.identity(),
+        "tasks": ["cb", "rte"],
+        "seed": 3,
+        "rank": 4,
+        "alpha": 32.0,
+        "targets": list(TARGETS),
+        "hyperparameters": {"lr": 1e-3},
+        "val_metrics": {"cb": {"accuracy": 0.5}},
+    }
 
 
 @pytest.fixture()
@@ -53,8 +62,21 @@ def test_round_trip_with_hash(saved):
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     assert config["r"] == 4 and config["lora_alpha"] == 32 and sorted(config["target_modules"]) == sorted(TARGETS)
     on_disk = json.loads((folder / META_FILE).read_text())
-    for key in ("name", "base_model", "base_revision", "quantization", "tasks", "seed", "rank", "alpha", "targets",
-                "hyperparameters", "val_metrics", "sha256", "created_at"):
+    for key in (
+        "name",
+        "base_model",
+        "base_revision",
+        "quantization",
+        "tasks",
+        "seed",
+        "rank",
+        "alpha",
+        "targets",
+        "hyperparameters",
+        "val_metrics",
+        "sha256",
+        "created_at",
+    ):
         assert key in on_disk
     assert meta2.sha256 == meta.sha256 == on_disk["sha256"] and len(meta.sha256) == 64
 

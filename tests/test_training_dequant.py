@@ -10,7 +10,6 @@ from shared.ml.training import dequant
 from shared.ml.training.dequant import dequantized_base, resolve
 from shared.ml.training.many import AdapterSpec, train_many
 from shared.ml.training.trainer import prepare_tasks, trainable_4bit
-
 from tests.test_training_multi import CFG, toy_task
 
 

@@ -52,15 +52,39 @@ def setup(tmp_path_factory):
     states, members = {}, []
     for i, name in enumerate(["g0", "g1", "g0_boost1"]):
         states[name] = _random_state(base, 10 + i)
-        meta = save_adapter_state(states[name], config, root / "adapters" / name, {
-            "name": name, **base.info.identity(), "tasks": ["sst2"], "rank": 4, "alpha": 32.0, "targets": list(TARGETS)})
-        members.append(Member(name=name, path=f"adapters/{name}", sha256=meta.sha256,
-                              role="booster" if "boost" in name else "group", tasks=["sst2", "cr"]))
+        meta = save_adapter_state(
+            states[name],
+            config,
+            root / "adapters" / name,
+            {
+                "name": name,
+                **base.info.identity(),
+                "tasks": ["sst2"],
+                "rank": 4,
+                "alpha": 32.0,
+                "targets": list(TARGETS),
+            },
+        )
+        members.append(
+            Member(
+                name=name,
+                path=f"adapters/{name}",
+                sha256=meta.sha256,
+                role="booster" if "boost" in name else "group",
+                tasks=["sst2", "cr"],
+            )
+        )
     members.append(Member(name="base", path=None, sha256=None, role="base", tasks=[]))
     manifest = EnsembleManifest(
-        name="t", version=1, base=base.info.identity(), max_length=64, members=members,
-        tasks={"sst2": TaskWeights(weights={"g0": 1.0, "g1": 0.0, "g0_boost1": 0.5, "base": -0.5}),
-               "cr": TaskWeights(weights={"g0": 0.0, "g1": 1.0, "g0_boost1": 0.0, "base": 0.0})},
+        name="t",
+        version=1,
+        base=base.info.identity(),
+        max_length=64,
+        members=members,
+        tasks={
+            "sst2": TaskWeights(weights={"g0": 1.0, "g1": 0.0, "g0_boost1": 0.5, "base": -0.5}),
+            "cr": TaskWeights(weights={"g0": 0.0, "g1": 1.0, "g0_boost1": 0.0, "base": 0.0}),
+        },
     )
     manifest = write_manifest(manifest, root / "ensemble.json")
     examples = subsample(get_task("sst2").split("test"), 10, 0)
@@ -94,8 +118,12 @@ def test_a_modified_manifest_is_refused(setup, tmp_path):
 
 def test_manifest_validation(setup):
     base = setup[0]
-    ok = dict(name="x", base=base.info.identity(), members=[{"name": "a", "path": "adapters/a", "sha256": "0" * 64,
-                                                              "role": "group"}], tasks={"sst2": {"weights": {"a": 1.0}}})
+    ok = dict(
+        name="x",
+        base=base.info.identity(),
+        members=[{"name": "a", "path": "adapters/a", "sha256": "0" * 64, "role": "group"}],
+        tasks={"sst2": {"weights": {"a": 1.0}}},
+    )
     EnsembleManifest.model_validate(ok)
     for bad, match in [
         ({"members": [{"name": "a", "path": "../a", "sha256": "0" * 64, "role": "group"}]}, "relative"),
@@ -110,8 +138,9 @@ def test_manifest_validation(setup):
 
 
 def test_default_weights():
-    w = default_weights([("g0", ["a", "b"]), ("g1", ["c"])], {"g0": ["g0_b1", "g0_b2"]}, 0.5,
-                        ["g0", "g1", "g0_b1", "g0_b2", "base"])
+    w = default_weights(
+        [("g0", ["a", "b"]), ("g1", ["c"])], {"g0": ["g0_b1", "g0_b2"]}, 0.5, ["g0", "g1", "g0_b1", "g0_b2", "base"]
+    )
     assert w["a"] == {"g0": 1.0, "g1": 0.0, "g0_b1": 0.5, "g0_b2": 0.5, "base": -1.0}
     assert w["c"] == {"g0": 0.0, "g1": 1.0, "g0_b1": 0.0, "g0_b2": 0.0, "base": 0.0}
 

@@ -23,8 +23,19 @@ from shared.ml.training.many import AdapterSpec, train_many
 from shared.ml.training.multi import LoRAStack, StackedLoRALinear, _Module
 from shared.ml.training.trainer import epoch_plan, extract_state, prepare_tasks, temporary_adapter
 
-CFG = dict(epochs=3, lr=2e-3, batch_size=4, eval_batch_size=16, rank=4, seed=0, patience=1, max_length=64,
-           max_train=None, max_val=None, max_test=None)
+CFG = dict(
+    epochs=3,
+    lr=2e-3,
+    batch_size=4,
+    eval_batch_size=16,
+    rank=4,
+    seed=0,
+    patience=1,
+    max_length=64,
+    max_train=None,
+    max_val=None,
+    max_test=None,
+)
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -33,13 +44,21 @@ def toy_task(name: str, words: tuple[str, str] = ("bad", "good"), n: int = 16, f
     (validation accuracy falls as the adapter learns: early stopping)."""
 
     def split(s: str, k: int, flip: int) -> list[Example]:
-        return [Example(f"{name}/{s}/{i}", {"text": f"the movie was {words[i % 2]} number {i}"}, (i + flip) % 2)
-                for i in range(k)]
+        return [
+            Example(f"{name}/{s}/{i}", {"text": f"the movie was {words[i % 2]} number {i}"}, (i + flip) % 2)
+            for i in range(k)
+        ]
 
-    return Task(name=name, template="{{text}}. Is the review positive or negative? Answer:",
-                choices=["negative", "positive"],
-                loader=lambda: {"train": split("train", n, 0), "val": split("val", 12, int(flip_val)),
-                                "test": split("test", 12, 0)})
+    return Task(
+        name=name,
+        template="{{text}}. Is the review positive or negative? Answer:",
+        choices=["negative", "positive"],
+        loader=lambda: {
+            "train": split("train", n, 0),
+            "val": split("val", 12, int(flip_val)),
+            "test": split("test", 12, 0),
+        },
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,8 +71,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tiny_base):
-    tasks = [toy_task("toy_a"), toy_task("toy_b", ("terrible", "great"), n=10),
-             toy_task("toy_c", ("awful", "nice"), n=20), toy_task("toy_flip", n=12, flip_val=True)]
+    tasks = [
+        toy_task("toy_a"),
+        toy_task("toy_b", ("terrible", "great"), n=10),
+        toy_task("toy_c", ("awful", "nice"), n=20),
+        toy_task("toy_flip", n=12, flip_val=True),
+    ]
     data = prepare_tasks(tiny_base.tokenizer, tasks, CFG)
     with temporary_adapter(tiny_base, "init", 4, 32.0, TARGETS, 0.0, 7) as pm:
         gen = torch.Generator().manual_seed(1)
@@ -62,8 +85,11 @@ def setup(tiny_base):
                 p.data.normal_(0, 0.02, generator=gen)
         init = extract_state(pm, "init")
     # unequal epoch lengths (7, 5 and 3 batches), seeds, an init_state, early stopping (toy_flip)
-    specs = [AdapterSpec("first", ["toy_a", "toy_b"]), AdapterSpec("second", ["toy_c"], seed=3, init_state=init),
-             AdapterSpec("third", ["toy_flip"], seed=5)]
+    specs = [
+        AdapterSpec("first", ["toy_a", "toy_b"]),
+        AdapterSpec("second", ["toy_c"], seed=3, init_state=init),
+        AdapterSpec("third", ["toy_flip"], seed=5),
+    ]
     return data, specs
 
 
@@ -80,8 +106,11 @@ def _sequential(base, specs, cfg, data):
 def _plain(base: Base) -> bool:
     from peft import PeftModel
 
-    return (not isinstance(base.model, PeftModel) and not any("lora_" in n for n, _ in base.model.named_parameters())
-            and not any(isinstance(m, StackedLoRALinear) for m in base.model.modules()))
+    return (
+        not isinstance(base.model, PeftModel)
+        and not any("lora_" in n for n, _ in base.model.named_parameters())
+        and not any(isinstance(m, StackedLoRALinear) for m in base.model.modules())
+    )
 
 
 def assert_same(seq, mul, state_tol: float = 5e-4, metric_tol: float = 1e-4) -> None:
@@ -110,19 +139,24 @@ def assert_same(seq, mul, state_tol: float = 5e-4, metric_tol: float = 1e-4) -> 
         assert m.hyperparameters == s.hyperparameters
 
 
-@pytest.mark.parametrize("extra, mode", [
-    ({}, "auto"),
-    ({"step_rows": 5, "step_tokens": 90}, "stacked"),  # every fused step split into micro-steps
-    ({}, "bmm"),
-    ({"batching": "length", "batch_tokens": 48}, "auto"),  # mixed-task, length-sorted batches
-], ids=["stacked", "micro-steps", "bmm", "length-batching"])
+@pytest.mark.parametrize(
+    "extra, mode",
+    [
+        ({}, "auto"),
+        ({"step_rows": 5, "step_tokens": 90}, "stacked"),  # every fused step split into micro-steps
+        ({}, "bmm"),
+        ({"batching": "length", "batch_tokens": 48}, "auto"),  # mixed-task, length-sorted batches
+    ],
+    ids=["stacked", "micro-steps", "bmm", "length-batching"],
+)
 def test_multi_equals_sequential(tiny_base, setup, extra, mode):
     data, specs = setup
     cfg = {**CFG, **extra}
     seq = _sequential(tiny_base, specs, cfg, data)
     forwards = []
     hook = tiny_base.model.get_decoder().register_forward_pre_hook(
-        lambda mod, args: forwards.append(torch.is_grad_enabled()))
+        lambda mod, args: forwards.append(torch.is_grad_enabled())
+    )
     try:
         mul = train_many(tiny_base, specs, cfg, data, mode=mode)
     finally:
@@ -172,8 +206,9 @@ def test_one_fused_step_gives_each_adapter_its_own_gradient(tiny_base):
             batch = collate(rows[0] + rows[1], 0)
             ids = torch.tensor([0, 0, 0, 1, 1, 1])
             router.route(ids, mode, torch.arange(8) // 4)
-            ce = torch.nn.functional.cross_entropy(answer_logits(tiny_base.model, batch), batch.answer_tokens,
-                                                   reduction="none")
+            ce = torch.nn.functional.cross_entropy(
+                answer_logits(tiny_base.model, batch), batch.answer_tokens, reduction="none"
+            )
             (ce / 3).sum().backward()
             router.on = False
             for m in stack.modules:
@@ -198,15 +233,19 @@ def test_nf4_multi_equals_sequential():
 def test_stacked_clip_and_adamw_match_torch_per_adapter():
     """The vectorised update equals torch's clip_grad_norm_ + AdamW run per adapter (one adapter frozen)."""
     K, r = 3, 2
-    mods = [_Module("m0", torch.nn.Module(), "x", torch.nn.Identity(), 5, 7),
-            _Module("m1", torch.nn.Module(), "x", torch.nn.Identity(), 7, 3)]
+    mods = [
+        _Module("m0", torch.nn.Module(), "x", torch.nn.Identity(), 5, 7),
+        _Module("m1", torch.nn.Module(), "x", torch.nn.Identity(), 7, 3),
+    ]
     stack = LoRAStack(mods, K, r, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for W in stack.W:
             W.copy_(torch.randn(W.shape, generator=gen))
     lrs, wd, active = [1e-2, 3e-2, 5e-2], 0.1, (0, 2)
-    ref = {k: [p[k].detach().clone().requires_grad_(True) for m in mods for p in stack.params[m.path]] for k in range(K)}
+    ref = {
+        k: [p[k].detach().clone().requires_grad_(True) for m in mods for p in stack.params[m.path]] for k in range(K)
+    }
     opts = {k: torch.optim.AdamW(ref[k], lr=lrs[k], weight_decay=wd) for k in active}
     lr_on = torch.tensor([lrs[k] if k in active else 0.0 for k in range(K)]).view(1, K, 1, 1)
     decay = torch.tensor([1 - lrs[k] * wd if k in active else 1.0 for k in range(K)]).view(1, K, 1, 1)

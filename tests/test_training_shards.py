@@ -17,10 +17,13 @@ from shared.ml.training import shards
 from shared.ml.training.many import AdapterSpec
 from shared.ml.training.params import TrainingParams
 from shared.ml.training.trainer import prepare_tasks
-
 from tests.test_training_multi import toy_task
 
-TASKS = [toy_task("toy_a", n=8), toy_task("toy_b", ("terrible", "great"), n=6), toy_task("toy_c", ("awful", "nice"), n=6)]
+TASKS = [
+    toy_task("toy_a", n=8),
+    toy_task("toy_b", ("terrible", "great"), n=6),
+    toy_task("toy_c", ("awful", "nice"), n=6),
+]
 
 
 class PieceSharder:
@@ -40,8 +43,19 @@ class PieceSharder:
 
 
 def _params() -> TrainingParams:
-    return TrainingParams(model="tiny-llama", quantization="none", groups=[["cb"], ["rte"]], epochs=1, batch_size=4,
-                          lr=2e-3, max_train=8, max_val=6, max_test=4, max_length=64, seed=0)
+    return TrainingParams(
+        model="tiny-llama",
+        quantization="none",
+        groups=[["cb"], ["rte"]],
+        epochs=1,
+        batch_size=4,
+        lr=2e-3,
+        max_train=8,
+        max_val=6,
+        max_test=4,
+        max_length=64,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +73,9 @@ def setup():
 
 def _run(setup, workdir: Path, shards_n: int, monkeypatch) -> tuple[dict[str, Any], PieceSharder]:
     params, base, data, specs = setup
-    monkeypatch.setattr(shards, "training_prepare",
-                        lambda args, wd, cache: (TrainingParams.model_validate(args["params"]), base, data))
+    monkeypatch.setattr(
+        shards, "training_prepare", lambda args, wd, cache: (TrainingParams.model_validate(args["params"]), base, data)
+    )
     sharder = PieceSharder(shards_n)
     with use_sharder(sharder):
         out = shards.train_adapters(base, specs, params, data, workdir, lambda *a, **k: None)
@@ -113,6 +128,12 @@ def test_saved_adapters_round_trip(setup, tmp_path):
     shards.save_trained(tmp_path, t)
     back = shards.load_trained(tmp_path, t.name)
     assert all(torch.equal(back.state[k], t.state[k]) for k in t.state)
-    assert (back.name, back.tasks, back.best_epoch, back.seed, back.history) == (t.name, t.tasks, t.best_epoch, t.seed, t.history)
+    assert (back.name, back.tasks, back.best_epoch, back.seed, back.history) == (
+        t.name,
+        t.tasks,
+        t.best_epoch,
+        t.seed,
+        t.history,
+    )
     assert back.val_metrics == t.val_metrics and back.cost.to_dict() == t.cost.to_dict()
     assert json.loads((tmp_path / t.name / "trained.json").read_text())["name"] == t.name

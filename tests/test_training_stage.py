@@ -16,7 +16,9 @@ def _fake_stages(calls):
             calls.append((name, sorted(inputs)))
             (workdir / f"{name}.out").write_text(name)
             return st._measured(name, lambda: {"artifacts": {name: f"{name}.out"}}, workdir)
+
         return fn
+
     return lambda params: [(n, make(n)) for n in ("affinity", "grouping", "training")]
 
 
@@ -45,12 +47,27 @@ def test_a_workdir_is_only_resumed_with_the_same_params(tmp_path, monkeypatch):
 
 
 def test_pipeline_params_feed_every_stage():
-    p = PipelineParams(model="tiny-llama", tasks=["cb", "rte", "sst2"], groups="auto", max_train=40, max_val=10,
-                       seed=3, affinity={"dim": 16}, grouping={"method": "spectral"},
-                       training={"epochs": 2, "rank": 8, "boosting": {"max_rounds": 1}})
+    p = PipelineParams(
+        model="tiny-llama",
+        tasks=["cb", "rte", "sst2"],
+        groups="auto",
+        max_train=40,
+        max_val=10,
+        seed=3,
+        affinity={"dim": 16},
+        grouping={"method": "spectral"},
+        training={"epochs": 2, "rank": 8, "boosting": {"max_rounds": 1}},
+    )
     a = p.affinity_params()
     assert (a.model, a.tasks, a.max_train, a.max_val, a.seed, a.dim, a.rank) == (
-        "tiny-llama", ["cb", "rte", "sst2"], 40, 10, 3, 16, 8)
+        "tiny-llama",
+        ["cb", "rte", "sst2"],
+        40,
+        10,
+        3,
+        16,
+        8,
+    )
     g = p.grouping_params()
     assert g.groups == "auto" and g.method == "spectral" and g.seed == 3
     t = p.training_params([["cb", "rte"], ["sst2"]])
@@ -68,7 +85,10 @@ def test_training_params_groups(tmp_path):
     assert p.groups == [["cb", "rte"], ["sst2"]] and p.groups_source == str(path)
     assert p.all_tasks() == ["cb", "rte", "sst2"] and p.lora_alpha == 32.0
     assert TrainingParams(groups="art-123").groups == "art-123"  # resolved by the job worker later
-    for bad, match in [([["cb"], ["cb", "rte"]], "group 0 and group 1"), ([["cb"], []], "empty"),
-                       ([["zzz"]], "unknown task")]:
+    for bad, match in [
+        ([["cb"], ["cb", "rte"]], "group 0 and group 1"),
+        ([["cb"], []], "empty"),
+        ([["zzz"]], "unknown task"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TrainingParams(groups=bad)

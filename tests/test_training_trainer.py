@@ -19,18 +19,35 @@ from shared.ml.training.trainer import (
     train_adapter,
     trainable_4bit,
 )
+from tests.recompute import forward_flops, llama_shape, tiny_llama_config, train_flops
 
-CFG = dict(epochs=3, lr=5e-3, batch_size=8, eval_batch_size=16, rank=4, seed=0, patience=None, max_length=64,
-           max_train=None, max_val=None, max_test=None)
+CFG = dict(
+    epochs=3,
+    lr=5e-3,
+    batch_size=8,
+    eval_batch_size=16,
+    rank=4,
+    seed=0,
+    patience=None,
+    max_length=64,
+    max_train=None,
+    max_val=None,
+    max_test=None,
+)
 
 
 def toy_task(name: str, words: tuple[str, str] = ("bad", "good"), n: int = 32) -> Task:
     def split(s: str, k: int) -> list[Example]:
-        return [Example(f"{name}/{s}/{i}", {"text": f"the movie was {words[i % 2]} number {i}"}, i % 2) for i in range(k)]
+        return [
+            Example(f"{name}/{s}/{i}", {"text": f"the movie was {words[i % 2]} number {i}"}, i % 2) for i in range(k)
+        ]
 
-    return Task(name=name, template="{{text}}. Is the review positive or negative? Answer:",
-                choices=["negative", "positive"], loader=lambda: {"train": split("train", n), "val": split("val", 12),
-                                                                    "test": split("test", 12)})
+    return Task(
+        name=name,
+        template="{{text}}. Is the review positive or negative? Answer:",
+        choices=["negative", "positive"],
+        loader=lambda: {"train": split("train", n), "val": split("val", 12), "test": split("test", 12)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +75,20 @@ def test_training_reduces_loss_and_leaves_the_base_clean(nf4_base):
     assert any(float(v.abs().max()) > 0 for k, v in trained.state.items() if "lora_B" in k)
     assert _plain(nf4_base)
     c = trained.cost
-    assert c.train_tokens > 0 and c.train_flops > 0 and c.eval_flops > 0 and c.steps == 3 * 8
+    assert c.steps == 3 * 8
     assert c.peak_memory_bytes > 0 and c.wall_seconds > 0
+    # the FLOPs, recomputed from the model's config.json and the formula: 3 epochs over every training row,
+    # and each epoch's validation pass over both tasks (forward with the adapter)
+    shape = llama_shape(tiny_llama_config(), CFG["rank"])
+    data = prepare_tasks(nf4_base.tokenizer, tasks, CFG)
+    train = [n for d in data.values() for n in d.lengths("train", nf4_base.tokenizer, CFG["max_length"])]
+    val = [n for d in data.values() for n in d.lengths("val", nf4_base.tokenizer, CFG["max_length"])]
+    assert len(train) == 64 and len(val) == 24
+    assert (c.train_rows, c.train_tokens) == (3 * 64, 3 * sum(train))
+    assert c.train_flops == pytest.approx(3 * train_flops(shape, train), rel=1e-12)
+    assert (c.eval_rows, c.eval_tokens) == (3 * 24, 3 * sum(val))
+    assert c.eval_flops == pytest.approx(3 * forward_flops(shape, val), rel=1e-12)
+    assert c.total_flops == pytest.approx(c.train_flops + c.eval_flops, rel=1e-12)
 
 
 def test_same_seed_same_adapter(tiny_base):
@@ -96,8 +125,9 @@ def test_best_epoch_is_restored_and_early_stopping(tiny_base):
         s = next(scores)
         return (s,), {"val_accuracy": s}, {"toy_a": TaskMetrics(0.0, s, s, 1)}
 
-    trained = fit_lora(tiny_base, data, {**CFG, "epochs": 5, "patience": 2}, name="sel", loss_fn=answer_ce_loss,
-                       evaluate_fn=evaluate)
+    trained = fit_lora(
+        tiny_base, data, {**CFG, "epochs": 5, "patience": 2}, name="sel", loss_fn=answer_ce_loss, evaluate_fn=evaluate
+    )
     assert trained.best_epoch == 2
     assert len(trained.history) == 4  # epochs 3 and 4 did not improve: stopped after patience=2
     assert all(torch.equal(trained.state[k], snapshots[1][k]) for k in trained.state)
@@ -126,12 +156,21 @@ def test_init_state_replaces_the_fresh_initialisation(tiny_base):
         return (0.0,), {}, {}
 
     with pytest.raises(ValueError, match="does not fit"):
-        fit_lora(tiny_base, data, {**CFG, "epochs": 1}, name="b", loss_fn=answer_ce_loss, evaluate_fn=evaluate,
-                 init_state={"nonsense.lora_A.weight": torch.zeros(1)})
+        fit_lora(
+            tiny_base,
+            data,
+            {**CFG, "epochs": 1},
+            name="b",
+            loss_fn=answer_ce_loss,
+            evaluate_fn=evaluate,
+            init_state={"nonsense.lora_A.weight": torch.zeros(1)},
+        )
     assert _plain(tiny_base)
     # live-key form (".lora_A.<adapter>.weight") is accepted too
-    live = {k.replace(".lora_A.weight", ".lora_A.zz.weight").replace(".lora_B.weight", ".lora_B.zz.weight"): v
-            for k, v in first.state.items()}
+    live = {
+        k.replace(".lora_A.weight", ".lora_A.zz.weight").replace(".lora_B.weight", ".lora_B.zz.weight"): v
+        for k, v in first.state.items()
+    }
     with temporary_adapter(tiny_base, "b", 4, 32.0, ("q_proj", "k_proj", "v_proj"), 0.0, 5, live) as m:
         loaded = extract_state(m, "b")
     assert all(torch.equal(loaded[k], first.state[k]) for k in first.state)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from tests.bad_input_apps import dataset_api
-from sqlalchemy import func, select
 
 PAYLOADS = {
     "mro": "{{ ''.__class__.__mro__[1].__subclasses__() }} Answer:",
@@ -29,8 +29,10 @@ PAYLOADS = {
 
 
 def _rows(n: int = 20) -> list[dict[str, Any]]:
-    return [{"text": f"review number {i} was {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
-            for i in range(n)]
+    return [
+        {"text": f"review number {i} was {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+        for i in range(n)
+    ]
 
 
 def _jsonl(rows: list[Any]) -> bytes:
@@ -49,20 +51,56 @@ BIG_INT = "1" + "0" * 4999
 
 # name -> (form fields over the defaults, file bytes, file name, status, param, words the message must contain)
 CASES: dict[str, tuple[dict[str, str], bytes, str, int, str | None, tuple[str, ...]]] = {
-    "huge_int_label": ({}, _with_line(3, f'{{"text": "a", "label": {BIG_INT}}}'), "d.jsonl", 422, "file",
-                       ("line 3", "5,000 digits")),
-    "huge_int_text": ({}, _with_line(4, f'{{"text": {BIG_INT}, "label": "pos"}}'), "d.jsonl", 422, "file",
-                      ("line 4", "digits")),
+    "huge_int_label": (
+        {},
+        _with_line(3, f'{{"text": "a", "label": {BIG_INT}}}'),
+        "d.jsonl",
+        422,
+        "file",
+        ("line 3", "5,000 digits"),
+    ),
+    "huge_int_text": (
+        {},
+        _with_line(4, f'{{"text": {BIG_INT}, "label": "pos"}}'),
+        "d.jsonl",
+        422,
+        "file",
+        ("line 4", "digits"),
+    ),
     "deep_nesting": ({}, _with_line(2, DEEP), "d.jsonl", 422, "file", ("line 2", "nested too deeply")),
-    "huge_csv_label": ({"template": "{{ text }} Answer:"}, b"text,label\n" + b"".join(f"t{i},{'ab'[i % 2]}\n".encode() for i in range(10))
-                       + f"odd,{BIG_INT}\n".encode(), "d.csv", 422, "file", ("line 12", "only 1 example")),
-    "label_names_deep": ({"label_names": "[" * 100_000}, _jsonl(_rows()), "d.jsonl", 422, "label_names",
-                         ("label_names", "nested too deeply")),
-    "label_names_big_int": ({"label_names": f"[{BIG_INT}, 1]"}, _jsonl(_rows()), "d.jsonl", 422, "label_names",
-                            ("label_names",)),
+    "huge_csv_label": (
+        {"template": "{{ text }} Answer:"},
+        b"text,label\n" + b"".join(f"t{i},{'ab'[i % 2]}\n".encode() for i in range(10)) + f"odd,{BIG_INT}\n".encode(),
+        "d.csv",
+        422,
+        "file",
+        ("line 12", "only 1 example"),
+    ),
+    "label_names_deep": (
+        {"label_names": "[" * 100_000},
+        _jsonl(_rows()),
+        "d.jsonl",
+        422,
+        "label_names",
+        ("label_names", "nested too deeply"),
+    ),
+    "label_names_big_int": (
+        {"label_names": f"[{BIG_INT}, 1]"},
+        _jsonl(_rows()),
+        "d.jsonl",
+        422,
+        "label_names",
+        ("label_names",),
+    ),
     "json_array": ({}, json.dumps(_rows()).encode(), "d.jsonl", 422, "file", ("line 1", "JSON object")),
-    "not_utf8": ({}, _jsonl(_rows()) + b'{"text": "caf\xe9", "label": "pos"}\n', "d.jsonl", 422, "file",
-                 ("line 21", "UTF-8")),
+    "not_utf8": (
+        {},
+        _jsonl(_rows()) + b'{"text": "caf\xe9", "label": "pos"}\n',
+        "d.jsonl",
+        422,
+        "file",
+        ("line 21", "UTF-8"),
+    ),
     "nul_bytes": ({}, b"\x00" * 64, "d.jsonl", 422, "file", ("line 1",)),
     "empty_file": ({}, b"", "d.jsonl", 422, "file", ("no data rows",)),
     "unknown_format": ({}, _jsonl(_rows()), "d.bin", 422, "format", ("format",)),
@@ -71,17 +109,42 @@ CASES: dict[str, tuple[dict[str, str], bytes, str, int, str | None, tuple[str, .
     "name_traversal": ({"name": "../etc"}, _jsonl(_rows()), "d.jsonl", 422, "name", ("invalid task name",)),
     "name_builtin": ({"name": "cb"}, _jsonl(_rows()), "d.jsonl", 422, "name", ("reserved",)),
     "label_is_text": ({"label_field": "text"}, _jsonl(_rows()), "d.jsonl", 422, "label_field", ("label field",)),
-    "template_syntax": ({"template": "{{ text "}, _jsonl(_rows()), "d.jsonl", 422, "template",
-                        ("template line 1", "invalid Jinja template")),
-    "template_output_cap": ({"template": "{{ text }}" * 400 + " Answer:"},
-                            _jsonl([{"text": "w" * 200, "label": r["label"]} for r in _rows()]), "d.jsonl", 422,
-                            "template", ("rendered prompt is over",)),
-    "template_bad_filter_arg": ({"template": "{{ text|truncate(1) }} Answer:"}, _jsonl(_rows()), "d.jsonl", 422,
-                                "template", ("line 1", "cannot be rendered")),
-    "template_replace_blowup": ({"template": "{{ text|replace('', '" + "y" * 3000 + "') }} Answer:"},
-                                _jsonl(_rows()), "d.jsonl", 422, "template", ("replace would add",)),
-    **{f"template_{key}": ({"template": template}, _jsonl(_rows()), "d.jsonl", 422, "template", ("template",))
-       for key, template in PAYLOADS.items()},
+    "template_syntax": (
+        {"template": "{{ text "},
+        _jsonl(_rows()),
+        "d.jsonl",
+        422,
+        "template",
+        ("template line 1", "invalid Jinja template"),
+    ),
+    "template_output_cap": (
+        {"template": "{{ text }}" * 400 + " Answer:"},
+        _jsonl([{"text": "w" * 200, "label": r["label"]} for r in _rows()]),
+        "d.jsonl",
+        422,
+        "template",
+        ("rendered prompt is over",),
+    ),
+    "template_bad_filter_arg": (
+        {"template": "{{ text|truncate(1) }} Answer:"},
+        _jsonl(_rows()),
+        "d.jsonl",
+        422,
+        "template",
+        ("line 1", "cannot be rendered"),
+    ),
+    "template_replace_blowup": (
+        {"template": "{{ text|replace('', '" + "y" * 3000 + "') }} Answer:"},
+        _jsonl(_rows()),
+        "d.jsonl",
+        422,
+        "template",
+        ("replace would add",),
+    ),
+    **{
+        f"template_{key}": ({"template": template}, _jsonl(_rows()), "d.jsonl", 422, "template", ("template",))
+        for key, template in PAYLOADS.items()
+    },
 }
 POSITIONED = {f"template_{key}" for key in PAYLOADS if key != "too_long"}  # these name "template line 1"
 
@@ -108,8 +171,12 @@ def _stored(home: Path) -> tuple[int, int, list[str], list[str]]:
         datasets = session.scalar(select(func.count()).select_from(Dataset)) or 0
         artifacts = session.scalar(select(func.count()).select_from(Artifact)) or 0
     tasks = home / "tasks"
-    return datasets, artifacts, [p.name for p in ArtifactStore().iter_objects()], \
-        sorted(p.name for p in tasks.iterdir()) if tasks.is_dir() else []
+    return (
+        datasets,
+        artifacts,
+        [p.name for p in ArtifactStore().iter_objects()],
+        sorted(p.name for p in tasks.iterdir()) if tasks.is_dir() else [],
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -66,7 +66,11 @@ def test_jsonl_import_registers_a_task(tmp_path: Path, home: Path) -> None:
     assert len(set(ids)) == 40 and all(i.startswith("reviews/") for i in ids)
     assert "reviews/test/" in task.split("test")[0].id and task.split("test")[0].id.split("/")[2].startswith("r")
     prompt = task.render(task.split("train")[0].fields)
-    assert prompt.startswith("example text number") and "Options: neg, neutral, pos." in prompt and prompt.endswith("Answer:")
+    assert (
+        prompt.startswith("example text number")
+        and "Options: neg, neutral, pos." in prompt
+        and prompt.endswith("Answer:")
+    )
     # found by name, listed, and stable for a second lookup
     assert get_task("reviews").sizes() == task.sizes()
     assert [t.name for t in list_user_tasks()] == ["reviews"] and "reviews" in [t.name for t in list_tasks()]
@@ -81,10 +85,14 @@ def test_other_process_sees_the_task(tmp_path: Path, home: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(_jsonl(_rows(30)))
     task = import_dataset(path, "shared-task", ["text"], "label")
-    code = "from shared.ml.tasks.registry import get_task; import json; t = get_task('shared-task'); " \
-           "print(json.dumps([t.sizes(), [e.id for e in t.split('test')]]))"
+    code = (
+        "from shared.ml.tasks.registry import get_task; import json; t = get_task('shared-task'); "
+        "print(json.dumps([t.sizes(), [e.id for e in t.split('test')]]))"
+    )
     env = {**os.environ, "CHORUS_HOME": str(home)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+    )
     sizes, test_ids = json.loads(out.stdout.strip().splitlines()[-1])
     assert sizes == task.sizes() and test_ids == [e.id for e in task.split("test")]
 
@@ -107,7 +115,10 @@ def test_csv_with_several_fields_and_quoted_newlines(tmp_path: Path) -> None:
 
 def test_integer_labels_index_the_given_names(tmp_path: Path) -> None:
     rows = [{"sentence": f"s {i}", "y": i % 2} for i in range(20)]
-    task = register_dataset(validate_dataset_bytes(_jsonl(rows), "jsonl", ["sentence"], "y", label_names=["negative", "positive"]), "idx-labels")
+    task = register_dataset(
+        validate_dataset_bytes(_jsonl(rows), "jsonl", ["sentence"], "y", label_names=["negative", "positive"]),
+        "idx-labels",
+    )
     assert task.choices == ["negative", "positive"]
     by_text = {ex.fields["sentence"]: ex.label for s in SPLITS for ex in task.split(s)}
     assert by_text["s 3"] == 1 and by_text["s 4"] == 0
@@ -141,8 +152,18 @@ def test_every_bad_row_is_reported_and_nothing_registered(tmp_path: Path, home: 
     with pytest.raises(DatasetValidationError) as info:
         import_dataset(path, "bad-data", ["text"], "label", label_names=["a", "b", "c"], id_field="id")
     found = _lines(info.value)
-    assert found == {(7, "text"), (8, "text"), (9, "label"), (10, "label"), (11, "id"), (12, None), (14, None),
-                     (15, "label"), (16, "text"), (17, None)}
+    assert found == {
+        (7, "text"),
+        (8, "text"),
+        (9, "label"),
+        (10, "label"),
+        (11, "id"),
+        (12, None),
+        (14, None),
+        (15, "label"),
+        (16, "text"),
+        (17, None),
+    }
     messages = {e.line: e.message for e in info.value.errors}
     assert messages[7] == "missing field" and messages[8] == "empty text" and messages[9] == "missing label"
     assert "unknown label 'zzz'" in messages[10] and "duplicate id 'g1' (first on line 2)" in messages[11]
@@ -181,9 +202,17 @@ def test_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path)
     assert _stored(home) == []
 
 
-@pytest.mark.parametrize(("name", "reason"), [("Bad", "invalid task name"), ("x", "invalid task name"),
-                                               ("a/b", "invalid task name"), ("cb", "reserved"), ("core", "reserved"),
-                                               ("a" * 65, "invalid task name")])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("Bad", "invalid task name"),
+        ("x", "invalid task name"),
+        ("a/b", "invalid task name"),
+        ("cb", "reserved"),
+        ("core", "reserved"),
+        ("a" * 65, "invalid task name"),
+    ],
+)
 def test_invalid_names(name: str, reason: str) -> None:
     parsed = validate_dataset_bytes(_jsonl(_rows(10)), "jsonl", ["text"], "label")
     with pytest.raises(DatasetValidationError, match=reason):
@@ -197,7 +226,9 @@ def test_existing_name_and_overwrite(home: Path) -> None:
     with pytest.raises(TaskExistsError, match="already exists"):
         register_dataset(validate_dataset_bytes(_jsonl(_rows(20)), "jsonl", ["text"], "label"), "again")
     assert sum(get_task("again").sizes().values()) == 10
-    task = register_dataset(validate_dataset_bytes(_jsonl(_rows(20)), "jsonl", ["text"], "label"), "again", overwrite=True)
+    task = register_dataset(
+        validate_dataset_bytes(_jsonl(_rows(20)), "jsonl", ["text"], "label"), "again", overwrite=True
+    )
     assert sum(task.sizes().values()) == 20 and sum(get_task("again").sizes().values()) == 20
     assert _stored(home) == ["again"]
 

@@ -14,10 +14,18 @@ from shared.ml.affinity import agreement as ag
 from shared.ml.affinity.params import AffinityParams, ValidateAffinityParams
 from shared.ml.affinity.subsets import pair_counts
 from shared.ml.affinity.validate_affinity import METRICS, agreement_report, plan_subsets
+from tests.recompute import forward_flops, lengths_by_task, llama_shape, read_rows, tiny_llama_config, train_flops
 
 TWELVE = ["cb", "rte", "sst2", "boolq", "mr", "cr", "subj", "trec", "sst5", "mpqa", "copa", "wic"]
 N, GROUPS = 12, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-CONTRACT = {"spearman_within_task", "pairwise_order_accuracy", "change_skill", "t_correlation", "t_true_reliability", "ari"}
+CONTRACT = {
+    "spearman_within_task",
+    "pairwise_order_accuracy",
+    "change_skill",
+    "t_correlation",
+    "t_true_reliability",
+    "ari",
+}
 
 
 def _planted(seeds: int = 2, noise: float = 0.05, seed: int = 0):
@@ -39,16 +47,29 @@ def _planted(seeds: int = 2, noise: float = 0.05, seed: int = 0):
 
 def _records(params, subsets, est, true, theta0):
     """Per-seed estimate / truth records as validate_affinity writes them, from [S, K, n] tables."""
+
     def metrics(v):
         return {m: float(v) for m in METRICS}
 
     est_recs, truth_recs = [], []
     for s in range(est.shape[0]):
-        est_recs.append({"seed": s, "init": "base", "theta0": {t: metrics(theta0[i]) for i, t in enumerate(params.tasks)},
-                         "estimates": [{params.tasks[i]: metrics(est[s, k, i]) for i in sub} for k, sub in enumerate(subsets)]})
-        truth_recs.append({"seed": s, "all_tasks": None,
-                           "adapters": [{"metrics": {params.tasks[i]: metrics(true[s, k, i]) for i in sub}}
-                                        for k, sub in enumerate(subsets)]})
+        est_recs.append(
+            {
+                "seed": s,
+                "init": "base",
+                "theta0": {t: metrics(theta0[i]) for i, t in enumerate(params.tasks)},
+                "estimates": [{params.tasks[i]: metrics(est[s, k, i]) for i in sub} for k, sub in enumerate(subsets)],
+            }
+        )
+        truth_recs.append(
+            {
+                "seed": s,
+                "all_tasks": None,
+                "adapters": [
+                    {"metrics": {params.tasks[i]: metrics(true[s, k, i]) for i in sub}} for k, sub in enumerate(subsets)
+                ],
+            }
+        )
     return est_recs, truth_recs
 
 
@@ -179,9 +200,35 @@ def cli_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model's forwards are all overhead: one thread is several times faster
     out = tmp_path_factory.mktemp("va") / "run"
-    args = ["validate-affinity", "--model", "tiny-llama", "--tasks", "cb,rte,sst2", "--seeds", "2", "--max-train", "8",
-            "--max-val", "6", "--epochs", "1", "--subset-size", "2", "--dim", "16", "--init", "base", "--max-length", "128",
-            "--quantization", "none", "--device", "cpu", "--out", str(out)]
+    args = [
+        "validate-affinity",
+        "--model",
+        "tiny-llama",
+        "--tasks",
+        "cb,rte,sst2",
+        "--seeds",
+        "2",
+        "--max-train",
+        "8",
+        "--max-val",
+        "6",
+        "--epochs",
+        "1",
+        "--subset-size",
+        "2",
+        "--dim",
+        "16",
+        "--init",
+        "base",
+        "--max-length",
+        "128",
+        "--quantization",
+        "none",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     try:
         result = runner.invoke(app, args)
     finally:
@@ -196,9 +243,16 @@ def test_cli_writes_every_contract_key(cli_run):
     assert CONTRACT <= set(doc)
     assert set(doc["spearman_within_task"]) == {"value", "ci95"} and set(doc["t_correlation"]) == {"value", "p"}
     assert set(doc["ari"]) == {"est_vs_true", "random_p95"}
-    finite = [doc["spearman_within_task"]["value"], *doc["spearman_within_task"]["ci95"], doc["change_skill"],
-              doc["t_correlation"]["value"], doc["t_correlation"]["p"], doc["t_true_reliability"],
-              doc["ari"]["est_vs_true"], doc["ari"]["random_p95"]]
+    finite = [
+        doc["spearman_within_task"]["value"],
+        *doc["spearman_within_task"]["ci95"],
+        doc["change_skill"],
+        doc["t_correlation"]["value"],
+        doc["t_correlation"]["p"],
+        doc["t_true_reliability"],
+        doc["ari"]["est_vs_true"],
+        doc["ari"]["random_p95"],
+    ]
     assert all(isinstance(v, float) and math.isfinite(v) for v in finite), finite
     assert doc["pairwise_order_accuracy"] is None or 0.0 <= doc["pairwise_order_accuracy"] <= 1.0
     assert doc["seeds"] == [0, 1] and doc["metric"] == "neg_loss" and len(doc["subsets"]) == 3
@@ -207,10 +261,50 @@ def test_cli_writes_every_contract_key(cli_run):
     for s in ("0", "1"):
         assert doc["consistency"]["estimate_reread_vs_stage1"][s]["max_abs_accuracy"] == 0.0
         assert doc["consistency"]["rescore_vs_trainer"][s] <= 1 / 6 + 1e-9  # at most one of 6 rows (trainer's numerics)
-        assert doc["costs"]["stage1"][s]["flops"]["total"] > 0 and doc["costs"]["finetunes"][s]["subsets_cost"]["total_flops"] > 0
     assert doc["change_reference"].startswith("theta0")
     assert (out / "validate_affinity.csv").exists() and (out / "seed-1" / "affinity" / "affinity.json").exists()
     assert "within-task Spearman" in output
+
+
+@pytest.mark.needs_data
+def test_cli_costs_follow_the_flop_formula(cli_run):
+    """Stage 1's FLOPs per seed (init base, mode linear: the gradient passes over the training and validation rows
+    and the base evaluation) and the fine-tunes' (one epoch over each subset's training rows, one validation pass
+    of its tasks), recomputed from the model's config.json, the formula and each seed's rows_*.csv; their sums and
+    ratio, and the printed ratio."""
+    out, output = cli_run
+    doc = json.loads((out / "validate_affinity.json").read_text())
+    shape = llama_shape(tiny_llama_config())
+    subsets = doc["subsets"]
+    s1_total, ft_total = 0.0, 0.0
+    for s in ("0", "1"):
+        aff = json.loads((out / f"seed-{s}" / "affinity" / "affinity.json").read_text())
+        assert (aff["mode"], aff["init"], aff["params"]["rank"]) == ("linear", "base", 4)
+        train = lengths_by_task(read_rows(out / f"seed-{s}" / "affinity" / "rows_train.csv"))
+        val = lengths_by_task(read_rows(out / f"seed-{s}" / "affinity" / "rows_val.csv"))
+        all_train, all_val = [n for v in train.values() for n in v], [n for v in val.values() for n in v]
+        assert (len(all_train), len(all_val)) == (24, 18)
+        flops = doc["costs"]["stage1"][s]["flops"]
+        expected = {
+            "gradients": train_flops(shape, all_train),
+            "theta0_finetune": 0.0,
+            "base_eval": forward_flops(shape, all_val),
+            "estimate_forwards": train_flops(shape, all_val),
+        }
+        assert flops == pytest.approx({**expected, "total": sum(expected.values())}, rel=1e-12), s
+        cost = doc["costs"]["finetunes"][s]["subsets_cost"]
+        ft = sum(
+            train_flops(shape, [n for t in sub for n in train[t]])
+            + forward_flops(shape, [n for t in sub for n in val[t]])
+            for sub in subsets
+        )
+        assert cost["total_flops"] == pytest.approx(ft, rel=1e-12), s
+        assert cost["train_rows"] == sum(len(train[t]) for sub in subsets for t in sub)
+        s1_total, ft_total = s1_total + flops["total"], ft_total + ft
+    assert doc["costs"]["stage1_flops"] == pytest.approx(s1_total, rel=1e-12)
+    assert doc["costs"]["finetune_flops"] == pytest.approx(ft_total, rel=1e-12)
+    assert doc["costs"]["flop_ratio"] == pytest.approx(ft_total / s1_total, rel=1e-12)
+    assert f"FLOP ratio {ft_total / s1_total:.3f}" in " ".join(output.split())
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
@@ -235,7 +329,9 @@ def test_variants_are_checked_like_the_main_estimator():
     with pytest.raises(ValueError, match="variants: name 'Bad-Name'"):
         ValidateAffinityParams(tasks=tasks, variants={"Bad-Name": {}})
     with pytest.raises(ValueError, match=r"variants\.lin: mode 'linear' estimates only"):
-        ValidateAffinityParams(tasks=tasks, metric="margin", affinity={"mode": "forward"}, variants={"lin": {"mode": "linear"}})
+        ValidateAffinityParams(
+            tasks=tasks, metric="margin", affinity={"mode": "forward"}, variants={"lin": {"mode": "linear"}}
+        )
     with pytest.raises(ValueError, match=r"error, affinity: mode 'linear' estimates only"):
         ValidateAffinityParams(tasks=tasks, metric="margin")
     with pytest.raises(ValueError, match=r"variants\.x\.seed is set by the validation"):
@@ -245,9 +341,14 @@ def test_variants_are_checked_like_the_main_estimator():
     p = ValidateAffinityParams(tasks=tasks, affinity={"dim": 32}, variants={"sub": {"max_train": 100, "init": "base"}})
     main, sub = p.affinity_params(0, [tasks[:2]]), p.affinity_params(0, [tasks[:2]], "sub")
     # Stage 1 defaults to min(max_train, STAGE1_TRAIN_ROWS) rows per task, as in a pipeline
-    assert (main.dim, main.max_train, main.init) == (32, 150, "meta") and (sub.dim, sub.max_train, sub.init) == (32, 100, "base")
+    assert (main.dim, main.max_train, main.init) == (32, 150, "meta") and (sub.dim, sub.max_train, sub.init) == (
+        32,
+        100,
+        "base",
+    )
 
 
+@pytest.mark.needs_data
 def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
     """Adding variants to a finished validation scores them against the same fine-tunes (truth.json untouched);
     a subsampled Stage 1 costs fewer FLOPs; a linear one reports its own first-order estimates."""
@@ -259,8 +360,11 @@ def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
     truth = out / "seed-0" / "truth.json"
     stamp = truth.stat().st_mtime_ns
     params = ValidateAffinityParams.model_validate(
-        {**json.loads((out / "params.json").read_text()),
-         "variants": {"sub": {"max_train": 4}, "fwd": {"mode": "forward"}}})
+        {
+            **json.loads((out / "params.json").read_text()),
+            "variants": {"sub": {"max_train": 4}, "fwd": {"mode": "forward"}},
+        }
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -271,8 +375,29 @@ def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
     doc = json.loads((out / "validate_affinity.json").read_text())
     assert set(doc["variants"]) == {"sub", "fwd"}
     for v in doc["variants"].values():
-        assert CONTRACT <= set(v) and v["stage1_flops"] > 0
+        assert CONTRACT <= set(v)
     main = np.mean([doc["costs"]["stage1"][s]["flops"]["total"] for s in ("0", "1")])
+    assert doc["variants"]["fwd"]["stage1_flops"] == pytest.approx(
+        np.mean(
+            [
+                json.loads((out / f"seed-{s}" / "variant-fwd" / "estimates.json").read_text())["stage1"]["flops"][
+                    "total"
+                ]
+                for s in ("0", "1")
+            ]
+        ),
+        rel=1e-12,
+    )
+    # a subsampled Stage 1 (4 of 8 training rows per task) costs fewer FLOPs: its own rows, same formula
+    shape = llama_shape(tiny_llama_config())
+    sub_flops = []
+    for s in ("0", "1"):
+        rows = out / f"seed-{s}" / "variant-sub" / "affinity"
+        train = [int(r["length"]) for r in read_rows(rows / "rows_train.csv")]
+        val = [int(r["length"]) for r in read_rows(rows / "rows_val.csv")]
+        assert len(train) == 12
+        sub_flops.append(train_flops(shape, train) + forward_flops(shape, val) + train_flops(shape, val))
+    assert doc["variants"]["sub"]["stage1_flops"] == pytest.approx(np.mean(sub_flops), rel=1e-12)
     assert doc["variants"]["sub"]["stage1_flops"] < main
     assert doc["variants"]["sub"]["affinity_params"]["max_train"] == 4
     lin = json.loads((out / "seed-0" / "estimates.json").read_text())  # the main estimator: linear by default
@@ -280,4 +405,6 @@ def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
     assert lin["mode"] == "linear" and fwd["mode"] == "forward"
     assert lin["reread_vs_stage1"]["max_abs_accuracy"] == 0.0 and fwd["reread_vs_stage1"]["max_abs_accuracy"] == 0.0
     # theta0's linear proxy is f0 itself: its accuracy is the base model's choice accuracy on the same rows
-    assert {t: m["accuracy"] for t, m in lin["theta0"].items()} == pytest.approx({t: m["accuracy"] for t, m in fwd["theta0"].items()})
+    assert {t: m["accuracy"] for t, m in lin["theta0"].items()} == pytest.approx(
+        {t: m["accuracy"] for t, m in fwd["theta0"].items()}
+    )

@@ -29,11 +29,24 @@ BASES = {
 }
 
 
-def run(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = True, timeout: float | None = None,
-        capture: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+    capture: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run a command; on failure raise with its output (the tail) in the message."""
-    proc = subprocess.run(cmd, env=env, text=True, timeout=timeout, cwd=REPO,
-                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+    )
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stdout or '')[-4000:]}")
     return proc
@@ -101,10 +114,14 @@ class Stack:
         self.standins: list[str] = []
         self.timings: dict[str, float] = {}
         self.env: dict[str, str] = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
-            "CHORUS_ADMIN_KEY": self.admin_key, "CHORUS_BIND_ADDRESS": "127.0.0.1",
-            "CHORUS_API_PORT": str(self.api_port), "CHORUS_INFERENCE_PORT": str(self.inference_port),
-            "CHORUS_INFERENCE_MODEL": "tiny-llama", "CHORUS_INFERENCE_QUANTIZATION": "none",
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "CHORUS_ADMIN_KEY": self.admin_key,
+            "CHORUS_BIND_ADDRESS": "127.0.0.1",
+            "CHORUS_API_PORT": str(self.api_port),
+            "CHORUS_INFERENCE_PORT": str(self.inference_port),
+            "CHORUS_INFERENCE_MODEL": "tiny-llama",
+            "CHORUS_INFERENCE_QUANTIZATION": "none",
             "CHORUS_DATA": os.environ.get("CHORUS_DATA_DIR") or str(REPO.parent / "shared" / "data"),
         }
         for name in ("DOCKER_HOST", "DOCKER_CONFIG"):
@@ -140,8 +157,21 @@ class Stack:
             dockerfile, variable = BASES[tag]
             standin = f"chorus-standin/{tag.split(':')[0]}:{self.project}"
             self.log(f"{tag} cannot be pulled: building the stand-in {standin}")
-            run(["docker", "build", "-q", "-f", str(STANDIN / dockerfile), "--build-arg", f"BASE_IMAGE={debian}",
-                 "-t", standin, str(STANDIN)], env={**os.environ, "DOCKER_BUILDKIT": "0"})
+            run(
+                [
+                    "docker",
+                    "build",
+                    "-q",
+                    "-f",
+                    str(STANDIN / dockerfile),
+                    "--build-arg",
+                    f"BASE_IMAGE={debian}",
+                    "-t",
+                    standin,
+                    str(STANDIN),
+                ],
+                env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            )
             self.standins.append(standin)
             self.env[variable] = standin
 
@@ -168,11 +198,17 @@ class Stack:
         self.dc("build", "api", "worker-cpu", "inference-cpu", capture=False)
 
     # -- compose ------------------------------------------------------------------------------------
-    def dc(self, *args: str, check: bool = True, capture: bool = True,
-           timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    def dc(
+        self, *args: str, check: bool = True, capture: bool = True, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
         files = [arg for f in FILES for arg in ("-f", str(REPO / f))]
-        return run([*self.compose, "-p", self.project, *files, *args], env=self.env, check=check, capture=capture,
-                   timeout=timeout)
+        return run(
+            [*self.compose, "-p", self.project, *files, *args],
+            env=self.env,
+            check=check,
+            capture=capture,
+            timeout=timeout,
+        )
 
     def config(self) -> dict[str, Any]:
         import yaml
@@ -197,8 +233,9 @@ class Stack:
         while pending:
             pending = [s for s in pending if self.health(s) != "healthy"]
             if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"not healthy after {timeout:.0f}s: {pending}\n" +
-                                   "\n".join(self.logs(s) for s in pending))
+                raise RuntimeError(
+                    f"not healthy after {timeout:.0f}s: {pending}\n" + "\n".join(self.logs(s) for s in pending)
+                )
             if pending:
                 time.sleep(2)
 
@@ -215,8 +252,9 @@ class Stack:
     def volumes(self) -> list[str]:
         """The project's named volumes that exist (as compose names them in the file)."""
         fmt = '{{.Label "com.docker.compose.volume"}}'
-        return run(["docker", "volume", "ls", "--filter", f"label=com.docker.compose.project={self.project}",
-                    "--format", fmt]).stdout.split()
+        return run(
+            ["docker", "volume", "ls", "--filter", f"label=com.docker.compose.project={self.project}", "--format", fmt]
+        ).stdout.split()
 
     def images(self) -> list[str]:
         """The images this project built (compose tags them <project>_<service>)."""

@@ -24,12 +24,24 @@ import pytest
 from tests.compose.stack import Stack
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("CHORUS_COMPOSE_TEST") != "1",
-                       reason="the compose test runs with `make compose-test` (needs Docker; CHORUS_COMPOSE_TEST=1)"),
+    pytest.mark.skipif(
+        os.environ.get("CHORUS_COMPOSE_TEST") != "1",
+        reason="the compose test runs with `make compose-test` (needs Docker; CHORUS_COMPOSE_TEST=1)",
+    ),
     pytest.mark.timeout(3600),
 ]
-PIPELINE = {"model": "tiny-llama", "quantization": "none", "tasks": ["cb", "rte", "copa"], "groups": 2, "seed": 0,
-            "max_train": 16, "max_val": 8, "max_test": 8, "affinity": {"dim": 16}, "training": {"epochs": 2}}
+PIPELINE = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "tasks": ["cb", "rte", "copa"],
+    "groups": 2,
+    "seed": 0,
+    "max_train": 16,
+    "max_val": 8,
+    "max_test": 8,
+    "affinity": {"dim": 16},
+    "training": {"epochs": 2},
+}
 TERMINAL = ("succeeded", "failed", "cancelled")
 SERVICES = ["postgres", "redis", "api", "worker-cpu", "inference-cpu"]
 STATE: dict[str, Any] = {}
@@ -51,8 +63,11 @@ def stack() -> Iterator[Stack]:
         yield s
     finally:
         s.timed("teardown", s.teardown)
-        say("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in s.timings.items()) +
-            f"; total {time.monotonic() - started:.0f}s")
+        say(
+            "timings: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in s.timings.items())
+            + f"; total {time.monotonic() - started:.0f}s"
+        )
 
 
 def admin(stack: Stack) -> dict[str, str]:
@@ -135,8 +150,13 @@ def exactly_once(stack: Stack, key: str, job_id: str) -> dict[str, Any]:
     with api(stack) as http:
         arts = http.get(f"/v1/jobs/{job_id}/artifacts", headers=user(key)).json()["data"]
     pairs = Counter((a["stage"], a["name"]) for a in arts)
-    return {"succeeded_events": Counter(messages)["job succeeded"], "stage_finished": dict(finished),
-            "duplicate_artifacts": [p for p, n in pairs.items() if n > 1], "artifacts": len(arts), "messages": messages}
+    return {
+        "succeeded_events": Counter(messages)["job succeeded"],
+        "stage_finished": dict(finished),
+        "duplicate_artifacts": [p for p, n in pairs.items() if n > 1],
+        "artifacts": len(arts),
+        "messages": messages,
+    }
 
 
 # -- the scenario, in order ------------------------------------------------------------------------------
@@ -146,11 +166,14 @@ def test_cpu_services_twin_the_gpu_ones_and_images_carry_only_what_they_need(sta
         assert config[gpu]["profiles"] == ["gpu"] and "deploy" not in config[cpu]
         assert config[gpu]["command"] == config[cpu]["command"]
         assert sorted(config[gpu]["volumes"], key=str) == sorted(config[cpu]["volumes"], key=str)
-        assert {k: v for k, v in config[cpu]["environment"].items() if k in config[gpu]["environment"]} \
-            == config[gpu]["environment"], cpu
+        assert {k: v for k, v in config[cpu]["environment"].items() if k in config[gpu]["environment"]} == config[gpu][
+            "environment"
+        ], cpu
     running = stack.dc("ps", "--services", "--filter", "status=running").stdout.split()
     assert sorted(running) == sorted(SERVICES)
-    probe = "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('torch', 'bitsandbytes', 'cvxpy')))"
+    probe = (
+        "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('torch', 'bitsandbytes', 'cvxpy')))"
+    )
     assert stack.exec("api", "python", "-c", probe).split() == ["False", "False", "False"]
     assert stack.exec("worker-cpu", "python", "-c", probe).split() == ["True", "True", "True"]
     for service in ("api", "worker-cpu", "inference-cpu"):
@@ -167,8 +190,12 @@ def test_key_and_pipeline_job_followed_to_succeeded(stack: Stack) -> None:
     # A dataset upload: the API image imports it without the ML stack (pyarrow, numpy, scikit-learn only).
     csv = "text,label\n" + "".join(f"great film {i},positive\nawful film {i},negative\n" for i in range(20))
     with api(stack) as http:
-        r = http.post("/v1/datasets", headers=user(key), files={"file": ("reviews.csv", csv)},
-                      data={"name": "reviews", "text_fields": "text", "label_field": "label"})
+        r = http.post(
+            "/v1/datasets",
+            headers=user(key),
+            files={"file": ("reviews.csv", csv)},
+            data={"name": "reviews", "text_fields": "text", "label_field": "label"},
+        )
     assert r.status_code == 201, r.text
     STATE["dataset"] = r.json()["id"]
     job_id = STATE["job1"] = submit(stack, key, PIPELINE)
@@ -182,7 +209,10 @@ def test_key_and_pipeline_job_followed_to_succeeded(stack: Stack) -> None:
     say(f"pipeline {job_id} {done['status']} in {time.monotonic() - start:.0f}s")
     assert done["status"] == "succeeded", done
     assert [(s["name"], s["status"], s["attempts"]) for s in done["stages"]] == [
-        ("affinity", "succeeded", 1), ("grouping", "succeeded", 1), ("training", "succeeded", 1)]
+        ("affinity", "succeeded", 1),
+        ("grouping", "succeeded", 1),
+        ("training", "succeeded", 1),
+    ]
     # Sent to the broker when created (not by the reaper after a failed send), and run once.
     evidence = exactly_once(stack, key, job_id)
     assert not [m for m in evidence["messages"] if "broker unavailable" in m], evidence["messages"]
@@ -196,7 +226,7 @@ def test_inference_container_loads_the_ensemble_and_classifies(stack: Stack) -> 
     ensemble = STATE["ensemble"]
     out = classify(stack, STATE["key"], ensemble["id"])
     assert out["fingerprint"] == ensemble["fingerprint"] and len(out["results"]) == len(rows())
-    for row, result in zip(rows(), out["results"]):
+    for row, result in zip(rows(), out["results"], strict=False):
         assert result["task"] == row["task"] and result["label"] in result["probabilities"]
         assert abs(sum(result["probabilities"].values()) - 1) < 1e-4
     STATE["probabilities"] = [r["probabilities"] for r in out["results"]]
@@ -221,16 +251,23 @@ def test_worker_container_restarted_mid_job_finishes_it_exactly_once(stack: Stac
     assert stack.container("worker-cpu") == old  # the same container, restarted
     done = wait_for(lambda: (j := job(stack, key, job_id))["status"] in TERMINAL and j, 1800, f"{job_id} to finish")
     evidence = exactly_once(stack, key, job_id)
-    say(f"restart: {job_id} {done['status']}, attempt {done['attempt']}, stages "
+    say(
+        f"restart: {job_id} {done['status']}, attempt {done['attempt']}, stages "
         f"{[(s['name'], s['attempts']) for s in done['stages']]}, 'job succeeded' x{evidence['succeeded_events']}, "
         f"stages finished {evidence['stage_finished']}, {evidence['artifacts']} artifacts, duplicates "
-        f"{evidence['duplicate_artifacts']}")
-    say("restart events: " + " | ".join(m for m in evidence["messages"]
-                                        if "requeued" in m or "resuming" in m or "succeeded" in m))
+        f"{evidence['duplicate_artifacts']}"
+    )
+    say(
+        "restart events: "
+        + " | ".join(m for m in evidence["messages"] if "requeued" in m or "resuming" in m or "succeeded" in m)
+    )
     assert done["status"] == "succeeded", done
     assert done["attempt"] == 2, "the job was not interrupted by the restart (it ran once, in one attempt)"
     assert [(s["name"], s["status"], s["attempts"]) for s in done["stages"]] == [
-        ("affinity", "succeeded", 1), ("grouping", "succeeded", 1), ("training", "succeeded", 2)]
+        ("affinity", "succeeded", 1),
+        ("grouping", "succeeded", 1),
+        ("training", "succeeded", 2),
+    ]
     assert evidence["succeeded_events"] == 1 and not evidence["duplicate_artifacts"]
     assert evidence["stage_finished"] == {"stage affinity": 1, "stage grouping": 1, "stage training": 1}
     assert any(m.startswith("resuming after finished stage(s): affinity, grouping") for m in evidence["messages"])
@@ -264,7 +301,9 @@ def test_down_and_up_with_volumes_kept_finds_jobs_and_artifacts(stack: Stack) ->
                 checked += 1
     out = classify(stack, key, STATE["ensemble"]["id"])
     again = [r["probabilities"] for r in out["results"]]
-    for first, second in zip(STATE["probabilities"], again):
+    for first, second in zip(STATE["probabilities"], again, strict=False):
         assert first.keys() == second.keys() and all(abs(first[k] - second[k]) < 1e-5 for k in first)
-    say(f"persistence: after down/up both jobs listed as succeeded, the uploaded dataset found, {checked} artifact files re-downloaded with "
-        f"their sha256, the ensemble reloaded and classified the same rows to the same probabilities")
+    say(
+        f"persistence: after down/up both jobs listed as succeeded, the uploaded dataset found, {checked} artifact files re-downloaded with "
+        f"their sha256, the ensemble reloaded and classified the same rows to the same probabilities"
+    )

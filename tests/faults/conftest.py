@@ -117,9 +117,23 @@ class FaultWorker(Worker):
         self.log_path = log_path
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*die_with_parent(), sys.executable, "-m", "services.cli.main", "worker", "--loglevel", "INFO",
-             "--hostname", f"{name}@%h"],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                *die_with_parent(),
+                sys.executable,
+                "-m",
+                "services.cli.main",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{name}@%h",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 class Workers:
@@ -156,8 +170,11 @@ def _fresh_start(stack: Stack) -> None:
     if stack.redis.proc is None or stack.redis.proc.poll() is not None:
         stack.redis.start()
     with session_scope() as session:
-        session.execute(update(Job).where(Job.status.in_(("queued", "running")))
-                        .values(status="cancelled", finished_at=utcnow(), lease_owner=None))
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(("queued", "running")))
+            .values(status="cancelled", finished_at=utcnow(), lease_owner=None)
+        )
     redis.Redis.from_url(stack.env["BROKER_URL"]).flushdb()
 
 

@@ -135,9 +135,11 @@ class Tally:
     resends: int = 0
 
     def line(self) -> str:
-        return (f"faults[{self.scenario}]: submitted={self.submitted} completed={self.completed} "
-                f"lost={len(self.lost)} duplicated={len(self.duplicated)} attempts={self.attempts} "
-                f"resends={self.resends}")
+        return (
+            f"faults[{self.scenario}]: submitted={self.submitted} completed={self.completed} "
+            f"lost={len(self.lost)} duplicated={len(self.duplicated)} attempts={self.attempts} "
+            f"resends={self.resends}"
+        )
 
     @property
     def ok(self) -> bool:
@@ -152,15 +154,22 @@ def audit(scenario: str, job_ids: list[str]) -> Tally:
     for job_id in job_ids:
         job = row(job_id)
         messages = Counter(e.message for e in events(job_id))
-        finished = Counter(m.split(" finished")[0] for m in messages.elements()
-                           if m.startswith("stage ") and " finished" in m)
+        finished = Counter(
+            m.split(" finished")[0] for m in messages.elements() if m.startswith("stage ") and " finished" in m
+        )
         with session_scope() as session:
-            pairs = Counter((a.stage, a.name) for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id)))
+            pairs = Counter(
+                (a.stage, a.name) for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            )
         tally.attempts.append(job.attempt)
         tally.resends += sum(n for m, n in messages.items() if m.startswith("message not picked up"))
         if job.status != "succeeded":
             tally.lost.append(f"{job_id}: {job.status} {job.error}")
-        elif messages["job succeeded"] != 1 or any(n != 1 for n in finished.values()) or any(n != 1 for n in pairs.values()):
+        elif (
+            messages["job succeeded"] != 1
+            or any(n != 1 for n in finished.values())
+            or any(n != 1 for n in pairs.values())
+        ):
             tally.duplicated.append(f"{job_id}: {dict(finished)} {dict(pairs)} succeeded x{messages['job succeeded']}")
         else:
             tally.completed += 1

@@ -31,8 +31,21 @@ def _job(sent_ago: float | None, type: str = "evaluation", **values: Any) -> str
     now = utcnow()
     sent = None if sent_ago is None else now - timedelta(seconds=sent_ago)
     with session_scope() as session:
-        session.add(Job(id=job_id, type=type, status="queued", owner="resend-test", params={}, progress={},
-                        attempt=0, created_at=now, enqueued_at=sent, task_id="first", **values))
+        session.add(
+            Job(
+                id=job_id,
+                type=type,
+                status="queued",
+                owner="resend-test",
+                params={},
+                progress={},
+                attempt=0,
+                created_at=now,
+                enqueued_at=sent,
+                task_id="first",
+                **values,
+            )
+        )
     return job_id
 
 
@@ -50,8 +63,11 @@ def _resend_events(job_id: str) -> list[Any]:
     from shared.db.session import session_scope
 
     with session_scope() as session:
-        return [(e.message, e.data) for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
-                if (e.data or {}).get("type") == "resend"]
+        return [
+            (e.message, e.data)
+            for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
+            if (e.data or {}).get("type") == "resend"
+        ]
 
 
 def _sweep(sent: list[str]) -> dict[str, list[str]]:
@@ -70,8 +86,11 @@ def test_a_queued_job_not_picked_up_is_resent_and_backs_off(stack) -> None:  # t
     running = _job(sent_ago=AFTER * 10)
     live_lease = row(fresh).created_at + timedelta(hours=1)
     with session_scope() as session:
-        session.execute(update(Job).where(Job.id == running).values(status="running", lease_owner="otherhost:1:a",
-                                                                    lease_expires_at=live_lease))
+        session.execute(
+            update(Job)
+            .where(Job.id == running)
+            .values(status="running", lease_owner="otherhost:1:a", lease_expires_at=live_lease)
+        )
     sent: list[str] = []
     report = _sweep(sent)
     assert lost in report["resent"] and fresh not in report["resent"] and running not in report["resent"]
@@ -160,8 +179,16 @@ def test_a_database_error_in_a_stage_leaves_the_job_to_be_retried(stack, monkeyp
     from shared.jobs.runner import run_job
     from tests.faults import jobs
 
-    monkeypatch.setitem(JOB_TYPES, "fault_blip", JobType("fault_blip", "a stage hit by a database error",
-                                                         "tests.faults.jobs:BlipParams", "tests.faults.jobs:blip_stage"))
+    monkeypatch.setitem(
+        JOB_TYPES,
+        "fault_blip",
+        JobType(
+            "fault_blip",
+            "a stage hit by a database error",
+            "tests.faults.jobs:BlipParams",
+            "tests.faults.jobs:blip_stage",
+        ),
+    )
     monkeypatch.setitem(jobs.BLIPS, "left", 1)
     job_id = _job(sent_ago=0, type="fault_blip")
     settings = ServiceSettings(lease_seconds=30, max_attempts=3, keep_workdir=False)

@@ -11,8 +11,19 @@ import signal
 
 import pytest
 
-from tests.faults.jobs import (QUICK, STEPPED, audit, events, freeze_mid_stage, pid_of, row, stage_running, submit,
-                               wait_terminal, wait_until)
+from tests.faults.jobs import (
+    QUICK,
+    STEPPED,
+    audit,
+    events,
+    freeze_mid_stage,
+    pid_of,
+    row,
+    stage_running,
+    submit,
+    wait_terminal,
+    wait_until,
+)
 from tests.integration.conftest import auth
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -90,9 +101,12 @@ def test_postgres_restart_mid_job(stack, api, key, workers, record_tally):  # ty
     stack.pg.stop()
     try:
         port = str(stack.pg.port)
-        calls = [("GET", "/v1/jobs", None), ("GET", f"/v1/jobs/{running}", None),
-                 ("GET", f"/v1/jobs/{running}/events", None),
-                 ("POST", "/v1/jobs", {"type": "evaluation", "params": QUICK})]
+        calls = [
+            ("GET", "/v1/jobs", None),
+            ("GET", f"/v1/jobs/{running}", None),
+            ("GET", f"/v1/jobs/{running}/events", None),
+            ("POST", "/v1/jobs", {"type": "evaluation", "params": QUICK}),
+        ]
         for method, url, body in calls:
             r = api.request(method, url, headers=auth(key), json=body)
             assert r.status_code == 503, (method, url, r.status_code, r.text)
@@ -104,7 +118,9 @@ def test_postgres_restart_mid_job(stack, api, key, workers, record_tally):  # ty
         assert health.status_code == 503 and int(health.headers["retry-after"]) > 0
         assert health.json() == {"status": "error", "database": "unavailable"}
         # The job process notices the outage (its lease heartbeat fails) before the database comes back.
-        assert wait_until(lambda: f"lease heartbeat of {running} failed" in worker.text(), 60, 0.2), worker.text()[-3000:]
+        assert wait_until(lambda: f"lease heartbeat of {running} failed" in worker.text(), 60, 0.2), worker.text()[
+            -3000:
+        ]
     finally:
         stack.pg.start()
     wait_terminal([running, queued], TIMEOUT)

@@ -146,7 +146,12 @@ class Worker:
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", "worker", "--loglevel", "INFO", "--hostname", f"{name}@%h"],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -215,6 +220,9 @@ def quiet_queue(stack_env: dict[str, str]) -> None:
     from shared.db.session import session_scope
 
     with session_scope() as session:
-        session.execute(update(Job).where(Job.status.in_(("queued", "running")))
-                        .values(status="cancelled", finished_at=utcnow(), lease_owner=None))
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(("queued", "running")))
+            .values(status="cancelled", finished_at=utcnow(), lease_owner=None)
+        )
     redis.Redis.from_url(stack_env["BROKER_URL"]).flushdb()

@@ -24,7 +24,9 @@ def _owner(prefix: str) -> str:
 
 def _rows(n: int = 20) -> list[dict]:
     words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "grim", "superb", "dull"]
-    return [{"text": f"the film was {words[i % 10]} number {i}", "label": "pos" if i % 2 == 0 else "neg"} for i in range(n)]
+    return [
+        {"text": f"the film was {words[i % 10]} number {i}", "label": "pos" if i % 2 == 0 else "neg"} for i in range(n)
+    ]
 
 
 def _jsonl(rows: list[dict]) -> bytes:
@@ -76,7 +78,11 @@ def test_every_route_needs_a_key_and_its_scope(api, make_key):  # type: ignore[n
             lacking = infer_only if required == ["submit"] else submit
             wrong = api.request(method.upper(), url, headers=auth(lacking))
             assert wrong.status_code == 403, (method, path, wrong.text)
-            assert wrong.json()["error"] == {"code": "forbidden", "message": wrong.json()["error"]["message"], "param": None}
+            assert wrong.json()["error"] == {
+                "code": "forbidden",
+                "message": wrong.json()["error"]["message"],
+                "param": None,
+            }
             checked.append(f"{method.upper()} {path}")
     assert len(checked) >= 20, checked
     assert api.get("/health").json() == {"status": "ok"}
@@ -155,8 +161,10 @@ def test_idempotency_key(api, make_key):  # type: ignore[no-untyped-def]
 
 def test_list_pagination_filters_and_cancel_queued(api, make_key):  # type: ignore[no-untyped-def]
     key = make_key(_owner("page"))
-    ids = [api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "seed": i}}).json()["id"]
-           for i in range(5)]
+    ids = [
+        api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "seed": i}}).json()["id"]
+        for i in range(5)
+    ]
     seen, after = [], None
     while True:
         page = api.get("/v1/jobs", headers=auth(key), params={"limit": 2, **({"after": after} if after else {})}).json()
@@ -193,7 +201,9 @@ def test_dataset_upload_use_and_delete(api, make_key):  # type: ignore[no-untype
     assert raw.status_code == 200 and raw.content == _jsonl(_rows())
     assert _upload(api, key, name, _jsonl(_rows())).status_code == 409
     # The owner can train on it; nobody else can even see that it exists.
-    mine = api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "tasks": [task, "cb"]}})
+    mine = api.post(
+        "/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "tasks": [task, "cb"]}}
+    )
     assert mine.status_code == 201, mine.text
     other = make_key(_owner("ds"))
     theirs = api.post("/v1/jobs", headers=auth(other), json={"type": "evaluation", "params": {**EVAL, "tasks": [task]}})
@@ -218,7 +228,7 @@ def test_bad_uploads_are_refused_and_store_nothing(api, make_key, monkeypatch): 
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_dataset"
     message = r.json()["error"]["message"]
     assert "line 4" in message and "line 8" in message and "line 21" in message, message
-    assert _upload(api, key, "badcsv", b"text,label\n\"unclosed,pos\n", filename="d.csv").status_code == 422
+    assert _upload(api, key, "badcsv", b'text,label\n"unclosed,pos\n', filename="d.csv").status_code == 422
     assert _upload(api, key, "badfmt", b"whatever", filename="d.bin").json()["error"]["param"] == "format"
     assert _upload(api, key, "Bad Name!", _jsonl(_rows())).json()["error"]["param"] == "name"
     assert _upload(api, key, "nolabel", _jsonl(_rows()), label_field="missing").status_code == 422
@@ -235,13 +245,18 @@ def test_bad_uploads_are_refused_and_store_nothing(api, make_key, monkeypatch): 
 
         def chunks():  # type: ignore[no-untyped-def]
             boundary = "b0undary"
-            yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nstreamed\r\n"
-                   f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.jsonl\"\r\n\r\n").encode()
+            yield (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nstreamed\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.jsonl"\r\n\r\n'
+            ).encode()
             for _ in range(200):
                 yield big
 
-        streamed = api.post("/v1/datasets", headers={**auth(key), "content-type": "multipart/form-data; boundary=b0undary"},
-                            content=chunks())
+        streamed = api.post(
+            "/v1/datasets",
+            headers={**auth(key), "content-type": "multipart/form-data; boundary=b0undary"},
+            content=chunks(),
+        )
         assert streamed.status_code == 413, streamed.text
         # Over the file cap but under the body allowance: refused after parsing, still nothing kept.
         small_over = _upload(api, key, "slightlybig", _jsonl(_rows(200)))
@@ -259,13 +274,21 @@ def test_owner_isolation_datasets_jobs_artifacts(api, make_key):  # type: ignore
     ds = _upload(api, alice, f"iso_{uuid.uuid4().hex[:6]}", _jsonl(_rows())).json()
     job = api.post("/v1/jobs", headers=auth(alice), json={"type": "evaluation", "params": EVAL}).json()
     affinity = {"tasks": ["cb", "rte", "copa"], "matrix": [[0.7, 0.6, 0.5], [0.6, 0.7, 0.5], [0.5, 0.5, 0.8]]}
-    grouping = api.post("/v1/jobs", headers=auth(alice), json={"type": "grouping", "params": {"affinity": affinity, "groups": 2}})
+    grouping = api.post(
+        "/v1/jobs", headers=auth(alice), json={"type": "grouping", "params": {"affinity": affinity, "groups": 2}}
+    )
     assert grouping.status_code == 201, grouping.text
     inline_art = grouping.json()["params"]["affinity"]
     assert inline_art.startswith("art-")
-    for url in [f"/v1/datasets/{ds['id']}", f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events",
-                f"/v1/jobs/{job['id']}/artifacts", f"/v1/artifacts/{inline_art}", f"/v1/artifacts/{inline_art}/content",
-                f"/v1/artifacts/{ds['artifact_id']}"]:
+    for url in [
+        f"/v1/datasets/{ds['id']}",
+        f"/v1/jobs/{job['id']}",
+        f"/v1/jobs/{job['id']}/events",
+        f"/v1/jobs/{job['id']}/artifacts",
+        f"/v1/artifacts/{inline_art}",
+        f"/v1/artifacts/{inline_art}/content",
+        f"/v1/artifacts/{ds['artifact_id']}",
+    ]:
         assert api.get(url, headers=auth(alice)).status_code == 200, url
         denied = api.get(url, headers=auth(bob))
         assert denied.status_code == 404 and denied.json()["error"]["code"] == "not_found", url

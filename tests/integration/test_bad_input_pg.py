@@ -42,20 +42,32 @@ def test_postgres_never_sees_values_it_would_refuse(api, make_key):  # type: ign
         _error(api.get(f"/v1/jobs/{job_id}/events", headers=auth(key), params={"after": after}), 422, "after")
     assert api.get(f"/v1/jobs/{job_id}/events", headers=auth(key), params={"after": 2**63 - 1}).status_code == 200
     for _ in range(2):  # the second one used to reach the unique index (owner, idempotency_key)
-        _error(api.post("/v1/jobs", headers={**auth(key), "Idempotency-Key": ""},
-                        json={"type": "evaluation", "params": EVAL}), 422, "Idempotency-Key")
+        _error(
+            api.post(
+                "/v1/jobs", headers={**auth(key), "Idempotency-Key": ""}, json={"type": "evaluation", "params": EVAL}
+            ),
+            422,
+            "Idempotency-Key",
+        )
     _error(api.post("/v1/keys", headers=auth(admin), json={"owner": "a\x00b", "scopes": ["submit"]}), 422, "owner")
-    _error(api.post("/v1/keys", headers=auth(admin), json={"owner": "x", "scopes": ["submit"], "name": "\x00"}),
-           422, "name")
+    _error(
+        api.post("/v1/keys", headers=auth(admin), json={"owner": "x", "scopes": ["submit"], "name": "\x00"}),
+        422,
+        "name",
+    )
     _error(api.get("/v1/keys", headers=auth(admin), params={"owner": "\x00"}), 400, "owner")
     _error(api.get("/v1/jobs", headers=auth(key), params={"after": "job-\x00"}), 400, "after")
     _error(api.get("/v1/jobs/%00", headers=auth(key)), 400, "path")
-    _error(api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "model": "x\x00"}}),
-           422, "params.model")
+    _error(
+        api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": {**EVAL, "model": "x\x00"}}),
+        422,
+        "params.model",
+    )
     assert _counts() == before
     # NUL inside JSON values is stored as JSON (PostgreSQL json keeps the \u0000 escape), never a 5xx.
-    stored = api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": EVAL,
-                                                           "metadata": {"note": "a\x00b"}})
+    stored = api.post(
+        "/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": EVAL, "metadata": {"note": "a\x00b"}}
+    )
     assert stored.status_code in (201, 422), stored.text
     if stored.status_code == 201:
         assert api.get(f"/v1/jobs/{stored.json()['id']}", headers=auth(key)).json()["metadata"] == {"note": "a\x00b"}

@@ -19,7 +19,7 @@ def _cli_commands() -> list[list[str]]:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     commands = [svc["command"] for svc in compose["services"].values() if svc.get("command", [""])[0] == "chorus"]
     for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
-        for match in re.finditer(r'^CMD (\[.*\])$', (REPO / dockerfile).read_text(), re.M):
+        for match in re.finditer(r"^CMD (\[.*\])$", (REPO / dockerfile).read_text(), re.M):
             commands.append(yaml.safe_load(match.group(1)))
     return commands
 

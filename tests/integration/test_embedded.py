@@ -31,11 +31,24 @@ def embedded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     home = tmp_path_factory.mktemp("embedded-home")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
-    env.update({"CHORUS_HOME": str(home), "CHORUS_ADMIN_KEY": ADMIN, "CHORUS_MAX_UPLOAD_BYTES": "65536",
-                "CHORUS_LEASE_SECONDS": "5", "CHORUS_REAP_INTERVAL": "1"})
+    env.update(
+        {
+            "CHORUS_HOME": str(home),
+            "CHORUS_ADMIN_KEY": ADMIN,
+            "CHORUS_MAX_UPLOAD_BYTES": "65536",
+            "CHORUS_LEASE_SECONDS": "5",
+            "CHORUS_REAP_INTERVAL": "1",
+        }
+    )
     log = (home / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--no-inference"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--port", str(port), "--no-inference"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -58,15 +71,31 @@ def embedded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 
 
 def _cli(embedded, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], cwd=REPO, env=embedded["env"],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        cwd=REPO,
+        env=embedded["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_embedded_defaults_run_a_job_from_the_cli(embedded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     home = embedded["home"]
     assert (home / "chorus.db").exists() and (home / "broker.db").exists()
-    submitted = _cli(embedded, "submit", "evaluation", "--tasks", "cb,rte", "--model", "tiny-llama",
-                     "--set", "max_examples=4", "--follow")
+    submitted = _cli(
+        embedded,
+        "submit",
+        "evaluation",
+        "--tasks",
+        "cb,rte",
+        "--model",
+        "tiny-llama",
+        "--set",
+        "max_examples=4",
+        "--follow",
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert "succeeded" in submitted.stdout and "job succeeded" in submitted.stdout
     job_id = submitted.stdout.split("submitted ", 1)[1].split()[0]

@@ -23,9 +23,20 @@ pytestmark = pytest.mark.integration
 
 # 4 tasks x 12 rows = 48 train rows = 12 batches of 4 (one projection group each) -> 6 gradient shards;
 # 6 subsets of 2 tasks, one per forward -> 6 estimate shards.
-PARAMS = {"model": "tiny-llama", "quantization": "none", "tasks": ["cb", "rte", "copa", "wic"], "max_train": 12,
-          "max_val": 8, "dim": 16, "seed": 0, "subset_size": 2, "batch_size": 4, "project_rows": 4,
-          "subsets_per_forward": 1, "device": "cpu"}
+PARAMS = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "tasks": ["cb", "rte", "copa", "wic"],
+    "max_train": 12,
+    "max_val": 8,
+    "dim": 16,
+    "seed": 0,
+    "subset_size": 2,
+    "batch_size": 4,
+    "project_rows": 4,
+    "subsets_per_forward": 1,
+    "device": "cpu",
+}
 # A worker holds each claimed shard this long before running it (a test-only setting), so that a helper,
 # which needs ~10-15 s on 2 busy cores to import the ML core and load the model before it claims, still
 # finds shards to claim (the job's own worker alone needs ~6 x 4 s per phase).
@@ -80,7 +91,9 @@ def _submit(api, key: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def _wait_done(api, key: str, job_id: str, timeout: float = 240) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    return wait_for(lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.5, f"{job_id} to finish")
+    return wait_for(
+        lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.5, f"{job_id} to finish"
+    )
 
 
 def utcnow() -> Any:
@@ -94,8 +107,9 @@ def _shards(job_id: str) -> list[Any]:
     from shared.db.session import session_scope
 
     with session_scope() as session:
-        rows = list(session.scalars(select(JobShard).where(JobShard.job_id == job_id)
-                                    .order_by(JobShard.phase, JobShard.index)))
+        rows = list(
+            session.scalars(select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.phase, JobShard.index))
+        )
         session.expunge_all()
     return rows
 
@@ -163,11 +177,21 @@ def test_two_workers_share_one_job_and_match_the_unsharded_run(api, key, pair, r
     rows = _shards(job_id)
     assert Counter(r.phase for r in rows) == {"gradients:train": SHARDS, "estimate": SHARDS}
     assert all(r.status == "done" and r.attempts == 1 for r in rows), [(r.phase, r.index, r.status) for r in rows]
-    assert [(r.start, r.end) for r in rows if r.phase == "gradients:train"] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    assert [(r.start, r.end) for r in rows if r.phase == "gradients:train"] == [
+        (0, 2),
+        (2, 4),
+        (4, 6),
+        (6, 8),
+        (8, 10),
+        (10, 12),
+    ]
     assert [(r.start, r.end) for r in rows if r.phase == "estimate"] == [(k, k + 1) for k in range(6)]
     messages = _assert_once(api, key, job)
-    parent = next(e["data"]["worker"] for e in _events(api, key, job_id) if (e.get("data") or {}).get("worker")
-                  and e["message"].startswith("attempt 1 started"))
+    parent = next(
+        e["data"]["worker"]
+        for e in _events(api, key, job_id)
+        if (e.get("data") or {}).get("worker") and e["message"].startswith("attempt 1 started")
+    )
     parent_id = ":".join(parent.split(":")[:2])  # host:pid of the job's own task
     claimed = Counter(r.claimed_by for r in rows)
     print("shards by worker:", dict(claimed))
@@ -186,8 +210,9 @@ def test_two_workers_share_one_job_and_match_the_unsharded_run(api, key, pair, r
     # the same shards over the API, to the job's owner only
     listed = api.get(f"/v1/jobs/{job_id}/shards", headers=auth(key)).json()["data"]
     assert [s["phase"] for s in listed] == ["gradients:train"] * SHARDS + ["estimate"] * SHARDS  # run order
-    assert sorted((s["phase"], s["index"], s["claimed_by"], s["status"]) for s in listed) == \
-        sorted((r.phase, r.index, r.claimed_by, r.status) for r in rows)
+    assert sorted((s["phase"], s["index"], s["claimed_by"], s["status"]) for s in listed) == sorted(
+        (r.phase, r.index, r.claimed_by, r.status) for r in rows
+    )
     other = make_key(f"fanout-other-{uuid.uuid4().hex[:6]}", "submit")
     assert api.get(f"/v1/jobs/{job_id}/shards", headers=auth(other)).status_code == 404
     # the ML core never entered a worker parent
@@ -219,7 +244,9 @@ def test_killed_helper_loses_its_shard_to_the_other_worker(api, key, pair, refer
     victim["worker"].kill9()
     killed_at = time.monotonic()
     job = _wait_done(api, key, job_id)
-    print(f"killed the helper of shard {victim['phase']}/{victim['index']}; job done {time.monotonic() - killed_at:.1f}s later")
+    print(
+        f"killed the helper of shard {victim['phase']}/{victim['index']}; job done {time.monotonic() - killed_at:.1f}s later"
+    )
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 1  # the job itself never lost its worker
     rows = {(r.phase, r.index): r for r in _shards(job_id)}
@@ -229,18 +256,30 @@ def test_killed_helper_loses_its_shard_to_the_other_worker(api, key, pair, refer
     assert all(r.status == "done" for r in rows.values())
     _assert_once(api, key, job)
     # one "shard done" event per shard; the killed helper's shard was finished by the job's own worker
-    done = [e["data"] for e in _events(api, key, job_id) if (e.get("data") or {}).get("type") == "shard"
-            and e["data"]["phase"] == victim["phase"]]
+    done = [
+        e["data"]
+        for e in _events(api, key, job_id)
+        if (e.get("data") or {}).get("type") == "shard" and e["data"]["phase"] == victim["phase"]
+    ]
     assert sorted(d["shard"] for d in done) == list(range(SHARDS))
     assert next(d for d in done if d["shard"] == victim["index"])["worker"] == redone.claimed_by
     _assert_same_as_reference(api, key, job, reference)
 
 
 # Stage 2 fanned out: 6 singleton groups + the single baseline = 7 adapters = 2 canonical chunks of 4.
-TRAIN_PARAMS = {"model": "tiny-llama", "quantization": "none",
-                "groups": [["cb"], ["rte"], ["copa"], ["wic"], ["boolq"], ["mr"]],
-                "max_train": 8, "max_val": 6, "max_test": 4, "epochs": 1, "batch_size": 4, "lr": 2e-3, "seed": 0,
-                "boosting": {"enabled": False}}
+TRAIN_PARAMS = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "groups": [["cb"], ["rte"], ["copa"], ["wic"], ["boolq"], ["mr"]],
+    "max_train": 8,
+    "max_val": 6,
+    "max_test": 4,
+    "epochs": 1,
+    "batch_size": 4,
+    "lr": 2e-3,
+    "seed": 0,
+    "boosting": {"enabled": False},
+}
 
 
 def test_a_training_jobs_adapters_fan_out_in_chunks_and_match_an_in_process_run(api, key, pair, tmp_path):  # type: ignore[no-untyped-def]
@@ -262,5 +301,7 @@ def test_a_training_jobs_adapters_fan_out_in_chunks_and_match_an_in_process_run(
     with use_sharder(PieceSharder(1)):
         run_training(TrainingParams.model_validate(TRAIN_PARAMS), tmp_path / "ref")
     expected = json.loads((tmp_path / "ref" / "train_report.json").read_text())
-    assert {n: a["sha256"] for n, a in report["adapters"].items()} == {n: a["sha256"] for n, a in expected["adapters"].items()}
+    assert {n: a["sha256"] for n, a in report["adapters"].items()} == {
+        n: a["sha256"] for n, a in expected["adapters"].items()
+    }
     assert len(report["adapters"]) == 7 and shards.CHUNK == 4

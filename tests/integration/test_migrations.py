@@ -17,8 +17,9 @@ pytestmark = pytest.mark.integration
 
 def _alembic(url: str, *args: str) -> str:
     env = {**os.environ, "DATABASE_URL": url}
-    done = subprocess.run([sys.executable, "-m", "alembic", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 

@@ -80,8 +80,13 @@ def test_job_creation_and_uploads_have_stricter_limits(stack_env, make_key):  # 
     key, other = make_key(_owner("rl-c")), make_key(_owner("rl-c"))
     bad_job = {"type": "nonsense", "params": {}}  # refused after the limits: nothing is created or queued
     form = {"name": "Bad Name!", "text_fields": "text", "label_field": "label"}
-    with _app(rate_limit_burst=50, rate_limit_create_rate=SLOW, rate_limit_create_burst=2,
-              rate_limit_upload_rate=SLOW, rate_limit_upload_burst=1) as api:
+    with _app(
+        rate_limit_burst=50,
+        rate_limit_create_rate=SLOW,
+        rate_limit_create_burst=2,
+        rate_limit_upload_rate=SLOW,
+        rate_limit_upload_burst=1,
+    ) as api:
         for _ in range(2):
             assert api.post("/v1/jobs", headers=auth(key), json=bad_job).status_code == 422
         _assert_429(api.post("/v1/jobs", headers=auth(key), json=bad_job), "job creation")
@@ -97,8 +102,10 @@ def test_job_creation_and_uploads_have_stricter_limits(stack_env, make_key):  # 
         assert _metric(metrics, "chorus_api_rate_limited_total", limit="create") == 1
         assert _metric(metrics, "chorus_api_rate_limited_total", limit="upload") == 1
         # FastAPI reads a body before running dependencies: a broken multipart body shows which came first.
-        broken = {"content": b"--zz\r\nnot multipart at all", "headers": {
-            **auth(key), "content-type": "multipart/form-data; boundary=zz"}}
+        broken = {
+            "content": b"--zz\r\nnot multipart at all",
+            "headers": {**auth(key), "content-type": "multipart/form-data; boundary=zz"},
+        }
         assert api.post("/v1/datasets", **broken).status_code == 400  # key not cached: the body is parsed first
         from services.api.deps import Principal, key_cache
         from shared.db.keys import hash_key, verify_key
@@ -214,8 +221,9 @@ def test_metrics_routes_jobs_created_and_jobs_by_status(stack_env, make_key):  #
         job = api.post("/v1/jobs", headers=auth(key), json={"type": "evaluation", "params": EVAL})
         assert job.status_code == 201, job.text
         replay_key = {**auth(key), "Idempotency-Key": uuid.uuid4().hex}
-        replayed = [api.post("/v1/jobs", headers=replay_key, json={"type": "evaluation", "params": EVAL})
-                    for _ in range(2)]
+        replayed = [
+            api.post("/v1/jobs", headers=replay_key, json={"type": "evaluation", "params": EVAL}) for _ in range(2)
+        ]
         assert [r.status_code for r in replayed] == [201, 200]  # a replay is not a second creation
         job_id = job.json()["id"]
         assert api.get(f"/v1/jobs/{job_id}", headers=auth(key)).status_code == 200

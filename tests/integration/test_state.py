@@ -20,8 +20,19 @@ pytestmark = pytest.mark.integration
 def _job(**values) -> str:  # type: ignore[no-untyped-def]
     job_id = new_id("job")
     with session_scope() as session:
-        session.add(Job(id=job_id, type="evaluation", status="queued", owner="state-test", params={}, progress={},
-                        attempt=0, enqueued_at=utcnow(), **values))
+        session.add(
+            Job(
+                id=job_id,
+                type="evaluation",
+                status="queued",
+                owner="state-test",
+                params={},
+                progress={},
+                attempt=0,
+                enqueued_at=utcnow(),
+                **values,
+            )
+        )
     return job_id
 
 
@@ -61,11 +72,21 @@ def test_lease_expiry_requeues_and_attempts_are_bounded(stack_env) -> None:  # t
     lost = _job()
     exhausted = _job()
     with session_scope() as session:
-        session.execute(update(Job).where(Job.id == lost).values(status="running", lease_owner="elsewhere:1:a",
-                                                                lease_expires_at=past, attempt=1))
-        session.execute(update(Job).where(Job.id == exhausted).values(
-            status="running", lease_owner="elsewhere:2:b", lease_expires_at=past,
-            attempt=get_service_settings().max_attempts))
+        session.execute(
+            update(Job)
+            .where(Job.id == lost)
+            .values(status="running", lease_owner="elsewhere:1:a", lease_expires_at=past, attempt=1)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == exhausted)
+            .values(
+                status="running",
+                lease_owner="elsewhere:2:b",
+                lease_expires_at=past,
+                attempt=get_service_settings().max_attempts,
+            )
+        )
     report = reap(lambda job_id: sent.append(job_id) or f"task-{job_id}")
     assert lost in report["requeued"] and lost in report["sent"] and exhausted in report["failed"]
     assert sent.count(lost) == 1 and exhausted not in sent
@@ -87,10 +108,16 @@ def test_a_live_lease_is_respected_and_a_dead_local_owner_is_not(stack_env) -> N
     orphan = _job()
     future = utcnow() + timedelta(minutes=5)
     with session_scope() as session:
-        session.execute(update(Job).where(Job.id == live).values(status="running", lease_owner="otherhost:1:a",
-                                                                lease_expires_at=future, attempt=1))
-        session.execute(update(Job).where(Job.id == orphan).values(status="running", lease_owner=dead_token,
-                                                                  lease_expires_at=future, attempt=1))
+        session.execute(
+            update(Job)
+            .where(Job.id == live)
+            .values(status="running", lease_owner="otherhost:1:a", lease_expires_at=future, attempt=1)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == orphan)
+            .values(status="running", lease_owner=dead_token, lease_expires_at=future, attempt=1)
+        )
     with get_sessionmaker()() as session:
         assert state.claim(session, live, state.make_token(), 30, 3).outcome == "leased"
         assert state.claim(session, orphan, state.make_token(), 30, 3).outcome == "claimed"
@@ -135,6 +162,8 @@ def test_status_reads_survive_connections_dropped_by_the_server(stack_env) -> No
         pids = {conn.execute(text("select pg_backend_pid()")).scalar()}
     name = get_read_engine().url.database
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid = any(%s)",
-                      (name, list(pids)))
+        admin.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid = any(%s)",
+            (name, list(pids)),
+        )
     assert [r["id"] for r in read_all(stmt)] == [job_id]

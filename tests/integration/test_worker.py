@@ -22,8 +22,18 @@ pytestmark = pytest.mark.integration
 
 # Long enough to be cancelled or killed mid-run (stops at the first progress report after the request).
 LONG_EVAL = {"model": "tiny-llama", "tasks": ["sst2", "mr", "subj", "cr"], "max_examples": 400, "batch_size": 1}
-PIPELINE = {"model": "tiny-llama", "quantization": "none", "tasks": ["cb", "rte", "copa"], "groups": 2, "seed": 0,
-            "max_train": 16, "max_val": 8, "max_test": 8, "affinity": {"dim": 16}, "training": {"epochs": 2}}
+PIPELINE = {
+    "model": "tiny-llama",
+    "quantization": "none",
+    "tasks": ["cb", "rte", "copa"],
+    "groups": 2,
+    "seed": 0,
+    "max_train": 16,
+    "max_val": 8,
+    "max_test": 8,
+    "affinity": {"dim": 16},
+    "training": {"epochs": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +48,11 @@ def _job(api, key: str, job_id: str) -> dict[str, Any]:  # type: ignore[no-untyp
 def _events(api, key: str, job_id: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     out, after = [], None
     while True:
-        page = api.get(f"/v1/jobs/{job_id}/events", headers=auth(key),
-                       params={"limit": 1000, **({"after": after} if after is not None else {})}).json()
+        page = api.get(
+            f"/v1/jobs/{job_id}/events",
+            headers=auth(key),
+            params={"limit": 1000, **({"after": after} if after is not None else {})},
+        ).json()
         out += page["data"]
         if not page["has_more"]:
             return out
@@ -47,7 +60,9 @@ def _events(api, key: str, job_id: str) -> list[dict[str, Any]]:  # type: ignore
 
 
 def _wait_done(api, key: str, job_id: str, timeout: float = 180) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    return wait_for(lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.5, f"{job_id} to finish")
+    return wait_for(
+        lambda: (j := _job(api, key, job_id))["status"] in TERMINAL and j, timeout, 0.5, f"{job_id} to finish"
+    )
 
 
 def _submit(api, key: str, type_: str, params: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -97,19 +112,30 @@ def test_submit_run_succeed_and_duplicate_delivery_is_a_noop(api, key, workers):
 def test_cancel_mid_run_stops_within_seconds(api, key, workers):  # type: ignore[no-untyped-def]
     workers.current()
     job = _submit(api, key, "evaluation", LONG_EVAL)
-    wait_for(lambda: any((e.get("data") or {}).get("type") == "progress" for e in _events(api, key, job["id"])),
-             120, 0.3, "the first progress report")
+    wait_for(
+        lambda: any((e.get("data") or {}).get("type") == "progress" for e in _events(api, key, job["id"])),
+        120,
+        0.3,
+        "the first progress report",
+    )
     requested = time.monotonic()
     cancelled = api.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key)).json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
-    stopped = wait_for(lambda: [e for e in _events(api, key, job["id"]) if "worker stopped stage" in e["message"]],
-                       60, 0.2, "the worker to stop the stage")
+    stopped = wait_for(
+        lambda: [e for e in _events(api, key, job["id"]) if "worker stopped stage" in e["message"]],
+        60,
+        0.2,
+        "the worker to stop the stage",
+    )
     latency = time.monotonic() - requested
     print(f"cancel -> stage stopped in {latency:.2f}s")
     final = _job(api, key, job["id"])
     assert final["status"] == "cancelled" and final["stages"][0]["status"] == "cancelled"
-    progress_after = [e for e in _events(api, key, job["id"])
-                      if e["id"] > stopped[0]["id"] and (e.get("data") or {}).get("type") == "progress"]
+    progress_after = [
+        e
+        for e in _events(api, key, job["id"])
+        if e["id"] > stopped[0]["id"] and (e.get("data") or {}).get("type") == "progress"
+    ]
     assert progress_after == []
     assert _db_job(job["id"]).lease_owner is None
     # Finished jobs cannot be cancelled; the worker is free for the next job.
@@ -124,8 +150,12 @@ def test_cancel_queued_job_never_runs(api, key, workers):  # type: ignore[no-unt
     assert api.post(f"/v1/jobs/{queued['id']}/cancel", headers=auth(key)).json()["status"] == "cancelled"
     api.post(f"/v1/jobs/{running['id']}/cancel", headers=auth(key))
     task_id = _db_job(queued["id"]).task_id
-    wait_for(lambda: task_id in worker.text() and ("revoked" in worker.text() or f"{queued['id']} not run" in worker.text()),
-             90, 0.5, "the worker to drop the cancelled message")
+    wait_for(
+        lambda: task_id in worker.text() and ("revoked" in worker.text() or f"{queued['id']} not run" in worker.text()),
+        90,
+        0.5,
+        "the worker to drop the cancelled message",
+    )
     final = _job(api, key, queued["id"])
     assert final["status"] == "cancelled" and final["attempt"] == 0 and final["started_at"] is None
     finished = api.post(f"/v1/jobs/{running['id']}/cancel", headers=auth(key))
@@ -169,8 +199,13 @@ def pipeline_run(api, key, workers) -> dict[str, Any]:  # type: ignore[no-untype
     killed_owner = _db_job(job["id"]).lease_owner
     second = workers.start()
     done = _wait_done(api, key, job["id"], timeout=300)
-    return {"job": done, "killed_owner": killed_owner, "recovered_in": time.monotonic() - killed_at,
-            "first_log": first.text(), "second_log": second.text()}
+    return {
+        "job": done,
+        "killed_owner": killed_owner,
+        "recovered_in": time.monotonic() - killed_at,
+        "first_log": first.text(),
+        "second_log": second.text(),
+    }
 
 
 def test_killed_worker_job_resumes_after_last_finished_stage_exactly_once(api, key, pipeline_run):  # type: ignore[no-untyped-def]
@@ -179,7 +214,10 @@ def test_killed_worker_job_resumes_after_last_finished_stage_exactly_once(api, k
     print(f"pipeline recovered and finished {pipeline_run['recovered_in']:.1f}s after kill -9")
     assert job["attempt"] == 2
     assert [(s["name"], s["status"], s["attempts"]) for s in job["stages"]] == [
-        ("affinity", "succeeded", 1), ("grouping", "succeeded", 1), ("training", "succeeded", 2)]
+        ("affinity", "succeeded", 1),
+        ("grouping", "succeeded", 1),
+        ("training", "succeeded", 2),
+    ]
     messages = [e["message"] for e in _events(api, key, job["id"])]
     assert Counter(messages)["job succeeded"] == 1
     for stage in ("affinity", "grouping", "training"):
@@ -215,7 +253,18 @@ def test_pipeline_outputs_are_downloadable_and_owner_scoped(api, key, make_key, 
     affinity = api.get(f"/v1/artifacts/{arts['affinity']}/content", headers=auth(key)).json()
     assert affinity["tasks"] == PIPELINE["tasks"] and len(affinity["matrix"]) == 3
     report = api.get(f"/v1/artifacts/{arts['pipeline_report']}/content", headers=auth(key)).json()
-    assert set(report["tasks"]) >= set(PIPELINE["tasks"]) or report["tasks"]
+    assert set(report["tasks"]) == set(PIPELINE["tasks"]) and report["split"] == "test"
+    # the report's accuracy columns re-score from the job's predictions artifact (per-row labels and predictions)
+    name = next(n for n in arts if n.split("/")[-1] == "predictions")
+    preds = api.get(f"/v1/artifacts/{arts[name]}/content", headers=auth(key)).json()["test"]
+    for task, row in report["tasks"].items():
+        labels = preds[task]["labels"]
+        assert len(labels) == PIPELINE["max_test"] and set(row) == set(preds[task]["columns"]) >= {"ensemble", "single"}
+        for col, pred in preds[task]["columns"].items():
+            assert row[col] == pytest.approx(sum(p == y for p, y in zip(pred, labels, strict=True)) / len(labels)), (
+                task,
+                col,
+            )
     adapters = api.get("/v1/adapters", headers=auth(key), params={"job_id": job["id"]}).json()["data"]
     group0 = next(a for a in adapters if a["name"] == "group_0")
     tgz = api.get(f"/v1/adapters/{group0['id']}/content", headers=auth(key))
@@ -234,12 +283,19 @@ def test_pipeline_outputs_are_downloadable_and_owner_scoped(api, key, make_key, 
     assert json.loads(manifest.content)["name"] == "chorus"
     # Owner isolation for adapters, ensembles and pipeline artifacts too.
     other = make_key(f"other-{uuid.uuid4().hex[:6]}")
-    for url in [f"/v1/adapters/{group0['id']}", f"/v1/adapters/{group0['id']}/content", f"/v1/ensembles/{chorus['id']}",
-                f"/v1/ensembles/{chorus['id']}/content", f"/v1/artifacts/{arts['groups']}/content",
-                f"/v1/jobs/{job['id']}"]:
+    for url in [
+        f"/v1/adapters/{group0['id']}",
+        f"/v1/adapters/{group0['id']}/content",
+        f"/v1/ensembles/{chorus['id']}",
+        f"/v1/ensembles/{chorus['id']}/content",
+        f"/v1/artifacts/{arts['groups']}/content",
+        f"/v1/jobs/{job['id']}",
+    ]:
         assert api.get(url, headers=auth(key)).status_code == 200, url
         assert api.get(url, headers=auth(other)).status_code == 404, url
     assert api.get("/v1/adapters", headers=auth(other)).json()["data"] == []
     assert api.get("/v1/ensembles", headers=auth(other)).json()["data"] == []
-    training = api.post("/v1/jobs", headers=auth(other), json={"type": "training", "params": {"groups": arts["groups"]}})
+    training = api.post(
+        "/v1/jobs", headers=auth(other), json={"type": "training", "params": {"groups": arts["groups"]}}
+    )
     assert training.status_code == 422 and training.json()["error"]["param"] == "params.groups"

@@ -263,7 +263,10 @@ def validation_choice(params: StudyParams, workdir: Path) -> dict[str, Any]:
     picks = []
     for k, s in enumerate(params.seeds):
         scores = {arm: float(np.mean([np.mean(v) for v in val[arm][k].values()])) for arm in HEADLINE if arm in val}
-        picks.append({"seed": s, "choice": max(scores, key=scores.get), "val_accuracy": scores})
+        # ties go to the groups, as in the pipeline's fallback (selection.py)
+        picks.append(
+            {"seed": s, "choice": max(scores, key=lambda arm: (scores[arm], arm == "affinity")), "val_accuracy": scores}
+        )
     return {"per_seed": picks}
 
 
