@@ -120,8 +120,12 @@ def test_hot_swap_under_concurrent_requests(env) -> None:  # type: ignore[no-unt
     swap: dict[str, Any] = {}
     try:
         wait_for(lambda: all(results), "every thread got a response from v1")
-        # Hold the model thread so that every thread has one request in flight on v1 while the swap runs.
-        service.model_executor.submit(gate.wait, 300)
+        # Hold the model thread so that every thread has one request in flight on v1 while the swap runs. Wait
+        # until the hold is running: a batch already on the model thread could otherwise still finish (and its
+        # thread send the next request) after in_flight was read.
+        holding = threading.Event()
+        service.model_executor.submit(lambda: (holding.set(), gate.wait(300)))
+        assert holding.wait(300), "the model thread never took the hold"
         v1 = service.ensembles[ID]
         for _ in range(3000):
             if v1.in_flight == THREADS:

@@ -36,6 +36,7 @@ PARAMS = {
     "project_rows": 4,
     "subsets_per_forward": 1,
     "device": "cpu",
+    "mode": "forward",  # the subset estimations are a phase of their own only in forward mode
 }
 # A worker holds each claimed shard this long before running it (a test-only setting), so that a helper,
 # which needs ~10-15 s on 2 busy cores to import the ML core and load the model before it claims, still
