@@ -84,6 +84,34 @@ def job_api(**settings: Any) -> Any:
     return create_app(ApiSettings(**settings))
 
 
+@contextmanager
+def served_job_api(home: Path, key_prefix: str) -> Iterator[dict[str, Any]]:
+    """The job API on an isolated home, served by uvicorn on 127.0.0.1 in a thread of this process (for clients
+    that need a real URL: the CLI, the Python client): {"url": ..., "keys": {scope: key}}."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from tests.integration.conftest import wait_for
+
+    with isolated_home(home):
+        keys = make_keys(key_prefix)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
+            yield {"url": f"http://127.0.0.1:{port}", "keys": keys}
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+
 def store_state() -> dict[str, Any]:
     """Row counts of every table a request could write, and the artifact store's objects."""
     from shared.db.models import Adapter, ApiKey, Artifact, Dataset, Ensemble, Job, JobEvent

@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli.main import app
-from tests.bad_input_apps import isolated_home, job_api, make_keys
+from tests.bad_input_apps import served_job_api
 from tests.integration.conftest import wait_for
 
 AFFINITY = {
@@ -45,21 +45,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The job API served by uvicorn on 127.0.0.1 in a thread of this process, and its keys."""
-    import uvicorn
-
-    with isolated_home(tmp_path_factory.mktemp("cli-home")):
-        keys = make_keys("cli")
-        port = _free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
-        yield {"url": f"http://127.0.0.1:{port}", "keys": keys}
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_job_api(tmp_path_factory.mktemp("cli-home"), "cli") as served:
+        yield served
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> Any:

@@ -16,6 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from shared.ml.progress import ConsoleProgress, JobPercent, StageMeter
+from tests.bad_input_apps import served_job_api
 
 
 class FakeClock:
@@ -191,27 +192,8 @@ def test_live_bars_draw_and_stop() -> None:
 # -- `chorus status --follow` in a log ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    import socket
-
-    import uvicorn
-
-    from tests.bad_input_apps import isolated_home, job_api, make_keys
-    from tests.integration.conftest import wait_for
-
-    with isolated_home(tmp_path_factory.mktemp("progress-home")):
-        keys = make_keys("progress")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
-        yield {"url": f"http://127.0.0.1:{port}", "keys": keys}
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_job_api(tmp_path_factory.mktemp("progress-home"), "progress") as served:
+        yield served
 
 
 def test_follow_prints_progress_lines_into_a_log(api: dict[str, Any]) -> None:

@@ -8,8 +8,6 @@ The job API is served by uvicorn in a thread on a temporary SQLite CHORUS_HOME; 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli.main import app
-from tests.bad_input_apps import auth, isolated_home, job_api, make_keys
-from tests.integration.conftest import wait_for
+from tests.bad_input_apps import auth, served_job_api
 
 PIPELINE = {
     "model": "tiny-llama",
@@ -39,22 +36,8 @@ WIDE = {"COLUMNS": "200"}
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    import uvicorn
-
-    with isolated_home(tmp_path_factory.mktemp("results-home")):
-        keys = make_keys("results")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(job_api(rate_limit_enabled=False), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started, 30, 0.05, "uvicorn to start")
-        yield {"url": f"http://127.0.0.1:{port}", "keys": keys}
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_job_api(tmp_path_factory.mktemp("results-home"), "results") as served:
+        yield served
 
 
 def _cli(api: dict[str, Any], *args: str) -> Any:

@@ -8,9 +8,10 @@ from pydantic import AfterValidator, Field
 
 DEFAULT_MAX_LENGTH = 256
 # Training rows per task that Stage 1 uses (its meta fine-tune and gradient pass), a subsample of max_train.
-# Measured on the H200 (README "Does the method earn its keep?"): with the first-order (linear) estimate on
-# 150 rows per task, Stage 1 costs 0.18-0.20x of the single adapter's training FLOPs (1000 rows, 3 epochs)
-# and its groups gave the best study arm on both development task sets.
+# Measured on the H200 (README "Does the method earn its keep?", 3 seeds per set): with the first-order (linear)
+# estimate on 150 rows per task, Stage 1 costs 0.18-0.20x of the single adapter's training FLOPs (1000 rows,
+# 3 epochs); its groups scored single +2.55 [+0.77, +4.15] / +4.55 [+1.75, +7.32] points, but against the best
+# control (random groups / per-task) only +0.83 [-1.03, +2.53] / +1.59 [-1.08, +4.50], not significant.
 STAGE1_TRAIN_ROWS = 150
 QUANTIZATIONS = ("none", "nf4")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")

@@ -139,8 +139,8 @@ class AffinityParams(_ModelRun):
     )
     coverage: int = Field(default=5, ge=1, le=1000, description="every pair co-occurs in at least this many subsets")
     enumerate_limit: int = Field(default=120, ge=1, description="use every subset when C(n, s) is at most this")
-    # Default "linear" and metric "neg_loss" on STAGE1_TRAIN_ROWS rows: the H200 studies (README) measured this
-    # Stage 1 at 0.18-0.20x of the single adapter's FLOPs with the best study arm on both development sets.
+    # Default "linear" and metric "neg_loss" on STAGE1_TRAIN_ROWS rows: the cheapest Stage 1 in the H200 search,
+    # 0.18-0.20x of the single adapter's FLOPs; its figures against the controls are beside STAGE1_TRAIN_ROWS.
     max_train: int | None = Field(
         default=STAGE1_TRAIN_ROWS,
         ge=1,

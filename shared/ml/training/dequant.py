@@ -66,8 +66,7 @@ def resolve(policy: str, model: Any) -> str:
 
 def _cached_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     w = self._chorus_dequantized
-    bias = None if self.bias is None else self.bias.to(w.dtype)
-    return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+    return F.linear(x.to(w.dtype), w, self._chorus_bias).to(x.dtype)
 
 
 @contextmanager
@@ -86,10 +85,11 @@ def dequantized_base(model: Any, policy: str = "auto") -> Iterator[str]:
             with torch.no_grad():
                 w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(_dtype(layer))
             layer._chorus_dequantized = w.reshape(layer.out_features, layer.in_features)
+            layer._chorus_bias = None if layer.bias is None else layer.bias.detach().to(w.dtype)
             layer.forward = types.MethodType(_cached_forward, layer)
             patched.append(layer)
         yield use
     finally:
         for layer in patched:
             del layer.forward  # the class's forward again
-            del layer._chorus_dequantized
+            del layer._chorus_dequantized, layer._chorus_bias

@@ -63,6 +63,10 @@ def _spec_json(spec: AdapterSpec) -> dict[str, Any]:
     return {"name": spec.name, "tasks": list(spec.tasks), "seed": spec.seed, "lr": spec.lr, "epochs": spec.epochs}
 
 
+def _runtime_key(params_json: dict[str, Any]) -> str:
+    return "training-runtime:" + json.dumps(params_json, sort_keys=True)
+
+
 def training_prepare(
     args: dict[str, Any], workdir: Path, cache: dict[str, Any]
 ) -> tuple[Any, Any, dict[str, TaskData]]:
@@ -72,7 +76,7 @@ def training_prepare(
     from shared.ml.training.trainer import prepare_tasks, trainable_4bit
 
     params = TrainingParams.model_validate(args["params"])
-    key = "training-runtime:" + json.dumps(args["params"], sort_keys=True)
+    key = _runtime_key(args["params"])
     if key not in cache:
         base = Base.load(params.model, params.quantization)
         trainable_4bit(base.model)
@@ -116,7 +120,7 @@ def train_adapters(
     phase = Phase(
         "adapters", "adapters", len(specs), _SHARD_FN, args, unit="adapters", align=CHUNK, prepare=_PREPARE_FN
     )
-    cache: dict[str, Any] = {"training-runtime:" + json.dumps(args["params"], sort_keys=True): (base, data)}
+    cache: dict[str, Any] = {_runtime_key(args["params"]): (base, data)}  # the parent has both loaded already
     sharder.run(phase, Path(workdir), progress, cache)
     folder = Path(workdir) / FOLDER
     return {s.name: load_trained(folder, s.name) for s in specs}
