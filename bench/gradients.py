@@ -34,7 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.ml.affinity.gradients import BGradCapture, BufferedProjection, b_only_grad, log_odds, spec_for  # noqa: E402
+from shared.ml.affinity.gradients import (  # noqa: E402
+    BufferedProjection,
+    LoraGradCapture,
+    log_odds,
+    lora_grad_only,
+    spec_for,
+)
 from shared.ml.affinity.projection import Projector  # noqa: E402
 from shared.ml.encoding import Batch  # noqa: E402
 from shared.ml.models import answer_logits, attach_lora, lora_state  # noqa: E402
@@ -140,7 +146,7 @@ def run_ours(model, batches, dim: int, seed: int, device: torch.device, project_
     spec = spec_for(model, seed, dim)
     projector = Projector(spec, device)
     outs = []
-    with b_only_grad(model), BGradCapture(model) as cap:
+    with lora_grad_only(model), LoraGradCapture(model) as cap:
         buffer = BufferedProjection(model, cap, projector, project_rows)
         for batch in batches:
             outs.extend(proj for _, _, proj in buffer.add(batch, batch.example_ids))

@@ -10,6 +10,11 @@ epochs, side by side in one run:
   single     train_many with one spec (the fused trainer at K = 1: no per-step host syncs)
   multi      train_many with K specs (each on all the tasks, seeds 0..K-1): TOTAL rows/s over the K adapters
 
+--our-batch-size lets our trainers take larger steps than the anchor (the PEFT loop keeps --batch-size and --lr),
+with the learning rate scaled by the square-root rule unless --our-lr is given; the accuracy columns show whether
+the larger batch reaches the anchor's accuracy in the same epochs. --profile FILE writes a torch.profiler table of
+~8 steps of the single trainer and prints its host vs device self time.
+
 rows_per_s counts training rows per second of training (our trainers' per-epoch validation excluded; with it:
 rows_per_s_with_eval); val_accuracy is the mean over tasks (ours: the selected epoch; multi: mean over the K
 adapters); peak_memory_bytes is torch.cuda.max_memory_allocated on a GPU (process peak RSS on a CPU).
@@ -137,6 +142,41 @@ def ours(base: Base, specs: list[AdapterSpec], config: dict[str, Any], data: dic
     }
 
 
+def profile_single(
+    base: Base, tasks: list[str], config: dict[str, Any], data: dict[str, TaskData], mode: str, path: Path
+) -> dict:
+    """torch.profiler over ~8 steps of the single-adapter trainer: where the time goes (host vs device).
+
+    Writes the operator table to `path`; returns the wall time of the profiled run and the summed self time
+    of the host (CPU) and of the device kernels: a host total far above the device total means launch-bound.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = base.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per_task = max(1, 8 * int(config["batch_size"]) // len(data))
+    small = {n: TaskData(d.name, d.bound, d.train[:per_task], d.val[:2], []) for n, d in data.items()}
+    synchronize(base.device)
+    start = time.perf_counter()
+    with profile(activities=acts) as prof:
+        train_many(base, [AdapterSpec("profiled", tasks, seed=0)], {**config, "epochs": 1}, small, mode=mode)
+        synchronize(base.device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    host_us = sum(e.self_cpu_time_total for e in events)
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) if cuda else 0
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=sort, row_limit=40) + "\n")
+    return {
+        "rows": per_task * len(data),
+        "wall_ms": round(wall * 1e3, 1),
+        "host_self_ms": round(host_us / 1e3, 1),
+        "device_self_ms": round(device_us / 1e3, 1),
+        "table": str(path),
+    }
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -155,6 +195,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--our-batch-size",
+        type=int,
+        default=None,
+        help="rows per step of our trainers (default --batch-size; the PEFT loop keeps --batch-size)",
+    )
+    ap.add_argument(
+        "--our-lr",
+        type=float,
+        default=None,
+        help="our trainers' learning rate (default: --lr x sqrt(our batch / --batch-size), the square-root rule)",
+    )
+    ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of the single trainer")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--ks", default="4,16", help="adapter counts of the multi-adapter runs")
@@ -187,10 +240,12 @@ def main() -> None:
     )
     tasks = [t for t in args.tasks.split(",") if t]
     ks = [int(k) for k in args.ks.split(",") if k]
+    our_batch = args.our_batch_size or args.batch_size
+    our_lr = args.our_lr if args.our_lr is not None else args.lr * (our_batch / args.batch_size) ** 0.5
     config = dict(
         epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        lr=our_lr,
+        batch_size=our_batch,
         eval_batch_size=args.eval_batch_size,
         rank=args.rank,
         seed=args.seed,
@@ -214,6 +269,9 @@ def main() -> None:
         "train_rows": sum(len(d.train) for d in data.values()),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "lr": args.lr,
+        "our_batch_size": our_batch,
+        "our_lr": our_lr,
         "rank": args.rank,
         "mode": args.mode,
         "batching": args.batching,
@@ -222,9 +280,12 @@ def main() -> None:
     print(json.dumps(head), flush=True)
     # warm-up (CUDA context, kernels, allocator) on a few rows, not timed
     first = next(iter(data.values()))
-    warm = {first.name: TaskData(first.name, first.bound, first.train[: args.batch_size], first.val[:2], [])}
+    warm = {first.name: TaskData(first.name, first.bound, first.train[:our_batch], first.val[:2], [])}
     train_many(base, [AdapterSpec("warmup", [first.name])], {**config, "epochs": 1}, warm)
     out: dict[str, Any] = {"setup": head}
+    if args.profile:
+        out["profile"] = profile_single(base, tasks, config, data, args.mode, args.profile)
+        print(json.dumps({"profile": out["profile"]}), flush=True)
     if not args.skip_peft:
         out["peft_loop"] = peft_loop(args, config, data, device)
         print(json.dumps({"peft_loop": out["peft_loop"]}), flush=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from shared.ml.affinity.gradients import (
-    BGradCapture,
-    b_only_grad,
+    LoraGradCapture,
     choice_log_odds,
     log_odds,
+    lora_grad_only,
     output_f,
     project_batch,
     spec_for,
@@ -49,7 +49,7 @@ def tiny():
 def _autograd_per_example(model, batch, output="vocab"):
     b_params = [p for n, p in model.named_parameters() if "lora_B.default." in n]
     names = [n for n, p in model.named_parameters() if "lora_B.default." in n]
-    with b_only_grad(model), torch.enable_grad():
+    with lora_grad_only(model), torch.enable_grad():
         f = output_f(answer_logits(model, batch), batch, output)
         out = []
         for i in range(len(batch)):  # the loop the production code never does
@@ -61,7 +61,7 @@ def _autograd_per_example(model, batch, output="vocab"):
 @pytest.mark.parametrize("output", ["vocab", "choice"])
 def test_hook_gradients_equal_per_example_autograd(tiny, output):
     model, _, batch = tiny
-    with b_only_grad(model), BGradCapture(model, output=output) as cap:
+    with lora_grad_only(model), LoraGradCapture(model, output=output) as cap:
         f_hook, grads = cap.run(model, batch)
     f_ref, ref = _autograd_per_example(model, batch, output)
     assert torch.allclose(f_hook, f_ref, atol=1e-6)
@@ -84,7 +84,7 @@ def test_hook_gradients_equal_autograd_away_from_b0(tiny):
         with torch.no_grad():
             for p in b.values():
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        with b_only_grad(model), BGradCapture(model, output="choice") as cap:
+        with lora_grad_only(model), LoraGradCapture(model, output="choice") as cap:
             f_hook, grads = cap.run(model, batch)
         f_ref, ref = _autograd_per_example(model, batch, "choice")
         assert torch.allclose(f_hook, f_ref, atol=1e-6)
@@ -92,6 +92,40 @@ def test_hook_gradients_equal_autograd_away_from_b0(tiny):
             hook_i = torch.cat([grads[n][i].flatten() for n in ref[i]])
             ref_i = torch.cat([g.flatten() for g in ref[i].values()])
             assert float((hook_i - ref_i).norm() / ref_i.norm()) < 1e-5
+    finally:
+        with torch.no_grad():
+            for n, p in b.items():
+                p.copy_(saved[n])
+
+
+def test_a_and_b_gradients_equal_per_example_autograd_away_from_b0(tiny):
+    """factors="AB": from B0 != 0 the A gradients are non-zero, and the hooks give each example's exact A and B
+    gradients (the same batched matmul at the lora_A modules, where delta is B^T s delta_B)."""
+    model, _, batch = tiny
+    b = {n: p for n, p in model.named_parameters() if "lora_B.default." in n}
+    saved = {n: p.detach().clone() for n, p in b.items()}
+    gen = torch.Generator().manual_seed(4)
+    names = [n for n, _ in model.named_parameters() if "lora_A.default." in n or "lora_B.default." in n]
+    try:
+        with torch.no_grad():
+            for p in b.values():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        with lora_grad_only(model, factors="AB"), LoraGradCapture(model, output="choice", factors="AB") as cap:
+            f_hook, grads = cap.run(model, batch)
+        assert set(grads) == set(names)
+        assert [p.param_name for p in cap.params] == names  # the spec's order: named_parameters order
+        params = dict(model.named_parameters())
+        with lora_grad_only(model, factors="AB"), torch.enable_grad():
+            f = output_f(answer_logits(model, batch), batch, "choice")
+            for i in range(len(batch)):
+                ref = torch.autograd.grad(f[i], [params[n] for n in names], retain_graph=True)
+                for n, g in zip(names, ref, strict=True):
+                    if "lora_A" in n:
+                        assert float(g.norm()) > 0  # the A directions exist away from B0
+                    rel = float((grads[n][i] - g).norm() / g.norm().clamp(min=1e-30))
+                    assert rel < 1e-5, f"example {i}, {n}: relative error {rel:.2e}"
+        spec_ab, spec_b = spec_for(model, 1, 16, factors="AB"), spec_for(model, 1, 16)
+        assert spec_ab.total == sum(params[n].numel() for n in names) > spec_b.total
     finally:
         with torch.no_grad():
             for n, p in b.items():
@@ -160,7 +194,7 @@ def test_padding_does_not_change_a_rows_gradient(tiny):
         batch.example_ids[i : i + 1],
         batch.tasks[i : i + 1],
     )
-    with b_only_grad(model), BGradCapture(model) as cap:
+    with lora_grad_only(model), LoraGradCapture(model) as cap:
         _, full = cap.run(model, batch)
         _, alone = cap.run(model, one)
     for name in alone:
@@ -210,7 +244,7 @@ def test_projected_features_equal_explicit_P(tiny):
     spec = spec_for(model, seed=5, dim=d)
     spec.block_elems = 977  # force many small blocks (and blocks straddling parameter boundaries)
     projector = Projector(spec, "cpu")
-    with b_only_grad(model), BGradCapture(model) as cap:
+    with lora_grad_only(model), LoraGradCapture(model) as cap:
         f0, proj = project_batch(model, cap, projector, batch)
         _, grads = cap.run(model, batch)
     flat = torch.cat([grads[p.name].reshape(len(batch), -1) for p in spec.params], dim=1).double()

@@ -387,3 +387,27 @@ def test_defaults_are_the_measured_stage1(linear_dir):
     doc = json.loads((linear_dir / "affinity.json").read_text())
     assert doc["mode"] == "linear" and (linear_dir / "grads_val.npy").exists()
     assert all(np.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0 for r in doc["per_subset"])
+
+
+def test_a_and_b_gradients_from_a_meta_theta0(tmp_path):
+    """gradients='AB' (linear mode only): the sketch covers every lora_A and lora_B matrix, f0 is the B-only run's,
+    and the A directions change the projected gradients (from a meta theta0, B0 != 0)."""
+    with pytest.raises(ValueError, match="gradients='AB' needs mode 'linear'"):
+        _params(gradients="AB", mode="forward")
+    common = dict(init="meta", meta_epochs=1, meta_lr=1e-3, meta_batch_size=5, mode="linear", metric="neg_loss")
+    run_affinity(_params(**common), tmp_path / "b")
+    run_affinity(_params(gradients="AB", **common), tmp_path / "ab")
+    spec_b = json.loads((tmp_path / "b" / "projection_spec.json").read_text())
+    spec_ab = json.loads((tmp_path / "ab" / "projection_spec.json").read_text())
+    names_ab = [p["name"] for p in spec_ab["params"]]
+    assert any(".lora_A." in n for n in names_ab) and not any(".lora_A." in p["name"] for p in spec_b["params"])
+    assert {p["name"] for p in spec_b["params"]} < set(names_ab)
+    assert spec_ab["total"] > spec_b["total"]
+    for split in ("train", "val"):
+        f_b, f_ab = (np.load(tmp_path / d / f"f0_{split}.npy") for d in ("b", "ab"))
+        np.testing.assert_allclose(f_ab, f_b, rtol=1e-5, atol=1e-6)
+        g_b, g_ab = (np.load(tmp_path / d / f"grads_{split}.npy") for d in ("b", "ab"))
+        assert g_ab.shape == g_b.shape and np.isfinite(g_ab).all()
+        assert not np.allclose(g_ab, g_b)
+    doc = json.loads((tmp_path / "ab" / "affinity.json").read_text())
+    assert np.isfinite(np.asarray(doc["matrix"], dtype=float)).all()

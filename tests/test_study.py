@@ -254,6 +254,13 @@ def test_every_study_figure_recomputes_from_the_predictions_and_reports(study_ou
     per_task_run = json.loads((out / "seed_0" / "per_task" / "train_report.json").read_text())["cost"]
     assert flops["per_task"] == pytest.approx(per_task_run["ensemble_training"]["total_flops"], rel=1e-12)
     assert study["flops_vs_single"] == pytest.approx({k: v / flops["single"] for k, v in flops.items()}, rel=1e-12)
+    # wall time beside the FLOPs: each arm's training stages, summed from its report (they ran, so they took time)
+    stages = per_task_run["stages"]
+    trained = ("group_adapters", "baselines", "boosting", "ensemble_weights")
+    assert study["costs"]["per_task_train_seconds"] == pytest.approx(
+        sum(v["wall_seconds"] for k, v in stages.items() if k in trained), rel=1e-9
+    )
+    assert study["costs"]["per_task_train_seconds"] > 0
     # validation: which headline arm the validation rows favour
     val = {
         arm: float(np.mean([np.mean(c) for c in _correct(out, *columns[arm], "val").values()]))

@@ -362,7 +362,11 @@ def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
     params = ValidateAffinityParams.model_validate(
         {
             **json.loads((out / "params.json").read_text()),
-            "variants": {"sub": {"max_train": 4}, "fwd": {"mode": "forward"}},
+            "variants": {
+                "sub": {"max_train": 4},
+                "fwd": {"mode": "forward"},
+                "ab": {"gradients": "AB", "init": "meta"},
+            },
         }
     )
     threads = torch.get_num_threads()
@@ -373,7 +377,9 @@ def test_variants_reuse_the_fine_tunes_and_report_their_own_cost(cli_run):
         torch.set_num_threads(threads)
     assert truth.stat().st_mtime_ns == stamp
     doc = json.loads((out / "validate_affinity.json").read_text())
-    assert set(doc["variants"]) == {"sub", "fwd"}
+    assert set(doc["variants"]) == {"sub", "fwd", "ab"}
+    spec = json.loads((out / "seed-0" / "variant-ab" / "affinity" / "projection_spec.json").read_text())
+    assert any(".lora_A." in q["name"] for q in spec["params"])  # the AB variant's sketch covers the A matrices
     for v in doc["variants"].values():
         assert CONTRACT <= set(v)
     main = np.mean([doc["costs"]["stage1"][s]["flops"]["total"] for s in ("0", "1")])

@@ -207,7 +207,7 @@ def representer_deltas(
     norm ~ sqrt(D / d) ||Delta_k||. Costs one more gradient pass over the subsets' training rows (per-example
     B gradients from the same hooks, contracted with the coefficients; nothing projected).
     """
-    from shared.ml.affinity.gradients import BGradCapture, b_only_grad
+    from shared.ml.affinity.gradients import LoraGradCapture, lora_grad_only
 
     K = len(subsets)
     N = len(train_rows)
@@ -223,15 +223,14 @@ def representer_deltas(
     stacks = {site.param_name: torch.zeros(K, *site.shape, device=rt.device) for site in rt.sites}
     pad = rt.tokenizer.pad_token_id or 0
     Cd = C.float().to(rt.device)
-    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as cap:
+    with lora_grad_only(rt.model), LoraGradCapture(rt.model, output=rt.output) as cap:
         for b, chunk in enumerate(chunks):
             batch = collate([train_rows.items[i] for i in chunk], pad).to(rt.device)
             _, grads = cap.run(rt.model, batch)
             coef = Cd[:, torch.as_tensor(chunk, device=rt.device)]  # [K, b]
             for name, g in grads.items():
                 stacks[name] += torch.einsum("kb,bor->kor", coef, g)
-            for site in cap.sites:
-                site.lora_b.weight.grad = None
+            cap.clear_grads()
             progress(stage, b + 1, len(chunks), "")
     return stacks
 

@@ -1,4 +1,4 @@
-"""Stage 1a: f0 and per-example gradients w.r.t. the LoRA B matrices, all rows of a batch in ONE backward.
+"""Stage 1a: f0 and per-example gradients w.r.t. the LoRA matrices (B, or A and B), all rows of a batch in ONE backward.
 
 f(x, y) = z_y - logsumexp_{v != y} z_v, the log-odds of the gold answer token under the full-vocabulary
 softmax at the answer position (exact and stable: no clipping). sigmoid(f) = p(y), so softplus(-f) is
@@ -10,12 +10,15 @@ the choices and f > 0 iff the gold choice wins. The full-vocabulary f also rewar
 from the rest of the vocabulary onto all the answer words alike, a direction a linear model can follow
 without bound but that leaves the choice accuracy unchanged (see the closing note of issue 3).
 
-At theta0 (B = 0) the gradient w.r.t. every A is exactly zero, so only the B matrices are differentiated.
-For a LoRA layer out = base(x) + s * B (A x): hooks on each `lora_B` module capture its input h = A x
-[b, T, r] and the gradient delta at its output [b, T, out] (this already contains the scaling s), and the
-per-example gradient is dL_i/dB = sum_t delta_{i,t} h_{i,t}^T (one batched matmul; padded positions are
-masked out, and with right padding they carry no gradient anyway). The per-example gradients are projected
-to d dimensions layer by layer with the block-generated sketch (projection.py).
+At a fresh theta0 (B = 0) the gradient w.r.t. every A is exactly zero, so by default only the B matrices are
+differentiated (factors="B"). From a meta-initialised theta0 (B0 != 0) the A directions carry part of the
+first-order change; factors="AB" differentiates both.
+For a LoRA layer out = base(x) + s * B (A x): a hook on each differentiated module (lora_B, and lora_A for
+"AB") captures its input u (h = A x for B, x for A) [b, T, in] and the gradient delta at its output
+[b, T, out] (for B this already contains the scaling s; for A it is B^T s delta_B), and the per-example
+gradient of its weight is sum_t delta_{i,t} u_{i,t}^T (one batched matmul; padded positions are masked out,
+and with right padding they carry no gradient anyway). The per-example gradients are projected to d
+dimensions layer by layer with the block-generated sketch (projection.py).
 """
 
 from __future__ import annotations
@@ -57,9 +60,41 @@ def lora_sites(model: Any, adapter: str = "default") -> list[LoraSite]:
     return [by_param[n] for n in order]
 
 
-def spec_for(model: Any, seed: int, dim: int, adapter: str = "default") -> ProjectionSpec:
-    """The projection spec over the B matrices of `adapter`, in parameter order."""
-    return ProjectionSpec.from_shapes(seed, dim, [(s.param_name, s.shape) for s in lora_sites(model, adapter)])
+FACTORS = ("B", "AB")
+
+
+@dataclass
+class GradParam:
+    """One differentiated LoRA matrix: the module (lora_A or lora_B of one layer) whose weight it is."""
+
+    module: torch.nn.Module
+    param_name: str  # named_parameters name of the module's weight
+    shape: tuple[int, int]  # the weight's (out_features, in_features)
+
+
+def grad_params(model: Any, adapter: str = "default", factors: str = "B") -> list[GradParam]:
+    """The LoRA matrices of `adapter` that Stage 1 differentiates (B, or A and B), in named_parameters order."""
+    if factors not in FACTORS:
+        raise ValueError(f"unknown factors {factors!r}; expected one of {FACTORS}")
+    kinds = ("lora_A", "lora_B") if factors == "AB" else ("lora_B",)
+    by_param: dict[str, GradParam] = {}
+    for name, module in model.named_modules():
+        for kind in kinds:
+            holder = getattr(module, kind, None)
+            if isinstance(holder, torch.nn.ModuleDict) and adapter in holder:
+                pname = f"{name}.{kind}.{adapter}.weight"
+                by_param[pname] = GradParam(holder[adapter], pname, tuple(holder[adapter].weight.shape))
+    order = [n for n, _ in model.named_parameters() if n in by_param]
+    if not order:
+        raise ValueError(f"model has no LoRA adapter {adapter!r} (attach_lora first)")
+    return [by_param[n] for n in order]
+
+
+def spec_for(model: Any, seed: int, dim: int, adapter: str = "default", factors: str = "B") -> ProjectionSpec:
+    """The projection spec over the differentiated matrices of `adapter` (B, or A and B), in parameter order."""
+    return ProjectionSpec.from_shapes(
+        seed, dim, [(p.param_name, p.shape) for p in grad_params(model, adapter, factors)]
+    )
 
 
 def log_odds(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,56 +128,60 @@ def output_f(logits: torch.Tensor, batch: Any, output: str = "vocab") -> torch.T
     raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
 
 
-class BGradCapture:
-    """Forward/backward hooks on every lora_B of one adapter; collects per-example B gradients."""
+class LoraGradCapture:
+    """Forward/backward hooks on the differentiated LoRA matrices of one adapter; per-example gradients."""
 
-    def __init__(self, model: Any, adapter: str = "default", output: str = "vocab") -> None:
+    def __init__(self, model: Any, adapter: str = "default", output: str = "vocab", factors: str = "B") -> None:
         if output not in OUTPUTS:
             raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}")
         self.output = output
-        self.sites = lora_sites(model, adapter)
-        self._h: dict[str, torch.Tensor] = {}
+        self.params = grad_params(model, adapter, factors)
+        self._u: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
         self._handles: list[Any] = []
         self.active = False
 
-    def _forward_hook(self, site: LoraSite):
+    def _forward_hook(self, param: GradParam):
         def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not self.active or not output.requires_grad:
                 return
-            h = inputs[0].detach()
-            self._h[site.param_name] = h
+            self._u[param.param_name] = inputs[0].detach()
 
             def grad_hook(delta: torch.Tensor) -> None:
-                hh = self._h.pop(site.param_name).float()
-                if self._mask is not None:  # padded positions contribute nothing (mask the small factor)
-                    hh = hh * self._mask[:, :, None]
-                # [b, out, T] @ [b, T, r] -> [b, out, r] = sum over tokens of delta_t h_t^T (float32)
-                self.grads[site.param_name] = torch.bmm(delta.float().transpose(1, 2), hh)
+                u = self._u.pop(param.param_name).float()
+                if self._mask is not None:  # padded positions contribute nothing (mask the input side)
+                    u = u * self._mask[:, :, None]
+                # [b, out, T] @ [b, T, in] -> [b, out, in] = sum over tokens of delta_t u_t^T (float32)
+                self.grads[param.param_name] = torch.bmm(delta.float().transpose(1, 2), u)
 
             output.register_hook(grad_hook)
 
         return hook
 
-    def __enter__(self) -> BGradCapture:
-        for site in self.sites:
-            self._handles.append(site.lora_b.register_forward_hook(self._forward_hook(site)))
+    def __enter__(self) -> LoraGradCapture:
+        for param in self.params:
+            self._handles.append(param.module.register_forward_hook(self._forward_hook(param)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._h.clear()
+        self._u.clear()
         self.grads = {}
 
+    def clear_grads(self) -> None:
+        """Drop the summed .grad that autograd also left on the differentiated weights."""
+        for param in self.params:
+            param.module.weight.grad = None
+
     def run(self, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(f0 [b], {B param name: [b, out, r]}) for one batch: one forward, one backward of sum_i f_i."""
+        """(f0 [b], {param name: [b, out, in]}) for one batch: one forward, one backward of sum_i f_i."""
         from shared.ml.models import answer_logits
 
         self.grads = {}
-        self._h.clear()
+        self._u.clear()
         self._mask = batch.attention_mask.to(torch.float32)
         self.active = True
         try:
@@ -153,20 +192,21 @@ class BGradCapture:
         finally:
             self.active = False
             self._mask = None
-        missing = [s.param_name for s in self.sites if s.param_name not in self.grads]
+        missing = [p.param_name for p in self.params if p.param_name not in self.grads]
         if missing:
-            raise RuntimeError(f"no gradient captured for {len(missing)} LoRA layers (e.g. {missing[0]})")
+            raise RuntimeError(f"no gradient captured for {len(missing)} LoRA matrices (e.g. {missing[0]})")
         grads, self.grads = self.grads, {}
         return f.detach(), grads
 
 
 @contextmanager
-def b_only_grad(model: Any, adapter: str = "default") -> Iterator[None]:
-    """Only the B matrices of `adapter` require grad (A and everything else frozen) for the duration."""
+def lora_grad_only(model: Any, adapter: str = "default", factors: str = "B") -> Iterator[None]:
+    """Only the differentiated LoRA matrices of `adapter` require grad (everything else frozen) meanwhile."""
+    wanted = {p.param_name for p in grad_params(model, adapter, factors)}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         for n, p in model.named_parameters():
-            p.requires_grad_(f"lora_B.{adapter}." in n)
+            p.requires_grad_(n in wanted)
         yield
     finally:
         for n, p in model.named_parameters():
@@ -175,7 +215,7 @@ def b_only_grad(model: Any, adapter: str = "default") -> Iterator[None]:
 
 
 def project_batch(
-    model: Any, capture: BGradCapture, projector: Projector, batch: Batch
+    model: Any, capture: LoraGradCapture, projector: Projector, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f0 [b], projected gradients [b, d]) for one batch (float32, on the projector's device)."""
     f0, grads = capture.run(model, batch)
@@ -184,8 +224,7 @@ def project_batch(
         g = grads.pop(p.name)
         out = projector.project_range(g.reshape(g.shape[0], -1), p.offset, out)
         del g
-    for param in (s.lora_b.weight for s in capture.sites):
-        param.grad = None
+    capture.clear_grads()
     assert out is not None
     return f0, out
 
@@ -198,7 +237,7 @@ class BufferedProjection:
     add(batch, keys) returns the finished (keys, f0 [n], projected [n, d]) groups, flush() the rest.
     """
 
-    def __init__(self, model: Any, capture: BGradCapture, projector: Projector, min_rows: int = 64) -> None:
+    def __init__(self, model: Any, capture: LoraGradCapture, projector: Projector, min_rows: int = 64) -> None:
         self.model = model
         self.capture = capture
         self.projector = projector
@@ -210,8 +249,7 @@ class BufferedProjection:
 
     def add(self, batch: Batch, keys: list[Any]) -> list[tuple[list[Any], torch.Tensor, torch.Tensor]]:
         f0, grads = self.capture.run(self.model, batch)
-        for param in (s.lora_b.weight for s in self.capture.sites):
-            param.grad = None
+        self.capture.clear_grads()
         self._keys.extend(keys)
         self._f.append(f0)
         for name in self._g:

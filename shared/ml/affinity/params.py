@@ -153,6 +153,12 @@ class AffinityParams(_ModelRun):
         "pass with the back-mapped adapter; linear = the first-order f0 + g . w (one more "
         "gradient pass, over the validation rows)",
     )
+    gradients: Literal["B", "AB"] = Field(
+        default="B",
+        description="the LoRA matrices differentiated at theta0: B only (all of the first-order change from a fresh "
+        "adapter, whose A gradients are zero), or A and B (from a meta-initialised theta0, B0 != 0, the A "
+        "directions also move f); AB needs mode 'linear'",
+    )
     backmap: Literal["sketch", "representer"] = Field(
         default="sketch",
         description="Delta = P w (sketch), or sum_i c_i g_i with P^T Delta = w (representer; +1 gradient pass)",
@@ -192,6 +198,8 @@ class AffinityParams(_ModelRun):
         n = len(self.tasks)
         if self.subset_size is not None and self.subset_size > n:
             raise ValueError(f"subset_size={self.subset_size} is more than the {n} tasks")
+        if self.gradients == "AB" and self.mode != "linear":
+            raise ValueError("gradients='AB' needs mode 'linear' (a forward pass applies only B deltas)")
         for k, s in enumerate(self.subsets or []):
             unknown = [t for t in s if t not in self.tasks]
             if unknown:

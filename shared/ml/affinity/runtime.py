@@ -149,6 +149,7 @@ class Runtime:
     max_length: int
     batching: Batching  # rows / tokens per gradient batch and per forward (params, or the device's defaults)
     output: str = "vocab"  # the differentiated f (gradients.output_f)
+    factors: str = "B"  # the differentiated LoRA matrices (gradients.grad_params)
     _rows: dict[tuple[str, int | None], SplitRows] = field(default_factory=dict)
 
     @classmethod
@@ -173,7 +174,8 @@ class Runtime:
         peft_model.eval()
         if theta0_path is not None and theta0_path.exists():
             load_theta0(peft_model, theta0_path)
-        spec = spec_for(peft_model, params.seed, params.dim)
+        factors = getattr(params, "gradients", "B")  # only AffinityParams offers "AB" (linear mode)
+        spec = spec_for(peft_model, params.seed, params.dim, factors=factors)
         bound = {name: bind(get_task(name), tokenizer) for name in params.tasks}
         return cls(
             peft_model,
@@ -189,6 +191,7 @@ class Runtime:
             params.max_length,
             resolve_batching(params, peft_model, device),
             params.output,
+            factors,
         )
 
     def rows(self, split: str, max_n: int | None, tasks: list[str] | None = None) -> SplitRows:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from shared.ml.affinity.batching import cut_sorted
-from shared.ml.affinity.gradients import BGradCapture, BufferedProjection, b_only_grad
+from shared.ml.affinity.gradients import BufferedProjection, LoraGradCapture, lora_grad_only
 from shared.ml.affinity.runtime import Runtime, SplitRows, atomic_save_npy, load_npy
 from shared.ml.encoding import collate
 from shared.ml.progress import Progress, silent
@@ -125,7 +125,10 @@ def gradient_batches(
         done[idx] = True  # only after the rows themselves are on disk
         done.flush()
 
-    with b_only_grad(rt.model), BGradCapture(rt.model, output=rt.output) as capture:
+    with (
+        lora_grad_only(rt.model, factors=rt.factors),
+        LoraGradCapture(rt.model, output=rt.output, factors=rt.factors) as capture,
+    ):
         buffer = BufferedProjection(rt.model, capture, rt.projector, project_rows)
         for b, j in enumerate(todo):
             batch = collate([rows.items[i] for i in batches[j]], pad).to(rt.device)

@@ -236,7 +236,7 @@ def arm_costs(params: StudyParams, workdir: Path) -> dict[str, Any]:
                 extra,
                 f"{run}_train_seconds",
                 sum(
-                    v.get("seconds", 0.0)
+                    v.get("wall_seconds", 0.0)
                     for k, v in (cost.get("stages") or {}).items()
                     if k in ("group_adapters", "baselines", "boosting", "ensemble_weights")
                 ),
