@@ -54,6 +54,7 @@ def peft_loop(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model, tokenizer, info = load_model(args.model, args.quantization, device)
+    torch.backends.cuda.enable_cudnn_sdp(True)  # the anchor runs with PyTorch's own kernel choice
     if args.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.peft_checkpointing)
     trainable_4bit(model)  # CPU only: keep bitsandbytes' layers differentiable (no-op on CUDA)
@@ -100,6 +101,7 @@ def peft_loop(
         ]
     )
     n = len(rows) * args.epochs
+    torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "pytorch")  # back to our trainers' setting
     del model, optimizer, base
     _release(device)
     return {
@@ -212,7 +214,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--ks", default="4,16", help="adapter counts of the multi-adapter runs")
     ap.add_argument("--mode", default="auto", choices=["auto", "stacked", "bmm"])
-    ap.add_argument("--batching", default="task", choices=["task", "length"])
+    ap.add_argument("--batching", default="task", choices=["task", "mixed", "length"])
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--step-tokens", type=int, default=None, help="padded tokens per fused micro-step at most")
     ap.add_argument("--seed", type=int, default=0)
@@ -228,9 +230,21 @@ def main() -> None:
         choices=["auto", "cached", "per_call"],
         help="our trainers' 4-bit base: dequantised once (cached) or by bitsandbytes in every call",
     )
+    ap.add_argument(
+        "--sdpa",
+        default="chorus",
+        choices=["chorus", "pytorch"],
+        help="our trainers' attention kernels: chorus (cuDNN attention off, what load_model sets on CUDA) or "
+        "PyTorch's own choice (cuDNN on Hopper); the PEFT loop always runs with PyTorch's choice",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the model and data, then time the PEFT loop, the single trainer and the multi-adapter trainer."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(
@@ -260,6 +274,7 @@ def main() -> None:
         dequantize=args.dequantize,
     )
     base = Base.load(args.model, args.quantization, device)
+    torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "pytorch")
     trainable_4bit(base.model)
     data = prepare_tasks(base.tokenizer, tasks, config)
     head = {
@@ -276,6 +291,7 @@ def main() -> None:
         "mode": args.mode,
         "batching": args.batching,
         "dequantize": resolve(args.dequantize, base.model),
+        "sdpa": args.sdpa,
     }
     print(json.dumps(head), flush=True)
     # warm-up (CUDA context, kernels, allocator) on a few rows, not timed

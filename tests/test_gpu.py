@@ -69,6 +69,24 @@ def test_bf16_loading_on_cuda(reference):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_cuda_loading_leaves_cudnn_attention_out_and_the_logits_unchanged(reference):
+    """load_model on CUDA switches cuDNN attention off (its per-shape host setup dominates our variable-length
+    steps); the kernel PyTorch takes instead gives the same answer logits up to bf16 rounding."""
+    from shared.ml.models import Base
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    base = Base.load("tiny-llama", "none", "cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    without = _logits(base)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with_cudnn = _logits(base)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    assert float((without - with_cudnn).norm() / with_cudnn.norm()) < 0.02
+    assert torch.equal(without.argmax(-1), with_cudnn.argmax(-1))
+
+
 def test_nf4_loading_on_cuda(reference):
     """quantization nf4 on CUDA: every decoder Linear is a bitsandbytes 4-bit NF4 layer (double-quantized, blocks of
     64) on the GPU computing in bf16, holding the float32 weights within NF4 rounding; the logits follow the float32

@@ -174,10 +174,10 @@ class TrainingParams(BaseModel):
         description="multi: the group adapters and baselines train together in one fused run; "
         "sequential: one after the other (same results up to float noise)",
     )
-    batching: Literal["task", "length"] = Field(
+    batching: Literal["task", "mixed", "length"] = Field(
         default="task",
-        description="task: one task per batch, tasks interleaved; length: tasks mixed, "
-        "length-sorted batches capped by batch_tokens (less padding)",
+        description="task: one task per batch, tasks interleaved; mixed: rows of all tasks shuffled together (a plain "
+        "training loop's batches); length: tasks mixed, length-sorted batches capped by batch_tokens (less padding)",
     )
     batch_tokens: int | None = Field(
         default=None, ge=16, le=2**24, description="padded tokens per batch at most (length batching); None = no cap"

@@ -122,7 +122,7 @@ def prepare_tasks(tokenizer: Any, tasks: Sequence[TaskLike], config: Any) -> dic
     return out
 
 
-BATCHINGS = ("task", "length")
+BATCHINGS = ("task", "mixed", "length")
 LENGTH_POOL = 64  # "length" batching sorts pools of this many batches' rows by length before cutting them
 
 
@@ -138,6 +138,7 @@ def epoch_plan(
 
     "task": one task per batch, tasks interleaved: shuffle each task's rows, cut into batches of
     `batch_size`, shuffle the batches of all tasks together (`batch_tokens` is not used).
+    "mixed": tasks mixed, as a plain shuffled loop does: shuffle all rows, cut into batches of `batch_size`.
     "length": tasks mixed: shuffle all rows, sort pools of LENGTH_POOL * batch_size rows by length and cut
     them into batches of at most `batch_size` rows and (when set) `batch_tokens` padded tokens, then shuffle
     the batches (less padding; a row longer than the cap gets a batch of its own)."""
@@ -150,6 +151,10 @@ def epoch_plan(
             items = [(name, i) for i in range(len(lengths[name]))]
             rng.shuffle(items)
             out.extend(items[i : i + batch_size] for i in range(0, len(items), batch_size))
+    elif batching == "mixed":
+        items = [(name, i) for name in sorted(lengths) for i in range(len(lengths[name]))]
+        rng.shuffle(items)
+        out.extend(items[i : i + batch_size] for i in range(0, len(items), batch_size))
     else:
         items = [(name, i) for name in sorted(lengths) for i in range(len(lengths[name]))]
         rng.shuffle(items)
