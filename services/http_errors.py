@@ -14,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from shared.errors import ChorusError, classify
+
 STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -118,6 +120,14 @@ def install_error_handlers(app: FastAPI, log: logging.Logger, loc_param: LocForm
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(ChorusError)
+    async def _chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
+        # One that no route turned into a more specific answer: the family's status and code.
+        family = classify(exc)
+        if family.http_status >= 500:
+            log.error("%s on %s %s", family.__name__, request.method, request.url.path, exc_info=exc)
+        return error_response(family.http_status, family.code, str(exc) or family.code, exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

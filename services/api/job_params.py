@@ -28,6 +28,7 @@ from services.api.deps import Principal, owned
 from services.api.errors import ApiError, pydantic_error
 from services.api.params_schema import SET_BY_THE_JOB, section_models
 from shared.db.models import Artifact, Dataset
+from shared.errors import InvalidParams
 from shared.jobs.registry import JobType, JobTypeUnavailable
 from shared.ml.model_names import ModelNameError, check_api_model
 from shared.storage import ArtifactStore, record_artifact
@@ -37,7 +38,7 @@ MAX_INLINE_BYTES = 8 << 20
 
 
 def _invalid(message: str, param: str) -> ApiError:
-    return ApiError(422, "invalid_params", f"{param}: {message}", param)
+    return ApiError(InvalidParams.http_status, InvalidParams.code, f"{param}: {message}", param)
 
 
 def _check_model(value: Any, param: str, allowed_dirs: Sequence[Path]) -> None:
@@ -161,10 +162,10 @@ def validate(
         model = cls.model_validate(prepared)
     except ValidationError as exc:
         message, param = section_problem(cls, prepared) or _top_level_problem(cls, exc)
-        raise ApiError(422, "invalid_params", message, param) from exc
+        raise ApiError(InvalidParams.http_status, InvalidParams.code, message, param) from exc
     except ValueError as exc:  # a validator outside pydantic's wrapping
         message, param = section_problem(cls, prepared) or (f"params: {exc}", "params")
-        raise ApiError(422, "invalid_params", message, param) from exc
+        raise ApiError(InvalidParams.http_status, InvalidParams.code, message, param) from exc
     names = task_names(model)
     if names and not principal.is_admin:
         foreign = db.scalars(

@@ -141,7 +141,11 @@ class JobOut(BaseModel):
     progress: dict[str, Any] = Field(
         description="The latest progress report: stage, step, done, total, percent, message."
     )
-    error: ErrorDetail | None = Field(description="Why the job failed (code, message, param), when it did.")
+    error: ErrorDetail | None = Field(
+        description="Why the job failed (code, message, param), when it did. `invalid_params` and `bad_input`: "
+        "the params or the data they name are wrong; `stage_failed`: a stage failed for a reason that is not the "
+        "caller's; the others (`infrastructure`, `timeout`, `worker_lost`, ...) are on the service's side."
+    )
     result: dict[str, Any] | None = Field(description="The summary of a finished job (per stage).")
     result_artifacts: dict[str, str] = Field(description="Every stage's outputs: logical file name -> artifact id.")
     current_stage: str | None = Field(description="The stage running now.")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.errors import BadInput
+
 log = logging.getLogger("chorus.inference")
 
 ENSEMBLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,7 +38,7 @@ class EnsembleNotFound(LookupError):
     pass
 
 
-class InvalidEnsemble(ValueError):
+class InvalidEnsemble(BadInput):
     """The ensemble exists but its manifest or layout is unusable."""
 
 

@@ -12,7 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.models import Adapter, Artifact, Ensemble, new_id
+from shared.errors import StageFailed
 from shared.storage import ArtifactStore, media_type_for, record_artifact, sha256_file
+
+
+class StageOutputError(StageFailed, ValueError):
+    """A stage's outputs that cannot be recorded (listed wrongly, or an ensemble manifest that does not match
+    the adapters the stage wrote): the stage's fault, never the user's. Also a ValueError for callers that
+    catch one."""
 
 
 def jsonable(value: Any) -> Any:
@@ -47,13 +54,13 @@ def stage_artifact_paths(workdir: Path, summary: dict[str, Any]) -> dict[str, Pa
     """{logical name: absolute path} of the artifacts a stage listed; refuses paths outside workdir."""
     listed = summary.get("artifacts") or {}
     if not isinstance(listed, dict):
-        raise ValueError("stage summary 'artifacts' must be a mapping of logical name -> relative path")
+        raise StageOutputError("stage summary 'artifacts' must be a mapping of logical name -> relative path")
     root = workdir.resolve()
     out: dict[str, Path] = {}
     for name, rel in listed.items():
         path = (root / str(rel)).resolve()
         if not path.is_relative_to(root):
-            raise ValueError(f"artifact {name!r} points outside the stage workdir: {rel}")
+            raise StageOutputError(f"artifact {name!r} points outside the stage workdir: {rel}")
         if not path.exists():
             raise FileNotFoundError(f"artifact {name!r} listed by the stage does not exist: {rel}")
         out[str(name)] = path
@@ -153,7 +160,7 @@ def _record_ensemble(
     """The ensemble row of a manifest: validated with `load_manifest` (a recorded fingerprint must match its
     content); `fingerprint` is the manifest's fingerprint, the one the inference service reports (the file's
     own sha256 stays on the artifact row). Every adapter member must be one of the job's stored adapters whose
-    weights have the sha256 the manifest records; anything else is a ValueError naming the member."""
+    weights have the sha256 the manifest records; anything else is a StageOutputError naming the member."""
     from shared.ml.training.adapters import WEIGHTS_FILE
     from shared.ml.training.ensemble import compute_fingerprint, load_manifest
 
@@ -161,7 +168,9 @@ def _record_ensemble(
         manifest = load_manifest(path)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         message = str(exc).replace(str(path), path.name)  # no server paths in a job's error
-        raise ValueError(message if path.name in message else f"ensemble manifest {path.name!r}: {message}") from exc
+        raise StageOutputError(
+            message if path.name in message else f"ensemble manifest {path.name!r}: {message}"
+        ) from exc
     # Adapters of the job's earlier stages, by folder name (this stage's own are matched by folder).
     earlier = select(Adapter).where(Adapter.job_id == job_id, Adapter.owner == owner)
     known = {a.name: a for a in session.scalars(earlier)}
@@ -172,13 +181,13 @@ def _record_ensemble(
         folder = (path.parent / member.path).resolve()
         adapter = folders.get(folder) or known.get(folder.name) or known.get(member.name)
         if adapter is None:
-            raise ValueError(
+            raise StageOutputError(
                 f"ensemble manifest {path.name!r}: member {member.name!r} ({member.path}) is not an "
                 "adapter folder stored by this job"
             )
         weights = folder / WEIGHTS_FILE
         if folder in folders and (not weights.is_file() or sha256_file(weights) != member.sha256):
-            raise ValueError(
+            raise StageOutputError(
                 f"ensemble manifest {path.name!r}: member {member.name!r}: {member.path}/{WEIGHTS_FILE} "
                 "does not have the sha256 the manifest records"
             )

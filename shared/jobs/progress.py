@@ -11,7 +11,7 @@ from typing import Any, Self
 
 from sqlalchemy import update
 
-from shared.db.models import Job, utcnow
+from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import get_sessionmaker
 from shared.jobs import state
 from shared.ml.progress import Cancelled, StageMeter
@@ -150,7 +150,7 @@ class JobProgress:
             ok = (
                 session.execute(
                     update(Job)
-                    .where(Job.id == self.job_id, Job.status == "running", Job.lease_owner == self.token)
+                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == self.token)
                     .values(progress=snap, updated_at=utcnow())
                 ).rowcount
                 == 1

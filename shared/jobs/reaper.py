@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.db.models import Job, JobEvent, utcnow
+from shared.db.models import Job, JobEvent, JobStatus, utcnow
 from shared.db.session import get_sessionmaker
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
@@ -33,7 +33,7 @@ def reap(enqueue: Enqueue, settings: ServiceSettings | None = None, unsent_grace
     now = utcnow()
     report: dict[str, list[str]] = {"requeued": [], "failed": [], "sent": [], "resent": []}
     with maker() as session:
-        running = session.scalars(select(Job).where(Job.status == "running")).all()
+        running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
         for job in running:
             expired = job.lease_expires_at is None or job.lease_expires_at < now
             dead = state.owner_is_dead(job.lease_owner)
@@ -42,13 +42,13 @@ def reap(enqueue: Enqueue, settings: ServiceSettings | None = None, unsent_grace
             reason = f"worker {job.lease_owner} " + ("exited" if dead else "stopped renewing its lease")
             new_status = state.requeue_lost(session, job, reason, settings.max_attempts)
             session.commit()
-            if new_status == "queued":
+            if new_status == JobStatus.QUEUED:
                 report["requeued"].append(job.id)
-            elif new_status == "failed":
+            elif new_status == JobStatus.FAILED:
                 report["failed"].append(job.id)
         unsent = session.scalars(
             select(Job.id).where(
-                Job.status == "queued",
+                Job.status == JobStatus.QUEUED,
                 Job.enqueued_at.is_(None),
                 or_(Job.id.in_(report["requeued"]), Job.created_at < now - timedelta(seconds=unsent_grace)),
             )
@@ -74,7 +74,9 @@ def send(job_id: str, enqueue: Enqueue) -> bool:
         return False
     with get_sessionmaker()() as session:
         session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow(), task_id=task_id)
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(enqueued_at=utcnow(), task_id=task_id)
         )
         session.commit()
     return True
@@ -83,7 +85,9 @@ def send(job_id: str, enqueue: Enqueue) -> bool:
 def _stale(session: Session, now: datetime, after: float) -> list[tuple[str, datetime, int]]:
     """(job id, when its message was sent, re-sends so far) of queued jobs due for a re-send."""
     rows = session.execute(
-        select(Job.id, Job.enqueued_at).where(Job.status == "queued", Job.enqueued_at < now - timedelta(seconds=after))
+        select(Job.id, Job.enqueued_at).where(
+            Job.status == JobStatus.QUEUED, Job.enqueued_at < now - timedelta(seconds=after)
+        )
     ).all()
     if not rows:
         return []
@@ -110,7 +114,7 @@ def resend(job_id: str, sent_at: datetime, count: int, enqueue: Enqueue) -> bool
     with maker() as session:
         won = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == sent_at)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at == sent_at)
             .values(enqueued_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -127,7 +131,7 @@ def resend(job_id: str, sent_at: datetime, count: int, enqueue: Enqueue) -> bool
         return False
     waited = (now - sent_at).total_seconds()
     with maker() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(task_id=task_id))
+        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(task_id=task_id))
         state.add_event(
             session,
             job_id,

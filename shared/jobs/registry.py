@@ -52,6 +52,9 @@ class JobType:
     # Params fields that hold an artifact id (art-...) of the job's owner; the worker copies the artifact
     # into the job's workdir under this file name and passes that path to the stage instead.
     artifact_params: tuple[tuple[str, str], ...] = ()
+    # Checks of those files against the params, run before the first stage: field -> "module:function"
+    # check(params, path) that raises ValueError (see shared.jobs.inputs).
+    artifact_checks: tuple[tuple[str, str], ...] = ()
 
     def params_class(self) -> type[BaseModel]:
         cls = load_ref(self.params)
@@ -98,6 +101,7 @@ JOB_TYPES: dict[str, JobType] = {
             f"{_AFF}.params:GroupingParams",
             f"{_AFF}.stage:run_grouping",
             artifact_params=(("affinity", "affinity.json"),),
+            artifact_checks=(("affinity", "shared.jobs.inputs:check_affinity"),),
         ),
         JobType(
             "approximation_error",

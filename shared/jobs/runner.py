@@ -10,6 +10,10 @@ asks for helpers through the injected `dispatch(job_id, phase, helpers)` (the Ce
 group of chorus.run_shards tasks; without it this worker does every shard), works on shards itself and
 returns once all are done. Helpers write into the shared job workdir; resume works per stage as before,
 and per shard within a stage.
+
+Errors: `stage_error` turns what a stage raised into the job's error through shared.errors.classify. Params
+were validated at submit, so inside a stage only a ChorusError that says so (InvalidParams, BadInput) is the
+user's fault; any other exception, a plain ValueError included, fails the job as `stage_failed`.
 """
 
 from __future__ import annotations
@@ -19,23 +23,25 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
-from shared.db.models import Artifact, Job, JobStage, utcnow
+from shared.db.models import Artifact, Job, JobStage, JobStatus, StageStatus, utcnow
 from shared.db.session import UNAVAILABLE, get_sessionmaker
+from shared.errors import BadInput, ChorusError, Infrastructure, InvalidParams, StageFailed, classify
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
 from shared.jobs.fanout import Dispatch, JobSharder
 from shared.jobs.ingest import ingest_stage, jsonable, merge_stage_artifacts
 from shared.jobs.progress import JobProgress, Lease
-from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable, StageFn
+from shared.jobs.registry import JOB_TYPES, JobType, JobTypeUnavailable, StageFn, load_ref
 from shared.ml.progress import Cancelled
 from shared.ml.sharding import use_sharder
-from shared.storage import ArtifactStore
+from shared.storage import ArtifactStore, folder_digest, folder_manifest, sha256_file
 
 log = logging.getLogger("chorus.jobs")
 
@@ -48,7 +54,17 @@ def validation_error(exc: ValidationError, prefix: str = "params") -> dict[str, 
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
     loc = ".".join(str(p) for p in (prefix, *first.get("loc", ())) if p != "")
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return state.error_obj("invalid_params", f"{loc}: {msg}", loc)
+    return state.error_obj(InvalidParams.code, f"{loc}: {msg}", loc)
+
+
+def stage_error(name: str, exc: BaseException) -> tuple[dict[str, Any], bool]:
+    """The job error object for an exception a stage raised, and whether it is ours (keep the traceback)."""
+    family = classify(exc, in_stage=True)
+    param = exc.param if isinstance(exc, ChorusError) else None
+    if family in (InvalidParams, BadInput):
+        return state.error_obj(family.code, str(exc) or type(exc).__name__, param), False
+    what = str(exc) if isinstance(exc, ChorusError) else f"{type(exc).__name__}: {exc}"
+    return state.error_obj(family.code, f"stage {name}: {what}", param), True
 
 
 class _Stop(Exception):
@@ -78,6 +94,9 @@ class JobRunner:
         self.dispatch = dispatch  # asks the queue for fan-out helpers (see shared.jobs.fanout)
         self.maker = get_sessionmaker()
         self.lease: Lease | None = None
+        self.job_type: JobType | None = None  # with its validated params, once _execute has them
+        self.params: BaseModel | None = None
+        self.inputs: list[_Input] = []  # files params name, checked before the first stage runs
 
     # -- entry point --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -119,9 +138,9 @@ class JobRunner:
         with self.maker() as session:
             if stage is not None:
                 row = self._stage_row(session, stage)
-                if row is not None and row.status == "running":
-                    row.status, row.error, row.finished_at = "failed", error, utcnow()
-            if state.finish(session, self.job_id, self.token, "failed", error=error):
+                if row is not None and row.status == StageStatus.RUNNING:
+                    row.status, row.error, row.finished_at = StageStatus.FAILED, error, utcnow()
+            if state.finish(session, self.job_id, self.token, JobStatus.FAILED, error=error):
                 data = {"error": error, **({"traceback": detail[-8000:]} if detail else {})}
                 state.add_event(session, self.job_id, f"failed: {error['message']}", "error", data)
                 session.commit()
@@ -151,7 +170,8 @@ class JobRunner:
 
     def _materialize(self, session: Any, stage: str) -> dict[str, Path]:
         """A finished stage's artifacts as later stages expect them: at the path the stage wrote them in
-        the workdir (copied back from the store when this machine does not have them), by logical name."""
+        the workdir (copied back from the store when this machine does not have them), by logical name.
+        A stored object that is missing or corrupt fails the job (see _fetch)."""
         workdir = self._workdir().resolve()
         out: dict[str, Path] = {}
         for art in session.scalars(select(Artifact).where(Artifact.job_id == self.job_id, Artifact.stage == stage)):
@@ -160,13 +180,34 @@ class JobRunner:
             if not target.is_relative_to(workdir):
                 continue
             if not target.exists():
-                _copy_object(self.store.resolve(art.path), target)
+                try:
+                    self._fetch(art, target, f"artifact {art.name!r} of stage {stage}")
+                except ChorusError as exc:
+                    self._fail(state.error_obj(classify(exc).code, str(exc)))
             out[art.name] = target
             out[f"{stage}/{art.name}"] = target
         return out
 
-    def _resolve_artifact_params(self, job_type: Any, params: dict[str, Any]) -> dict[str, Any]:
-        """Replace artifact ids in params (e.g. grouping.affinity) by a copy in the workdir."""
+    def _fetch(self, art: Artifact, target: Path, what: str) -> None:
+        """Copy a stored artifact to `target`, checking it still has the sha256 it was recorded with. A missing
+        or corrupt object is StageFailed (never the user's fault), a store that cannot be read Infrastructure;
+        either leaves no copy."""
+        try:
+            _copy_object(self.store.resolve(art.path), target)
+            actual = folder_digest(folder_manifest(target)) if art.kind == "folder" else sha256_file(target)
+        except (FileNotFoundError, ValueError) as exc:
+            _remove(target)
+            raise StageFailed(f"{what} is missing from the artifact store ({type(exc).__name__})") from exc
+        except OSError as exc:
+            _remove(target)
+            raise Infrastructure(f"{what} cannot be read from the artifact store ({type(exc).__name__})") from exc
+        if actual != art.sha256:
+            _remove(target)
+            raise StageFailed(f"{what} is corrupt in the artifact store: its sha256 is not the recorded one")
+
+    def _resolve_artifact_params(self, job_type: JobType, params: dict[str, Any]) -> dict[str, Any]:
+        """Replace artifact ids in params (e.g. grouping.affinity) by a copy in the workdir (remembered in
+        self.inputs for _check_inputs)."""
         params = dict(params)
         for field, filename in job_type.artifact_params:
             ref = params.get(field)
@@ -176,16 +217,36 @@ class JobRunner:
                 art = session.get(Artifact, ref)
                 if art is None or art.owner != self.claim.owner:
                     self._fail(
-                        state.error_obj("invalid_params", f"params.{field}: no artifact {ref!r}", f"params.{field}")
+                        state.error_obj(InvalidParams.code, f"params.{field}: no artifact {ref!r}", f"params.{field}")
                     )
                 assert art is not None
-                source = self.store.resolve(art.path)
+                session.expunge(art)
             target = self._workdir() / "inputs" / filename
             if target.exists() or target.is_symlink():
                 target.unlink()
-            _copy_object(source, target)
+            self._fetch(art, target, f"params.{field}: artifact {ref!r}")
+            self.inputs.append(_Input(field, ref, target, (art.meta or {}).get("source") == "inline"))
             params[field] = str(target)
         return params
+
+    def _check_inputs(self) -> None:
+        """Check the files params name against the params (JobType.artifact_checks), once, before the first
+        stage runs: a problem is the user's (InvalidParams for an object the request gave inline, BadInput
+        for an artifact it named)."""
+        if not self.inputs:
+            return
+        assert self.job_type is not None
+        checks = dict(self.job_type.artifact_checks)
+        inputs, self.inputs = self.inputs, []
+        for item in inputs:
+            if item.field not in checks:
+                continue
+            try:
+                load_ref(checks[item.field])(self.params, item.path)
+            except ValueError as exc:
+                message = str(exc).replace(str(item.path), item.ref)  # no server paths in a job's error
+                family = InvalidParams if item.inline else BadInput
+                raise family(f"params.{item.field}: {message}", param=f"params.{item.field}") from exc
 
     # -- the job ------------------------------------------------------------------------------------
     def _execute(self) -> str:
@@ -204,14 +265,17 @@ class JobRunner:
             )
         except ValidationError as exc:
             self._fail(validation_error(exc))
-        except ValueError as exc:
-            self._fail(state.error_obj("invalid_params", str(exc), "params"))
+        except (ChorusError, ValueError) as exc:  # a ValueError here is the params' (still being validated)
+            family = classify(exc)
+            param = exc.param if isinstance(exc, ChorusError) else None
+            self._fail(state.error_obj(family.code, str(exc), param or ("params" if family is InvalidParams else None)))
+        self.job_type, self.params = job_type, params
         names = [name for name, _ in stages]
         if len(set(names)) != len(names):
             self._fail(state.error_obj("internal_error", f"duplicate stage names {names}"))
         with self.maker() as session:
             rows = state.ensure_stages(session, self.job_id, names)
-            done_before = [n for n in names if rows[n].status == "succeeded"]
+            done_before = [n for n in names if rows[n].status == StageStatus.SUCCEEDED]
             if done_before:
                 state.add_event(
                     session,
@@ -227,7 +291,7 @@ class JobRunner:
             with self.maker() as session:
                 row = self._stage_row(session, name)
                 assert row is not None
-                if row.status == "succeeded":
+                if row.status == StageStatus.SUCCEEDED:
                     inputs.update(self._materialize(session, name))
                     summaries[name] = (row.outputs or {}).get("summary")
                     artifacts.append((name, (row.outputs or {}).get("artifacts") or {}))
@@ -248,7 +312,7 @@ class JobRunner:
                 raise _Stop(self._why_not_mine())
             row = self._stage_row(session, name)
             assert row is not None
-            row.status, row.attempts, row.started_at, row.error = "running", row.attempts + 1, utcnow(), None
+            row.status, row.attempts, row.started_at, row.error = StageStatus.RUNNING, row.attempts + 1, utcnow(), None
             job = session.get(Job, self.job_id)
             assert job is not None
             progress = JobProgress(
@@ -267,7 +331,7 @@ class JobRunner:
                 session,
                 self.job_id,
                 f"stage {name} started ({index + 1}/{count})",
-                data={"type": "stage", "stage": name, "status": "running", "attempt": row.attempts},
+                data={"type": "stage", "stage": name, "status": StageStatus.RUNNING, "attempt": row.attempts},
             )
             session.commit()
         started = time.monotonic()
@@ -275,14 +339,11 @@ class JobRunner:
         if self.settings.fanout_shards > 1:
             sharder = JobSharder(self.job_id, self.settings, self.dispatch, self._check_stop)
         try:
+            self._check_inputs()
             with use_sharder(sharder):
                 summary = fn(self._workdir(), dict(inputs), progress)
         except Cancelled:
             self._stopped(name, started)
-        except ValidationError as exc:
-            self._fail(validation_error(exc), name)
-        except ValueError as exc:
-            self._fail(state.error_obj("invalid_params", str(exc) or type(exc).__name__), name)
         except UNAVAILABLE:
             raise  # database outage (e.g. a progress write): end this attempt unfinished; the job is retried
         except Exception as exc:
@@ -290,14 +351,11 @@ class JobRunner:
                 self._fail(state.error_obj("timeout", f"stage {name} exceeded the job time limit"), name)
             if self.lease.stopping:
                 self._stopped(name, started)
-            self._fail(
-                state.error_obj("stage_failed", f"stage {name}: {type(exc).__name__}: {exc}"),
-                name,
-                traceback.format_exc(),
-            )
+            error, ours = stage_error(name, exc)
+            self._fail(error, name, traceback.format_exc() if ours else None)
         if not isinstance(summary, dict):
             self._fail(
-                state.error_obj("stage_failed", f"stage {name} returned {type(summary).__name__}, not a dict"), name
+                state.error_obj(StageFailed.code, f"stage {name} returned {type(summary).__name__}, not a dict"), name
             )
         return jsonable(summary)
 
@@ -312,8 +370,8 @@ class JobRunner:
         if outcome == "cancelled":
             with self.maker() as session:
                 row = self._stage_row(session, name)
-                if row is not None and row.status == "running":
-                    row.status, row.finished_at = "cancelled", utcnow()
+                if row is not None and row.status == StageStatus.RUNNING:
+                    row.status, row.finished_at = StageStatus.CANCELLED, utcnow()
                 state.release(session, self.job_id, self.token)
                 state.add_event(
                     session,
@@ -323,7 +381,7 @@ class JobRunner:
                     {
                         "type": "stage",
                         "stage": name,
-                        "status": "cancelled",
+                        "status": StageStatus.CANCELLED,
                         "ran_seconds": round(time.monotonic() - started, 3),
                     },
                 )
@@ -343,21 +401,21 @@ class JobRunner:
                     workdir=workdir,
                     summary=summary,
                 )
-            except (ValueError, FileNotFoundError) as exc:
+            except (ValueError, FileNotFoundError) as exc:  # StageOutputError, mostly: never the user's
                 session.rollback()
-                self._fail(state.error_obj("stage_failed", f"stage {name} outputs: {exc}"), name)
+                self._fail(state.error_obj(StageFailed.code, f"stage {name} outputs: {exc}"), name)
             if not state.guard(session, self.job_id, self.token):
                 session.rollback()
                 raise _Stop(self._why_not_mine())
             row = self._stage_row(session, name)
             assert row is not None
-            row.status, row.finished_at = "succeeded", utcnow()
+            row.status, row.finished_at = StageStatus.SUCCEEDED, utcnow()
             row.outputs = {"summary": {k: v for k, v in summary.items() if k != "artifacts"}, "artifacts": ids}
             state.add_event(
                 session,
                 self.job_id,
                 f"stage {name} finished ({len(ids)} artifact(s))",
-                data={"type": "stage", "stage": name, "status": "succeeded", "artifacts": ids},
+                data={"type": "stage", "stage": name, "status": StageStatus.SUCCEEDED, "artifacts": ids},
             )
             session.commit()
         return ids
@@ -376,7 +434,9 @@ class JobRunner:
             "percent": 100.0,
         }
         with self.maker() as session:
-            if not state.finish(session, self.job_id, self.token, "succeeded", result=result, progress=progress):
+            if not state.finish(
+                session, self.job_id, self.token, JobStatus.SUCCEEDED, result=result, progress=progress
+            ):
                 session.rollback()
                 raise _Stop(self._why_not_mine())
             job = session.get(Job, self.job_id)
@@ -386,12 +446,30 @@ class JobRunner:
                 session,
                 self.job_id,
                 "job succeeded",
-                data={"type": "status", "status": "succeeded", "artifacts": artifacts},
+                data={"type": "status", "status": JobStatus.SUCCEEDED, "artifacts": artifacts},
             )
             session.commit()
         if not self.settings.keep_workdir:
             shutil.rmtree(self.settings.workdir_root / self.job_id, ignore_errors=True)
         return "succeeded"
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A file a param names, copied into the workdir: `ref` is its artifact id, `inline` whether the request
+    gave it as an object (stored as an artifact by the API)."""
+
+    field: str
+    ref: str
+    path: Path
+    inline: bool
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _copy_object(source: Path, target: Path) -> None:

@@ -2,7 +2,8 @@
 
 queued -> running -> succeeded | failed | cancelled;  queued -> cancelled;  running -> queued (lease lost,
 requeued by the reaper). Every transition a worker makes is a compare-and-set on (status, lease_owner),
-so a worker that lost its lease (or whose job was cancelled) can never overwrite the row.
+so a worker that lost its lease (or whose job was cancelled) can never overwrite the row. The statuses are
+JobStatus (StageStatus for a job's stages), defined next to the tables and used from here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.db.models import TERMINAL_STATUSES, Job, JobEvent, JobStage, utcnow
+from shared.db.models import TERMINAL_STATUSES, Job, JobEvent, JobStage, JobStatus, StageStatus, utcnow
 
 HOSTNAME = socket.gethostname()
 
@@ -92,7 +93,7 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
         return Claim("terminal", job_id, status=job.status)
     now = utcnow()
     previous, seen_status, seen_attempt = job.lease_owner, job.status, job.attempt
-    if job.status == "running":
+    if job.status == JobStatus.RUNNING:
         expired = job.lease_expires_at is None or job.lease_expires_at < now
         if not (expired or owner_is_dead(previous)):
             return Claim("leased", job_id, status=job.status)
@@ -101,7 +102,7 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
             update(Job)
             .where(*_cas(job_id, seen_status, previous))
             .values(
-                status="failed",
+                status=JobStatus.FAILED,
                 finished_at=now,
                 lease_owner=None,
                 lease_expires_at=None,
@@ -116,12 +117,12 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
         if done.rowcount == 1:  # type: ignore[attr-defined]
             add_event(session, job_id, "giving up: too many attempts", "error", {"attempt": seen_attempt})
         session.commit()
-        return Claim("exhausted", job_id, status="failed")
+        return Claim("exhausted", job_id, status=JobStatus.FAILED)
     result = session.execute(
         update(Job)
         .where(*_cas(job_id, seen_status, previous), Job.attempt == seen_attempt)
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             lease_owner=token,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             heartbeat_at=now,
@@ -141,7 +142,7 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
         session, job_id, f"attempt {attempt} started on {token}{note}", data={"attempt": attempt, "worker": token}
     )
     session.commit()
-    return Claim("claimed", job_id, job.type, job.owner, dict(job.params or {}), attempt, "running")
+    return Claim("claimed", job_id, job.type, job.owner, dict(job.params or {}), attempt, JobStatus.RUNNING)
 
 
 def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> str:
@@ -149,7 +150,7 @@ def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> st
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(*_cas(job_id, "running", token))
+        .where(*_cas(job_id, JobStatus.RUNNING, token))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
     )
     session.commit()
@@ -165,15 +166,15 @@ def observe(session: Session, job_id: str, token: str) -> str:
     if row is None:
         return "lost"
     status, owner = row
-    if status == "cancelled":
+    if status == JobStatus.CANCELLED:
         return "cancelled"
-    return "ok" if status == "running" and owner == token else "lost"
+    return "ok" if status == JobStatus.RUNNING and owner == token else "lost"
 
 
 def guard(session: Session, job_id: str, token: str) -> bool:
     """Inside a transaction: lock the row and check we still hold the running job (no commit)."""
     now = utcnow()
-    result = session.execute(update(Job).where(*_cas(job_id, "running", token)).values(updated_at=now))
+    result = session.execute(update(Job).where(*_cas(job_id, JobStatus.RUNNING, token)).values(updated_at=now))
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
@@ -181,7 +182,7 @@ def finish(
     session: Session,
     job_id: str,
     token: str,
-    status: str,
+    status: JobStatus,
     *,
     error: dict[str, Any] | None = None,
     result: dict[str, Any] | None = None,
@@ -196,7 +197,7 @@ def finish(
         values["result"] = result
     if progress is not None:
         values["progress"] = progress
-    done = session.execute(update(Job).where(*_cas(job_id, "running", token)).values(**values))
+    done = session.execute(update(Job).where(*_cas(job_id, JobStatus.RUNNING, token)).values(**values))
     return done.rowcount == 1  # type: ignore[attr-defined]
 
 
@@ -209,14 +210,16 @@ def release(session: Session, job_id: str, token: str) -> None:
 
 def cancel(session: Session, job: Job) -> bool:
     """Cancel a queued or running job (the worker stops at its next progress call). Does not commit."""
-    if job.status not in ("queued", "running"):
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return False
     now = utcnow()
     seen = job.status
     done = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == seen)
-        .values(status="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now, lease_expires_at=None)
+        .values(
+            status=JobStatus.CANCELLED, cancel_requested_at=now, finished_at=now, updated_at=now, lease_expires_at=None
+        )
         .execution_options(synchronize_session=False)
     )
     if done.rowcount != 1:  # type: ignore[attr-defined]
@@ -224,42 +227,42 @@ def cancel(session: Session, job: Job) -> bool:
     add_event(
         session,
         job.id,
-        "cancelled by request" + (" while running" if seen == "running" else ""),
+        "cancelled by request" + (" while running" if seen == JobStatus.RUNNING else ""),
         "warning",
         {"previous_status": seen},
     )
     return True
 
 
-def requeue_lost(session: Session, job: Job, reason: str, max_attempts: int) -> str | None:
+def requeue_lost(session: Session, job: Job, reason: str, max_attempts: int) -> JobStatus | None:
     """running (lease lost) -> queued, or -> failed once attempts are exhausted. Does not commit.
     Returns the new status, or None if the row changed under us."""
     now = utcnow()
     seen_owner, seen_attempt = job.lease_owner, job.attempt
     if seen_attempt >= max_attempts:
         values: dict[str, Any] = dict(
-            status="failed",
+            status=JobStatus.FAILED,
             finished_at=now,
             error=error_obj(
                 "worker_lost", f"{reason}; the job was delivered {seen_attempt} times (max_attempts={max_attempts})"
             ),
         )
     else:
-        values = dict(status="queued", enqueued_at=None)
+        values = dict(status=JobStatus.QUEUED, enqueued_at=None)
     done = session.execute(
         update(Job)
-        .where(*_cas(job.id, "running", seen_owner))
+        .where(*_cas(job.id, JobStatus.RUNNING, seen_owner))
         .values(lease_owner=None, lease_expires_at=None, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    status = values["status"]
+    status: JobStatus = values["status"]
     add_event(
         session,
         job.id,
-        f"{reason}; " + ("requeued" if status == "queued" else "giving up"),
-        "warning" if status == "queued" else "error",
+        f"{reason}; " + ("requeued" if status == JobStatus.QUEUED else "giving up"),
+        "warning" if status == JobStatus.QUEUED else "error",
         {"attempt": seen_attempt, "worker": seen_owner},
     )
     return status
@@ -270,7 +273,7 @@ def ensure_stages(session: Session, job_id: str, names: list[str]) -> dict[str, 
     rows = {s.name: s for s in session.scalars(select(JobStage).where(JobStage.job_id == job_id))}
     for position, name in enumerate(names):
         if name not in rows:
-            rows[name] = JobStage(job_id=job_id, name=name, position=position, status="pending")
+            rows[name] = JobStage(job_id=job_id, name=name, position=position, status=StageStatus.PENDING)
             session.add(rows[name])
     session.commit()
     return rows

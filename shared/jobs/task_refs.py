@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.db.models import Job
+from shared.db.models import Job, JobStatus
 
-ACTIVE_STATUSES = ("queued", "running")
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 _TASK_KEYS = frozenset({"tasks", "groups", "subsets", "task"})  # params keys that hold task names (nested lists)
 
 

@@ -13,13 +13,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.errors import InvalidParams
+
 # Registered name -> the identity written into files that leave the server (adapter_config.json).
 PORTABLE_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny-llama": "tiny-llama"}
 TINY_LLAMA_SEEDS = range(8)
 _TINY_SEED = re.compile(r"tiny-llama-seed(\d+)")
 
 
-class ModelNameError(ValueError):
+class ModelNameError(InvalidParams):
     """A model name that is not accepted here."""
 
 

@@ -34,6 +34,7 @@ from shared.db.session import read_all
 from shared.jobs import state
 from shared.jobs.config import get_service_settings
 from shared.jobs.registry import JOB_TYPES, JobTypeUnavailable
+from shared.jobs.task_refs import ACTIVE_STATUSES
 
 log = logging.getLogger("chorus.api")
 router = APIRouter(tags=["jobs"])
@@ -152,7 +153,7 @@ def create_job(
     params = job_params.validate(db, job_type, body.params, principal, edge.model_dirs if edge else ())
     settings = get_service_settings()
     active = db.scalar(
-        select(func.count()).select_from(Job).where(Job.owner == principal.owner, Job.status.in_(("queued", "running")))
+        select(func.count()).select_from(Job).where(Job.owner == principal.owner, Job.status.in_(ACTIVE_STATUSES))
     )
     if (active or 0) >= settings.max_active_jobs:
         raise ApiError(
@@ -165,7 +166,7 @@ def create_job(
     job = Job(
         id=new_id("job"),
         type=body.type,
-        status="queued",
+        status=state.JobStatus.QUEUED,
         owner=principal.owner,
         params=params,
         metadata_=dict(body.metadata),
@@ -179,7 +180,7 @@ def create_job(
         attempt=0,
     )
     db.add(job)
-    state.add_event(db, job.id, f"job created ({body.type})", data={"type": "status", "status": "queued"})
+    state.add_event(db, job.id, f"job created ({body.type})", data={"type": "status", "status": state.JobStatus.QUEUED})
     try:
         db.commit()
     except IntegrityError:
@@ -282,10 +283,10 @@ def cancel_job(job_id: str, principal: Submitter, db: DB) -> JobOut:
     """Cancel a queued or running job (a running stage stops at its next progress report, within seconds).
     Cancelling a cancelled job returns it; a finished job cannot be cancelled (409)."""
     job = get_owned(db, Job, job_id, principal, "job", STAGES)
-    if job.status in ("succeeded", "failed"):
+    if job.status in (state.JobStatus.SUCCEEDED, state.JobStatus.FAILED):
         raise ApiError(409, "invalid_state", f"job {job_id} already {job.status}", "id")
-    was_queued = job.status == "queued"
-    if job.status != "cancelled":
+    was_queued = job.status == state.JobStatus.QUEUED
+    if job.status != state.JobStatus.CANCELLED:
         if not state.cancel(db, job):
             db.rollback()  # it changed state under us: report what it is now
         db.commit()

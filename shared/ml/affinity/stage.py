@@ -594,13 +594,9 @@ def read_affinity(path: Path) -> dict[str, Any]:
     return data
 
 
-def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
-    """Cluster the tasks of an affinity.json into groups; writes groups.json and groups.png."""
-    workdir = Path(workdir)
-    path = Path(params.affinity) if params.affinity else workdir / "affinity.json"
-    if params.affinity and not path.is_absolute() and not path.exists() and (workdir / path).exists():
-        path = workdir / path
-    data = read_affinity(path)
+def grouping_matrix(params: GroupingParams, data: dict[str, Any], where: str) -> tuple[list[str], str, np.ndarray]:
+    """(tasks, metric, T) that a grouping job clusters, from a read affinity.json (`where` names the file in errors);
+    ValueError when the file does not hold what the params ask for."""
     tasks: list[str] = data["tasks"]
     if params.tasks is not None and sorted(params.tasks) != sorted(tasks):
         raise ValueError(f"affinity file tasks {tasks} differ from the requested tasks {params.tasks}")
@@ -608,13 +604,22 @@ def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = sil
     if params.metric and params.metric != data.get("metric"):
         mats = data.get("matrices") or {}
         if metric not in mats:
-            raise ValueError(f"affinity file {str(path)!r} has no {metric!r} matrix")
+            raise ValueError(f"{where} has no {metric!r} matrix")
         T = mx.from_json_matrix(mats[metric])
     else:
         T = mx.from_json_matrix(data["matrix"])
-    n = len(tasks)
-    if isinstance(params.groups, int) and params.groups > n:
-        raise ValueError(f"groups={params.groups} is more than the {n} tasks in {str(path)!r}")
+    if isinstance(params.groups, int) and params.groups > len(tasks):
+        raise ValueError(f"groups={params.groups} is more than the {len(tasks)} tasks in {where}")
+    return tasks, metric, T
+
+
+def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
+    """Cluster the tasks of an affinity.json into groups; writes groups.json and groups.png."""
+    workdir = Path(workdir)
+    path = Path(params.affinity) if params.affinity else workdir / "affinity.json"
+    if params.affinity and not path.is_absolute() and not path.exists() and (workdir / path).exists():
+        path = workdir / path
+    tasks, metric, T = grouping_matrix(params, read_affinity(path), f"affinity file {str(path)!r}")
     C = mx.clustering_matrix(T, centre=params.centre)
     progress("grouping", 0, 1, "clustering")
     structure = structure_test(T, params.permutations, params.structure_alpha, params.seed)

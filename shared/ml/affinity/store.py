@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.errors import StageFailed
 from shared.ml.affinity.batching import cut_sorted
 from shared.ml.affinity.gradients import BufferedProjection, LoraGradCapture, lora_grad_only
 from shared.ml.affinity.runtime import Runtime, SplitRows, atomic_save_npy, load_npy
@@ -170,11 +171,11 @@ def merge_gradients(run_dir: Path, split: str, n_total: int, d: int) -> tuple[Pa
         have[ids] = True
     if not have.all():
         missing = np.flatnonzero(~have)
-        raise RuntimeError(
+        raise StageFailed(
             f"gradients of split {split!r} are incomplete: {len(missing)} rows missing (first {missing[0]})"
         )
     if not np.isfinite(G).all() or not np.isfinite(F).all():
-        raise RuntimeError(f"non-finite gradients or f0 in split {split!r}")
+        raise StageFailed(f"non-finite gradients or f0 in split {split!r}")
     atomic_save_npy(out_g, G)
     atomic_save_npy(out_f, F)
     return out_g, out_f

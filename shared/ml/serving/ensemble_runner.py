@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from shared.errors import BadInput
 from shared.ml.encoding import BoundTask, bind, encode_prompt
 from shared.ml.serving.multi_lora import MultiLoRAEngine, prepare_adapter
 
 DEFAULT_MAX_ROW_CHARS = 16_384
 
 
-class RowError(ValueError):
+class RowError(BadInput):
     """A request row that cannot be classified; `index` and `param` say which row and field."""
 
     def __init__(self, index: int, param: str, message: str) -> None:
@@ -42,7 +43,7 @@ class RowError(ValueError):
         self.message = message
 
 
-class EnsembleLoadError(ValueError):
+class EnsembleLoadError(BadInput):
     """An ensemble that cannot be loaded; `kind` is base_mismatch | adapter_integrity | invalid_ensemble."""
 
     def __init__(self, kind: str, message: str, param: str | None = None) -> None:

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from shared.errors import BadInput
 from shared.ml.encoding import bind, bos_policy
 from shared.ml.model_names import portable_name
 from shared.ml.training.adapters import CONFIG_FILE, META_FILE, WEIGHTS_FILE, load_adapter_state
@@ -152,7 +153,7 @@ model's local folder as the third argument when it is not on the Hugging Face hu
 """
 
 
-class ExportError(ValueError):
+class ExportError(BadInput):
     """An ensemble that cannot be exported (bad source, bad output folder, adapter integrity)."""
 
 

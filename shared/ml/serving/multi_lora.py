@@ -39,16 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.errors import BadInput
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PEFT_PREFIX = "base_model.model."
 DEFAULT_STACK_LIMIT = 8  # up to this many distinct adapters in a batch use the stacked path
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(BadInput):
     """The adapter uses a LoRA feature the engine does not serve (DoRA, LoRA bias, embeddings, ...)."""
 
 
-class AdapterShapeError(ValueError):
+class AdapterShapeError(BadInput):
     """The adapter's tensors do not fit the base model's modules."""
 
 

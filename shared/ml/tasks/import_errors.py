@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import BadInput
+
 MAX_SHOWN = 50  # lines of problems in str(); all of them stay in .errors
 MAX_LINES_LISTED = 5  # line numbers shown for a problem repeated on many rows
 
@@ -49,7 +51,7 @@ def _summary(group: list[RowError]) -> str:
     return f"{first} ({len(group):,} {first.unit}s in all; also {also} {listed}{more})"
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(BadInput):
     """Every problem found in a dataset (or its import arguments); nothing was registered."""
 
     def __init__(self, errors: Sequence[RowError]):

@@ -18,6 +18,8 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shared.errors import BadInput
+
 MAX_TEMPLATE_CHARS = 4096
 MAX_RENDER_CHARS = 64 * 1024  # output allowed on top of the text of the fields passed in
 MAX_NESTING = 32  # syntax-tree depth (Jinja's compiler recurses over the tree)
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 
-class TemplateError(ValueError):
+class TemplateError(BadInput):
     """A template that is refused or cannot be rendered; `lineno` is its 1-based template line when known."""
 
     def __init__(self, message: str, lineno: int | None = None, snippet: str | None = None) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from shared.config import get_settings
+from shared.errors import BadInput
 from shared.ml.tasks.base import SPLITS, Example, Task, normalise
 from shared.ml.tasks.builtin import BUILTIN_TASKS
 from shared.ml.tasks.import_errors import MAX_SHOWN, DatasetValidationError, RowError, TaskExistsError
@@ -90,7 +91,7 @@ FORMAT_NAMES = "jsonl, json, csv, tsv, parquet or arrow"
 _JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "loop", "self"}
 
 
-class UserTaskError(ValueError):
+class UserTaskError(BadInput):
     """A stored user task that cannot be loaded (unreadable or tampered files, a refused template)."""
 
 

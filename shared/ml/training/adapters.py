@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.errors import BadInput
 from shared.ml.model_names import portable_name
 from shared.ml.models import ModelInfo
 from shared.storage import sha256_file
@@ -35,7 +36,7 @@ META_FILE = "chorus_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class AdapterError(ValueError):
+class AdapterError(BadInput):
     """An adapter folder cannot be used."""
 
 
