@@ -8,6 +8,11 @@ Folder layout (every arm is resumable on its own: a finished arm is never traine
     OUT/seed_<s>/random/     training run on the random groups
     OUT/seed_<s>/per_task/   training run on singleton groups
     OUT/study.json  study.md  study.png
+
+Arms run in this process (`workers` 1), in a pool of `workers` processes spread over the visible GPUs, or, under a
+job runner's sharder (shared/ml/sharding.py), as two fan-out phases over the queue's workers: first the affinity and
+per-task arms of every seed, then the random arms (their sizes come from the affinity groups). A piece trains its
+arms in its worker and skips finished ones, so any cut gives the same arms.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from shared.ml.progress import Progress, silent
+from shared.ml.sharding import Phase, current_sharder, use_sharder
 from shared.ml.study.params import StudyParams
 
 PREDICTIONS = "predictions.json"
@@ -81,22 +87,88 @@ def _set_device(slot: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
 
 
-def _run_affinity_arm(params_json: str, seed: int, folder: str, slot: int) -> str:
-    _set_device(slot)
+def train_affinity_arm(params: StudyParams, seed: int, folder: Path) -> None:
+    """The affinity arm of one seed: the pipeline job (Stage 1, grouping, group adapters, the single baseline)."""
     from shared.ml.training.stage import run_pipeline
 
-    params = StudyParams.model_validate_json(params_json)
-    run_pipeline(params.pipeline_params(seed), Path(folder))
+    run_pipeline(params.pipeline_params(seed), folder)
+
+
+def train_control_arm(params: StudyParams, seed: int, groups: list[list[str]], folder: Path) -> None:
+    """A control arm of one seed: Stage 2 alone on the given groups (random groups, or one task per group)."""
+    from shared.ml.training.stage import run_training
+
+    run_training(params.arm_training_params(seed, groups), folder)
+
+
+def _run_affinity_arm(params_json: str, seed: int, folder: str, slot: int) -> str:
+    _set_device(slot)
+    train_affinity_arm(StudyParams.model_validate_json(params_json), seed, Path(folder))
     return folder
 
 
 def _run_control_arm(params_json: str, seed: int, groups: list[list[str]], folder: str, slot: int) -> str:
     _set_device(slot)
-    from shared.ml.training.stage import run_training
-
-    params = StudyParams.model_validate_json(params_json)
-    run_training(params.arm_training_params(seed, groups), Path(folder))
+    train_control_arm(StudyParams.model_validate_json(params_json), seed, groups, Path(folder))
     return folder
+
+
+# The fan-out phases: the arms each piece index stands for (the random arms need their seed's affinity groups).
+FIRST_ARMS = ("affinity", "per_task")
+
+
+def _piece_arm(params: StudyParams, phase: str, index: int) -> tuple[int, str]:
+    if phase == "first":
+        return params.seeds[index // len(FIRST_ARMS)], FIRST_ARMS[index % len(FIRST_ARMS)]
+    return params.seeds[index], "random"
+
+
+def run_arm_shard(
+    args: dict[str, Any], workdir: Path, progress: Progress, start: int, end: int, cache: dict[str, Any]
+) -> dict[str, Any]:
+    """Shard function of the study's fan-out phases: train arms [start, end) of args["phase"] here (finished arms
+    are skipped). An arm's own shardable phases run inside this piece (no nested fan-out)."""
+    params = StudyParams.model_validate_json(args["params"])
+    tasks = list(params.tasks)
+    trained = []
+    with use_sharder(None):
+        for i in range(start, end):
+            seed, arm = _piece_arm(params, args["phase"], i)
+            folder = Path(workdir) / f"seed_{seed}" / arm
+            progress("study arms", i - start, end - start, f"seed {seed} {arm}")
+            if _done(folder):
+                continue
+            if arm == "affinity":
+                train_affinity_arm(params, seed, folder)
+            elif arm == "per_task":
+                train_control_arm(params, seed, [[t] for t in tasks], folder)
+            else:
+                sizes = [len(g) for g in _affinity_groups(Path(workdir) / f"seed_{seed}" / "affinity")]
+                train_control_arm(params, seed, random_groups(tasks, sizes, seed), folder)
+            trained.append(f"seed {seed} {arm}")
+    return {"trained": trained}
+
+
+def _fan_out_arms(params: StudyParams, workdir: Path, progress: Progress, sharder: Any) -> None:
+    blob = params.model_dump_json()
+    n = len(params.seeds)
+    for phase, size, label in (
+        ("first", len(FIRST_ARMS) * n, "study affinity and per-task arms"),
+        ("random", n, "study random arms"),
+    ):
+        sharder.run(
+            Phase(
+                name=f"study:{phase}",
+                label=label,
+                size=size,
+                fn="shared.ml.study.run:run_arm_shard",
+                args={"params": blob, "phase": phase},
+                unit="arms",
+            ),
+            workdir,
+            progress,
+            {},
+        )
 
 
 def _affinity_groups(folder: Path) -> list[list[str]]:
@@ -121,7 +193,10 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
     }
     singletons = [[t] for t in tasks]
     progress("study", 0, jobs_total, "training arms")
-    if params.workers == 1:
+    sharder = current_sharder()
+    if sharder is not None:
+        _fan_out_arms(params, workdir, progress, sharder)
+    elif params.workers == 1:
         for k, s in enumerate(params.seeds):
             if not _done(folders[s]["affinity"]):
                 _run_affinity_arm(blob, s, str(folders[s]["affinity"]), k)
