@@ -1,153 +1,41 @@
-"""Job types: their params class and the stage functions that run them, imported lazily.
+"""The job types the service knows, discovered from the modules of shared.jobs.types (one module each).
 
-Nothing here imports the ML core at module import time: the API validates params by importing only the
-params class, and the worker imports the stage functions inside the task process (never in the
-parent that forks). A module that does not exist yet makes its job type "unavailable", not a crash.
+The API's request validation and /v1/job-types, the worker, the runner and bench/run_offline.py all read
+JOB_TYPES. Nothing here imports the ML core (see shared.jobs.job_type).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import pkgutil
 
-from pydantic import BaseModel
+from shared.jobs.job_type import JobType, JobTypeUnavailable, StageFn, load_ref
 
-from shared.ml.progress import Progress
-
-# A stage as the runner calls it: (workdir, inputs {logical name: path}, progress) -> JSON-able summary
-# with "artifacts": {logical name: path relative to workdir}.
-StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any]]
+__all__ = ["JOB_TYPES", "JobType", "JobTypeUnavailable", "StageFn", "discover", "get_job_type", "load_ref", "register"]
 
 
-class JobTypeUnavailable(Exception):
-    """The job type is known but its implementation cannot be imported in this deployment."""
+def discover(package: str = "shared.jobs.types") -> dict[str, JobType]:
+    """{name: JobType} from every module of `package` that defines JOB_TYPE, in name order."""
+    pkg = importlib.import_module(package)
+    found: dict[str, JobType] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        job_type = getattr(importlib.import_module(f"{package}.{info.name}"), "JOB_TYPE", None)
+        if not isinstance(job_type, JobType):
+            raise TypeError(f"{package}.{info.name} defines no JOB_TYPE (a JobType)")
+        if job_type.name in found:
+            raise ValueError(f"job type {job_type.name!r} is defined twice (in {package}.{info.name})")
+        found[job_type.name] = job_type
+    return found
 
 
-def load_ref(ref: str) -> Any:
-    """Import "package.module:attr"; JobTypeUnavailable when the module or attribute is missing."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise JobTypeUnavailable(f"{module_name} is not available ({exc})") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError as exc:
-        raise JobTypeUnavailable(f"{module_name} has no {attr!r}") from exc
+JOB_TYPES: dict[str, JobType] = discover()
 
 
-@dataclass(frozen=True)
-class JobType:
-    """One kind of job. `run` is "module:function": a stage function run(params, workdir, progress)
-    for single-stage types, or stages(params) -> [(name, StageFn)] when `multi_stage`."""
-
-    name: str
-    description: str
-    params: str
-    run: str
-    multi_stage: bool = False
-    # Params fields that hold an artifact id (art-...) of the job's owner; the worker copies the artifact
-    # into the job's workdir under this file name and passes that path to the stage instead.
-    artifact_params: tuple[tuple[str, str], ...] = ()
-    # Checks of those files against the params, run before the first stage: field -> "module:function"
-    # check(params, path) that raises ValueError (see shared.jobs.inputs).
-    artifact_checks: tuple[tuple[str, str], ...] = ()
-
-    def params_class(self) -> type[BaseModel]:
-        cls = load_ref(self.params)
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            raise JobTypeUnavailable(f"{self.params} is not a pydantic model")
-        return cls
-
-    def validate(self, params: dict[str, Any]) -> BaseModel:
-        """The validated params model (pydantic.ValidationError on bad input)."""
-        return self.params_class().model_validate(params)
-
-    def stages(self, params: BaseModel) -> list[tuple[str, StageFn]]:
-        fn = load_ref(self.run)
-        if self.multi_stage:
-            return [(str(name), stage) for name, stage in fn(params)]
-
-        def single(workdir: Path, inputs: dict[str, Path], progress: Progress) -> dict[str, Any]:
-            return fn(params, workdir, progress)
-
-        return [(self.name, single)]
-
-    def available(self) -> tuple[bool, str]:
-        try:
-            self.params_class()
-        except JobTypeUnavailable as exc:
-            return False, str(exc)
-        return True, ""
-
-
-_AFF = "shared.ml.affinity"
-_TRAIN = "shared.ml.training"
-JOB_TYPES: dict[str, JobType] = {
-    jt.name: jt
-    for jt in (
-        JobType(
-            "affinity",
-            "Estimate the task-affinity matrix from projected gradients (no fine-tuning).",
-            f"{_AFF}.params:AffinityParams",
-            f"{_AFF}.stage:run_affinity",
-        ),
-        JobType(
-            "grouping",
-            "Cluster tasks into groups from an affinity matrix (SDP, spectral fallback).",
-            f"{_AFF}.params:GroupingParams",
-            f"{_AFF}.stage:run_grouping",
-            artifact_params=(("affinity", "affinity.json"),),
-            artifact_checks=(("affinity", "shared.jobs.inputs:check_affinity"),),
-        ),
-        JobType(
-            "approximation_error",
-            "Measure the first-order approximation error of LoRA fine-tuning.",
-            f"{_AFF}.params:ApproxErrorParams",
-            f"{_AFF}.stage:run_approx_error",
-        ),
-        JobType(
-            "validate_estimates",
-            "Compare estimated subset performance with real fine-tunes.",
-            f"{_AFF}.params:ValidateParams",
-            f"{_AFF}.stage:run_validate_estimates",
-        ),
-        JobType(
-            "validate_affinity",
-            "Validate Stage 1's affinity against Stage-2 fine-tunes of every subset.",
-            f"{_AFF}.params:ValidateAffinityParams",
-            f"{_AFF}.validate_affinity:run_validate_affinity",
-        ),
-        JobType(
-            "training",
-            "Train group adapters, boost, and build the ensemble.",
-            f"{_TRAIN}.params:TrainingParams",
-            f"{_TRAIN}.stage:run_training",
-        ),
-        JobType(
-            "pipeline",
-            "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
-            f"{_TRAIN}.params:PipelineParams",
-            f"{_TRAIN}.stage:pipeline_stages",
-            multi_stage=True,
-        ),
-        JobType(
-            "study",
-            "The method against its controls (single, per-task, random groups) over seeds.",
-            "shared.ml.study.params:StudyParams",
-            "shared.ml.study.run:run_study",
-        ),
-        JobType(
-            "evaluation",
-            "Evaluate a base model on tasks (loss, accuracy, macro-F1).",
-            "shared.ml.eval_params:EvalParams",
-            "shared.ml.evaluate:run_evaluation",
-        ),
-    )
-}
+def register(job_type: JobType) -> None:
+    """Add a job type defined elsewhere (a plug-in package); its name must be new."""
+    if job_type.name in JOB_TYPES:
+        raise ValueError(f"job type {job_type.name!r} is already registered")
+    JOB_TYPES[job_type.name] = job_type
 
 
 def get_job_type(name: str) -> JobType:
