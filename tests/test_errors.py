@@ -165,7 +165,7 @@ class ErrorsTestParams(BaseModel):
 def merge_shards_stage(params: ErrorsTestParams, workdir: Path, progress: Any) -> dict[str, Any]:
     """Merge the gradient shards of split "train" (4 rows, d=2) as the affinity stage does, after a pass that
     wrote none ("missing") or whose g.npy was cut short when it was killed ("truncated")."""
-    from shared.ml.affinity.runtime import atomic_save_npy
+    from shared.files import atomic_save_npy
     from shared.ml.affinity.store import batches_dir, merge_gradients
 
     if params.shards == "truncated":

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.files import atomic_write_json
 from shared.ml.affinity.finetune import finetune
-from shared.ml.affinity.runtime import Runtime, atomic_write_json, save_theta0
+from shared.ml.affinity.runtime import Runtime, save_theta0
 from shared.ml.progress import Progress, silent
 
 

@@ -8,9 +8,6 @@ gradient row and every estimate can be traced back to its example.
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# re-exported for the modules under refactor that still import them from here
+from shared.files import atomic_path, atomic_write_json, atomic_write_text  # noqa: F401
 from shared.ml.affinity.batching import Batching, resolve_batching
 from shared.ml.affinity.gradients import LoraSite, lora_sites, spec_for
 from shared.ml.affinity.projection import ProjectionSpec, Projector
@@ -26,34 +25,6 @@ from shared.ml.encoding import BoundTask, Encoded, bind, encode_examples
 from shared.ml.models import attach_lora, default_device, load_model
 
 # ------------------------------------------------------------------------------------------ file helpers
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False))
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    os.close(fd)
-    try:
-        np.save(tmp, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -99,11 +70,8 @@ class SplitRows:
             lines.append(
                 [r, it.task, int(self.task_index[r]), it.example_id, it.label, it.answer_token, len(it.input_ids)]
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
             csv.writer(fh).writerows(lines)
-        os.replace(tmp, path)
 
 
 def build_rows(
@@ -233,13 +201,12 @@ class Runtime:
 def save_theta0(rt: Runtime, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(
-        rt.theta0(), tmp, metadata={"format": "pt", "base_model": rt.info.name, "base_revision": rt.info.revision}
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(
+            rt.theta0(),
+            str(tmp),
+            metadata={"format": "pt", "base_model": rt.info.name, "base_revision": rt.info.revision},
+        )
 
 
 def load_theta0(model: Any, path: Path) -> None:

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from shared.errors import StageFailed
+from shared.files import atomic_save_npy
 from shared.ml.affinity.batching import cut_sorted
 from shared.ml.affinity.gradients import BufferedProjection, LoraGradCapture, lora_grad_only
-from shared.ml.affinity.runtime import Runtime, SplitRows, atomic_save_npy, load_npy
+from shared.ml.affinity.runtime import Runtime, SplitRows, load_npy
 from shared.ml.encoding import collate
 from shared.ml.progress import Progress, silent
 

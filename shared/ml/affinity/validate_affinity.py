@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.files import atomic_write_json, atomic_write_text
 from shared.ml.affinity import agreement as ag
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.params import ValidateAffinityParams
-from shared.ml.affinity.runtime import atomic_write_json, atomic_write_text, json_safe, load_npy
+from shared.ml.affinity.runtime import json_safe, load_npy
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.progress import Progress, silent
 

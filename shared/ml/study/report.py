@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared.files import atomic_write_bytes
 from shared.ml.plotting import save_png
 from shared.ml.study.params import StudyParams
 from shared.ml.study.run import HEADLINE, arm_costs, load_correct, validation_choice
@@ -17,16 +16,6 @@ from shared.ml.study.stats import hierarchical_bootstrap, mcnemar, per_seed
 
 # Differences reported with CIs: every arm against single, and affinity against each control.
 VERSUS = ("single", "random", "per_task")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def build_study(params: StudyParams, workdir: Path, groups: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -196,7 +185,7 @@ def chart(study: dict[str, Any], path: Path) -> None:
 
 def write_report(params: StudyParams, workdir: Path, groups: dict[int, dict[str, Any]]) -> dict[str, Any]:
     study = build_study(params, workdir, groups)
-    _atomic_write(workdir / "study.json", json.dumps(study, indent=2).encode())
-    _atomic_write(workdir / "study.md", markdown(study).encode())
+    atomic_write_bytes(workdir / "study.json", json.dumps(study, indent=2).encode())
+    atomic_write_bytes(workdir / "study.md", markdown(study).encode())
     chart(study, workdir / "study.png")
     return study

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import uuid
 import warnings
@@ -26,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import BadInput
+from shared.files import atomic_write_text
 from shared.ml.model_names import portable_name
 from shared.ml.models import ModelInfo
 from shared.storage import sha256_file
@@ -77,10 +77,8 @@ class AdapterMeta(BaseModel):
         return {"base_model": self.base_model, "base_revision": self.base_revision, "quantization": self.quantization}
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def publish_dir(tmp: Path, folder: Path) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.files import atomic_write_text
 from shared.ml.encoding import DEFAULT_MAX_LENGTH, bind
 from shared.ml.evaluate import score_task
 from shared.ml.models import Base, ModelInfo
@@ -162,10 +161,7 @@ def write_manifest(manifest: EnsembleManifest, path: Path | str) -> EnsembleMani
     """Write ensemble.json atomically with its fingerprint; returns the fingerprinted manifest."""
     path = Path(path)
     manifest = with_fingerprint(manifest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
 
 
