@@ -8,8 +8,10 @@ import torch
 from shared.ml.evaluate import TaskMetrics, metrics_from_scores
 from shared.ml.models import Base
 from shared.ml.tasks.base import Example, Task
+from shared.ml.training.params import TrainingParams
 from shared.ml.training.trainer import (
     answer_ce_loss,
+    batching_of,
     epoch_batches,
     extract_state,
     fit_lora,
@@ -104,15 +106,32 @@ def test_same_seed_same_adapter(tiny_base):
 def test_one_task_per_batch_interleaved_and_seeded(tiny_base):
     data = prepare_tasks(tiny_base.tokenizer, [toy_task("toy_a"), toy_task("toy_b")], CFG)
     enc = {t: d.encodings("train", tiny_base.tokenizer, 64) for t, d in data.items()}
-    batches = epoch_batches(enc, 5, seed=0, epoch=1)
+    batches = epoch_batches(enc, 5, seed=0, epoch=1, batching="task")
     assert all(len(set(b.tasks)) == 1 for b in batches)
     order = [b.tasks[0] for b in batches]
     assert order != sorted(order)  # interleaved, not task after task
-    again = epoch_batches(enc, 5, seed=0, epoch=1)
+    again = epoch_batches(enc, 5, seed=0, epoch=1, batching="task")
     assert [b.example_ids for b in batches] == [b.example_ids for b in again]
-    assert [b.example_ids for b in batches] != [b.example_ids for b in epoch_batches(enc, 5, seed=0, epoch=2)]
+    other_epoch = epoch_batches(enc, 5, seed=0, epoch=2, batching="task")
+    assert [b.example_ids for b in batches] != [b.example_ids for b in other_epoch]
     ids = sorted(i for b in batches for i in b.example_ids)
     assert ids == sorted(e.id for d in data.values() for e in d.train)
+
+
+def test_mixed_batches_are_the_default_and_shuffle_tasks_together(tiny_base):
+    """The default batching shuffles the rows of all tasks together (a plain loop's batches): full batches except
+    the last, tasks mixed within batches, every row once an epoch, seeded."""
+    data = prepare_tasks(tiny_base.tokenizer, [toy_task("toy_a"), toy_task("toy_b")], CFG)
+    enc = {t: d.encodings("train", tiny_base.tokenizer, 64) for t, d in data.items()}
+    assert TrainingParams().batching == "mixed" and batching_of({}) == ("mixed", None)
+    batches = epoch_batches(enc, 5, seed=0, epoch=1)
+    n = sum(len(v) for v in enc.values())
+    assert sorted(len(b) for b in batches) == sorted([5] * (n // 5) + ([n % 5] if n % 5 else []))
+    assert any(len(set(b.tasks)) > 1 for b in batches)
+    ids = sorted(i for b in batches for i in b.example_ids)
+    assert ids == sorted(e.id for d in data.values() for e in d.train)
+    assert [b.example_ids for b in batches] == [b.example_ids for b in epoch_batches(enc, 5, seed=0, epoch=1)]
+    assert [b.example_ids for b in batches] != [b.example_ids for b in epoch_batches(enc, 5, seed=1, epoch=1)]
 
 
 def test_best_epoch_is_restored_and_early_stopping(tiny_base):

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from shared.ml.affinity.estimate import delta_norms, multiplexed_forward, subset_rows
 from shared.ml.affinity.initialise import load_runtime
 from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
-from shared.ml.affinity.runtime import Runtime, atomic_write_json, atomic_write_text, json_safe
+from shared.ml.affinity.runtime import Runtime, SplitRows, atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass
@@ -53,6 +54,31 @@ def _relative_weight_change(rt: Runtime, stacks: dict[str, torch.Tensor], slot: 
     return math.sqrt(num / den) if den > 0 else None
 
 
+@dataclass(frozen=True)
+class _Directions:
+    """The rescaled subset solutions: slot j = (scale index, subset index, rescale factor), W [slots, d] and
+    its LoRA deltas (stacks)."""
+
+    subsets: list[list[int]]
+    a_norm: float
+    slots: list[tuple[int, int, float]]
+    W: torch.Tensor
+    stacks: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Predictions:
+    """Per (slot, validation row): the linear prediction, the true f and both relative errors."""
+
+    f_lin: torch.Tensor
+    f_true: torch.Tensor
+    rel: torch.Tensor  # first order
+    rel0: torch.Tensor  # zeroth order (f0 alone)
+
+
+_CSV_FIELDS = ["scale", "direction", "subset", "task", "example_id", "f0", "f_linear", "f_true", "rel_error"]
+
+
 def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
     """First-order error of f0 + g . w against the true f at theta0 + P w on held-out (validation) rows.
 
@@ -71,6 +97,43 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     val_rows = rt.rows("val", params.max_val)
     G, f0 = gradient_pass(rt, train_rows, workdir, progress)
     Gv, fv = gradient_pass(rt, val_rows, workdir, progress)
+    dirs = _directions(params, rt, train_rows, G, f0)
+    f_true = _true_f(params, rt, val_rows, dirs, progress)
+    pred = _predictions(dirs, f_true, Gv, fv)
+    per_scale = _per_scale(params, rt, dirs, pred)
+    csv_rows = _csv_rows(params, val_rows, dirs, pred, fv)
+    wall = time.perf_counter() - t0
+    doc = json_safe(
+        {
+            "tasks": params.tasks,
+            "a0_norm": dirs.a_norm,
+            "scale_definition": "||Delta_B|| = scale * ||theta0|| = scale * ||A0|| (all LoRA tensors)",
+            "error_definition": "|f0 + g.w - f_true| / max(|f_true|, |f0|) per held-out (validation) example",
+            "directions": [[params.tasks[t] for t in s] for s in dirs.subsets],
+            "per_scale": per_scale,
+            "validation_examples": len(val_rows),
+            "wall_seconds": round(wall, 3),
+            "params": params.model_dump(mode="json"),
+        }
+    )
+    atomic_write_json(workdir / "approx_error.json", doc)
+    atomic_write_text(workdir / "approx_error.csv", _csv_text(csv_rows, _CSV_FIELDS))
+    return {
+        "per_scale": per_scale,
+        "wall_seconds": round(wall, 3),
+        "artifacts": {
+            "approx_error": "approx_error.json",
+            "examples": "approx_error.csv",
+            "theta0": "theta0.safetensors",
+            "projection_spec": "projection_spec.json",
+        },
+    }
+
+
+def _directions(
+    params: ApproxErrorParams, rt: Runtime, train_rows: SplitRows, G: torch.Tensor, f0: torch.Tensor
+) -> _Directions:
+    """Subset solutions w_S on the training rows, each rescaled to ||P w|| = scale * ||A0|| for every scale."""
     n = len(params.tasks)
     size = min(_subset_size(params, n), n)
     subsets = _seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
@@ -90,16 +153,23 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
             slots.append((si, k, c))
             scaled.append(sol.w[k] * c)
     W = torch.stack(scaled)
-    stacks = rt.projector.backmap(W)
+    return _Directions(subsets=subsets, a_norm=a_norm, slots=slots, W=W, stacks=rt.projector.backmap(W))
+
+
+def _true_f(
+    params: ApproxErrorParams, rt: Runtime, val_rows: SplitRows, dirs: _Directions, progress: Progress
+) -> torch.Tensor:
+    """[slots, validation rows] the true f at theta0 + P w of every slot, by multiplexed forwards per task."""
     pad = rt.tokenizer.pad_token_id or 0
-    f_true = torch.zeros(len(slots), len(val_rows))
+    n_slots = len(dirs.slots)
+    f_true = torch.zeros(n_slots, len(val_rows))
     for t, name in enumerate(params.tasks):
         rows = val_rows.task_rows(t)
-        items = [(val_rows.items[i], s) for s in range(len(slots)) for i in rows]
+        items = [(val_rows.items[i], s) for s in range(n_slots) for i in rows]
         out = multiplexed_forward(
             rt.model,
             rt.sites,
-            stacks,
+            dirs.stacks,
             items,
             rt.bound[name].choice_token_ids,
             rt.batching.eval_rows,
@@ -111,18 +181,33 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
             rt.output,
             rt.batching.eval_tokens,
         )
-        f_true[:, torch.as_tensor(rows)] = out.f.reshape(len(slots), len(rows))
-    f_lin = fv[None, :].double() + (W.double() @ Gv.double().T)
+        f_true[:, torch.as_tensor(rows)] = out.f.reshape(n_slots, len(rows))
+    return f_true
+
+
+def _predictions(dirs: _Directions, f_true: torch.Tensor, Gv: torch.Tensor, fv: torch.Tensor) -> _Predictions:
+    """f_lin = f0 + g . w per slot and row, and the relative errors of f_lin and of f0 against f_true."""
+    f_lin = fv[None, :].double() + (dirs.W.double() @ Gv.double().T)
     denom = torch.maximum(f_true.double().abs(), fv[None, :].double().abs()).clamp_min(1e-12)
     rel = (f_lin - f_true.double()).abs() / denom
     rel0 = (fv[None, :].double() - f_true.double()).abs() / denom
+    return _Predictions(f_lin=f_lin, f_true=f_true, rel=rel, rel0=rel0)
+
+
+def _scale_slots(dirs: _Directions, si: int) -> list[int]:
+    """The slots of scale index `si`, in slot order."""
+    return [j for j, (s, _, _) in enumerate(dirs.slots) if s == si]
+
+
+def _per_scale(params: ApproxErrorParams, rt: Runtime, dirs: _Directions, pred: _Predictions) -> list[dict[str, Any]]:
+    """The error summary of each scale over all its directions' validation rows."""
+    a_norm = dirs.a_norm
     per_scale = []
-    csv_rows = []
     for si, scale in enumerate(params.scales):
-        idx = [j for j, (s, _, _) in enumerate(slots) if s == si]
-        r = rel[idx].flatten()
-        r0 = rel0[idx].flatten()
-        rwc = [v for v in (_relative_weight_change(rt, stacks, j) for j in idx) if v is not None]
+        idx = _scale_slots(dirs, si)
+        r = pred.rel[idx].flatten()
+        r0 = pred.rel0[idx].flatten()
+        rwc = [v for v in (_relative_weight_change(rt, dirs.stacks, j) for j in idx) if v is not None]
         per_scale.append(
             json_safe(
                 {
@@ -140,50 +225,29 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
                 }
             )
         )
-        for j in idx:
-            _, k, _ = slots[j]
+    return per_scale
+
+
+def _csv_rows(
+    params: ApproxErrorParams, val_rows: SplitRows, dirs: _Directions, pred: _Predictions, fv: torch.Tensor
+) -> list[dict[str, Any]]:
+    """approx_error.csv: one row per (scale, direction, validation example)."""
+    csv_rows = []
+    for si, scale in enumerate(params.scales):
+        for j in _scale_slots(dirs, si):
+            _, k, _ = dirs.slots[j]
             for i in range(len(val_rows)):
                 csv_rows.append(
                     {
                         "scale": scale,
                         "direction": k,
-                        "subset": "+".join(params.tasks[t] for t in subsets[k]),
+                        "subset": "+".join(params.tasks[t] for t in dirs.subsets[k]),
                         "task": val_rows.items[i].task,
                         "example_id": val_rows.items[i].example_id,
                         "f0": float(fv[i]),
-                        "f_linear": float(f_lin[j, i]),
-                        "f_true": float(f_true[j, i]),
-                        "rel_error": float(rel[j, i]),
+                        "f_linear": float(pred.f_lin[j, i]),
+                        "f_true": float(pred.f_true[j, i]),
+                        "rel_error": float(pred.rel[j, i]),
                     }
                 )
-    wall = time.perf_counter() - t0
-    doc = json_safe(
-        {
-            "tasks": params.tasks,
-            "a0_norm": a_norm,
-            "scale_definition": "||Delta_B|| = scale * ||theta0|| = scale * ||A0|| (all LoRA tensors)",
-            "error_definition": "|f0 + g.w - f_true| / max(|f_true|, |f0|) per held-out (validation) example",
-            "directions": [[params.tasks[t] for t in s] for s in subsets],
-            "per_scale": per_scale,
-            "validation_examples": len(val_rows),
-            "wall_seconds": round(wall, 3),
-            "params": params.model_dump(mode="json"),
-        }
-    )
-    atomic_write_json(workdir / "approx_error.json", doc)
-    atomic_write_text(
-        workdir / "approx_error.csv",
-        _csv_text(
-            csv_rows, ["scale", "direction", "subset", "task", "example_id", "f0", "f_linear", "f_true", "rel_error"]
-        ),
-    )
-    return {
-        "per_scale": per_scale,
-        "wall_seconds": round(wall, 3),
-        "artifacts": {
-            "approx_error": "approx_error.json",
-            "examples": "approx_error.csv",
-            "theta0": "theta0.safetensors",
-            "projection_spec": "projection_spec.json",
-        },
-    }
+    return csv_rows

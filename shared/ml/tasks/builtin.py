@@ -15,6 +15,7 @@ import csv
 import json
 import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -271,22 +272,52 @@ _STANCE_TARGETS = {
 }
 
 
-def _sentiment(name: str, kind: str, loader: Callable[[], Splits], description: str) -> Task:
-    return Task(
+_SUPERGLUE_NOTE = "test = official SuperGLUE val file; val = stratified 10% of the official train file (seed 0)"
+_CARVE_NOTE = (
+    "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
+)
+
+
+@dataclass(frozen=True)
+class _TaskSpec:
+    """The Task arguments of one built-in task; `task()` makes a fresh Task with its own lists and split cache."""
+
+    name: str
+    template: str
+    choices: tuple[str, ...]
+    loader: Callable[[], Splits]
+    label_names: tuple[str, ...] | None = None
+    truncate_field: str | None = None
+    description: str = ""
+
+    def task(self) -> Task:
+        return Task(
+            name=self.name,
+            template=self.template,
+            choices=list(self.choices),
+            loader=self.loader,
+            label_names=None if self.label_names is None else list(self.label_names),
+            truncate_field=self.truncate_field,
+            description=self.description,
+        )
+
+
+def _sentiment(name: str, kind: str, loader: Callable[[], Splits], description: str) -> _TaskSpec:
+    return _TaskSpec(
         name=name,
         template="{{ sentence }} Is the sentiment of this " + kind + " positive or negative? Answer:",
-        choices=["negative", "positive"],
+        choices=("negative", "positive"),
         loader=loader,
         truncate_field="sentence",
         description=description,
     )
 
 
-def _binary_tweet(name: str, question: str, label_names: list[str], what: str) -> Task:
-    return Task(
+def _binary_tweet(name: str, question: str, label_names: tuple[str, str], what: str) -> _TaskSpec:
+    return _TaskSpec(
         name=name,
         template=_TWEET + question + " Yes or No? Answer:",
-        choices=["No", "Yes"],
+        choices=("No", "Yes"),
         label_names=label_names,
         loader=_tweets(name),
         truncate_field="text",
@@ -294,195 +325,195 @@ def _binary_tweet(name: str, question: str, label_names: list[str], what: str) -
     )
 
 
+def _stance(target: str, phrase: str) -> _TaskSpec:
+    return _TaskSpec(
+        name=f"tweet_stance_{target}",
+        template=_TWEET + "What is the stance of this tweet on " + phrase + ": none, against or favor? Answer:",
+        choices=("none", "against", "favor"),
+        loader=_tweets(f"tweet_stance/{target}"),
+        truncate_field="text",
+        description=f"TweetEval stance towards {phrase} (SemEval-2016 T6); official train/val/test files.",
+    )
+
+
+# Every built-in task, core tasks first (the order of BUILTIN_TASKS).
+_BUILTIN_SPECS: tuple[_TaskSpec, ...] = (
+    _TaskSpec(
+        name="cb",
+        template="{{ premise }} Based on the sentences, is it true that {{ hypothesis }}? " + _YES_NO_MAYBE,
+        choices=("Yes", "No", "Maybe"),
+        label_names=("entailment", "contradiction", "neutral"),
+        loader=_superglue("cb", "cb", _cb),
+        truncate_field="premise",
+        description=f"SuperGLUE CommitmentBank (3-way entailment); {_SUPERGLUE_NOTE}.",
+    ),
+    _TaskSpec(
+        name="copa",
+        template=(
+            "{{ premise }} {% if question == 'cause' %}What was the cause?{% else %}What happened as a result?"
+            "{% endif %} A: {{ choice1 }} B: {{ choice2 }} Answer:"
+        ),
+        choices=("A", "B"),
+        label_names=("choice1", "choice2"),
+        loader=_superglue("copa", "copa", _copa),
+        truncate_field="premise",
+        description=f"SuperGLUE COPA (choice of plausible cause/effect); {_SUPERGLUE_NOTE}.",
+    ),
+    _TaskSpec(
+        name="rte",
+        template=(
+            '{{ premise }} Using only the above description and what you know about the world, is "{{ hypothesis }}"'
+            " definitely correct? Yes or no? Answer:"
+        ),
+        choices=("Yes", "No"),
+        label_names=("entailment", "not_entailment"),
+        loader=_superglue("rte", "rte", _rte, group=_same_text("premise")),
+        truncate_field="premise",
+        description=f"SuperGLUE RTE (== GLUE RTE); {_SUPERGLUE_NOTE}, rows sharing a premise kept together.",
+    ),
+    _TaskSpec(
+        name="wic",
+        template=(
+            '{{ sentence1 }} {{ sentence2 }} Based on the sentences, is it true that the word "{{ word }}" have the'
+            " same meaning in the two sentences? " + _YES_NO_MAYBE
+        ),
+        choices=("No", "Yes"),
+        label_names=("false", "true"),
+        loader=_superglue("wic", "wic", _wic),
+        description=f"SuperGLUE Word-in-Context v1.1; {_SUPERGLUE_NOTE}.",
+    ),
+    _TaskSpec(
+        name="wsc",
+        template=(
+            '{{ text }} Based on the sentences, is it true that the pronoun "{{ span2_text | lower }}" refer to'
+            " {{ span1_text }}? " + _YES_NO_MAYBE
+        ),
+        choices=("No", "Yes"),
+        label_names=("false", "true"),
+        loader=_superglue("wsc", "wsc", _wsc, group=_same_text("text")),
+        truncate_field="text",
+        description=f"SuperGLUE WSC (recast Winograd); {_SUPERGLUE_NOTE}, rows sharing a sentence kept together.",
+    ),
+    _TaskSpec(
+        name="boolq",
+        template="{{ passage }} Based on the sentences, is it true that {{ question }}? " + _YES_NO_MAYBE,
+        choices=("No", "Yes"),
+        label_names=("false", "true"),
+        loader=_load_boolq,
+        truncate_field="passage",
+        description=(
+            "SuperGLUE BoolQ. The official train file is not staged, so train/val/test are all carved 80/10/10 "
+            "(stratified, seed 0) from the official val file (3,270 questions); questions sharing a passage are "
+            "kept in one split. Not comparable to published BoolQ numbers."
+        ),
+    ),
+    _TaskSpec(
+        name="multirc",
+        template="{{ paragraph }} {{ question }} Based on the sentences, is it true that {{ answer }}? "
+        + _YES_NO_MAYBE,
+        choices=("No", "Yes"),  # label 0 = false -> No (the reference had these inverted)
+        label_names=("false", "true"),
+        loader=_load_multirc,
+        truncate_field="paragraph",
+        description=(
+            f"SuperGLUE MultiRC, one example per (paragraph, question, answer option); {_SUPERGLUE_NOTE}, "
+            "split by passage so no paragraph is in both train and val. Ids: multirc/<split>/<passage>-<question>-<answer>."
+        ),
+    ),
+    _sentiment(
+        "sst2",
+        "movie review",
+        _stsa("sst2", "sst2/stsa", "stsa.binary"),
+        "SST-2 sentence level (stsa.binary train/dev/test = our train/val/test; not the GLUE phrase data)."
+        + _MR_SST_NOTE,
+    ),
+    _sentiment(
+        "mr",
+        "movie review",
+        _single_file("mr", "mr", "rt-polarity.all", encoding="latin-1"),
+        f"MR rotten-tomatoes sentence polarity (Pang & Lee 2005); {_CARVE_NOTE}." + _MR_SST_NOTE,
+    ),
+    _TaskSpec(
+        name="subj",
+        template="{{ sentence }} Is this sentence subjective or objective? Answer:",
+        choices=("subjective", "objective"),
+        loader=_single_file("subj", "subj", "subj.all", encoding="latin-1"),
+        truncate_field="sentence",
+        description=f"SUBJ subjectivity (Pang & Lee 2004; review snippets vs plot sentences); {_CARVE_NOTE}.",
+    ),
+    _sentiment(
+        "cr",
+        "product review",
+        _single_file("cr", "cr", "custrev.all"),
+        f"CR customer reviews (Hu & Liu 2004); {_CARVE_NOTE}.",
+    ),
+    _TaskSpec(
+        name="mpqa",
+        template='Phrase: "{{ sentence }}" Is the opinion expressed by this phrase positive or negative? Answer:',
+        choices=("negative", "positive"),
+        loader=_single_file("mpqa", "mpqa", "mpqa.all"),
+        truncate_field="sentence",
+        description=f"MPQA opinion polarity of short phrases; {_CARVE_NOTE} (many phrases repeat).",
+    ),
+    # ---- extras
+    _TaskSpec(
+        name="sst5",
+        template="{{ sentence }} How would you rate this movie review: terrible, bad, okay, good or great? Answer:",
+        choices=("terrible", "bad", "okay", "good", "great"),
+        label_names=("very negative", "negative", "neutral", "positive", "very positive"),
+        loader=_stsa("sst5", "sst5", "stsa.fine"),
+        truncate_field="sentence",
+        description="SST-5 fine-grained sentence level (stsa.fine train/dev/test = our train/val/test)." + _MR_SST_NOTE,
+    ),
+    _TaskSpec(
+        name="trec",
+        template=(
+            "{{ question }} What kind of answer does this question ask for: a description, an entity, an "
+            "abbreviation, a person, a location or a number? Answer:"
+        ),
+        choices=("description", "entity", "abbreviation", "person", "location", "number"),
+        label_names=("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"),
+        loader=_load_trec,
+        truncate_field="question",
+        description="TREC-6 question type; test = official test (500), val = stratified 10% of the official train (seed 0).",
+    ),
+    _TaskSpec(
+        name="ag_news",
+        template="{{ title }} {{ description }} Is this news article about World, Sports, Business or Science? Answer:",
+        choices=("World", "Sports", "Business", "Science"),
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        loader=_load_ag_news,
+        truncate_field="description",
+        description=f"AG News topic; only the official test file (7,600) is staged: {_CARVE_NOTE}.",
+    ),
+    _TaskSpec(
+        name="tweet_emotion",
+        template=_TWEET + "Which emotion does this tweet express: anger, joy, optimism or sadness? Answer:",
+        choices=("anger", "joy", "optimism", "sadness"),
+        loader=_tweets("tweet_emotion"),
+        truncate_field="text",
+        description="TweetEval emotion (SemEval-2018 T1); official train/val/test files.",
+    ),
+    _binary_tweet(
+        "tweet_hate",
+        "Is this tweet hateful towards immigrants or women?",
+        ("not-hate", "hate"),
+        "hate speech (SemEval-2019 HatEval)",
+    ),
+    _binary_tweet("tweet_irony", "Is this tweet ironic?", ("non_irony", "irony"), "irony (SemEval-2018 T3)"),
+    _binary_tweet(
+        "tweet_offensive",
+        "Is this tweet offensive?",
+        ("not-offensive", "offensive"),
+        "offensive language (SemEval-2019 OffensEval)",
+    ),
+    *(_stance(target, phrase) for target, phrase in _STANCE_TARGETS.items()),
+)
+
+
 def make_builtin_tasks() -> list[Task]:
     """Fresh Task objects (each caches its own splits) for every built-in task, core tasks first."""
-    superglue_note = "test = official SuperGLUE val file; val = stratified 10% of the official train file (seed 0)"
-    carve_note = "no official split: carved 80/10/10 train/val/test, stratified by label (seed 0), identical texts kept in one split"
-    tasks = [
-        Task(
-            name="cb",
-            template="{{ premise }} Based on the sentences, is it true that {{ hypothesis }}? " + _YES_NO_MAYBE,
-            choices=["Yes", "No", "Maybe"],
-            label_names=["entailment", "contradiction", "neutral"],
-            loader=_superglue("cb", "cb", _cb),
-            truncate_field="premise",
-            description=f"SuperGLUE CommitmentBank (3-way entailment); {superglue_note}.",
-        ),
-        Task(
-            name="copa",
-            template=(
-                "{{ premise }} {% if question == 'cause' %}What was the cause?{% else %}What happened as a result?"
-                "{% endif %} A: {{ choice1 }} B: {{ choice2 }} Answer:"
-            ),
-            choices=["A", "B"],
-            label_names=["choice1", "choice2"],
-            loader=_superglue("copa", "copa", _copa),
-            truncate_field="premise",
-            description=f"SuperGLUE COPA (choice of plausible cause/effect); {superglue_note}.",
-        ),
-        Task(
-            name="rte",
-            template=(
-                '{{ premise }} Using only the above description and what you know about the world, is "{{ hypothesis }}"'
-                " definitely correct? Yes or no? Answer:"
-            ),
-            choices=["Yes", "No"],
-            label_names=["entailment", "not_entailment"],
-            loader=_superglue("rte", "rte", _rte, group=_same_text("premise")),
-            truncate_field="premise",
-            description=f"SuperGLUE RTE (== GLUE RTE); {superglue_note}, rows sharing a premise kept together.",
-        ),
-        Task(
-            name="wic",
-            template=(
-                '{{ sentence1 }} {{ sentence2 }} Based on the sentences, is it true that the word "{{ word }}" have the'
-                " same meaning in the two sentences? " + _YES_NO_MAYBE
-            ),
-            choices=["No", "Yes"],
-            label_names=["false", "true"],
-            loader=_superglue("wic", "wic", _wic),
-            description=f"SuperGLUE Word-in-Context v1.1; {superglue_note}.",
-        ),
-        Task(
-            name="wsc",
-            template=(
-                '{{ text }} Based on the sentences, is it true that the pronoun "{{ span2_text | lower }}" refer to'
-                " {{ span1_text }}? " + _YES_NO_MAYBE
-            ),
-            choices=["No", "Yes"],
-            label_names=["false", "true"],
-            loader=_superglue("wsc", "wsc", _wsc, group=_same_text("text")),
-            truncate_field="text",
-            description=f"SuperGLUE WSC (recast Winograd); {superglue_note}, rows sharing a sentence kept together.",
-        ),
-        Task(
-            name="boolq",
-            template="{{ passage }} Based on the sentences, is it true that {{ question }}? " + _YES_NO_MAYBE,
-            choices=["No", "Yes"],
-            label_names=["false", "true"],
-            loader=_load_boolq,
-            truncate_field="passage",
-            description=(
-                "SuperGLUE BoolQ. The official train file is not staged, so train/val/test are all carved 80/10/10 "
-                "(stratified, seed 0) from the official val file (3,270 questions); questions sharing a passage are "
-                "kept in one split. Not comparable to published BoolQ numbers."
-            ),
-        ),
-        Task(
-            name="multirc",
-            template=(
-                "{{ paragraph }} {{ question }} Based on the sentences, is it true that {{ answer }}? " + _YES_NO_MAYBE
-            ),
-            choices=["No", "Yes"],  # label 0 = false -> No (the reference had these inverted)
-            label_names=["false", "true"],
-            loader=_load_multirc,
-            truncate_field="paragraph",
-            description=(
-                f"SuperGLUE MultiRC, one example per (paragraph, question, answer option); {superglue_note}, "
-                "split by passage so no paragraph is in both train and val. Ids: multirc/<split>/<passage>-<question>-<answer>."
-            ),
-        ),
-        _sentiment(
-            "sst2",
-            "movie review",
-            _stsa("sst2", "sst2/stsa", "stsa.binary"),
-            "SST-2 sentence level (stsa.binary train/dev/test = our train/val/test; not the GLUE phrase data)."
-            + _MR_SST_NOTE,
-        ),
-        _sentiment(
-            "mr",
-            "movie review",
-            _single_file("mr", "mr", "rt-polarity.all", encoding="latin-1"),
-            f"MR rotten-tomatoes sentence polarity (Pang & Lee 2005); {carve_note}." + _MR_SST_NOTE,
-        ),
-        Task(
-            name="subj",
-            template="{{ sentence }} Is this sentence subjective or objective? Answer:",
-            choices=["subjective", "objective"],
-            loader=_single_file("subj", "subj", "subj.all", encoding="latin-1"),
-            truncate_field="sentence",
-            description=f"SUBJ subjectivity (Pang & Lee 2004; review snippets vs plot sentences); {carve_note}.",
-        ),
-        _sentiment(
-            "cr",
-            "product review",
-            _single_file("cr", "cr", "custrev.all"),
-            f"CR customer reviews (Hu & Liu 2004); {carve_note}.",
-        ),
-        Task(
-            name="mpqa",
-            template='Phrase: "{{ sentence }}" Is the opinion expressed by this phrase positive or negative? Answer:',
-            choices=["negative", "positive"],
-            loader=_single_file("mpqa", "mpqa", "mpqa.all"),
-            truncate_field="sentence",
-            description=f"MPQA opinion polarity of short phrases; {carve_note} (many phrases repeat).",
-        ),
-        # ---- extras
-        Task(
-            name="sst5",
-            template="{{ sentence }} How would you rate this movie review: terrible, bad, okay, good or great? Answer:",
-            choices=["terrible", "bad", "okay", "good", "great"],
-            label_names=["very negative", "negative", "neutral", "positive", "very positive"],
-            loader=_stsa("sst5", "sst5", "stsa.fine"),
-            truncate_field="sentence",
-            description="SST-5 fine-grained sentence level (stsa.fine train/dev/test = our train/val/test)."
-            + _MR_SST_NOTE,
-        ),
-        Task(
-            name="trec",
-            template=(
-                "{{ question }} What kind of answer does this question ask for: a description, an entity, an "
-                "abbreviation, a person, a location or a number? Answer:"
-            ),
-            choices=["description", "entity", "abbreviation", "person", "location", "number"],
-            label_names=["DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"],
-            loader=_load_trec,
-            truncate_field="question",
-            description="TREC-6 question type; test = official test (500), val = stratified 10% of the official train (seed 0).",
-        ),
-        Task(
-            name="ag_news",
-            template="{{ title }} {{ description }} Is this news article about World, Sports, Business or Science? Answer:",
-            choices=["World", "Sports", "Business", "Science"],
-            label_names=["World", "Sports", "Business", "Sci/Tech"],
-            loader=_load_ag_news,
-            truncate_field="description",
-            description=f"AG News topic; only the official test file (7,600) is staged: {carve_note}.",
-        ),
-        Task(
-            name="tweet_emotion",
-            template=_TWEET + "Which emotion does this tweet express: anger, joy, optimism or sadness? Answer:",
-            choices=["anger", "joy", "optimism", "sadness"],
-            loader=_tweets("tweet_emotion"),
-            truncate_field="text",
-            description="TweetEval emotion (SemEval-2018 T1); official train/val/test files.",
-        ),
-        _binary_tweet(
-            "tweet_hate",
-            "Is this tweet hateful towards immigrants or women?",
-            ["not-hate", "hate"],
-            "hate speech (SemEval-2019 HatEval)",
-        ),
-        _binary_tweet("tweet_irony", "Is this tweet ironic?", ["non_irony", "irony"], "irony (SemEval-2018 T3)"),
-        _binary_tweet(
-            "tweet_offensive",
-            "Is this tweet offensive?",
-            ["not-offensive", "offensive"],
-            "offensive language (SemEval-2019 OffensEval)",
-        ),
-    ]
-    for target, phrase in _STANCE_TARGETS.items():
-        tasks.append(
-            Task(
-                name=f"tweet_stance_{target}",
-                template=_TWEET + "What is the stance of this tweet on " + phrase + ": none, against or favor? Answer:",
-                choices=["none", "against", "favor"],
-                loader=_tweets(f"tweet_stance/{target}"),
-                truncate_field="text",
-                description=f"TweetEval stance towards {phrase} (SemEval-2016 T6); official train/val/test files.",
-            )
-        )
-    return tasks
+    return [spec.task() for spec in _BUILTIN_SPECS]
 
 
-BUILTIN_TASKS: tuple[str, ...] = tuple(task.name for task in make_builtin_tasks())
+BUILTIN_TASKS: tuple[str, ...] = tuple(spec.name for spec in _BUILTIN_SPECS)

@@ -58,6 +58,7 @@ from shared.ml.training.trainer import (
     cfg,
     epoch_plan,
     extract_state,
+    hyperparameters,
     loop_knobs,
     mean,
     peft_config_dict,
@@ -454,6 +455,374 @@ def _add_train_cost(cost: Cost, shape: ModelShape, lengths: Sequence[int]) -> No
     cost.steps += 1
 
 
+@dataclass(frozen=True)
+class _Knobs:
+    """The loop knobs of a fused run (the same for every adapter; each job brings its lr, epochs and seed)."""
+
+    batch_size: int
+    max_length: int
+    patience: Any
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float
+    weight_decay: float
+    max_grad_norm: Any
+    eval_batch_size: int
+    step_rows: int | None
+    step_tokens: int | None
+    batching: str
+    batch_tokens: int | None
+
+
+def _knobs(config: Any) -> _Knobs:
+    """The config's knobs with the trainer's defaults (as fit_lora reads them)."""
+    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
+    eval_batch_size = int(cfg(config, "eval_batch_size", 32))
+    step_rows = cfg(config, "step_rows")
+    step_tokens = cfg(config, "step_tokens")
+    batching, batch_tokens = batching_of(config)
+    return _Knobs(
+        batch_size=batch_size,
+        max_length=max_length,
+        patience=patience,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        dropout=dropout,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        eval_batch_size=eval_batch_size,
+        step_rows=step_rows,
+        step_tokens=step_tokens,
+        batching=batching,
+        batch_tokens=batch_tokens,
+    )
+
+
+def _check_jobs(jobs: Sequence[Job], data: dict[str, TaskData]) -> None:
+    """Every job has tasks, all of them prepared."""
+    for job in jobs:
+        missing = [t for t in job.tasks if t not in data]
+        if missing:
+            raise ValueError(f"adapter {job.name!r}: no prepared data for task(s) {missing}")
+        if not job.tasks:
+            raise ValueError(f"adapter {job.name!r} has no tasks")
+
+
+def _initial_states(base: Base, adapters: list[_Adapter], knobs: _Knobs) -> list[dict[str, torch.Tensor]]:
+    """Fresh seeded initialisations (or the given init states), exactly as fit_lora attaches them; records each
+    adapter's PEFT config."""
+    states = []
+    for ad in adapters:
+        job = ad.job
+        with temporary_adapter(
+            base, job.name, knobs.rank, knobs.alpha, knobs.targets, knobs.dropout, job.seed, job.init_state
+        ) as pm:
+            states.append(extract_state(pm, job.name))
+            ad.peft_config = peft_config_dict(pm.peft_config[job.name])
+    return states
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The encoded training and validation rows of every job's tasks, as device tables and per-task lookups."""
+
+    tasks: list[str]
+    val_enc: dict[str, list[Encoded]]
+    train: RowTable
+    val: RowTable
+    task_lengths: dict[str, list[int]]  # training row lengths
+    task_pos: dict[str, int]
+    row_task: list[str]  # the task of each training table row
+
+    def job_batches(self, job: Job, knobs: _Knobs, epoch: int) -> list[list[tuple[str, int]]]:
+        """The job's batches of one epoch, exactly `fit_lora`'s (task, row) batches."""
+        lengths = {t: self.task_lengths[t] for t in job.tasks}
+        return epoch_plan(lengths, knobs.batch_size, job.seed, epoch, knobs.batching, knobs.batch_tokens)
+
+    def plan(self, ad: _Adapter, knobs: _Knobs) -> list[list[int]]:
+        """Adapter `ad`'s batches of its current epoch, as training table rows."""
+        return [[self.train.offset[t] + i for t, i in b] for b in self.job_batches(ad.job, knobs, ad.epoch)]
+
+
+def _rows(base: Base, jobs: Sequence[Job], data: dict[str, TaskData], knobs: _Knobs) -> _Rows:
+    """Encode the jobs' tasks (training and validation splits) into device tables."""
+    tokenizer = base.tokenizer
+    pad_id = tokenizer.pad_token_id or 0
+    tasks = list(dict.fromkeys(t for job in jobs for t in job.tasks))
+    train_enc = {t: data[t].encodings("train", tokenizer, knobs.max_length) for t in tasks}
+    val_enc = {t: data[t].encodings("val", tokenizer, knobs.max_length) for t in tasks}
+    return _Rows(
+        tasks=tasks,
+        val_enc=val_enc,
+        train=RowTable(train_enc, tasks, pad_id, base.device),
+        val=RowTable(val_enc, tasks, pad_id, base.device),
+        task_lengths={t: [len(e.input_ids) for e in train_enc[t]] for t in tasks},
+        task_pos={t: j for j, t in enumerate(tasks)},
+        row_task=[t for t in tasks for _ in train_enc[t]],
+    )
+
+
+class _FusedLoop:
+    """The training loop of one fused run: every active adapter steps together, each on its own batches."""
+
+    def __init__(
+        self,
+        adapters: list[_Adapter],
+        data: dict[str, TaskData],
+        rows: _Rows,
+        knobs: _Knobs,
+        shape: ModelShape,
+        stack: LoRAStack,
+        router: Router,
+        model: nn.Module,
+        device: torch.device,
+        mode: str,
+    ) -> None:
+        self.adapters, self.data, self.rows, self.knobs, self.shape = adapters, data, rows, knobs, shape
+        self.stack, self.router, self.model, self.device, self.mode = stack, router, model, device, mode
+        self.K = K = len(adapters)
+        self.n_tasks = len(rows.tasks)
+        self.loss_acc = torch.zeros(K, dtype=torch.float64, device=device)
+        self.hit_acc = torch.zeros(K * self.n_tasks, dtype=torch.long, device=device)
+        self.lr_host = [ad.job.lr for ad in adapters]
+        self.active_cache: dict[tuple[int, ...], _ActiveSet] = {}
+        self.training = False
+        self.eval_seconds = 0.0
+
+    def active_set(self, active: tuple[int, ...]) -> _ActiveSet:
+        """Device vectors for the set of active adapters (rebuilt only when it changes, at epoch ends)."""
+        K, rank, device, weight_decay = self.K, self.knobs.rank, self.device, self.knobs.weight_decay
+        if active not in self.active_cache:
+            on = [self.lr_host[k] if k in active else 0.0 for k in range(K)]
+            lr_on = torch.tensor(on, dtype=torch.float32).view(1, K, 1, 1).to(device)
+            decay = None
+            if weight_decay:
+                decay = (
+                    torch.tensor([1.0 - x * weight_decay for x in on], dtype=torch.float32).view(1, K, 1, 1).to(device)
+                )
+            sel = posmap = None
+            if len(active) < K:
+                sel = torch.tensor(active, dtype=torch.long).to(device)
+                posmap = torch.tensor([active.index(k) if k in active else 0 for k in range(K)]).to(device)
+            cols = (torch.arange(len(active) * rank) // rank).to(device)
+            self.active_cache.clear()
+            self.active_cache[active] = _ActiveSet(active, lr_on, decay, sel, posmap, cols)
+        return self.active_cache[active]
+
+    def current_set(self) -> _ActiveSet:
+        """The active set of the adapters still training."""
+        return self.active_set(tuple(ad.k for ad in self.adapters if ad.active))
+
+    def route(self, adapter_ids: torch.Tensor, act: _ActiveSet) -> None:
+        """Route the next forwards' rows to their adapters (auto mode: stacked up to STACK_LIMIT rank columns)."""
+        mode = self.mode
+        use = mode if mode != "auto" else ("stacked" if len(act.active) * self.knobs.rank <= STACK_LIMIT else "bmm")
+        self.router.route(adapter_ids, use, act.cols, act.posmap, act.sel)
+
+    def set_training(self, on: bool) -> None:
+        """Switch the model's train/eval mode only when it changes."""
+        if self.training != on:
+            self.model.train(on)
+            self.training = on
+
+    def train_step(self, parts: list[tuple[_Adapter, list[int]]], step: int) -> None:
+        """One fused optimizer step over the next batch of every active adapter (micro-steps as needed)."""
+        train, knobs = self.rows.train, self.knobs
+        act = self.current_set()
+        rows = [(r, ad.k, len(b)) for ad, b in parts for r in b]
+        self.stack.zero_grad()
+        self.set_training(True)
+        for chunk in _chunks(rows, train.lengths, knobs.step_rows, knobs.step_tokens):
+            width = max(train.lengths[r[0]] for r in chunk)
+            table = _upload([list(col) for col in zip(*chunk, strict=True)], self.device)
+            idx, ad_ids, n_rows = table[0], table[1], table[2]
+            self.route(ad_ids, act)
+            logits = answer_logits(self.model, train.batch(idx, width))
+            ce = F.cross_entropy(logits, train.answer.index_select(0, idx), reduction="none")
+            (ce / n_rows).sum().backward()
+            with torch.no_grad():
+                self.loss_acc.index_add_(0, ad_ids, ce.detach().double())
+                choices = train.choices.index_select(0, idx)
+                z = logits.detach().gather(1, choices.clamp(min=0)).masked_fill(choices < 0, float("-inf"))
+                hit = (z.argmax(-1) == train.label.index_select(0, idx)).long()
+                self.hit_acc.index_add_(0, ad_ids * self.n_tasks + train.task.index_select(0, idx), hit)
+        self.router.on = False
+        if knobs.max_grad_norm:
+            self.stack.clip(float(knobs.max_grad_norm))
+        self.stack.adamw(step, act.lr_on, act.decay)
+
+    @torch.no_grad()
+    def evaluate(self, done: list[_Adapter]) -> dict[int, tuple[dict[str, TaskScores], dict[str, TaskMetrics]]]:
+        """Validation scores of the adapters in `done`, in one batched pass over all their rows."""
+        val, val_enc = self.rows.val, self.rows.val_enc
+        rows = [(val.offset[t] + i, ad.k) for ad in done for t in ad.job.tasks for i in range(len(val_enc[t]))]
+        act = self.current_set()
+        cap = self.knobs.eval_batch_size * len(done)
+        self.set_training(False)
+        outs = []
+        for chunk in _chunks(rows, val.lengths, cap, self.knobs.step_tokens):
+            width = max(val.lengths[r[0]] for r in chunk)
+            table = _upload([list(col) for col in zip(*chunk, strict=True)], self.device)
+            idx, ad_ids = table[0], table[1]
+            self.route(ad_ids, act)
+            full = answer_logits(self.model, val.batch(idx, width))
+            choices = val.choices.index_select(0, idx)
+            z = full.gather(1, choices.clamp(min=0))
+            nll = torch.logsumexp(full, -1) - full.gather(1, val.answer.index_select(0, idx)[:, None])[:, 0]
+            outs.append((idx, ad_ids, z, nll))
+        self.router.on = False
+        idx = torch.cat([o[0] for o in outs]).cpu()
+        ad_ids = torch.cat([o[1] for o in outs]).cpu()
+        z = torch.cat([o[2] for o in outs]).float().cpu()
+        nll = torch.cat([o[3] for o in outs]).float().cpu()
+        where = {(int(a), int(r)): j for j, (a, r) in enumerate(zip(ad_ids.tolist(), idx.tolist(), strict=True))}
+        result = {}
+        for ad in done:
+            scores, metrics = {}, {}
+            for t in ad.job.tasks:
+                d = self.data[t]
+                sel_rows = torch.tensor([where[(ad.k, val.offset[t] + i)] for i in range(len(val_enc[t]))])
+                c = d.bound.num_choices
+                scores[t] = TaskScores(
+                    [e.id for e in d.val],
+                    z[sel_rows, :c],
+                    torch.tensor([e.label for e in d.val]),
+                    nll[sel_rows],
+                )
+                metrics[t] = metrics_from_scores(scores[t], c)
+                add_eval_cost(ad.cost, self.shape, [len(e.input_ids) for e in val_enc[t]])
+            result[ad.k] = (scores, metrics)
+        return result
+
+    def start_epoch(self, ad: _Adapter) -> None:
+        """Adapter `ad`'s next epoch: its batch plan and fresh counters."""
+        ad.epoch += 1
+        ad.plan, ad.pos, ad.seen, ad.rows = self.rows.plan(ad, self.knobs), 0, {}, 0
+        ad.epoch_start = time.perf_counter()
+
+    def record_epoch(self, ad: _Adapter, train_loss: float, hits: list[int], metrics: dict[str, TaskMetrics]) -> bool:
+        """Adapter `ad`'s history entry of the epoch it completed; whether the epoch is its best so far. Finishes
+        the adapter at its last epoch or after `patience` epochs without improvement."""
+        loss = train_loss / max(ad.rows, 1)
+        if not math.isfinite(loss):
+            raise RuntimeError(
+                f"adapter {ad.job.name!r}: training loss became {loss} at epoch {ad.epoch}; "
+                f"lower the learning rate ({ad.job.lr})"
+            )
+        acc = mean([m.accuracy for m in metrics.values()])
+        vloss = mean([m.loss for m in metrics.values()])
+        score = (acc, -vloss)
+        task_pos = self.rows.task_pos
+        train_acc = {t: hits[task_pos[t]] / ad.seen[t] for t in ad.job.tasks if ad.seen.get(t)}
+        ad.history.append(
+            {
+                "epoch": ad.epoch,
+                "train_loss": loss,
+                "val_accuracy": acc,
+                "val_loss": vloss,
+                "val": {t: m.to_dict() for t, m in metrics.items()},
+                **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
+                "seconds": round(time.perf_counter() - ad.epoch_start, 3),
+            }
+        )
+        improved = ad.best is None or score > ad.best[0]
+        if improved:
+            ad.best = (score, ad.epoch, copy.deepcopy(metrics))
+            ad.since_best = 0
+        else:
+            ad.since_best += 1
+            if self.knobs.patience and ad.since_best >= int(self.knobs.patience):
+                ad.active = False
+        if ad.epoch >= ad.job.epochs:
+            ad.active = False
+        return improved
+
+    def close_epochs(self, done: list[_Adapter]) -> None:
+        """Read and reset the epoch's losses and hits of the adapters in `done`, evaluate them together, keep
+        the improved ones' tensors and start the next epoch of those still active."""
+        t0 = time.perf_counter()
+        K, n_tasks = self.K, self.n_tasks
+        ks = torch.tensor([ad.k for ad in done], device=self.device)
+        train_loss = self.loss_acc.index_select(0, ks).cpu().tolist()
+        hits = self.hit_acc.view(K, n_tasks).index_select(0, ks).cpu().tolist()
+        self.loss_acc.index_fill_(0, ks, 0.0)
+        self.hit_acc.view(K, n_tasks).index_fill_(0, ks, 0)
+        evaluated = self.evaluate(done)
+        improved = []
+        for j, ad in enumerate(done):
+            if self.record_epoch(ad, train_loss[j], hits[j], evaluated[ad.k][1]):
+                improved.append(ad.k)
+        self.stack.snapshot(improved)
+        for ad in done:
+            if ad.active:
+                self.start_epoch(ad)
+        self.eval_seconds += time.perf_counter() - t0
+
+    def next_batches(self) -> list[tuple[_Adapter, list[int]]]:
+        """The next batch of every active adapter (advancing its position, rows seen and training cost)."""
+        parts = []
+        for ad in self.adapters:
+            if not ad.active:
+                continue
+            batch = ad.plan[ad.pos]
+            ad.pos += 1
+            ad.rows += len(batch)
+            for r in batch:
+                task = self.rows.row_task[r]
+                ad.seen[task] = ad.seen.get(task, 0) + 1
+            _add_train_cost(ad.cost, self.shape, [self.rows.train.lengths[r] for r in batch])
+            parts.append((ad, batch))
+        return parts
+
+    def run(self, progress: Progress, stage: str, total: int) -> None:
+        """Step until every adapter has finished (its last epoch, or early stopping)."""
+        adapters = self.adapters
+        for ad in adapters:
+            self.start_epoch(ad)
+        step = 0
+        last_report = 0.0
+        done_batches = 0
+        while any(ad.active for ad in adapters):
+            parts = self.next_batches()
+            step += 1
+            self.train_step(parts, step)
+            done_batches += len(parts)
+            finished = [ad for ad, _ in parts if ad.pos >= len(ad.plan)]
+            if finished:
+                self.close_epochs(finished)
+            now = time.perf_counter()
+            if finished or now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                epochs_now = sorted({ad.epoch for ad in adapters if ad.active})
+                progress(
+                    stage,
+                    min(done_batches, total),
+                    total,
+                    f"{sum(ad.active for ad in adapters)}/{self.K} active, epoch {epochs_now[0] if epochs_now else '-'}",
+                )
+        progress(stage, total, total, "done")
+
+
+def _share_fused_cost(results: list[TrainedAdapter], meter: Meter, eval_seconds: float, mode: str) -> None:
+    """One fused run: its wall time is shared out by FLOPs, its peak memory is every adapter's."""
+    total_flops = sum(r.cost.total_flops for r in results) or 1.0
+    for r in results:
+        r.cost.wall_seconds = meter.cost.wall_seconds * r.cost.total_flops / total_flops
+        r.cost.peak_memory_bytes, r.cost.peak_memory_kind = meter.cost.peak_memory_bytes, meter.cost.peak_memory_kind
+        r.extra.update(
+            {
+                "fused": {
+                    "adapters": len(results),
+                    "wall_seconds": round(meter.cost.wall_seconds, 3),
+                    "eval_seconds": round(eval_seconds, 3),
+                    "mode": mode,
+                }
+            }
+        )
+
+
 def train_stacked(
     base: Base,
     jobs: Sequence[Job],
@@ -469,341 +838,60 @@ def train_stacked(
         return []
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
-    eval_batch_size = int(cfg(config, "eval_batch_size", 32))
-    step_rows = cfg(config, "step_rows")
-    step_tokens = cfg(config, "step_tokens")
-    batching, batch_tokens = batching_of(config)
-    tokenizer = base.tokenizer
-    pad_id = tokenizer.pad_token_id or 0
-    device = base.device
+    knobs = _knobs(config)
     K = len(jobs)
     stage = stage or (f"train {jobs[0].name}" if K == 1 else f"train {K} adapters")
-    for job in jobs:
-        missing = [t for t in job.tasks if t not in data]
-        if missing:
-            raise ValueError(f"adapter {job.name!r}: no prepared data for task(s) {missing}")
-        if not job.tasks:
-            raise ValueError(f"adapter {job.name!r} has no tasks")
+    _check_jobs(jobs, data)
     trainable_4bit(base.model)
-    shape = ModelShape.from_model(base.model, rank, targets)
-
-    # fresh seeded initialisations (or the given init states), exactly as fit_lora attaches them
+    shape = ModelShape.from_model(base.model, knobs.rank, knobs.targets)
     adapters = [_Adapter(k, job) for k, job in enumerate(jobs)]
-    states = []
-    for ad in adapters:
-        with temporary_adapter(base, ad.job.name, rank, alpha, targets, dropout, ad.job.seed, ad.job.init_state) as pm:
-            states.append(extract_state(pm, ad.job.name))
-            ad.peft_config = peft_config_dict(pm.peft_config[ad.job.name])
+    states = _initial_states(base, adapters, knobs)
+    rows = _rows(base, jobs, data, knobs)
+    # batches of the whole run, for progress ("length" batching: epoch 1's count per epoch)
+    total = sum(len(rows.job_batches(ad.job, knobs, 1)) * ad.job.epochs for ad in adapters)
 
-    tasks = list(dict.fromkeys(t for job in jobs for t in job.tasks))
-    train_enc = {t: data[t].encodings("train", tokenizer, max_length) for t in tasks}
-    val_enc = {t: data[t].encodings("val", tokenizer, max_length) for t in tasks}
-    train = RowTable(train_enc, tasks, pad_id, device)
-    val = RowTable(val_enc, tasks, pad_id, device)
-    task_lengths = {t: [len(e.input_ids) for e in train_enc[t]] for t in tasks}
-    n_tasks = len(tasks)
-    task_pos = {t: j for j, t in enumerate(tasks)}
-    row_task = [t for t in tasks for _ in train_enc[t]]
-
-    def plan(ad: _Adapter) -> list[list[int]]:
-        lengths = {t: task_lengths[t] for t in ad.job.tasks}
-        batches = epoch_plan(lengths, batch_size, ad.job.seed, ad.epoch, batching, batch_tokens)
-        return [[train.offset[t] + i for t, i in b] for b in batches]
-
-    per_epoch = [
-        len(epoch_plan({t: task_lengths[t] for t in ad.job.tasks}, batch_size, ad.job.seed, 1, batching, batch_tokens))
-        for ad in adapters
-    ]
-    total = sum(p * ad.job.epochs for p, ad in zip(per_epoch, adapters, strict=True))
-
-    meter = Meter(device)
-    eval_seconds = 0.0
+    meter = Meter(base.device)
     generator_state = torch.random.get_rng_state()
-    results: list[TrainedAdapter] = []
     with (
         meter,
-        stacked_lora(base, states, rank, alpha, dropout) as (stack, router),
+        stacked_lora(base, states, knobs.rank, knobs.alpha, knobs.dropout) as (stack, router),
         dequantized_base(base.model, cfg(config, "dequantize", "auto")),
     ):
         model = base.model
         try:
             torch.manual_seed(jobs[0].seed)  # dropout (if any) is the only random draw
-            loss_acc = torch.zeros(K, dtype=torch.float64, device=device)
-            hit_acc = torch.zeros(K * n_tasks, dtype=torch.long, device=device)
-            lr_host = [job.lr for job in jobs]
-            active_cache: dict[tuple[int, ...], _ActiveSet] = {}
-            training = [False]
-
-            def active_set(active: tuple[int, ...]) -> _ActiveSet:
-                """Device vectors for the set of active adapters (rebuilt only when it changes, at epoch ends)."""
-                if active not in active_cache:
-                    on = [lr_host[k] if k in active else 0.0 for k in range(K)]
-                    lr_on = torch.tensor(on, dtype=torch.float32).view(1, K, 1, 1).to(device)
-                    decay = None
-                    if weight_decay:
-                        decay = (
-                            torch.tensor([1.0 - x * weight_decay for x in on], dtype=torch.float32)
-                            .view(1, K, 1, 1)
-                            .to(device)
-                        )
-                    sel = posmap = None
-                    if len(active) < K:
-                        sel = torch.tensor(active, dtype=torch.long).to(device)
-                        posmap = torch.tensor([active.index(k) if k in active else 0 for k in range(K)]).to(device)
-                    cols = (torch.arange(len(active) * rank) // rank).to(device)
-                    active_cache.clear()
-                    active_cache[active] = _ActiveSet(active, lr_on, decay, sel, posmap, cols)
-                return active_cache[active]
-
-            def route(adapter_ids: torch.Tensor, act: _ActiveSet) -> None:
-                use = mode if mode != "auto" else ("stacked" if len(act.active) * rank <= STACK_LIMIT else "bmm")
-                router.route(adapter_ids, use, act.cols, act.posmap, act.sel)
-
-            def set_training(on: bool) -> None:
-                if training[0] != on:
-                    model.train(on)
-                    training[0] = on
-
-            def train_step(parts: list[tuple[_Adapter, list[int]]], step: int) -> None:
-                act = active_set(tuple(ad.k for ad in adapters if ad.active))
-                rows = [(r, ad.k, len(b)) for ad, b in parts for r in b]
-                stack.zero_grad()
-                set_training(True)
-                for chunk in _chunks(rows, train.lengths, step_rows, step_tokens):
-                    width = max(train.lengths[r[0]] for r in chunk)
-                    table = _upload([list(col) for col in zip(*chunk, strict=True)], device)
-                    idx, ad_ids, n_rows = table[0], table[1], table[2]
-                    route(ad_ids, act)
-                    logits = answer_logits(model, train.batch(idx, width))
-                    ce = F.cross_entropy(logits, train.answer.index_select(0, idx), reduction="none")
-                    (ce / n_rows).sum().backward()
-                    with torch.no_grad():
-                        loss_acc.index_add_(0, ad_ids, ce.detach().double())
-                        choices = train.choices.index_select(0, idx)
-                        z = logits.detach().gather(1, choices.clamp(min=0)).masked_fill(choices < 0, float("-inf"))
-                        hit = (z.argmax(-1) == train.label.index_select(0, idx)).long()
-                        hit_acc.index_add_(0, ad_ids * n_tasks + train.task.index_select(0, idx), hit)
-                router.on = False
-                if max_grad_norm:
-                    stack.clip(float(max_grad_norm))
-                stack.adamw(step, act.lr_on, act.decay)
-
-            @torch.no_grad()
-            def evaluate(done: list[_Adapter]) -> dict[int, tuple[dict[str, TaskScores], dict[str, TaskMetrics]]]:
-                """Validation scores of the adapters in `done`, in one batched pass over all their rows."""
-                rows = [(val.offset[t] + i, ad.k) for ad in done for t in ad.job.tasks for i in range(len(val_enc[t]))]
-                act = active_set(tuple(ad.k for ad in adapters if ad.active))
-                cap = eval_batch_size * len(done)
-                set_training(False)
-                outs = []
-                for chunk in _chunks(rows, val.lengths, cap, step_tokens):
-                    width = max(val.lengths[r[0]] for r in chunk)
-                    table = _upload([list(col) for col in zip(*chunk, strict=True)], device)
-                    idx, ad_ids = table[0], table[1]
-                    route(ad_ids, act)
-                    full = answer_logits(model, val.batch(idx, width))
-                    choices = val.choices.index_select(0, idx)
-                    z = full.gather(1, choices.clamp(min=0))
-                    nll = torch.logsumexp(full, -1) - full.gather(1, val.answer.index_select(0, idx)[:, None])[:, 0]
-                    outs.append((idx, ad_ids, z, nll))
-                router.on = False
-                idx = torch.cat([o[0] for o in outs]).cpu()
-                ad_ids = torch.cat([o[1] for o in outs]).cpu()
-                z = torch.cat([o[2] for o in outs]).float().cpu()
-                nll = torch.cat([o[3] for o in outs]).float().cpu()
-                where = {
-                    (int(a), int(r)): j for j, (a, r) in enumerate(zip(ad_ids.tolist(), idx.tolist(), strict=True))
-                }
-                result = {}
-                for ad in done:
-                    scores, metrics = {}, {}
-                    for t in ad.job.tasks:
-                        d = data[t]
-                        sel_rows = torch.tensor([where[(ad.k, val.offset[t] + i)] for i in range(len(val_enc[t]))])
-                        c = d.bound.num_choices
-                        scores[t] = TaskScores(
-                            [e.id for e in d.val],
-                            z[sel_rows, :c],
-                            torch.tensor([e.label for e in d.val]),
-                            nll[sel_rows],
-                        )
-                        metrics[t] = metrics_from_scores(scores[t], c)
-                        add_eval_cost(ad.cost, shape, [len(e.input_ids) for e in val_enc[t]])
-                    result[ad.k] = (scores, metrics)
-                return result
-
-            def start_epoch(ad: _Adapter) -> None:
-                ad.epoch += 1
-                ad.plan, ad.pos, ad.seen, ad.rows = plan(ad), 0, {}, 0
-                ad.epoch_start = time.perf_counter()
-
-            def close_epochs(done: list[_Adapter]) -> None:
-                nonlocal eval_seconds
-                t0 = time.perf_counter()
-                ks = torch.tensor([ad.k for ad in done], device=device)
-                train_loss = loss_acc.index_select(0, ks).cpu().tolist()
-                hits = hit_acc.view(K, n_tasks).index_select(0, ks).cpu().tolist()
-                loss_acc.index_fill_(0, ks, 0.0)
-                hit_acc.view(K, n_tasks).index_fill_(0, ks, 0)
-                evaluated = evaluate(done)
-                improved = []
-                for j, ad in enumerate(done):
-                    loss = train_loss[j] / max(ad.rows, 1)
-                    if not math.isfinite(loss):
-                        raise RuntimeError(
-                            f"adapter {ad.job.name!r}: training loss became {loss} at epoch {ad.epoch}; "
-                            f"lower the learning rate ({ad.job.lr})"
-                        )
-                    _, metrics = evaluated[ad.k]
-                    acc = mean([m.accuracy for m in metrics.values()])
-                    vloss = mean([m.loss for m in metrics.values()])
-                    score = (acc, -vloss)
-                    train_acc = {t: hits[j][task_pos[t]] / ad.seen[t] for t in ad.job.tasks if ad.seen.get(t)}
-                    ad.history.append(
-                        {
-                            "epoch": ad.epoch,
-                            "train_loss": loss,
-                            "val_accuracy": acc,
-                            "val_loss": vloss,
-                            "val": {t: m.to_dict() for t, m in metrics.items()},
-                            **(
-                                {"train_accuracy": mean(list(train_acc.values())), "train": train_acc}
-                                if train_acc
-                                else {}
-                            ),
-                            "seconds": round(time.perf_counter() - ad.epoch_start, 3),
-                        }
-                    )
-                    if ad.best is None or score > ad.best[0]:
-                        ad.best = (score, ad.epoch, copy.deepcopy(metrics))
-                        ad.since_best = 0
-                        improved.append(ad.k)
-                    else:
-                        ad.since_best += 1
-                        if patience and ad.since_best >= int(patience):
-                            ad.active = False
-                    if ad.epoch >= ad.job.epochs:
-                        ad.active = False
-                stack.snapshot(improved)
-                for ad in done:
-                    if ad.active:
-                        start_epoch(ad)
-                eval_seconds += time.perf_counter() - t0
-
-            for ad in adapters:
-                start_epoch(ad)
-            step = 0
-            last_report = 0.0
-            done_batches = 0
-            while any(ad.active for ad in adapters):
-                parts = []
-                for ad in adapters:
-                    if not ad.active:
-                        continue
-                    batch = ad.plan[ad.pos]
-                    ad.pos += 1
-                    ad.rows += len(batch)
-                    for r in batch:
-                        ad.seen[row_task[r]] = ad.seen.get(row_task[r], 0) + 1
-                    _add_train_cost(ad.cost, shape, [train.lengths[r] for r in batch])
-                    parts.append((ad, batch))
-                step += 1
-                train_step(parts, step)
-                done_batches += len(parts)
-                finished = [ad for ad, _ in parts if ad.pos >= len(ad.plan)]
-                if finished:
-                    close_epochs(finished)
-                now = time.perf_counter()
-                if finished or now - last_report >= PROGRESS_EVERY_S:
-                    last_report = now
-                    epochs_now = sorted({ad.epoch for ad in adapters if ad.active})
-                    progress(
-                        stage,
-                        min(done_batches, total),
-                        total,
-                        f"{sum(ad.active for ad in adapters)}/{K} active, epoch {epochs_now[0] if epochs_now else '-'}",
-                    )
-            progress(stage, total, total, "done")
-            for ad in adapters:
-                assert ad.best is not None
-                results.append(
-                    _result(
-                        ad,
-                        stack.export(ad.k),
-                        config,
-                        batch_size,
-                        rank,
-                        alpha,
-                        targets,
-                        dropout,
-                        weight_decay,
-                        max_grad_norm,
-                        patience,
-                        max_length,
-                        batching,
-                        batch_tokens,
-                    )
-                )
+            loop = _FusedLoop(adapters, data, rows, knobs, shape, stack, router, model, base.device, mode)
+            loop.run(progress, stage, total)
+            results = [_result(ad, stack.export(ad.k), config, knobs) for ad in adapters]
         finally:
             router.on = False
             model.eval()
             torch.random.set_rng_state(generator_state)
-    # one fused run: its wall time is shared out by FLOPs, its peak memory is every adapter's
-    total_flops = sum(r.cost.total_flops for r in results) or 1.0
-    for r in results:
-        r.cost.wall_seconds = meter.cost.wall_seconds * r.cost.total_flops / total_flops
-        r.cost.peak_memory_bytes, r.cost.peak_memory_kind = meter.cost.peak_memory_bytes, meter.cost.peak_memory_kind
-        r.extra.update(
-            {
-                "fused": {
-                    "adapters": K,
-                    "wall_seconds": round(meter.cost.wall_seconds, 3),
-                    "eval_seconds": round(eval_seconds, 3),
-                    "mode": mode,
-                }
-            }
-        )
+    _share_fused_cost(results, meter, loop.eval_seconds, mode)
     return results
 
 
-def _result(
-    ad: _Adapter,
-    state: dict[str, torch.Tensor],
-    config: Any,
-    batch_size: int,
-    rank: int,
-    alpha: float,
-    targets: tuple[str, ...],
-    dropout: float,
-    weight_decay: float,
-    max_grad_norm: Any,
-    patience: Any,
-    max_length: int,
-    batching: str,
-    batch_tokens: int | None,
-) -> TrainedAdapter:
+def _result(ad: _Adapter, state: dict[str, torch.Tensor], config: Any, knobs: _Knobs) -> TrainedAdapter:
     assert ad.best is not None
     _, best_epoch, metrics = ad.best
     job = ad.job
-    hyper = {
-        "epochs": job.epochs,
-        "lr": job.lr,
-        "batch_size": batch_size,
-        "rank": rank,
-        "alpha": alpha,
-        "targets": list(targets),
-        "dropout": dropout,
-        "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm,
-        "patience": patience,
-        "seed": job.seed,
-        "max_length": max_length,
-        "max_train": cfg(config, "max_train"),
-        "max_val": cfg(config, "max_val"),
-        "optimizer": "adamw",
-        **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
-    }
+    hyper = hyperparameters(
+        config,
+        epochs=job.epochs,
+        lr=job.lr,
+        seed=job.seed,
+        batch_size=knobs.batch_size,
+        rank=knobs.rank,
+        alpha=knobs.alpha,
+        targets=knobs.targets,
+        dropout=knobs.dropout,
+        weight_decay=knobs.weight_decay,
+        max_grad_norm=knobs.max_grad_norm,
+        patience=knobs.patience,
+        max_length=knobs.max_length,
+        batching=knobs.batching,
+        batch_tokens=knobs.batch_tokens,
+    )
     return TrainedAdapter(
         name=job.name,
         tasks=list(job.tasks),

@@ -174,8 +174,10 @@ class TrainingParams(BaseModel):
         description="multi: the group adapters and baselines train together in one fused run; "
         "sequential: one after the other (same results up to float noise)",
     )
+    # Default "mixed": on the H200 (8 tasks of set 1, 2 epochs, batch 32) one task per batch reached 75.3 % validation
+    # accuracy for the all-task adapter and mixed batches 81.8 % (a plain PEFT loop, whose batches mix tasks: 79.6 %).
     batching: Literal["task", "mixed", "length"] = Field(
-        default="task",
+        default="mixed",
         description="task: one task per batch, tasks interleaved; mixed: rows of all tasks shuffled together (a plain "
         "training loop's batches); length: tasks mixed, length-sorted batches capped by batch_tokens (less padding)",
     )

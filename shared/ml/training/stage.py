@@ -18,6 +18,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,77 @@ def _train_all(run: _Run, specs: list[AdapterSpec]) -> dict[str, TrainedAdapter]
     return train_adapters(run.base, specs, run.params, run.data, run.workdir, run.progress)
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """The run's tasks and groups: adapter names[i] is trained on groups[i]."""
+
+    tasks: list[str]
+    groups: list[list[str]]
+    names: list[str]
+    of: dict[str, str]  # task -> its group's adapter
+
+    @classmethod
+    def of_params(cls, params: TrainingParams, groups: list[list[str]]) -> _Groups:
+        names = [f"group_{i}" for i in range(len(groups))]
+        of = {t: names[i] for i, g in enumerate(groups) for t in g}
+        return cls(tasks=params.all_tasks(), groups=groups, names=names, of=of)
+
+    def pairs(self) -> list[tuple[str, list[str]]]:
+        return list(zip(self.names, self.groups, strict=True))
+
+
+@dataclass(frozen=True)
+class _AdapterPlan:
+    """Which adapters the run trains (specs) and which baselines are a group adapter already (reuse)."""
+
+    specs: list[AdapterSpec]
+    roles: dict[str, str]  # adapter -> role ("group", "single" or "task"), the group adapters first
+    reuse: dict[str, str]  # baseline -> the group adapter it is
+    per_task: dict[str, str]  # task -> its per-task baseline adapter
+    single: str | None  # the single all-task baseline's name, None when it is off
+
+
+@dataclass(frozen=True)
+class _Boosting:
+    """What boosting did per group, and the boosters it kept (in training order)."""
+
+    results: dict[str, BoostResult]
+    train_errors: dict[str, float]
+    boosters: dict[str, list[str]]  # group -> its boosters' names
+    skipped: dict[str, str]  # group -> why it was not boosted
+    adapters: dict[str, TrainedAdapter]
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The ensemble's members and weights per task: fitted on validation (when on) and the defaults."""
+
+    member_names: list[str]
+    booster_names: list[str]
+    weights: dict[str, dict[str, float]]  # the ensemble's (fitted when fit_weights is on)
+    no_boost: dict[str, dict[str, float]]  # the group adapter alone
+    unfitted: dict[str, dict[str, float]]  # the default weights of the same members
+    fitted: dict[str, dict[str, float]]  # empty when fit_weights is off
+
+
+@dataclass(frozen=True)
+class _Manifests:
+    manifest: EnsembleManifest
+    artifacts: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """Every column's accuracy, metrics and predictions per split and task."""
+
+    splits: list[str]
+    main_split: str
+    table: dict[str, dict[str, dict[str, Any]]]
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    predictions: dict[str, dict[str, dict[str, Any]]]
+    averages: dict[str, dict[str, float]]
+
+
 def run_training(
     params: TrainingParams,
     workdir: Path,
@@ -179,48 +251,64 @@ def run_training(
     groups = params.group_lists()
     workdir.mkdir(parents=True, exist_ok=True)
     run = _Run(params, workdir, progress)
-    clock = run.clock
-    tasks = params.all_tasks()
-    group_names = [f"group_{i}" for i in range(len(groups))]
-    group_of = {t: group_names[i] for i, g in enumerate(groups) for t in g}
-    trained: dict[str, TrainedAdapter] = {}
+    grp = _Groups.of_params(params, groups)
+    plan = _plan_adapters(params, grp)
+    trained = _train_adapters(run, grp, plan)
+    boosting = _boost(run, grp, trained)
+    trained = {**trained, **boosting.adapters}
+    weights = _ensemble_weights(run, grp, boosting)
+    manifests = _write_manifests(run, grp, weights, plan.single, report_name)
+    evaluation = _evaluate(run, grp, plan, weights, manifests.manifest)
+    cost = _cost_lines(run, manifests.manifest, evaluation.main_split, stage_costs, affinity)
+    report = _report(run, grp, trained, boosting, weights, manifests.manifest, evaluation, cost)
+    return _write_report(run, report, evaluation.predictions, manifests, report_name)
 
-    # 1.+2. one adapter per group and the baselines, trained together in one fused run (the single all-task
-    # adapter is the group adapter when there is one group, a per-task adapter the group of that one task)
+
+def _plan_adapters(params: TrainingParams, grp: _Groups) -> _AdapterPlan:
+    """1.+2. one adapter per group and the baselines, to be trained together in one fused run (the single
+    all-task adapter is the group adapter when there is one group, a per-task adapter the group of that one
+    task)."""
     single_name: str | None = "single" if params.baselines.single else None
-    reuse: dict[str, str] = {}  # baseline name -> the group adapter it is
-    specs = [AdapterSpec(name, list(g)) for name, g in zip(group_names, groups, strict=True)]
-    roles: dict[str, str] = {name: "group" for name in group_names}
+    reuse: dict[str, str] = {}
+    specs = [AdapterSpec(name, list(g)) for name, g in grp.pairs()]
+    roles: dict[str, str] = {name: "group" for name in grp.names}
     if single_name:
-        same = [n for n, g in zip(group_names, groups, strict=True) if sorted(g) == sorted(tasks)]
+        same = [n for n, g in grp.pairs() if sorted(g) == sorted(grp.tasks)]
         if same:
             reuse["single"] = same[0]
         else:
-            specs.append(AdapterSpec("single", list(tasks)))
+            specs.append(AdapterSpec("single", list(grp.tasks)))
         roles["single"] = "single"
     per_task: dict[str, str] = {}
     if params.baselines.per_task:
-        for t in tasks:
+        for t in grp.tasks:
             name = f"task_{t}"
-            same = [n for n, g in zip(group_names, groups, strict=True) if g == [t]]
+            same = [n for n, g in grp.pairs() if g == [t]]
             if same:
                 reuse[name] = same[0]
             else:
                 specs.append(AdapterSpec(name, [t]))
             roles[name] = "task"
             per_task[t] = name
-    with clock.stage("group_adapters"):
-        fresh = _train_all(run, specs)
-        for name in group_names:
+    return _AdapterPlan(specs=specs, roles=roles, reuse=reuse, per_task=per_task, single=single_name)
+
+
+def _train_adapters(run: _Run, grp: _Groups, plan: _AdapterPlan) -> dict[str, TrainedAdapter]:
+    """Train the planned adapters and save the group adapters and the baselines (a reused one under its own
+    name); their costs go to "groups", "single" and "per_task"."""
+    trained: dict[str, TrainedAdapter] = {}
+    with run.clock.stage("group_adapters"):
+        fresh = _train_all(run, plan.specs)
+        for name in grp.names:
             trained[name] = fresh[name]
             run.save(trained[name], "group")
             run.costs["groups"] = run.cost("groups").merge(trained[name].cost)
-    with clock.stage("baselines"):
-        for name, role in roles.items():
+    with run.clock.stage("baselines"):
+        for name, role in plan.roles.items():
             if role == "group":
                 continue
-            if name in reuse:
-                src = trained[reuse[name]]
+            if name in plan.reuse:
+                src = trained[plan.reuse[name]]
                 trained[name] = TrainedAdapter(**{**src.__dict__, "name": name})
             else:
                 trained[name] = fresh[name]
@@ -229,26 +317,31 @@ def run_training(
                 run.costs["single"] = trained[name].cost
             else:
                 run.costs["per_task"] = run.cost("per_task").merge(trained[name].cost)
+    return trained
 
-    # 3. boosting of hard groups
-    opts = params.boosting
-    boost_results: dict[str, BoostResult] = {}
+
+def _boost(run: _Run, grp: _Groups, trained: dict[str, TrainedAdapter]) -> _Boosting:
+    """3. boosting of hard groups, hardest first, within the FLOP budget; saves the boosters it keeps."""
+    opts = run.params.boosting
+    results: dict[str, BoostResult] = {}
     train_errors: dict[str, float] = {}
     boosters: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
-    with clock.stage("boosting"):
+    adapters: dict[str, TrainedAdapter] = {}
+    n = len(grp.groups)
+    with run.clock.stage("boosting"):
         if opts.enabled and opts.max_rounds > 0:
             # training error = 1 - mean over the group's tasks of the best epoch's training accuracy
             # (measured during that epoch's forward passes, so deciding costs no extra pass)
-            for name, g in zip(group_names, groups, strict=True):
+            for name, g in grp.pairs():
                 acc = trained[name].train_accuracy()
                 train_errors[name] = 1.0 - mean([acc.get(t, 0.0) for t in g])
             budget = None if opts.budget is None else opts.budget * run.cost("groups").total_flops
-            b_epochs = opts.epochs or params.epochs
-            order = sorted(range(len(groups)), key=lambda i: -train_errors[group_names[i]])  # hardest first
+            b_epochs = opts.epochs or run.params.epochs
+            order = sorted(range(n), key=lambda i: -train_errors[grp.names[i]])  # hardest first
             for k, i in enumerate(order):
-                name, g = group_names[i], groups[i]
-                run.progress("boosting", k, len(groups), name)
+                name, g = grp.names[i], grp.groups[i]
+                run.progress("boosting", k, n, name)
                 if train_errors[name] <= opts.error_threshold:
                     skipped[name] = "training error below the threshold"
                     continue
@@ -258,63 +351,77 @@ def run_training(
                     if spent + _setup_flops(run, g) + round_flops > budget:
                         skipped[name] = "boosting budget"
                         continue
-                z_train = {t: run.member_logits(name, t, "train", "boosting") for t in g}
-                group_val = {t: run.member_logits(name, t, "val", "boosting") for t in g}
-                base_train = {t: run.member_logits(BASE_MEMBER, t, "train", "boosting") for t in g}
-                base_val = {t: run.member_logits(BASE_MEMBER, t, "val", "boosting") for t in g}
-                result = boost_group(
-                    run.base,
-                    {t: run.data[t] for t in g},
-                    params,
-                    group=name,
-                    group_train=z_train,
-                    group_val=group_val,
-                    base_train=base_train,
-                    base_val=base_val,
-                    eta=opts.eta,
-                    max_rounds=opts.max_rounds,
-                    lr=opts.lr,
-                    epochs=b_epochs,
-                    progress=progress,
-                    max_flops=None if budget is None else budget - run.cost("boosting").total_flops,
-                    round_flops=round_flops,
-                )
+                result = _boost_group(run, name, g, b_epochs, budget, round_flops)
                 run.costs["boosting"] = run.cost("boosting").merge(result.cost)
-                boost_results[name] = result
+                results[name] = result
                 for b in result.boosters:
-                    trained[b.name] = b
+                    adapters[b.name] = b
                     run.save(b, "booster")
                 boosters[name] = [b.name for b in result.boosters]
-            run.progress("boosting", len(groups), len(groups), "done")
+            run.progress("boosting", n, n, "done")
+    return _Boosting(results, train_errors, boosters, skipped, adapters)
 
-    # 4. the ensemble manifest
-    booster_names = [b for g in group_names for b in boosters.get(g, [])]
-    has_base = bool(booster_names)
-    member_names = group_names + booster_names + ([BASE_MEMBER] if has_base else [])
-    weights = default_weights(
-        list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER
+
+def _boost_group(
+    run: _Run, name: str, tasks: list[str], epochs: int, budget: float | None, round_flops: float
+) -> BoostResult:
+    """Boosting rounds of one group on its adapter's and the base's logits (train and validation rows)."""
+    opts = run.params.boosting
+    z_train = {t: run.member_logits(name, t, "train", "boosting") for t in tasks}
+    group_val = {t: run.member_logits(name, t, "val", "boosting") for t in tasks}
+    base_train = {t: run.member_logits(BASE_MEMBER, t, "train", "boosting") for t in tasks}
+    base_val = {t: run.member_logits(BASE_MEMBER, t, "val", "boosting") for t in tasks}
+    return boost_group(
+        run.base,
+        {t: run.data[t] for t in tasks},
+        run.params,
+        group=name,
+        group_train=z_train,
+        group_val=group_val,
+        base_train=base_train,
+        base_val=base_val,
+        eta=opts.eta,
+        max_rounds=opts.max_rounds,
+        lr=opts.lr,
+        epochs=epochs,
+        progress=run.progress,
+        max_flops=None if budget is None else budget - run.cost("boosting").total_flops,
+        round_flops=round_flops,
     )
-    no_boost = default_weights(list(zip(group_names, groups, strict=True)), {}, opts.eta, member_names, BASE_MEMBER)
+
+
+def _ensemble_weights(run: _Run, grp: _Groups, boosting: _Boosting) -> _Weights:
+    """4. the ensemble's members (groups, boosters, the base when there are boosters) and their weights per task,
+    fitted on validation when the params ask for it."""
+    eta = run.params.boosting.eta
+    booster_names = [b for g in grp.names for b in boosting.boosters.get(g, [])]
+    has_base = bool(booster_names)
+    member_names = grp.names + booster_names + ([BASE_MEMBER] if has_base else [])
+    weights = default_weights(grp.pairs(), boosting.boosters, eta, member_names, BASE_MEMBER)
+    no_boost = default_weights(grp.pairs(), {}, eta, member_names, BASE_MEMBER)
     fitted: dict[str, dict[str, float]] = {}
-    with clock.stage("ensemble_weights"):
-        if params.ensemble.fit_weights:
-            for t in tasks:
-                fitted[t] = _fit_task(run, t, group_of[t], boosters.get(group_of[t], []), group_names, weights[t])
+    with run.clock.stage("ensemble_weights"):
+        if run.params.ensemble.fit_weights:
+            for t in grp.tasks:
+                g = grp.of[t]
+                fitted[t] = _fit_task(run, t, g, boosting.boosters.get(g, []), grp.names, weights[t])
                 weights[t] = {m: fitted[t].get(m, 0.0) for m in member_names}
+    unfitted = default_weights(grp.pairs(), boosting.boosters, eta, member_names, BASE_MEMBER)
+    return _Weights(member_names, booster_names, weights, no_boost, unfitted, fitted)
+
+
+def _write_manifests(run: _Run, grp: _Groups, w: _Weights, single_name: str | None, report_name: str) -> _Manifests:
+    """ensemble.json and (with the single baseline) ensemble_single.json; the artifacts so far."""
+    params, workdir = run.params, run.workdir
     members = []
-    for name in member_names:
+    for name in w.member_names:
         if name == BASE_MEMBER:
             members.append(Member(name=name, path=None, sha256=None, role="base", tasks=[]))
         else:
             meta = run.metas[name]
+            role = "booster" if name in w.booster_names else "group"
             members.append(
-                Member(
-                    name=name,
-                    path=f"adapters/{name}",
-                    sha256=meta.sha256,
-                    role="booster" if name in booster_names else "group",
-                    tasks=list(meta.tasks),
-                )
+                Member(name=name, path=f"adapters/{name}", sha256=meta.sha256, role=role, tasks=list(meta.tasks))
             )
     info = run.base.info
     manifest = EnsembleManifest(
@@ -323,60 +430,45 @@ def run_training(
         base=info.identity(),
         max_length=params.max_length,
         members=members,
-        tasks={t: TaskWeights(weights=weights[t]) for t in tasks},
+        tasks={t: TaskWeights(weights=w.weights[t]) for t in grp.tasks},
     )
     manifest = write_manifest(manifest, workdir / "ensemble.json")
     artifacts = {"ensemble": "ensemble.json", "report": report_name}
     for name in run.metas:
         artifacts[f"adapter:{name}"] = f"adapters/{name}"
     if single_name:
+        single = Member(
+            name="single",
+            path="adapters/single",
+            sha256=run.metas["single"].sha256,
+            role="group",
+            tasks=list(grp.tasks),
+        )
         single_manifest = EnsembleManifest(
             name=f"{params.ensemble.name}-single",
             version=1,
             base=info.identity(),
             max_length=params.max_length,
-            members=[
-                Member(
-                    name="single",
-                    path="adapters/single",
-                    sha256=run.metas["single"].sha256,
-                    role="group",
-                    tasks=list(tasks),
-                )
-            ],
-            tasks={t: TaskWeights(weights={"single": 1.0}) for t in tasks},
+            members=[single],
+            tasks={t: TaskWeights(weights={"single": 1.0}) for t in grp.tasks},
         )
         write_manifest(single_manifest, workdir / "ensemble_single.json")
         artifacts["ensemble_single"] = "ensemble_single.json"
+    return _Manifests(manifest, artifacts)
 
-    # 5. evaluation: validation (for choosing settings) and test (reported)
+
+def _evaluate(run: _Run, grp: _Groups, plan: _AdapterPlan, w: _Weights, manifest: EnsembleManifest) -> _Evaluation:
+    """5. evaluation: validation (for choosing settings) and test (reported); closes the adapter pool."""
+    params = run.params
     splits = ["val"] + (["test"] if params.evaluate_test else [])
     table: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
     metrics: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
     predictions: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in splits}
-    unfitted = default_weights(
-        list(zip(group_names, groups, strict=True)), boosters, opts.eta, member_names, BASE_MEMBER
-    )
-    with clock.stage("evaluation"):
-        units = [(s, t) for s in splits for t in tasks]
+    with run.clock.stage("evaluation"):
+        units = [(s, t) for s in splits for t in grp.tasks]
         for k, (split, t) in enumerate(units):
             run.progress("evaluate", k, len(units), f"{t} {split}")
-            cols: dict[str, torch.Tensor] = {}
-            zs = {m: run.member_logits(m, t, split, "evaluation") for m in manifest.active_members(t)}
-            cols["ensemble"] = combine(weights[t], zs)
-            zg = run.member_logits(group_of[t], t, split, "evaluation")
-            cols["ensemble_no_boost"] = combine(no_boost[t], {group_of[t]: zg})
-            if fitted:
-                cols["ensemble_no_fit"] = combine(
-                    unfitted[t],
-                    {m: run.member_logits(m, t, split, "evaluation") for m in unfitted[t] if unfitted[t][m]},
-                )
-            if single_name:
-                cols["single"] = run.member_logits("single", t, split, "evaluation")
-            if params.zero_shot:
-                cols["zero_shot"] = run.member_logits(BASE_MEMBER, t, split, "evaluation")
-            if t in per_task:
-                cols["per_task"] = run.member_logits(per_task[t], t, split, "evaluation")
+            cols = _columns(run, grp, plan, w, manifest, t, split)
             ms = {c: run.metrics(z, t, split) for c, z in cols.items()}
             table[split][t] = {c: m.accuracy for c, m in ms.items()}
             metrics[split][t] = {c: m.to_dict() for c, m in ms.items()}
@@ -386,11 +478,45 @@ def run_training(
             }
         run.progress("evaluate", len(units), len(units), "done")
     run.pool.close()
-
     main_split = "test" if params.evaluate_test else "val"
     averages = {s: _averages(table[s]) for s in splits}
+    return _Evaluation(splits, main_split, table, metrics, predictions, averages)
 
-    # 6. cost lines
+
+def _columns(
+    run: _Run, grp: _Groups, plan: _AdapterPlan, w: _Weights, manifest: EnsembleManifest, t: str, split: str
+) -> dict[str, torch.Tensor]:
+    """The choice logits of every report column (ensemble, ablations, baselines) on one task's split."""
+    cols: dict[str, torch.Tensor] = {}
+    zs = {m: run.member_logits(m, t, split, "evaluation") for m in manifest.active_members(t)}
+    cols["ensemble"] = combine(w.weights[t], zs)
+    zg = run.member_logits(grp.of[t], t, split, "evaluation")
+    cols["ensemble_no_boost"] = combine(w.no_boost[t], {grp.of[t]: zg})
+    if w.fitted:
+        unfitted = w.unfitted[t]
+        cols["ensemble_no_fit"] = combine(
+            unfitted, {m: run.member_logits(m, t, split, "evaluation") for m in unfitted if unfitted[m]}
+        )
+    if plan.single:
+        cols["single"] = run.member_logits("single", t, split, "evaluation")
+    if run.params.zero_shot:
+        cols["zero_shot"] = run.member_logits(BASE_MEMBER, t, split, "evaluation")
+    if t in plan.per_task:
+        cols["per_task"] = run.member_logits(plan.per_task[t], t, split, "evaluation")
+    return cols
+
+
+def _cost_lines(
+    run: _Run,
+    manifest: EnsembleManifest,
+    main_split: str,
+    stage_costs: dict[str, Any] | None,
+    affinity: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """6. cost lines: training FLOPs of the ensemble against the single adapter (with Stage 1's, reported or
+    estimated), inference members per example, evaluation and every stage's clock."""
+    params, info = run.params, run.base.info
+    tasks = params.all_tasks()
     inference = {t: len(manifest.active_members(t)) for t in tasks}
     test_rows = {t: len(run.data[t].split(main_split)) for t in tasks}
     groups_cost = run.cost("groups")
@@ -402,7 +528,7 @@ def run_training(
         affinity_source = None if affinity_flops is None else AFFINITY_FORMULA
     ens_total = sum_costs(list(ensemble_parts.values()))
     single_cost = run.costs.get("single")
-    cost = {
+    return {
         "formula": FLOP_FORMULA,
         "device": str(run.base.device),
         "compute_dtype": info.compute_dtype,
@@ -430,57 +556,86 @@ def run_training(
             "single_members_per_example": 1,
         },
         "evaluation": run.cost("evaluation").to_dict(),
-        "stages": {**(stage_costs or {}), **clock.to_dict()},
+        "stages": {**(stage_costs or {}), **run.clock.to_dict()},
     }
 
-    group_rows = []
-    for name, g in zip(group_names, groups, strict=True):
-        res = boost_results.get(name)
-        group_rows.append(
+
+def _group_rows(grp: _Groups, trained: dict[str, TrainedAdapter], boosting: _Boosting) -> list[dict[str, Any]]:
+    """The report's line per group: its tasks, training error, boosting outcome and validation accuracy."""
+    rows = []
+    for name, g in grp.pairs():
+        res = boosting.results.get(name)
+        rows.append(
             {
                 "name": name,
                 "tasks": g,
-                "train_error": train_errors.get(name),
+                "train_error": boosting.train_errors.get(name),
                 "boosted": res is not None,
-                "boosters": boosters.get(name, []),
-                "boosting": (res.stopped if res else skipped.get(name, "boosting off")),
+                "boosters": boosting.boosters.get(name, []),
+                "boosting": (res.stopped if res else boosting.skipped.get(name, "boosting off")),
                 "val_accuracy": mean([trained[name].val_metrics[t].accuracy for t in g]),
                 "val_accuracy_boosted": res.val_accuracy if res else None,
             }
         )
-    report = {
-        "split": main_split,
-        "tasks": table[main_split],
-        "average": averages[main_split],
-        "validation": {"tasks": table["val"], "average": averages["val"]},
-        "metrics": metrics,
-        "groups": group_rows,
+    return rows
+
+
+def _report(
+    run: _Run,
+    grp: _Groups,
+    trained: dict[str, TrainedAdapter],
+    boosting: _Boosting,
+    w: _Weights,
+    manifest: EnsembleManifest,
+    ev: _Evaluation,
+    cost: dict[str, Any],
+) -> dict[str, Any]:
+    """train_report.json's content."""
+    return {
+        "split": ev.main_split,
+        "tasks": ev.table[ev.main_split],
+        "average": ev.averages[ev.main_split],
+        "validation": {"tasks": ev.table["val"], "average": ev.averages["val"]},
+        "metrics": ev.metrics,
+        "groups": _group_rows(grp, trained, boosting),
         "cost": cost,
         "ensemble": {
             "path": "ensemble.json",
             "name": manifest.name,
             "fingerprint": manifest.fingerprint,
-            "weights": weights,
-            "fitted": bool(fitted),
+            "weights": w.weights,
+            "fitted": bool(w.fitted),
         },
         "adapters": {
             n: t.summary() | {"sha256": run.metas[n].sha256, "path": f"adapters/{n}"} for n, t in trained.items()
         },
-        "boosting": {n: r.summary() for n, r in boost_results.items()},
-        "model": info.to_dict(),
-        "params": params.model_dump(mode="json"),
+        "boosting": {n: r.summary() for n, r in boosting.results.items()},
+        "model": run.base.info.to_dict(),
+        "params": run.params.model_dump(mode="json"),
     }
-    write_json(workdir / PREDICTIONS_FILE, predictions)
-    artifacts["predictions"] = PREDICTIONS_FILE
+
+
+def _write_report(
+    run: _Run,
+    report: dict[str, Any],
+    predictions: dict[str, Any],
+    manifests: _Manifests,
+    report_name: str,
+) -> dict[str, Any]:
+    """predictions.json, results.png and the report; returns the stage summary."""
     from shared.ml.plotting import results_chart
 
+    workdir = run.workdir
+    write_json(workdir / PREDICTIONS_FILE, predictions)
+    artifacts = {**manifests.artifacts, "predictions": PREDICTIONS_FILE}
     results_chart(report, workdir / "results.png")  # beside the heatmaps of a pipeline
     artifacts["results_chart"] = "results.png"
     write_json(workdir / report_name, report)
+    cost = report["cost"]
     return {
         "report": {k: report[k] for k in ("tasks", "average", "groups", "split")},
         "cost": {k: cost[k] for k in ("ensemble_vs_single_flops", "inference")},
-        "fingerprint": manifest.fingerprint,
+        "fingerprint": manifests.manifest.fingerprint,
         "artifacts": artifacts,
     }
 

@@ -131,7 +131,7 @@ def epoch_plan(
     batch_size: int,
     seed: int,
     epoch: int,
-    batching: str = "task",
+    batching: str = "mixed",
     batch_tokens: int | None = None,
 ) -> list[list[tuple[str, int]]]:
     """The training batches of one epoch as (task, row index) lists. Deterministic for (seed, epoch).
@@ -180,10 +180,10 @@ def epoch_batches(
     seed: int,
     epoch: int,
     pad_id: int = 0,
-    batching: str = "task",
+    batching: str = "mixed",
     batch_tokens: int | None = None,
 ) -> list[Batch]:
-    """The collated batches of `epoch_plan` (default: one task per batch, tasks interleaved). Example ids
+    """The collated batches of `epoch_plan` (default: rows of all tasks shuffled together). Example ids
     travel in the batch."""
     lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
     plan = epoch_plan(lengths, batch_size, seed, epoch, batching, batch_tokens)
@@ -191,8 +191,8 @@ def epoch_batches(
 
 
 def batching_of(config: Any) -> tuple[str, int | None]:
-    """(batching, batch_tokens) of a config (default: task batching, no token cap)."""
-    batching = str(cfg(config, "batching", None) or "task")
+    """(batching, batch_tokens) of a config (default: mixed batches, no token cap; TrainingParams.batching)."""
+    batching = str(cfg(config, "batching", None) or "mixed")
     tokens = cfg(config, "batch_tokens", None)
     return batching, (int(tokens) if tokens is not None else None)
 
@@ -399,6 +399,248 @@ LossFn = Callable[[Any, Batch], Any]  # -> loss, or (loss, rows correct)
 EvalFn = Callable[[Any, Cost], tuple[tuple[float, ...], dict[str, Any], dict[str, TaskMetrics]]]
 
 
+@dataclass(frozen=True)
+class _FitPlan:
+    """What one fit_lora run trains with: its resolved knobs and encoded training rows."""
+
+    seed: int
+    epochs: int
+    lr: float
+    batch_size: int
+    max_length: int
+    patience: Any
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float
+    weight_decay: float
+    max_grad_norm: Any
+    batching: str
+    batch_tokens: int | None
+    stage: str
+    pad_id: int
+    shape: ModelShape
+    encoded: dict[str, list[Encoded]]
+    per_epoch: int  # batches per epoch ("length": epoch 1's count)
+
+
+@dataclass(frozen=True)
+class _EpochStats:
+    """One training epoch's running figures; `done` counts the batches of the whole run so far."""
+
+    loss_sum: float
+    rows: int
+    correct: dict[str, int]
+    seen: dict[str, int]
+    done: int
+
+
+@dataclass(frozen=True)
+class _FitOutcome:
+    """The epochs' history and the best epoch (its number, LoRA state and validation metrics)."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    best_metrics: dict[str, TaskMetrics]
+
+
+def _fit_plan(
+    base: Base,
+    data: dict[str, TaskData],
+    config: Any,
+    *,
+    name: str,
+    lr: float | None,
+    epochs: int | None,
+    seed: int | None,
+    stage: str | None,
+    batching: str | None,
+) -> _FitPlan:
+    """The knobs of a fit_lora call (arguments over the config over the defaults) and its training rows."""
+    seed = int(cfg(config, "seed", 0) if seed is None else seed)
+    epochs = int(epochs or cfg(config, "epochs", 3))
+    lr = float(lr or cfg(config, "lr", 5e-4))
+    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
+    batching_cfg, batch_tokens = batching_of(config)
+    batching = batching or batching_cfg
+    tokenizer = base.tokenizer
+    shape = ModelShape.from_model(base.model, rank, targets)
+    encoded = {t: d.encodings("train", tokenizer, max_length) for t, d in data.items()}
+    lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
+    return _FitPlan(
+        seed=seed,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        patience=patience,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        dropout=dropout,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        batching=batching,
+        batch_tokens=batch_tokens,
+        stage=stage or f"train {name}",
+        pad_id=tokenizer.pad_token_id or 0,
+        shape=shape,
+        encoded=encoded,
+        per_epoch=len(epoch_plan(lengths, batch_size, seed, 1, batching, batch_tokens)),
+    )
+
+
+def _train_epoch(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    plan: _FitPlan,
+    meter: Meter,
+    epoch: int,
+    done: int,
+    *,
+    name: str,
+    device: torch.device,
+    loss_fn: LossFn,
+    progress: Progress,
+) -> _EpochStats:
+    """One epoch of optimizer steps over the seeded batch order; raises on a non-finite loss."""
+    model.train()
+    loss_sum, rows = 0.0, 0
+    correct: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    total = plan.epochs * plan.per_epoch
+    batches = epoch_batches(
+        plan.encoded, plan.batch_size, plan.seed, epoch, plan.pad_id, plan.batching, plan.batch_tokens
+    )
+    for batch in batches:
+        batch = batch.to(device)
+        out = loss_fn(model, batch)
+        loss, hits = out if isinstance(out, tuple) else (out, None)
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                f"adapter {name!r}: training loss became {loss.item()} at epoch {epoch}; lower the learning rate ({plan.lr})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if plan.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, float(plan.max_grad_norm))
+        optimizer.step()
+        meter.cost.add_train(plan.shape, batch.attention_mask)
+        loss_sum += float(loss.detach()) * len(batch)
+        rows += len(batch)
+        if hits is not None:
+            per_task = hits if isinstance(hits, dict) else {batch.tasks[0]: int(hits)}
+            for task, n in per_task.items():
+                correct[task] = correct.get(task, 0) + int(n)
+            for task in batch.tasks:
+                seen[task] = seen.get(task, 0) + 1
+        done += 1
+        progress(plan.stage, done, total, f"epoch {epoch} loss {loss_sum / rows:.4f}")
+    return _EpochStats(loss_sum, rows, correct, seen, done)
+
+
+def _fit_epochs(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    plan: _FitPlan,
+    meter: Meter,
+    *,
+    name: str,
+    device: torch.device,
+    loss_fn: LossFn,
+    evaluate_fn: EvalFn,
+    progress: Progress,
+) -> _FitOutcome:
+    """Train and evaluate epoch by epoch, keeping the best-scoring epoch and stopping after `patience` epochs
+    without improvement."""
+    history: list[dict[str, Any]] = []
+    best: tuple[tuple[float, ...], int, dict[str, torch.Tensor], dict[str, TaskMetrics]] | None = None
+    since_best = 0
+    done = 0
+    total = plan.epochs * plan.per_epoch
+    for epoch in range(1, plan.epochs + 1):
+        start = time.perf_counter()
+        stats = _train_epoch(
+            model,
+            params,
+            optimizer,
+            plan,
+            meter,
+            epoch,
+            done,
+            name=name,
+            device=device,
+            loss_fn=loss_fn,
+            progress=progress,
+        )
+        done = stats.done
+        model.eval()
+        score, fields, metrics = evaluate_fn(model, meter.cost)
+        train_acc = {t: stats.correct[t] / stats.seen[t] for t in stats.seen}
+        entry = {
+            "epoch": epoch,
+            "train_loss": stats.loss_sum / max(stats.rows, 1),
+            **fields,
+            **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        history.append(entry)
+        if best is None or score > best[0]:
+            best = (score, epoch, extract_state(model, name), copy.deepcopy(metrics))
+            since_best = 0
+        else:
+            since_best += 1
+            if plan.patience and since_best >= int(plan.patience):
+                break
+    if done < total:  # stopped early: close the bar
+        progress(plan.stage, total, total, f"stopped early; best epoch {best[1] if best else '-'}")
+    assert best is not None
+    _, best_epoch, best_state, best_metrics = best
+    return _FitOutcome(history, best_epoch, best_state, best_metrics)
+
+
+def hyperparameters(
+    config: Any,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    dropout: float,
+    weight_decay: float,
+    max_grad_norm: Any,
+    patience: Any,
+    max_length: int,
+    batching: str,
+    batch_tokens: int | None,
+) -> dict[str, Any]:
+    """A trained adapter's recorded hyperparameters (the same keys, in the same order, for every trainer)."""
+    return {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "rank": rank,
+        "alpha": alpha,
+        "targets": list(targets),
+        "dropout": dropout,
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "patience": patience,
+        "seed": seed,
+        "max_length": max_length,
+        "max_train": cfg(config, "max_train"),
+        "max_val": cfg(config, "max_val"),
+        "optimizer": "adamw",
+        **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
+    }
+
+
 def fit_lora(
     base: Base,
     data: dict[str, TaskData],
@@ -417,128 +659,68 @@ def fit_lora(
 ) -> TrainedAdapter:
     """Train a fresh LoRA on `data`'s training examples; keep the epoch with the best `evaluate_fn` score.
 
-    `batching` overrides the config's ("task" or "length"; losses that need one task per batch pass "task").
+    `batching` overrides the config's (one of BATCHINGS; losses that need one task per batch pass "task").
     A loss may return (loss, hits) with hits an int (rows correct; one task per batch) or {task: rows correct}."""
-    seed = int(cfg(config, "seed", 0) if seed is None else seed)
-    epochs = int(epochs or cfg(config, "epochs", 3))
-    lr = float(lr or cfg(config, "lr", 5e-4))
-    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
-    stage = stage or f"train {name}"
-    batching_cfg, batch_tokens = batching_of(config)
-    batching = batching or batching_cfg
-    tokenizer = base.tokenizer
-    pad_id = tokenizer.pad_token_id or 0
+    plan = _fit_plan(base, data, config, name=name, lr=lr, epochs=epochs, seed=seed, stage=stage, batching=batching)
     device = base.device
-    shape = ModelShape.from_model(base.model, rank, targets)
-    encoded = {t: d.encodings("train", tokenizer, max_length) for t, d in data.items()}
-    lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
-    per_epoch = len(epoch_plan(lengths, batch_size, seed, 1, batching, batch_tokens))  # "length": epoch 1's count
     meter = Meter(device)
-    history: list[dict[str, Any]] = []
-    best: tuple[tuple[float, ...], int, dict[str, torch.Tensor], dict[str, TaskMetrics]] | None = None
     trainable_4bit(base.model)
     with (
         meter,
-        temporary_adapter(base, name, rank, alpha, targets, dropout, seed, init_state) as model,
+        temporary_adapter(
+            base, name, plan.rank, plan.alpha, plan.targets, plan.dropout, plan.seed, init_state
+        ) as model,
         dequantized_base(base.model, cfg(config, "dequantize", "auto")),
     ):
         params = [p for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
         generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # dropout (if any) is the only other random draw
-        since_best = 0
-        done = 0
+        torch.manual_seed(plan.seed)  # dropout (if any) is the only other random draw
         try:
-            for epoch in range(1, epochs + 1):
-                start = time.perf_counter()
-                model.train()
-                loss_sum, rows = 0.0, 0
-                correct: dict[str, int] = {}
-                seen: dict[str, int] = {}
-                for batch in epoch_batches(encoded, batch_size, seed, epoch, pad_id, batching, batch_tokens):
-                    batch = batch.to(device)
-                    out = loss_fn(model, batch)
-                    loss, hits = out if isinstance(out, tuple) else (out, None)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(
-                            f"adapter {name!r}: training loss became {loss.item()} at epoch {epoch}; lower the learning rate ({lr})"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
-                    optimizer.step()
-                    meter.cost.add_train(shape, batch.attention_mask)
-                    loss_sum += float(loss.detach()) * len(batch)
-                    rows += len(batch)
-                    if hits is not None:
-                        per_task = hits if isinstance(hits, dict) else {batch.tasks[0]: int(hits)}
-                        for task, n in per_task.items():
-                            correct[task] = correct.get(task, 0) + int(n)
-                        for task in batch.tasks:
-                            seen[task] = seen.get(task, 0) + 1
-                    done += 1
-                    progress(stage, done, epochs * per_epoch, f"epoch {epoch} loss {loss_sum / rows:.4f}")
-                model.eval()
-                score, fields, metrics = evaluate_fn(model, meter.cost)
-                train_acc = {t: correct[t] / seen[t] for t in seen}
-                entry = {
-                    "epoch": epoch,
-                    "train_loss": loss_sum / max(rows, 1),
-                    **fields,
-                    **({"train_accuracy": mean(list(train_acc.values())), "train": train_acc} if train_acc else {}),
-                    "seconds": round(time.perf_counter() - start, 3),
-                }
-                history.append(entry)
-                if best is None or score > best[0]:
-                    best = (score, epoch, extract_state(model, name), copy.deepcopy(metrics))
-                    since_best = 0
-                else:
-                    since_best += 1
-                    if patience and since_best >= int(patience):
-                        break
-            if done < epochs * per_epoch:  # stopped early: close the bar
-                progress(
-                    stage,
-                    epochs * per_epoch,
-                    epochs * per_epoch,
-                    f"stopped early; best epoch {best[1] if best else '-'}",
-                )
-            assert best is not None
-            load_state(model, name, best[2])  # restore the best epoch (the state returned below)
+            fit = _fit_epochs(
+                model,
+                params,
+                optimizer,
+                plan,
+                meter,
+                name=name,
+                device=device,
+                loss_fn=loss_fn,
+                evaluate_fn=evaluate_fn,
+                progress=progress,
+            )
+            load_state(model, name, fit.best_state)  # restore the best epoch (the state returned below)
             peft_cfg = peft_config_dict(model.peft_config[name])
         finally:
             torch.random.set_rng_state(generator_state)
-    _, best_epoch, best_state, best_metrics = best
-    hyper = {
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "rank": rank,
-        "alpha": alpha,
-        "targets": list(targets),
-        "dropout": dropout,
-        "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm,
-        "patience": patience,
-        "seed": seed,
-        "max_length": max_length,
-        "max_train": cfg(config, "max_train"),
-        "max_val": cfg(config, "max_val"),
-        "optimizer": "adamw",
-        **({"batching": batching, "batch_tokens": batch_tokens} if batching != "task" else {}),
-    }
+    hyper = hyperparameters(
+        config,
+        epochs=plan.epochs,
+        lr=plan.lr,
+        seed=plan.seed,
+        batch_size=plan.batch_size,
+        rank=plan.rank,
+        alpha=plan.alpha,
+        targets=plan.targets,
+        dropout=plan.dropout,
+        weight_decay=plan.weight_decay,
+        max_grad_norm=plan.max_grad_norm,
+        patience=plan.patience,
+        max_length=plan.max_length,
+        batching=plan.batching,
+        batch_tokens=plan.batch_tokens,
+    )
     return TrainedAdapter(
         name=name,
         tasks=list(data),
-        state=best_state,
-        val_metrics=best_metrics,
-        history=history,
-        best_epoch=best_epoch,
+        state=fit.best_state,
+        val_metrics=fit.best_metrics,
+        history=fit.history,
+        best_epoch=fit.best_epoch,
         cost=meter.cost,
         peft_config=peft_cfg,
         hyperparameters=hyper,
-        seed=seed,
+        seed=plan.seed,
     )
 
 
