@@ -65,7 +65,7 @@ class SplitRows:
         return np.flatnonzero(self.task_index == t)
 
     def write_csv(self, path: Path) -> None:
-        lines = [["row", "task", "task_index", "example_id", "label", "answer_token", "length"]]
+        lines: list[list[str | int]] = [["row", "task", "task_index", "example_id", "label", "answer_token", "length"]]
         for r, it in enumerate(self.items):
             lines.append(
                 [r, it.task, int(self.task_index[r]), it.example_id, it.label, it.answer_token, len(it.input_ids)]
@@ -189,7 +189,8 @@ class Runtime:
 
     def a_norm(self) -> float:
         """||theta0|| over all adapter tensors (= ||A0|| for a fresh adapter, B0 = 0): the reference norm for `scale`."""
-        return float(torch.sqrt(sum((v.float() ** 2).sum() for v in self.theta0().values())))
+        total = sum(((v.float() ** 2).sum() for v in self.theta0().values()), torch.tensor(0.0))
+        return float(torch.sqrt(total))
 
     def reset_adapter(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())

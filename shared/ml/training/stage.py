@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.files import atomic_write_text
 from shared.ml.evaluate import TaskMetrics, metrics_from_scores
 from shared.ml.models import Base
 from shared.ml.progress import Progress, silent
@@ -60,10 +59,7 @@ StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any]]
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def _json_safe(value: Any) -> Any:
