@@ -8,12 +8,33 @@ stages, reports, manifests and the CLI write.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy: dict keys as strings, tuples and sets as lists, NaN/inf as None, paths as strings,
+    numpy arrays and scalars as Python values, anything else as its string."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    if hasattr(value, "__float__"):
+        return json_safe(float(value))
+    return str(value)
 
 
 @contextmanager

@@ -29,3 +29,23 @@ def test_json_refuses_nan_and_npy_round_trips(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), np.arange(6, dtype=np.float32).reshape(2, 3))
     atomic_write_text(tmp_path / "t.txt", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "t.txt"]
+
+
+def test_json_safe_is_what_json_can_hold():
+    from pathlib import Path
+
+    from shared.files import json_safe
+
+    value = {
+        1: (np.float32(0.5), float("inf"), np.int64(3), np.bool_(True)),
+        "a": {"nan": float("nan"), "path": Path("/x/y"), "set": {2}},
+        "arr": np.arange(3),
+        "ok": [None, True, "s"],
+    }
+    assert json_safe(value) == {
+        "1": [0.5, None, 3, True],
+        "a": {"nan": None, "path": "/x/y", "set": [2]},
+        "arr": [0, 1, 2],
+        "ok": [None, True, "s"],
+    }
+    assert json.loads(json.dumps(json_safe(value), allow_nan=False))["1"][1] is None

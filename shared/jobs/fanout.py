@@ -44,9 +44,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db.models import TERMINAL_STATUSES, Job, JobShard, utcnow
 from shared.db.session import get_sessionmaker
+from shared.files import json_safe
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
-from shared.jobs.ingest import jsonable
 from shared.jobs.progress import Heartbeat
 from shared.jobs.registry import load_ref
 from shared.ml.progress import Cancelled, Progress
@@ -239,7 +239,7 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
     done = session.execute(
         update(JobShard)
         .where(*_mine(claim))
-        .values(status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=jsonable(result or {}))
+        .values(status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=json_safe(result or {}))
     )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
@@ -386,7 +386,7 @@ class _ClaimProgress:
 def shard_function(ref: str) -> Callable[..., dict[str, Any]]:
     if not isinstance(ref, str) or not ref.startswith(SHARD_FN_PREFIX):
         raise ValueError(f"shard function {ref!r} is not a function of the ML core")
-    return load_ref(ref)  # type: ignore[no-any-return]
+    return load_ref(ref)
 
 
 def run_claim(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import Adapter, Artifact, Ensemble, new_id
 from shared.errors import StageFailed
+from shared.files import json_safe
 from shared.storage import ArtifactStore, media_type_for, record_artifact, sha256_file
 
 
@@ -20,25 +20,6 @@ class StageOutputError(StageFailed, ValueError):
     """A stage's outputs that cannot be recorded (listed wrongly, or an ensemble manifest that does not match
     the adapters the stage wrote): the stage's fault, never the user's. Also a ValueError for callers that
     catch one."""
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe copy of a stage summary (numpy scalars/arrays, paths, NaN -> None)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return jsonable(value.tolist())
-    if hasattr(value, "__float__"):
-        return jsonable(float(value))
-    return str(value)
 
 
 def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
@@ -122,7 +103,9 @@ def ingest_stage(
             adapters[path] = _record_adapter(session, art, path, owner, job_id, path.name)
     for name, path in paths.items():
         if _is_ensemble(name, path):
-            _record_ensemble(session, session.get(Artifact, ids[name]), path, owner, job_id, adapters)
+            art = session.get(Artifact, ids[name])
+            assert art is not None  # recorded above, in this session
+            _record_ensemble(session, art, path, owner, job_id, adapters)
     session.flush()
     return ids
 
@@ -150,7 +133,7 @@ def _record_adapter(session: Session, art: Artifact, folder: Path, owner: str, j
     if not base and isinstance(extra.get("base"), dict):
         base = extra["base"].get("base_model")
     row.base_model = str(base or config.get("base_model_name_or_path") or "") or None
-    row.info = jsonable(info)
+    row.info = json_safe(info)
     return row
 
 
@@ -201,6 +184,6 @@ def _record_ensemble(
     row.artifact_id = art.id
     row.fingerprint = manifest.fingerprint or compute_fingerprint(manifest)
     row.base_model = manifest.base.base_model
-    row.manifest = jsonable(raw)
+    row.manifest = json_safe(raw)
     row.members = members
     return row

@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ from sqlalchemy import select
 from shared.db.models import Artifact, Job, JobStage, JobStatus, StageStatus, utcnow
 from shared.db.session import UNAVAILABLE, get_sessionmaker
 from shared.errors import BadInput, ChorusError, Infrastructure, InvalidParams, StageFailed, classify
+from shared.files import json_safe
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
 from shared.jobs.fanout import Dispatch, JobSharder
-from shared.jobs.ingest import ingest_stage, jsonable, merge_stage_artifacts
+from shared.jobs.ingest import ingest_stage, merge_stage_artifacts
 from shared.jobs.progress import JobProgress, Lease
 from shared.jobs.registry import JOB_TYPES, JobType, JobTypeUnavailable, StageFn, load_ref
 from shared.ml.progress import Cancelled
@@ -51,7 +52,10 @@ TIMEOUT_EXCEPTIONS = ("SoftTimeLimitExceeded", "TimeoutError")
 
 def validation_error(exc: ValidationError, prefix: str = "params") -> dict[str, Any]:
     """The job error object for a pydantic error: the first failing field, dotted (e.g. params.tasks)."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    errors = exc.errors()
+    first: Mapping[str, Any] = {"loc": (), "msg": str(exc)}
+    if errors:
+        first = errors[0]
     loc = ".".join(str(p) for p in (prefix, *first.get("loc", ())) if p != "")
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return state.error_obj(InvalidParams.code, f"{loc}: {msg}", loc)
@@ -357,7 +361,7 @@ class JobRunner:
             self._fail(
                 state.error_obj(StageFailed.code, f"stage {name} returned {type(summary).__name__}, not a dict"), name
             )
-        return jsonable(summary)
+        return json_safe(summary)
 
     def _check_stop(self) -> None:
         assert self.lease is not None

@@ -42,7 +42,7 @@ class LoraSite:
     lora_b: torch.nn.Module
     lora_a: torch.nn.Module
     param_name: str  # named_parameters name of lora_B weight
-    shape: tuple[int, int]  # (out_features, r)
+    shape: tuple[int, ...]  # (out_features, r)
 
 
 def lora_sites(model: Any, adapter: str = "default") -> list[LoraSite]:
@@ -53,7 +53,7 @@ def lora_sites(model: Any, adapter: str = "default") -> list[LoraSite]:
         if isinstance(lora_b, torch.nn.ModuleDict) and adapter in lora_b:
             b = lora_b[adapter]
             pname = f"{name}.lora_B.{adapter}.weight"
-            by_param[pname] = LoraSite(name, b, module.lora_A[adapter], pname, tuple(b.weight.shape))
+            by_param[pname] = LoraSite(name, b, module.lora_A[adapter], pname, tuple(b.get_parameter("weight").shape))
     order = [n for n, _ in model.named_parameters() if n in by_param]
     if not order:
         raise ValueError(f"model has no LoRA adapter {adapter!r} (attach_lora first)")
@@ -69,7 +69,7 @@ class GradParam:
 
     module: torch.nn.Module
     param_name: str  # named_parameters name of the module's weight
-    shape: tuple[int, int]  # the weight's (out_features, in_features)
+    shape: tuple[int, ...]  # the weight's (out_features, in_features)
 
 
 def grad_params(model: Any, adapter: str = "default", factors: str = "B") -> list[GradParam]:
@@ -83,7 +83,9 @@ def grad_params(model: Any, adapter: str = "default", factors: str = "B") -> lis
             holder = getattr(module, kind, None)
             if isinstance(holder, torch.nn.ModuleDict) and adapter in holder:
                 pname = f"{name}.{kind}.{adapter}.weight"
-                by_param[pname] = GradParam(holder[adapter], pname, tuple(holder[adapter].weight.shape))
+                by_param[pname] = GradParam(
+                    holder[adapter], pname, tuple(holder[adapter].get_parameter("weight").shape)
+                )
     order = [n for n, _ in model.named_parameters() if n in by_param]
     if not order:
         raise ValueError(f"model has no LoRA adapter {adapter!r} (attach_lora first)")

@@ -151,11 +151,11 @@ def group_fixed(C: np.ndarray, m: int, method: str = "auto", seed: int = 0, sdp_
         raise ValueError(f"unknown grouping method {method!r}; expected auto, sdp or spectral")
     Cs = standardise(C)
     if m == 1 or m == n:
-        labels = np.zeros(n, dtype=int) if m == 1 else np.arange(n)
-        return Grouping(_canonical(labels), "trivial", m, partition_objective(Cs, labels))
+        trivial = np.zeros(n, dtype=int) if m == 1 else np.arange(n)
+        return Grouping(_canonical(trivial), "trivial", m, partition_objective(Cs, trivial))
     details: dict[str, Any] = {}
     used = "spectral"
-    labels = None
+    labels: np.ndarray | None = None
     if method == "sdp" or (method == "auto" and n <= sdp_max_n):
         try:
             X = solve_sdp(Cs, m)

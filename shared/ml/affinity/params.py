@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # differ by orders of magnitude (tiny-llama ~20, SmolLM2-135M ~2e3).
 DEFAULT_LAMBDA = 1e-3
 
+# What validate-affinity compares estimated and true subset scores on.
+ValidateAffinityMetric = Literal["neg_loss", "accuracy", "margin", "neg_vocab_loss"]
+
 
 def effective_lambda(lam: float, lam_scale: str, grads: torch.Tensor) -> float:
     """The absolute penalty used by the solver for a run's training gradients G [N, d]."""
@@ -341,7 +344,7 @@ class ValidateAffinityParams(BaseModel):
     subset_seed: int = Field(
         default=0, ge=0, description="seed of the subset sampler (the same subsets for every seed)"
     )
-    metric: Literal["neg_loss", "accuracy", "margin", "neg_vocab_loss"] = Field(
+    metric: ValidateAffinityMetric = Field(
         default="neg_loss",
         description="target: neg_loss = -cross-entropy over the task's answer choices; accuracy; margin = gold choice "
         "logit minus the best other one; neg_vocab_loss = -answer-token cross-entropy over the vocabulary",

@@ -31,21 +31,6 @@ def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None recursively (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating,)):
-        return json_safe(float(value))
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    return value
-
-
 # ------------------------------------------------------------------------------------------ data
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,7 +88,7 @@ def solve_chunk(
 def solve_subsets(
     X: torch.Tensor,
     f0: torch.Tensor,
-    row_sets: Sequence[torch.Tensor],
+    row_sets: Sequence[torch.Tensor | np.ndarray],
     lam: float,
     device: torch.device | str = "cpu",
     max_elems: int = 1 << 24,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.files import atomic_save_npy, atomic_write_json, atomic_write_text
+from shared.files import atomic_save_npy, atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.estimate import (
     delta_norms,
@@ -51,7 +51,7 @@ from shared.ml.affinity.params import (
     effective_lambda,
 )
 from shared.ml.affinity.projection import ProjectionSpec
-from shared.ml.affinity.runtime import Runtime, json_safe, load_npy
+from shared.ml.affinity.runtime import Runtime, load_npy
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.store import gradient_batches, merge_gradients, plan_for, projection_starts
 from shared.ml.affinity.structure import structure_test

@@ -29,7 +29,7 @@ from shared.ml.encoding import collate
 from shared.ml.progress import Progress, silent
 
 
-def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+def _open(path: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
     if path.exists():
         arr = np.lib.format.open_memmap(path, mode="r+")
         if arr.shape != shape or arr.dtype != np.dtype(dtype):

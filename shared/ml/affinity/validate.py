@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.files import atomic_write_json, atomic_write_text
+from shared.files import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.approx_error import _seeded_pick
 from shared.ml.affinity.estimate import (
     evaluate_base,
@@ -23,7 +23,7 @@ from shared.ml.affinity.estimate import (
 from shared.ml.affinity.finetune import finetune
 from shared.ml.affinity.initialise import load_runtime, theta0_info
 from shared.ml.affinity.params import ValidateParams, effective_lambda
-from shared.ml.affinity.runtime import Runtime, SplitRows, json_safe
+from shared.ml.affinity.runtime import Runtime, SplitRows
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.files import atomic_write_json, atomic_write_text
+from shared.files import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity import agreement as ag
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.params import ValidateAffinityParams
-from shared.ml.affinity.runtime import json_safe, load_npy
+from shared.ml.affinity.runtime import load_npy
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.progress import Progress, silent
 
@@ -325,7 +325,7 @@ def truth_seed(
         shape = ModelShape.from_model(base.model, tp.rank, tuple(tp.targets))
         score_cost = Cost()
         t1 = time.perf_counter()
-        adapters = []
+        adapters: list[dict[str, Any]] = []
         # one scoring adapter, loaded with each trained state in turn
         with temporary_adapter(
             base, "validate-score", tp.rank, lora_alpha(tp), tp.targets, tp.dropout, seed, init_state=trained[0].state
@@ -540,9 +540,10 @@ def _rows(
 def _stage1_vs_all_task(est: list[dict], truth: list[dict]) -> float | None:
     """Stage 1's FLOPs over the all-task reference fine-tune's (the single adapter), summed over seeds."""
     ref = [((t.get("all_tasks") or {}).get("cost") or {}).get("total_flops") for t in truth]
-    if not all(isinstance(x, (int, float)) and x > 0 for x in ref):
+    flops: list[float] = [x for x in ref if isinstance(x, (int, float)) and x > 0]
+    if len(flops) != len(ref):
         return None
-    return sum(e["stage1"]["flops"]["total"] for e in est) / sum(ref)
+    return sum(e["stage1"]["flops"]["total"] for e in est) / sum(flops)
 
 
 def variant_report(

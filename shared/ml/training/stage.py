@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.files import atomic_write_text
+from shared.files import atomic_write_text, json_safe
 from shared.ml.evaluate import TaskMetrics, metrics_from_scores
 from shared.ml.models import Base
 from shared.ml.progress import Progress, silent
@@ -59,21 +58,7 @@ StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any]]
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 class _Run:
