@@ -72,22 +72,22 @@ def create_app(api_settings: ApiSettings | None = None) -> FastAPI:
         edge, get_settings().broker_url, lambda kind: metrics.rate_limited.labels(kind).inc()
     )
     for router in (datasets.router, jobs.router, artifacts.router, keys.router):
-        app.include_router(router, prefix="/v1", responses=_ERRORS)  # type: ignore[arg-type]
+        app.include_router(router, prefix="/v1", responses=_ERRORS)
 
     install_outage_handling(app)  # database down: 503 + Retry-After; /health
 
     # /metrics: no key when CHORUS_METRICS_PUBLIC (default, as the inference service), else an admin key.
     add_metrics_route(app, metrics, [] if edge.metrics_public else [Security(authenticate, scopes=["admin"])])
     app.add_middleware(
-        BodyLimitMiddleware,  # type: ignore[arg-type]
+        BodyLimitMiddleware,
         limit=lambda: get_service_settings().max_json_bytes,
         routes=[("POST", r"/v1/datasets/?", lambda: get_settings().max_upload_bytes + 64 * 1024)],
     )
-    app.add_middleware(EarlyRefusalMiddleware, limiter=app.state.rate_limiter)  # type: ignore[arg-type]
-    app.add_middleware(NulGuardMiddleware)  # type: ignore[arg-type]
+    app.add_middleware(EarlyRefusalMiddleware, limiter=app.state.rate_limiter)
+    app.add_middleware(NulGuardMiddleware)
     document_nul_guard(app)
     if docs:
         document_job_params(app, JOB_TYPES)
         install_docs(app)  # /docs and /redoc, with their assets served here (no CDN)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees 413s
     return app

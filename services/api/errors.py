@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +20,7 @@ __all__ = ["ApiError", "error_body", "error_response", "install_error_handlers",
 log = logging.getLogger("chorus.api")
 
 
-def loc_param(loc: tuple[Any, ...] | list[Any], drop_source: bool = True) -> str | None:
+def loc_param(loc: Sequence[Any], drop_source: bool = True) -> str | None:
     """("body", "params", "tasks") -> "params.tasks"; ("query", "limit") -> "limit"."""
     parts = [str(p) for p in loc]
     if drop_source and parts and parts[0] in ("body", "query", "path", "header", "cookie", "form"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,9 @@ def _top_level_problem(cls: type[BaseModel], exc: ValidationError) -> tuple[str,
     """(message, param) of a validation error of the params model itself; an unknown field gets a hint, a
     model-level check that names its field is reported at that field."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    first: Mapping[str, Any] = {}
+    if errors:
+        first = errors[0]
     loc = [str(x) for x in first.get("loc", ())]
     if first.get("type") == "extra_forbidden" and len(loc) == 1:
         param = f"params.{loc[0]}"
@@ -236,7 +238,7 @@ def _failure(cls: type[BaseModel], data: dict[str, Any]) -> Exception | None:
 
 def _located(exc: Exception, section: str, given: dict[str, Any], stage: type[BaseModel]) -> tuple[str, str]:
     """(message, param) of an error of stage section `section` (whose dict was `given`), with its full path."""
-    errors: list[Any] = exc.errors() if isinstance(exc, ValidationError) else []  # type: ignore[assignment]
+    errors: list[Any] = exc.errors() if isinstance(exc, ValidationError) else []
     if errors:
         loc = [str(x) for x in errors[0]["loc"]]
         message = str(errors[0]["msg"]).removeprefix("Value error, ")

@@ -172,9 +172,9 @@ class JobOut(BaseModel):
         return cls(
             id=job.id,
             type=job.type,
-            status=job.status,
+            status=job.status,  # type: ignore[arg-type]  # a str column (checked by the database), validated here
             owner=job.owner,
-            params=job.params or {},  # type: ignore[arg-type]
+            params=job.params or {},
             metadata=job.metadata_ or {},
             progress=job.progress or {},
             error=ErrorDetail(**job.error) if job.error else None,

@@ -9,7 +9,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -30,6 +30,8 @@ AffinityMetric = Literal["accuracy", "neg_loss", "macro_f1"]
 GroupingMethod = Literal["auto", "sdp", "spectral"]
 Candidates = Literal["group", "all"]
 Split = Literal["train", "val", "test"]
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def _plain_help(command: Any) -> None:
@@ -152,7 +154,7 @@ def joined(values: list[Any]) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print a clear error and exit (status 2: bad input)."""
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code=code)
@@ -172,7 +174,7 @@ def validation_message(exc: Any) -> str:
     return "; ".join(parts)
 
 
-def validate(cls: type, data: dict[str, Any], drop_none: bool = False) -> Any:
+def validate(cls: type[ModelT], data: dict[str, Any], drop_none: bool = False) -> ModelT:
     """cls.model_validate(data), exiting with a flag-named error on bad input. drop_none: options left
     unset (None) take the params class's defaults."""
     from pydantic import ValidationError

@@ -177,6 +177,7 @@ def import_command(
 ) -> None:
     """Import a labelled dataset as a task: `chorus import reviews.csv` reads the columns text and label.
     Every bad row is reported; nothing is kept on error."""
+    from shared.ml.tasks.import_errors import RowError
     from shared.ml.tasks.user_import import (
         DatasetValidationError,
         default_task_name,
@@ -194,7 +195,8 @@ def import_command(
     first = file if file is not None else train
     assert first is not None
     if name is None:
-        name, problems = default_task_name(first), []
+        name = default_task_name(first)
+        problems: list[RowError] = []
         validate_name(name, problems)
         if problems:
             fail(escape(f"the name {first.name!r} gives no valid task name ({problems[0].message}); pass --name"))

@@ -81,12 +81,13 @@ def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: li
     r = httpx.post(f"{inference_url}/v1/ensembles/{ensemble_id}/load", headers=headers, timeout=600)
     if r.status_code != 200:
         raise RuntimeError(f"loading ensemble {ensemble_id} failed: {r.status_code} {r.text}")
-    rows, gold = [], []
+    rows: list[dict[str, Any]] = []
+    gold: list[str] = []
     for name in tasks:
         task = get_task(name)
         for ex in subsample(task.split("test"), per_task, seed=0):
             rows.append({"task": name, "fields": ex.fields})
-            gold.append(task.label_names[ex.label])
+            gold.append((task.label_names or task.choices)[ex.label])
     r = httpx.post(
         f"{inference_url}/v1/ensembles/{ensemble_id}/classify", json={"rows": rows}, headers=headers, timeout=600
     )

@@ -53,13 +53,13 @@ ApiKey = Annotated[
 ]
 
 
-def _client(api_url: str | None = None, api_key: str | None = None):  # type: ignore[no-untyped-def]
+def _client(api_url: str | None = None, api_key: str | None = None):
     from services.client import Client
 
     return Client(api_url, api_key)
 
 
-def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+def _call(fn, *args, **kwargs):
     """Run a client call, turning API and connection errors into a clean CLI error."""
     import httpx
 

@@ -49,6 +49,7 @@ from shared.ml.affinity.params import (
     AffinityParams,
     ApproxErrorParams,
     GroupingParams,
+    ValidateAffinityMetric,
     ValidateAffinityParams,
     ValidateParams,
 )
@@ -66,7 +67,6 @@ _GROUP = partial(model_default, GroupingParams)
 _APPROX = partial(model_default, ApproxErrorParams)
 _VAL = partial(model_default, ValidateParams)
 _VA = partial(model_default, ValidateAffinityParams)
-VAMetric = ValidateAffinityParams.model_fields["metric"].annotation  # its Literal choices
 
 # options shared by the commands below
 _TASKS = Annotated[str, typer.Option(help="Comma-separated task names (at least 2).")]
@@ -428,7 +428,8 @@ def validate_affinity_command(
         int | None, typer.Option(help="Tasks per subset (default 3, or 0.3 n above 10 tasks).")
     ] = _VA("subset_size"),
     metric: Annotated[
-        VAMetric, typer.Option(help="neg_loss (-choice cross-entropy), accuracy, margin or neg_vocab_loss.")
+        ValidateAffinityMetric,
+        typer.Option(help="neg_loss (-choice cross-entropy), accuracy, margin or neg_vocab_loss."),
     ] = _VA("metric"),
     groups: Annotated[str, typer.Option(help="Number of groups M for the ARI, or 'auto' (chosen on T_true).")] = str(
         _VA("groups")

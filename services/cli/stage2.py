@@ -51,7 +51,7 @@ def _training_options(
     max_train: int | None,
     max_val: int | None,
     max_test: int | None,
-    patience: int,
+    patience: int | None,
     seed: int,
     max_length: int,
     single: bool,

@@ -101,7 +101,7 @@ def create_app(
     service = InferenceService(settings, base, source, metrics)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI):
         if settings.preload_ids:
             await service.preload(settings.preload_ids)
         yield
@@ -122,10 +122,10 @@ def create_app(
     app.state.authenticator = authenticator
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)  # type: ignore[arg-type]
-    app.add_middleware(NulGuardMiddleware)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(NulGuardMiddleware)
     document_nul_guard(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]  # outermost: sees 413s
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees 413s
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

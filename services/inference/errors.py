@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,7 +16,7 @@ __all__ = ["ApiError", "error_body", "error_response", "install_error_handlers",
 log = logging.getLogger("chorus.inference")
 
 
-def loc_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
+def loc_param(loc: Sequence[Any]) -> str | None:
     """("body", "rows", 3, "fields", "premise") -> "rows[3].fields.premise"."""
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):

@@ -95,16 +95,16 @@ class ReaperStep(bootsteps.StartStopStep):
 
     requires = {"celery.worker.components:Timer"}
 
-    def __init__(self, worker, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
         self.tref = None
 
-    def start(self, worker):  # type: ignore[no-untyped-def]
+    def start(self, worker):
         interval = get_service_settings().reap_interval
         worker.timer.call_after(0.5, self.sweep)
         self.tref = worker.timer.call_repeatedly(interval, self.sweep)
 
-    def stop(self, worker):  # type: ignore[no-untyped-def]
+    def stop(self, worker):
         if self.tref is not None:
             self.tref.cancel()
 
@@ -118,7 +118,7 @@ class ReaperStep(bootsteps.StartStopStep):
 
 
 @signals.worker_init.connect
-def _on_worker_init(**_):  # type: ignore[no-untyped-def]
+def _on_worker_init(**_):
     global MAIN_PID
     MAIN_PID = os.getpid()
     svc = get_service_settings()
@@ -129,7 +129,7 @@ def _on_worker_init(**_):  # type: ignore[no-untyped-def]
 
 
 @signals.worker_ready.connect
-def _on_worker_ready(**_):  # type: ignore[no-untyped-def]
+def _on_worker_ready(**_):
     heavy = [m for m in ("torch", "transformers", "bitsandbytes") if m in sys.modules]
     if heavy:
         log.error("worker parent imported %s before forking: CUDA could be initialised in the parent", heavy)
@@ -138,7 +138,7 @@ def _on_worker_ready(**_):  # type: ignore[no-untyped-def]
 
 
 @signals.worker_process_init.connect
-def _on_child_init(**_):  # type: ignore[no-untyped-def]
+def _on_child_init(**_):
     from shared.db.session import dispose_engines
 
     dispose_engines()

@@ -152,9 +152,9 @@ class JobProgress:
                     update(Job)
                     .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == self.token)
                     .values(progress=snap, updated_at=utcnow())
-                ).rowcount
+                ).rowcount  # type: ignore[attr-defined]
                 == 1
-            )  # type: ignore[attr-defined]
+            )
             if ok and want_event:
                 self._last_event[stage] = now
                 text = f"{stage}: {done}/{total}" + (f" {message}" if message else "")

@@ -100,6 +100,7 @@ def _stale(session: Session, now: datetime, after: float) -> list[tuple[str, dat
     )
     out: list[tuple[str, datetime, int]] = []
     for job_id, sent_at in rows:
+        assert sent_at is not None  # the query's `enqueued_at < ...` leaves NULL out
         count = counts.get(job_id, 0)
         if sent_at < now - timedelta(seconds=after * min(2**count, MAX_BACKOFF)):
             out.append((job_id, sent_at, count))

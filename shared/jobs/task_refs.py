@@ -37,7 +37,9 @@ def task_names_in(params: Any) -> set[str]:
 
 def active_jobs_using(session: Session, task_name: str) -> list[str]:
     """Ids of the queued or running jobs (of any owner) whose params name `task_name`, oldest first."""
-    rows = session.execute(
-        select(Job.id, Job.params).where(Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at)
-    ).all()
+    rows = (
+        session.execute(select(Job.id, Job.params).where(Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at))
+        .tuples()
+        .all()
+    )
     return [job_id for job_id, params in rows if task_name in task_names_in(params)]

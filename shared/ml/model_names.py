@@ -49,7 +49,7 @@ def tiny_llama_seed(name: str) -> int | None:
 
 def parse_dirs(value: str | Sequence[str | Path] | None) -> list[Path]:
     """Allowed model directories from a comma-separated string (or a list), as absolute resolved paths."""
-    items = value.split(",") if isinstance(value, str) else list(value or [])
+    items: Sequence[str | Path] = value.split(",") if isinstance(value, str) else value or ()
     return [Path(os.path.realpath(os.path.expanduser(str(i).strip()))) for i in items if str(i).strip()]
 
 

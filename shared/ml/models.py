@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -21,7 +21,7 @@ from shared.storage import sha256_file
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny model shape used by fast tests: hidden 64, 2 layers, grouped-query attention.
-TINY_CONFIG = dict(
+TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -118,8 +118,11 @@ def smollm2_folder(cache: Path | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The GGUF weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # transformers sets these attributes on the instance without declaring them, and nn.Module types
+    # __setattr__ for tensors and modules only.
+    loaded = cast(Any, model)
+    loaded.hf_quantizer = None
+    loaded.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = _atomic_dir(target)
@@ -240,7 +243,8 @@ def load_model(
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quantization == "none":
-        model.to(device)
+        # PreTrainedModel.to is wrapped with functools.wraps, whose stub does not bind `self`.
+        cast(torch.nn.Module, model).to(device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -260,7 +264,8 @@ def lora_config(
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     return LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else 8 * rank,
+        # peft annotates lora_alpha as int, but it only divides by it: a float alpha is fine.
+        lora_alpha=cast(int, alpha if alpha is not None else 8 * rank),
         target_modules=list(targets),
         lora_dropout=dropout,
         bias="none",

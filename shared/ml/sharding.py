@@ -20,7 +20,7 @@ may be re-run after its worker died) and their outputs must not depend on how th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,7 @@ def split_ranges(
     size: int,
     shards: int,
     align: int = 1,
-    starts: tuple[int, ...] | list[int] | None = None,
+    starts: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
     """[0, size) cut into at most `shards` contiguous, non-empty ranges of nearly equally many units, a unit
     running from one allowed start to the next: the multiples of `align`, or the given `starts` (0 among them)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
@@ -41,12 +42,16 @@ def download(art: Artifact, fmt: ArchiveFormat, name: str | None = None) -> File
     return FileResponse(path, media_type=art.media_type, filename=label, headers={"X-Content-SHA256": art.sha256})
 
 
-def _listing(rows: list, more: bool, out: type) -> ListResponse:  # type: ignore[type-arg]
+OutT = TypeVar("OutT", ArtifactOut, AdapterOut, EnsembleOut)
+
+
+def _listing(rows: Sequence[Any], more: bool, out: type[OutT]) -> ListResponse[OutT]:
     data = [out.of(r) for r in rows]
-    return ListResponse[out](
+    # Parametrised with the class itself (the route's response model), which mypy cannot check statically.
+    return ListResponse[out](  # type: ignore[valid-type]
         data=data,
         has_more=more,
-        first_id=data[0].id if data else None,  # type: ignore[valid-type]
+        first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )
 

@@ -43,7 +43,7 @@ _TASK_SUFFIX_HEX = 8
 _FORMATS = "jsonl, json, csv, tsv, parquet or arrow"
 
 
-def _user_import():  # type: ignore[no-untyped-def]
+def _user_import():
     try:
         from shared.ml.tasks import user_import
     except ModuleNotFoundError as exc:  # pragma: no cover - deployment without the ML core
@@ -145,7 +145,7 @@ def upload_dataset(
     if db.scalar(select(Dataset.id).where(Dataset.owner == principal.owner, Dataset.name == name)) is not None:
         raise _taken(name)
     ui = _user_import()
-    parts = [("file", file, None)]
+    parts: list[tuple[str, UploadFile, str | None]] = [("file", file, None)]
     parts += [
         (p, u, s)
         for p, u, s in (("validation_file", validation_file, "validation"), ("test_file", test_file, "test"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -215,11 +216,13 @@ def train_arms(params: StudyParams, workdir: Path, progress: Progress = silent) 
         try:
             slot = iter(range(10**6))
             futures: dict[Any, tuple[int, str]] = {}
+            # (arm, its function, the arguments between the seed and the arm's folder)
+            arms: tuple[tuple[str, Callable[..., str], tuple[Any, ...]], ...] = (
+                ("affinity", _run_affinity_arm, ()),
+                ("per_task", _run_control_arm, (singletons,)),
+            )
             for s in params.seeds:
-                for arm, fn, args in (
-                    ("affinity", _run_affinity_arm, ()),
-                    ("per_task", _run_control_arm, (singletons,)),
-                ):
+                for arm, fn, args in arms:
                     if _done(folders[s][arm]):
                         tick(f"seed {s} {arm}")
                     else:

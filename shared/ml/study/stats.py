@@ -8,11 +8,20 @@ over tasks (macro), then over seeds.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 import numpy as np
 from scipy.stats import binomtest
 
 Correct = Sequence[Mapping[str, np.ndarray]]
+
+
+class PairedDifference(TypedDict):
+    mean: float
+    ci95: list[float]
+    sd_over_seeds: float | None
+    per_seed: list[float]
+    p_le_0: float
 
 
 def macro_accuracy(correct: Mapping[str, np.ndarray]) -> float:
@@ -35,7 +44,7 @@ def _check_paired(a: Correct, b: Correct) -> None:
                 raise ValueError(f"seed {s}, task {t}: {len(ca[t])} vs {len(cb[t])} rows; arms must share rows")
 
 
-def hierarchical_bootstrap(a: Correct, b: Correct, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+def hierarchical_bootstrap(a: Correct, b: Correct, resamples: int = 2000, seed: int = 0) -> PairedDifference:
     """Mean paired difference a - b of macro accuracy with a 95 % CI from a two-level bootstrap:
     seeds are resampled with replacement, then, within each drawn seed, the test rows of every task
     (stratified by task; the pairing of a row across arms is kept). One seed: rows only."""

@@ -415,7 +415,7 @@ def read_saved_dataset(
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         errors.append(RowError(None, None, "dataset_dict.json does not list the splits"))
         return []
-    tables = []
+    tables: list[Table] = []
     for name in names:
         stored = split_name(name)
         if stored is None:

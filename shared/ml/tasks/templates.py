@@ -198,7 +198,7 @@ def _checked_tree(template: str, fields: Collection[str] | None) -> nodes.Templa
             if node.ctx != "load":
                 raise TemplateError(f"assigning to {node.name!r} is not allowed", lineno, _snippet(template, lineno))
             if fields is not None and node.name not in fields:
-                unknown.setdefault(node.name, lineno)
+                unknown.setdefault(node.name, node.lineno)
         if isinstance(node, nodes.Const) and not isinstance(node.value, (str, int, float, bool, type(None))):
             raise TemplateError(f"constant {node.value!r} is not allowed", lineno, _snippet(template, lineno))
     if unknown:

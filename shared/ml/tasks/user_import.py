@@ -518,8 +518,8 @@ def _read_tables(files: Sequence[DataFile], errors: list[RowError], warnings: li
         else:
             raw = _read_upload(f.data, limit - used)
         if used + len(raw) > limit:
-            size = f"{len(raw):,} bytes" if isinstance(f.data, (bytes, bytearray, memoryview)) else "larger than that"
-            message = f"file is over the {limit:,}-byte upload limit ({size})"
+            shown = f"{len(raw):,} bytes" if isinstance(f.data, (bytes, bytearray, memoryview)) else "larger than that"
+            message = f"file is over the {limit:,}-byte upload limit ({shown})"
             raise DatasetValidationError([RowError(None, None, message, source)])
         fmt = (f.fmt or "").lower() or format_for(f.name or "") or "jsonl"
         tables.append(read_bytes(raw, fmt, errors, source=source, split=split, max_rows=max_rows, max_bytes=limit))
@@ -777,7 +777,7 @@ def _split_rows(parsed: ParsedDataset, name: str) -> tuple[dict[str, list[dict[s
     given = {s: [i for i, r in enumerate(parsed.rows) if r.split == s] for s in SPLITS} if parsed.split_source else {}
     origin = "the split column" if parsed.split_source == "column" else "the files (one per split)"
     if not given:
-        parts = three_way(labels, (0.8, 0.1, 0.1), SEED, groups)
+        parts: tuple[list[int], ...] = three_way(labels, (0.8, 0.1, 0.1), SEED, groups)
         note = "train/val/test carved 80/10/10, stratified by label (seed 0)"
     elif not (given["val"] or given["test"]):  # only train rows: they are the whole dataset
         train = given["train"]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from shared.ml.training.adapters import (
     remove_adapter_from_base,
 )
 
-FORMAT = "chorus.ensemble/v1"
+FORMAT: Final = "chorus.ensemble/v1"
 MEMBER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 ZERO = 0.0
 
@@ -192,7 +192,7 @@ def load_manifest(path: Path | str, verify_fingerprint: bool = True) -> Ensemble
 
 def default_weights(
     groups: Sequence[tuple[str, Sequence[str]]],
-    boosters: dict[str, Sequence[str]],
+    boosters: Mapping[str, Sequence[str]],
     eta: float,
     all_members: Sequence[str],
     base_member: str = "base",
@@ -381,6 +381,7 @@ def fit_weights(
         logits = torch.einsum("j,jnc->nc", ct, stack)
         loss = torch.nn.functional.cross_entropy(logits, y) + l2 * ((ct - torch.tensor(c0)) ** 2).sum()
         loss.backward()
+        assert ct.grad is not None  # set by backward()
         return float(loss.detach()), ct.grad.numpy().copy()
 
     result = minimize(

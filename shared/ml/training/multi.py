@@ -244,7 +244,7 @@ class LoRAStack:
     @torch.no_grad()
     def clip(self, max_norm: float) -> None:
         """torch.nn.utils.clip_grad_norm_ per adapter (the norm over all of an adapter's tensors)."""
-        sq = sum((g * g).sum(dim=(0, 2, 3)) for g in self.G)
+        sq = sum(((g * g).sum(dim=(0, 2, 3)) for g in self.G), torch.tensor(0.0, device=self.G[0].device))
         coef = (max_norm / (torch.sqrt(sq) + 1e-6)).clamp(max=1.0).view(1, -1, 1, 1)
         for g in self.G:
             g.mul_(coef)
@@ -378,13 +378,13 @@ def _upload(values: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 def _chunks(
-    rows: list[tuple[int, ...]], lengths: list[int], max_rows: int | None, max_tokens: int | None
+    rows: Sequence[tuple[int, ...]], lengths: list[int], max_rows: int | None, max_tokens: int | None
 ) -> list[list[tuple[int, ...]]]:
     """Split rows (first field: table row) into pieces of at most max_rows rows and max_tokens padded tokens,
     length-sorted when a split is needed."""
     width = max(lengths[r[0]] for r in rows)
     if (max_rows is None or len(rows) <= max_rows) and (max_tokens is None or len(rows) * width <= max_tokens):
-        return [rows]
+        return [list(rows)]
     out: list[list[tuple[int, ...]]] = []
     cur: list[tuple[int, ...]] = []
     for r in sorted(rows, key=lambda r: lengths[r[0]]):

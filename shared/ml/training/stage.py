@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from shared.ml.training.costs import FLOP_FORMULA, Cost, ModelShape, StageClock,
 from shared.ml.training.dequant import resolve as resolve_dequantize
 from shared.ml.training.ensemble import (
     AdapterPool,
+    BaseIdentity,
     EnsembleManifest,
     Member,
     TaskWeights,
@@ -400,7 +401,7 @@ def _write_manifests(run: _Run, grp: _Groups, w: _Weights, single_name: str | No
             members.append(Member(name=name, path=None, sha256=None, role="base", tasks=[]))
         else:
             meta = run.metas[name]
-            role = "booster" if name in w.booster_names else "group"
+            role: Literal["group", "booster"] = "booster" if name in w.booster_names else "group"
             members.append(
                 Member(name=name, path=f"adapters/{name}", sha256=meta.sha256, role=role, tasks=list(meta.tasks))
             )
@@ -408,7 +409,7 @@ def _write_manifests(run: _Run, grp: _Groups, w: _Weights, single_name: str | No
     manifest = EnsembleManifest(
         name=params.ensemble.name,
         version=1,
-        base=info.identity(),
+        base=BaseIdentity(**info.identity()),
         max_length=params.max_length,
         members=members,
         tasks={t: TaskWeights(weights=w.weights[t]) for t in grp.tasks},
@@ -428,7 +429,7 @@ def _write_manifests(run: _Run, grp: _Groups, w: _Weights, single_name: str | No
         single_manifest = EnsembleManifest(
             name=f"{params.ensemble.name}-single",
             version=1,
-            base=info.identity(),
+            base=BaseIdentity(**info.identity()),
             max_length=params.max_length,
             members=[single],
             tasks={t: TaskWeights(weights={"single": 1.0}) for t in grp.tasks},

@@ -19,7 +19,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +127,7 @@ LENGTH_POOL = 64  # "length" batching sorts pools of this many batches' rows by 
 
 
 def epoch_plan(
-    lengths: dict[str, Sequence[int]],
+    lengths: Mapping[str, Sequence[int]],
     batch_size: int,
     seed: int,
     epoch: int,
@@ -286,11 +286,10 @@ def trainable_4bit(model: Any) -> int:
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        state = getattr(module.weight, "quant_state", None)
+        weight: Any = module.weight  # a bitsandbytes Params4bit: carries quant_state
+        state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
-            )
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             changed += 1
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
