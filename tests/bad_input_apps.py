@@ -72,6 +72,22 @@ def make_keys(prefix: str) -> dict[str, str]:
     return keys
 
 
+@contextmanager
+def embedded_home(home: Path, **env: str) -> Iterator[Path]:
+    """isolated_home on the embedded defaults (SQLite job database and broker: DATABASE_URL / BROKER_URL unset), API
+    keys never cached, plus `env`; the database engines are disposed afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("DATABASE_URL", "BROKER_URL"):
+            mp.delenv(name, raising=False)
+        for name, value in {"CHORUS_AUTH_CACHE_SECONDS": "0", **env}.items():
+            mp.setenv(name, value)
+        with isolated_home(home) as path:
+            yield path
+        from shared.db.session import dispose_engines
+
+        dispose_engines()
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict
 
 from shared.errors import BadInput, ChorusError, Infrastructure, InvalidParams, StageFailed, classify
-from tests.bad_input_apps import auth, isolated_home, job_api, make_keys
+from tests.bad_input_apps import auth, embedded_home, job_api, make_keys
 
 FAMILIES = {
     InvalidParams: ("invalid_params", 422),
@@ -182,15 +182,8 @@ def merge_shards_stage(params: ErrorsTestParams, workdir: Path, progress: Any) -
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("DATABASE_URL", "BROKER_URL"):
-            mp.delenv(name, raising=False)
-        mp.setenv("CHORUS_AUTH_CACHE_SECONDS", "0")
-        with isolated_home(tmp_path_factory.mktemp("errors-home")) as path:
-            yield path
-        from shared.db.session import dispose_engines
-
-        dispose_engines()
+    with embedded_home(tmp_path_factory.mktemp("errors-home")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.bad_input_apps import auth, isolated_home, job_api, make_keys
+from tests.bad_input_apps import auth, embedded_home, job_api, make_keys
 
 ECHO = '''
 """The `echo` job type (a test plug-in): write the text, repeated, to echo.txt."""
@@ -43,15 +43,8 @@ JOB_TYPE = JobType("echo", "Write the text, repeated (a test plug-in).", "toyjob
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("DATABASE_URL", "BROKER_URL"):
-            mp.delenv(name, raising=False)
-        mp.setenv("CHORUS_AUTH_CACHE_SECONDS", "0")
-        with isolated_home(tmp_path_factory.mktemp("plugin-home")) as path:
-            yield path
-        from shared.db.session import dispose_engines
-
-        dispose_engines()
+    with embedded_home(tmp_path_factory.mktemp("plugin-home")) as path:
+        yield path
 
 
 @pytest.fixture
