@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +16,10 @@ from services.cli.common import Quantization, Split, fail, model_default
 from services.cli.tables import print_metrics_table
 from shared.ml.eval_params import EvalParams
 from shared.ml.progress import ConsoleProgress
+
+if TYPE_CHECKING:  # the commands import these at run time, when they need them
+    from shared.ml.tasks.base import Task
+    from shared.ml.tasks.user_import import ParsedDataset
 
 console = Console()
 
@@ -177,16 +182,36 @@ def import_command(
 ) -> None:
     """Import a labelled dataset as a task: `chorus import reviews.csv` reads the columns text and label.
     Every bad row is reported; nothing is kept on error."""
-    from shared.ml.tasks.import_errors import RowError
-    from shared.ml.tasks.user_import import (
-        DatasetValidationError,
-        default_task_name,
-        register_dataset,
-        user_task_exists,
-        validate_dataset_paths,
-        validate_name,
+    source = _import_source(file, train, validation, test)
+    task_name = _import_name(name, source.first)
+    fields = [f.strip() for item in (text_field or ["text"]) for f in item.split(",") if f.strip()]
+    imported = _import_task(
+        source,
+        task_name,
+        fields,
+        label_field,
+        label_names,
+        template,
+        id_field,
+        split_field,
+        fmt,
+        overwrite,
+        description,
     )
+    _print_imported(imported)
 
+
+@dataclass(frozen=True)
+class _ImportSource:
+    """The files of an import: FILE (None with --train), the per-split files, and the file that names the task."""
+
+    file: Path | None
+    splits: dict[str, Path]
+    first: Path
+
+
+def _import_source(file: Path | None, train: Path | None, validation: Path | None, test: Path | None) -> _ImportSource:
+    """FILE or --train (with --validation, --test); exits when neither or both are given."""
     if file is None and train is None:
         fail("give the dataset FILE, or one file per split with --train (and --validation, --test)")
     if file is not None and train is not None:
@@ -194,26 +219,66 @@ def import_command(
     splits = {k: v for k, v in (("train", train), ("validation", validation), ("test", test)) if v is not None}
     first = file if file is not None else train
     assert first is not None
-    if name is None:
-        name = default_task_name(first)
-        problems: list[RowError] = []
-        validate_name(name, problems)
-        if problems:
-            fail(escape(f"the name {first.name!r} gives no valid task name ({problems[0].message}); pass --name"))
-    fields = [f.strip() for item in (text_field or ["text"]) for f in item.split(",") if f.strip()]
+    return _ImportSource(file, splits, first)
+
+
+def _import_name(name: str | None, first: Path) -> str:
+    """--name, else the task name the file's name gives (exits when that is no valid task name)."""
+    from shared.ml.tasks.import_errors import RowError
+    from shared.ml.tasks.user_import import default_task_name, validate_name
+
+    if name is not None:
+        return name
+    name = default_task_name(first)
+    problems: list[RowError] = []
+    validate_name(name, problems)
+    if problems:
+        fail(escape(f"the name {first.name!r} gives no valid task name ({problems[0].message}); pass --name"))
+    return name
+
+
+@dataclass(frozen=True)
+class _Imported:
+    """A registered import: the validated dataset and the task stored from it."""
+
+    parsed: ParsedDataset
+    task: Task
+
+
+def _import_task(
+    source: _ImportSource,
+    name: str,
+    fields: list[str],
+    label_field: str,
+    label_names: str | None,
+    template: str | None,
+    id_field: str | None,
+    split_field: str,
+    fmt: str | None,
+    overwrite: bool,
+    description: str | None,
+) -> _Imported:
+    """Validate the files and register them as task `name`; exits with every problem on bad input."""
+    from shared.ml.tasks.user_import import (
+        DatasetValidationError,
+        register_dataset,
+        user_task_exists,
+        validate_dataset_paths,
+    )
+
     try:
         labels = _label_names(label_names)
         if not overwrite and user_task_exists(name):
             fail(escape(f"a task named {name!r} already exists; pass --overwrite to replace it"))
         parsed = validate_dataset_paths(
-            file,
+            source.file,
             fields,
             label_field,
             template,
             labels,
             id_field,
             fmt,
-            splits=splits,
+            splits=source.splits,
             name=name,
             split_field=split_field or None,
         )
@@ -226,7 +291,13 @@ def import_command(
     except ValueError as exc:
         fail(escape(str(exc)))
     except OSError as exc:
-        fail(escape(f"cannot read {exc.filename or first}: {exc.strerror or type(exc).__name__}"))
+        fail(escape(f"cannot read {exc.filename or source.first}: {exc.strerror or type(exc).__name__}"))
+    return _Imported(parsed, task)
+
+
+def _print_imported(imported: _Imported) -> None:
+    """The warnings, then one line with the task's name, row count, split sizes and choices."""
+    parsed, task = imported.parsed, imported.task
     for warning in parsed.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     sizes = task.sizes()

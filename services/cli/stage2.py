@@ -9,6 +9,7 @@ the finished files into --out with the report last, so --out never holds a half-
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -257,8 +258,6 @@ def pipeline_command(
     as_json: _JSON = False,
 ) -> None:
     """affinity -> grouping -> group adapters -> boosting -> ensemble -> evaluation, into --out."""
-    from shared.ml.training.stage import run_pipeline
-
     out = check_out(out)
     tasks_ = task_list(tasks)
     training = _training_options(
@@ -288,30 +287,64 @@ def pipeline_command(
         weight_candidates,
         name,
     )
+    stage1 = _Stage1Options(dim, lam, subset_size, coverage, mode, metric, output, init, method)
+    params = _pipeline_params(model, tasks_, groups, training, stage1)
+    check_model(model)
+    _run_pipeline(out, params, as_json)
+
+
+@dataclass(frozen=True)
+class _Stage1Options:
+    """The pipeline's affinity and grouping options; None: the params model's default."""
+
+    dim: int | None
+    lam: float | None
+    subset_size: int | None
+    coverage: int | None
+    mode: Mode | None
+    metric: AffinityMetric | None
+    output: Output | None
+    init: Init | None
+    method: GroupingMethod | None
+
+    def affinity(self) -> dict[str, Any]:
+        """The `affinity` section: the options that were set."""
+        return {
+            k: v
+            for k, v in dict(
+                dim=self.dim,
+                lam=self.lam,
+                subset_size=self.subset_size,
+                coverage=self.coverage,
+                mode=self.mode,
+                metric=self.metric,
+                output=self.output,
+                init=self.init,
+            ).items()
+            if v is not None
+        }
+
+    def grouping(self) -> dict[str, Any]:
+        """The `grouping` section: the options that were set."""
+        return {k: v for k, v in dict(method=self.method, metric=self.metric).items() if v is not None}
+
+
+def _pipeline_params(
+    model: str, tasks: list[str], groups: str, training: dict[str, Any], stage1: _Stage1Options
+) -> PipelineParams:
+    """PipelineParams from the options (exits with status 2 on a bad value); the options shared by all
+    stages move from `training` to the top level."""
     shared = {k: training.pop(k) for k in ("quantization", "seed", "max_train", "max_val", "max_test", "max_length")}
     for key in ("alpha",):
         if training[key] is None:
             training.pop(key)
-    affinity = {
-        k: v
-        for k, v in dict(
-            dim=dim,
-            lam=lam,
-            subset_size=subset_size,
-            coverage=coverage,
-            mode=mode,
-            metric=metric,
-            output=output,
-            init=init,
-        ).items()
-        if v is not None
-    }
-    grouping = {k: v for k, v in dict(method=method, metric=metric).items() if v is not None}
-    params = validate(
+    affinity = stage1.affinity()
+    grouping = stage1.grouping()
+    return validate(
         PipelineParams,
         dict(
             model=model,
-            tasks=tasks_,
+            tasks=tasks,
             groups=groups_option(groups),
             **shared,
             affinity=affinity,
@@ -319,14 +352,17 @@ def pipeline_command(
             training=training,
         ),
     )
-    check_model(model)
-    from shared.ml.training.stage import check_workdir
 
-    partial = out.parent / f".{out.name}.partial-pipeline"
+
+def _run_pipeline(out: Path, params: PipelineParams, as_json: bool) -> None:
+    """Run (or resume) the pipeline in its hidden work folder, publish it into `out` and print the report."""
+    from shared.ml.training.stage import check_workdir, run_pipeline
+
+    workdir = out.parent / f".{out.name}.partial-pipeline"
     try:
-        check_workdir(params, partial)
+        check_workdir(params, workdir)
     except ValueError as exc:
-        fail(f"{exc} (or delete {partial})")
+        fail(f"{exc} (or delete {workdir})")
     with ConsoleProgress() as progress:
         run_into(out, "pipeline", "report.json", lambda wd: run_pipeline(params, wd, progress), keep_partial=True)
     report = json.loads((out / "report.json").read_text())

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Path as PathParam
 
 from services.api.docs import install_docs
@@ -80,6 +82,31 @@ def create_app(
 ) -> FastAPI:
     """Build the app. The base model is loaded here, once (settings.model / settings.quantization, or the
     `base` given, e.g. by tests). `overrides` set InferenceSettings fields (model=..., quantization=...)."""
+    served = _served(settings, base, overrides)
+    settings, base = served.settings, served.base
+    if authenticator is None:
+        authenticator = _db_authenticator(settings)
+    source = source or default_source(settings.ensembles_dir, settings.use_database)
+    metrics = InferenceMetrics()
+    service = InferenceService(settings, base, source, metrics)
+    app = _new_app(settings, service, authenticator, metrics)
+    app.include_router(_health_router(service, base))
+    add_metrics_route(app, metrics, [] if settings.metrics_public else [Depends(require("admin"))])
+    app.include_router(_ensembles_router(service, base))
+    return app
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The settings the service runs with and the base model it serves."""
+
+    settings: InferenceSettings
+    base: Any
+
+
+def _served(settings: InferenceSettings | None, base: Any, overrides: dict[str, Any]) -> _Served:
+    """The settings with `overrides` applied, and the base model: loaded from them, or the one given (which
+    then decides the settings' model and quantization)."""
     from shared.ml.models import Base
 
     if settings is None:
@@ -90,27 +117,41 @@ def create_app(
         base = Base.load(settings.model, settings.quantization, settings.device)
     else:  # the given base decides what is served
         settings = settings.model_copy(update={"model": base.info.name, "quantization": base.info.quantization})
-    if authenticator is None:
-        if settings.migrate_on_start:
-            from shared.db.session import migrate
+    return _Served(settings, base)
 
-            migrate()
-        authenticator = DbKeyAuthenticator(settings.auth_cache_seconds)
-    source = source or default_source(settings.ensembles_dir, settings.use_database)
-    metrics = InferenceMetrics()
-    service = InferenceService(settings, base, source, metrics)
+
+def _db_authenticator(settings: InferenceSettings) -> Authenticator:
+    """API keys checked against the job database (migrated first when settings.migrate_on_start)."""
+    if settings.migrate_on_start:
+        from shared.db.session import migrate
+
+        migrate()
+    return DbKeyAuthenticator(settings.auth_cache_seconds)
+
+
+def _lifespan(
+    settings: InferenceSettings, service: InferenceService
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Preload settings.preload_ids at startup; close the service at shutdown."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.preload_ids:
             await service.preload(settings.preload_ids)
         yield
         await service.close()
 
+    return lifespan
+
+
+def _new_app(
+    settings: InferenceSettings, service: InferenceService, authenticator: Authenticator, metrics: InferenceMetrics
+) -> FastAPI:
+    """The app without its routes: docs, state, error handlers and middleware."""
     app = FastAPI(
         title="chorus inference",
         version="1",
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, service),
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
@@ -126,8 +167,14 @@ def create_app(
     app.add_middleware(NulGuardMiddleware)
     document_nul_guard(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees 413s
+    return app
 
-    @app.get("/health")
+
+def _health_router(service: InferenceService, base: Any) -> APIRouter:
+    """GET /health: the base model, device, number of loaded ensembles and uptime (no key)."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> dict[str, Any]:
         info = base.info
         return {
@@ -142,9 +189,14 @@ def create_app(
             "uptime_seconds": round(time.time() - service.started_at, 1),
         }
 
-    add_metrics_route(app, metrics, [] if settings.metrics_public else [Depends(require("admin"))])
+    return router
 
-    @app.get("/v1/ensembles", responses=READ_ERRORS)
+
+def _ensembles_router(service: InferenceService, base: Any) -> APIRouter:
+    """The /v1/ensembles routes: list, describe, load, unload, classify."""
+    router = APIRouter()
+
+    @router.get("/v1/ensembles", responses=READ_ERRORS)
     async def list_ensembles(principal: Infer) -> dict[str, Any]:
         return {
             "data": [service.describe(e) for e in service.visible(principal.owner_filter)],
@@ -152,18 +204,18 @@ def create_app(
             "engine": service.engine.describe(),
         }
 
-    @app.get("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
+    @router.get("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
     async def get_ensemble(ensemble_id: str, principal: Infer) -> dict[str, Any]:
         return service.describe(service.get(ensemble_id, principal.owner_filter))
 
-    @app.post("/v1/ensembles/{ensemble_id}/load", responses=LOAD_ERRORS)
+    @router.post("/v1/ensembles/{ensemble_id}/load", responses=LOAD_ERRORS)
     async def load_ensemble(ensemble_id: LoadId, principal: Admin, body: LoadRequest | None = None) -> dict[str, Any]:
         ensemble, loaded = await service.load(
             ensemble_id, owner=body.owner if body else None, default_owner=principal.owner
         )
         return {**service.describe(ensemble), "loaded": loaded}
 
-    @app.delete("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
+    @router.delete("/v1/ensembles/{ensemble_id}", responses=READ_ERRORS)
     async def unload_ensemble(ensemble_id: str, _: Admin) -> dict[str, Any]:
         ensemble = await service.unload(ensemble_id)
         return {
@@ -173,7 +225,7 @@ def create_app(
             "in_flight": ensemble.in_flight,
         }
 
-    @app.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse, responses=CLASSIFY_ERRORS)
+    @router.post("/v1/ensembles/{ensemble_id}/classify", response_model=ClassifyResponse, responses=CLASSIFY_ERRORS)
     async def classify(ensemble_id: str, body: ClassifyRequest, principal: Infer) -> dict[str, Any]:
         check_field_text(body.rows)
         rows = [row.model_dump(exclude_none=True) for row in body.rows]
@@ -186,4 +238,4 @@ def create_app(
             "results": [r.to_dict() for r in results],
         }
 
-    return app
+    return router

@@ -348,14 +348,43 @@ def validate_files(
         raise DatasetValidationError(errors)  # one error per file names the missing columns: no row-by-row echo
     split_column = _split_column(tables, split_field, required, warnings)
     rows, labelled = _check_rows(tables, fields, keys, label_field, id_field, split_column, errors)
+    _check_sizes(tables, settings.max_dataset_rows, errors)
+    class_names = _class_label_names(tables, label_field, warnings)
+    labels = _check_labels(labelled, label_names, class_names, label_field, errors, warnings)
+    split_source = _split_source(tables, split_column, rows, errors)
+    final_template = _final_template(template, fields, keys, labels.names, rows, errors)
+    if errors:
+        raise DatasetValidationError(errors)
+    return ParsedDataset(
+        fmt="+".join(dict.fromkeys(t.fmt for t in tables)),
+        text_fields=fields,
+        field_keys=keys,
+        label_field=label_field,
+        label_names=labels.names,
+        template=final_template,
+        id_field=id_field,
+        rows=rows,
+        sha256=_digest(tables),
+        source_name=", ".join(dict.fromkeys(f.name or "upload" for f in files)),
+        label_index=labels.index,
+        split_source=split_source,
+        warnings=warnings,
+    )
+
+
+def _check_sizes(tables: list[Table], max_rows: int, errors: list[RowError]) -> None:
+    """A "no data rows" problem for each empty file without row problems; one for a total over `max_rows`."""
     for table in tables:
         table_errors = [e for e in errors if e.line is not None and e.source == table.source]
         if not table.records and not table_errors:
             errors.append(table.error(None, None, "no data rows"))
     total = sum(len(t.records) for t in tables)
-    if total > settings.max_dataset_rows:
-        errors.append(RowError(None, None, f"{total:,} rows is over the {settings.max_dataset_rows:,}-row limit"))
+    if total > max_rows:
+        errors.append(RowError(None, None, f"{total:,} rows is over the {max_rows:,}-row limit"))
 
+
+def _class_label_names(tables: list[Table], label_field: str, warnings: list[str]) -> list[str] | None:
+    """The ClassLabel names a Hugging Face file gives the label column; None (with a warning) when unusable."""
     class_names = next((t.class_labels[label_field] for t in tables if label_field in t.class_labels), None)
     if class_names is not None and (
         len(class_names) < 2 or len(set(class_names)) != len(class_names) or not all(n.strip() for n in class_names)
@@ -363,7 +392,28 @@ def validate_files(
         warnings.append(
             f"the ClassLabel names {class_names[:20]} of {label_field!r} are ignored (fewer than 2, repeated or empty)"
         )
-        class_names = None
+        return None
+    return class_names
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """The label names and a map from the labels as written to their index into them."""
+
+    names: list[str]
+    index: dict[str, int]
+
+
+def _check_labels(
+    labelled: list[tuple[Table, int, str]],
+    label_names: Sequence[str] | None,
+    class_names: list[str] | None,
+    label_field: str,
+    errors: list[RowError],
+    warnings: list[str],
+) -> _Labels:
+    """Resolve the labels (given names, else ClassLabel names, else the sorted labels); report unknown labels,
+    labels with a single example and fewer than 2 distinct labels; warn when bare integers become the names."""
     names, index = _resolve_labels(
         labelled, label_names if label_names is not None else class_names, label_field, errors
     )
@@ -382,6 +432,14 @@ def validate_files(
             )
     if labelled and len({index[label] for label in counts if label in index}) < 2:
         errors.append(RowError(None, label_field, "need examples of at least 2 different labels"))
+    return _Labels(names, index)
+
+
+def _split_source(
+    tables: list[Table], split_column: str | None, rows: list[ParsedRow], errors: list[RowError]
+) -> str | None:
+    """Where the user's splits come from ("files" or "column"; None: carve them); a problem when they give
+    no train rows."""
     split_source = "files" if any(t.split for t in tables) else ("column" if split_column else None)
     if split_source and rows and not any(r.split == "train" for r in rows):
         given = ", ".join(sorted({r.split or "" for r in rows}))
@@ -392,6 +450,18 @@ def validate_files(
                 f"no train rows: the {'split column' if split_source == 'column' else 'files'} give only {given}",
             )
         )
+    return split_source
+
+
+def _final_template(
+    template: str | None,
+    fields: list[str],
+    keys: list[str],
+    names: list[str],
+    rows: list[ParsedRow],
+    errors: list[RowError],
+) -> str:
+    """The user's template, else the default one; checked against the fields and rendered on every row."""
     final_template = template if template is not None else default_template(fields, keys, names)
     if template is None and len(final_template) > MAX_TEMPLATE_CHARS:
         message = (
@@ -401,23 +471,7 @@ def validate_files(
         errors.append(RowError(None, "template", message))
     else:
         _check_template(final_template, keys, rows, errors, user_given=template is not None)
-    if errors:
-        raise DatasetValidationError(errors)
-    return ParsedDataset(
-        fmt="+".join(dict.fromkeys(t.fmt for t in tables)),
-        text_fields=fields,
-        field_keys=keys,
-        label_field=label_field,
-        label_names=names,
-        template=final_template,
-        id_field=id_field,
-        rows=rows,
-        sha256=_digest(tables),
-        source_name=", ".join(dict.fromkeys(f.name or "upload" for f in files)),
-        label_index=index,
-        split_source=split_source,
-        warnings=warnings,
-    )
+    return final_template
 
 
 def _digest(tables: list[Table]) -> str:
