@@ -101,6 +101,7 @@ class JobRunner:
         self.job_type: JobType | None = None  # with its validated params, once _execute has them
         self.params: BaseModel | None = None
         self.inputs: list[_Input] = []  # files params name, checked before the first stage runs
+        self._stage_started = 0.0  # time.monotonic() when the current stage started
 
     # -- entry point --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -338,7 +339,7 @@ class JobRunner:
                 data={"type": "stage", "stage": name, "status": StageStatus.RUNNING, "attempt": row.attempts},
             )
             session.commit()
-        started = time.monotonic()
+        started = self._stage_started = time.monotonic()
         sharder = None
         if self.settings.fanout_shards > 1:
             sharder = JobSharder(self.job_id, self.settings, self.dispatch, self._check_stop)
@@ -409,8 +410,8 @@ class JobRunner:
                 session.rollback()
                 self._fail(state.error_obj(StageFailed.code, f"stage {name} outputs: {exc}"), name)
             if not state.guard(session, self.job_id, self.token):
-                session.rollback()
-                raise _Stop(self._why_not_mine())
+                session.rollback()  # a stage that finished after its job was cancelled is cancelled, not kept
+                self._stopped(name, self._stage_started)
             row = self._stage_row(session, name)
             assert row is not None
             row.status, row.finished_at = StageStatus.SUCCEEDED, utcnow()
