@@ -60,8 +60,8 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
         "groups": "auto",
         "seed": 0,
         "max_train": max_train,
-        "max_val": 32,
-        "max_test": 40,
+        "max_val": 24,
+        "max_test": 30,
         "max_length": 128,
         "affinity": {"dim": 200, "init": "meta"},
         # A few rows per task leave a 2-task group adapter ~10 steps an epoch: at lr 5e-4 and batch 8 the group
