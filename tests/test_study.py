@@ -67,6 +67,69 @@ def test_mcnemar_counts_discordant_rows_over_seeds():
     assert res["p"] == pytest.approx(0.625)  # exact two-sided binomial, 1 of 4 discordant
 
 
+def test_bootstrap_defaults_and_seed_make_it_reproducible():
+    rng = np.random.default_rng(5)
+    a, b = _arm(rng, 0.7, seeds=2, rows=50), _arm(rng, 0.6, seeds=2, rows=50)
+    assert hierarchical_bootstrap(a, b) == hierarchical_bootstrap(a, b, 2000, seed=0)  # the documented defaults
+    assert hierarchical_bootstrap(a, b, 300, seed=7) == hierarchical_bootstrap(a, b, 300, seed=7)
+    assert hierarchical_bootstrap(a, b, 300, seed=7)["ci95"] != hierarchical_bootstrap(a, b, 300, seed=8)["ci95"]
+
+
+def test_bootstrap_of_one_seed_resamples_every_row_and_has_no_seed_spread():
+    """One seed, one task, one better row of five: the bootstrap mean is Binomial(5, 1/5) / 5, so no
+    improvement (row 0 never drawn) has probability 0.8**5 and the 95 % interval is [0, 3/5]."""
+    a = [{"t": np.array([1, 0, 0, 0, 0], bool)}]
+    b = [{"t": np.zeros(5, bool)}]
+    res = hierarchical_bootstrap(a, b, 2000, seed=0)
+    assert res["mean"] == pytest.approx(0.2) and res["per_seed"] == pytest.approx([0.2])
+    assert res["sd_over_seeds"] is None
+    assert res["ci95"] == pytest.approx([0.0, 0.6])
+    assert res["p_le_0"] == pytest.approx(0.8**5, abs=0.04)
+
+
+def test_bootstrap_resamples_seeds_with_replacement():
+    rows = 10
+    ones, zeros = np.ones(rows, bool), np.zeros(rows, bool)
+    # Two seeds that disagree completely: the mean of two draws is 1, 0 or -1 (1/4, 1/2, 1/4).
+    res = hierarchical_bootstrap([{"t": ones}, {"t": zeros}], [{"t": zeros}, {"t": ones}], 2000, seed=0)
+    assert res["mean"] == 0.0 and res["ci95"] == pytest.approx([-1.0, 1.0])
+    assert res["sd_over_seeds"] == pytest.approx(np.sqrt(2)) and res["p_le_0"] == pytest.approx(0.75, abs=0.04)
+    # Only the first of three seeds differs: no improvement when none of three draws is seed 0.
+    a = [{"t": ones}, {"t": zeros}, {"t": ones}]
+    b = [{"t": zeros}, {"t": zeros}, {"t": ones}]
+    assert hierarchical_bootstrap(a, b, 2000, seed=0)["p_le_0"] == pytest.approx((2 / 3) ** 3, abs=0.04)
+
+
+def test_bootstrap_mirrors_when_the_arms_swap_and_counts_ties_as_no_improvement():
+    rng = np.random.default_rng(6)
+    a, b = _arm(rng, 0.7), _arm(rng, 0.65)
+    ab, ba = hierarchical_bootstrap(a, b, 1000, seed=2), hierarchical_bootstrap(b, a, 1000, seed=2)
+    assert ba["mean"] == pytest.approx(-ab["mean"]) and ba["per_seed"] == pytest.approx([-x for x in ab["per_seed"]])
+    assert ba["ci95"] == pytest.approx([-ab["ci95"][1], -ab["ci95"][0]])
+    assert hierarchical_bootstrap(a, a, 200)["p_le_0"] == 1.0  # no improvement includes a tie
+    right, wrong = [{"t": np.ones(20, bool)}] * 2, [{"t": np.zeros(20, bool)}] * 2
+    assert hierarchical_bootstrap(right, wrong, 200)["p_le_0"] == 0.0
+    assert hierarchical_bootstrap(wrong, right, 200)["p_le_0"] == 1.0
+
+
+def test_unpaired_arms_are_refused_with_what_differs():
+    rng = np.random.default_rng(2)
+    with pytest.raises(ValueError, match=r"different numbers of seeds \(3 vs 2\)"):
+        hierarchical_bootstrap(_arm(rng, 0.5), _arm(rng, 0.5, seeds=2))
+    other = [{**seed, "extra": seed["t0"]} for seed in _arm(rng, 0.5)]
+    with pytest.raises(ValueError, match="seed 0: arms cover different tasks"):
+        mcnemar(_arm(rng, 0.5), other)
+
+
+def test_mcnemar_ignores_rows_both_arms_get_right_and_tasks_without_discordance():
+    a = [{"t": np.array([1, 1, 1, 0, 0], bool), "u": np.array([1, 0], bool)}]
+    b = [{"t": np.array([1, 1, 0, 1, 0], bool), "u": np.array([1, 0], bool)}]
+    assert mcnemar(a, b) == {
+        "t": {"only_a": 1, "only_b": 1, "p": 1.0},
+        "u": {"only_a": 0, "only_b": 0, "p": 1.0},  # nothing to test: p is 1
+    }
+
+
 def test_random_groups_keep_sizes_and_depend_on_the_seed():
     tasks = [f"t{k}" for k in range(8)]
     g0 = random_groups(tasks, [3, 3, 2], 0)
