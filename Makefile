@@ -27,14 +27,14 @@ lint: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not integration"
 
-# Coverage of the fast loop (the tests of test-fast): pytest-cov's report per file, then per package. Code run in
-# subprocesses (the `chorus worker` of tests/test_service_fast.py) is not counted.
+# Coverage of the fast loop (the tests of test-fast): pytest-cov's report per file, then per package (printed even
+# when a test fails). Code run in subprocesses (the `chorus worker` of tests/test_service_fast.py) is not counted.
 COVERAGE_FILE := .chorus/coverage
 coverage: install
 	mkdir -p .chorus
 	COVERAGE_FILE=$(COVERAGE_FILE) $(PY) -m pytest -q -m "not slow and not integration" -p no:cacheprovider \
-		--cov=shared --cov=services --cov-report=term
-	COVERAGE_FILE=$(COVERAGE_FILE) $(PY) -c "$$COVERAGE_BY_PACKAGE"
+		--cov=shared --cov=services --cov-report=term; status=$$?; \
+		COVERAGE_FILE=$(COVERAGE_FILE) $(PY) -c "$$COVERAGE_BY_PACKAGE"; exit $$status
 
 define COVERAGE_BY_PACKAGE
 import collections, os, coverage
