@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.bad_input_apps import auth, isolated_home, job_api, store_state
+from tests.bad_input_apps import auth, embedded_home, job_api, store_state
 from tests.integration.conftest import TERMINAL, Worker, wait_for
 
 # Short leases and sweeps so a lost worker is noticed in seconds; everything else is the production code.
@@ -82,21 +82,13 @@ def _clear_service_caches() -> None:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh CHORUS_HOME on the embedded defaults (no DATABASE_URL / BROKER_URL) with short leases."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("DATABASE_URL", "BROKER_URL"):
-            mp.delenv(name, raising=False)
-        for name, value in SERVICE_ENV.items():
-            mp.setenv(name, value)
-        with isolated_home(tmp_path_factory.mktemp("service-home")) as path:
-            from shared.config import get_settings
+    with embedded_home(tmp_path_factory.mktemp("service-home"), **SERVICE_ENV) as path:
+        from shared.config import get_settings
 
-            assert get_settings().db_url.startswith("sqlite:///") and get_settings().celery_broker_url.startswith(
-                "sqla+sqlite:///"
-            )
-            yield path
-        from shared.db.session import dispose_engines
-
-        dispose_engines()
+        assert get_settings().db_url.startswith("sqlite:///") and get_settings().celery_broker_url.startswith(
+            "sqla+sqlite:///"
+        )
+        yield path
 
 
 @pytest.fixture(scope="module")

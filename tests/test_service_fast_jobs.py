@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import BadInput
-from tests.bad_input_apps import auth, isolated_home, job_api
+from tests.bad_input_apps import auth, embedded_home, job_api
 from tests.integration.conftest import wait_for
 from tests.test_service_fast import (
     GROUPING,
@@ -115,16 +115,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from shared.jobs.registry import JOB_TYPES
 
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("DATABASE_URL", "BROKER_URL"):
-            mp.delenv(name, raising=False)
-        for name, value in SERVICE_ENV.items():
-            mp.setenv(name, value)
         mp.setitem(JOB_TYPES, "flow", _flow_type())
-        with isolated_home(tmp_path_factory.mktemp("service-jobs-home")) as path:
+        with embedded_home(tmp_path_factory.mktemp("service-jobs-home"), **SERVICE_ENV) as path:
             yield path
-        from shared.db.session import dispose_engines
-
-        dispose_engines()
 
 
 @pytest.fixture(scope="module")
