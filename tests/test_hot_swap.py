@@ -5,6 +5,7 @@ request sent after the swap returns carries the new fingerprint and the new adap
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,16 @@ def test_hot_swap_under_concurrent_requests(env) -> None:  # type: ignore[no-unt
         service.model_executor.submit(lambda: (holding.set(), gate.wait(300)))
         assert holding.wait(300), "the model thread never took the hold"
         v1 = service.ensembles[ID]
+        # Every thread blocked on v1: in_flight at THREADS and no response arriving for 0.5 s (a batch the model
+        # thread finished just before the hold can still be answered, and its thread send the next request, after
+        # in_flight first reads THREADS).
+        stable_since, seen = time.monotonic(), None
         for _ in range(3000):
-            if v1.in_flight == THREADS:
+            with progress:
+                counts = [len(r) for r in results]
+            if counts != seen or v1.in_flight != THREADS:
+                stable_since, seen = time.monotonic(), counts
+            elif time.monotonic() - stable_since > 0.5:
                 break
             threading.Event().wait(0.01)
         assert v1.in_flight == THREADS
