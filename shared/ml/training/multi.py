@@ -51,6 +51,7 @@ from shared.ml.progress import Progress, silent
 from shared.ml.training.costs import Cost, Meter, ModelShape
 from shared.ml.training.dequant import dequantized_base
 from shared.ml.training.trainer import (
+    LoopKnobs,
     TaskData,
     TrainedAdapter,
     add_eval_cost,
@@ -456,18 +457,9 @@ def _add_train_cost(cost: Cost, shape: ModelShape, lengths: Sequence[int]) -> No
 
 
 @dataclass(frozen=True)
-class _Knobs:
+class _Knobs(LoopKnobs):
     """The loop knobs of a fused run (the same for every adapter; each job brings its lr, epochs and seed)."""
 
-    batch_size: int
-    max_length: int
-    patience: Any
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    dropout: float
-    weight_decay: float
-    max_grad_norm: Any
     eval_batch_size: int
     step_rows: int | None
     step_tokens: int | None
@@ -477,21 +469,13 @@ class _Knobs:
 
 def _knobs(config: Any) -> _Knobs:
     """The config's knobs with the trainer's defaults (as fit_lora reads them)."""
-    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
+    knobs = loop_knobs(config)
     eval_batch_size = int(cfg(config, "eval_batch_size", 32))
     step_rows = cfg(config, "step_rows")
     step_tokens = cfg(config, "step_tokens")
     batching, batch_tokens = batching_of(config)
     return _Knobs(
-        batch_size=batch_size,
-        max_length=max_length,
-        patience=patience,
-        rank=rank,
-        alpha=alpha,
-        targets=targets,
-        dropout=dropout,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
+        **vars(knobs),
         eval_batch_size=eval_batch_size,
         step_rows=step_rows,
         step_tokens=step_tokens,

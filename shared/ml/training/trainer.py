@@ -49,19 +49,33 @@ def cfg(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def loop_knobs(config: Any) -> tuple[int, int, Any, int, float, tuple[str, ...], float, float, Any]:
-    """(batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm) of a
-    config, with the trainer's defaults: the knobs every training loop reads the same way."""
-    return (
-        int(cfg(config, "batch_size", 8)),
-        int(cfg(config, "max_length", DEFAULT_MAX_LENGTH)),
-        cfg(config, "patience"),
-        int(cfg(config, "rank", 4)),
-        lora_alpha(config),
-        tuple(cfg(config, "targets", DEFAULT_TARGETS)),
-        float(cfg(config, "dropout", 0.0)),
-        float(cfg(config, "weight_decay", 0.0)),
-        cfg(config, "max_grad_norm", 1.0),
+@dataclass(frozen=True)
+class LoopKnobs:
+    """The knobs every training loop reads the same way from a config, with the trainer's defaults."""
+
+    batch_size: int
+    max_length: int
+    patience: Any
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float
+    weight_decay: float
+    max_grad_norm: Any
+
+
+def loop_knobs(config: Any) -> LoopKnobs:
+    """The LoopKnobs of a config."""
+    return LoopKnobs(
+        batch_size=int(cfg(config, "batch_size", 8)),
+        max_length=int(cfg(config, "max_length", DEFAULT_MAX_LENGTH)),
+        patience=cfg(config, "patience"),
+        rank=int(cfg(config, "rank", 4)),
+        alpha=lora_alpha(config),
+        targets=tuple(cfg(config, "targets", DEFAULT_TARGETS)),
+        dropout=float(cfg(config, "dropout", 0.0)),
+        weight_decay=float(cfg(config, "weight_decay", 0.0)),
+        max_grad_norm=cfg(config, "max_grad_norm", 1.0),
     )
 
 
@@ -399,21 +413,12 @@ EvalFn = Callable[[Any, Cost], tuple[tuple[float, ...], dict[str, Any], dict[str
 
 
 @dataclass(frozen=True)
-class _FitPlan:
+class _FitPlan(LoopKnobs):
     """What one fit_lora run trains with: its resolved knobs and encoded training rows."""
 
     seed: int
     epochs: int
     lr: float
-    batch_size: int
-    max_length: int
-    patience: Any
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    dropout: float
-    weight_decay: float
-    max_grad_norm: Any
     batching: str
     batch_tokens: int | None
     stage: str
@@ -460,33 +465,25 @@ def _fit_plan(
     seed = int(cfg(config, "seed", 0) if seed is None else seed)
     epochs = int(epochs or cfg(config, "epochs", 3))
     lr = float(lr or cfg(config, "lr", 5e-4))
-    batch_size, max_length, patience, rank, alpha, targets, dropout, weight_decay, max_grad_norm = loop_knobs(config)
+    knobs = loop_knobs(config)
     batching_cfg, batch_tokens = batching_of(config)
     batching = batching or batching_cfg
     tokenizer = base.tokenizer
-    shape = ModelShape.from_model(base.model, rank, targets)
-    encoded = {t: d.encodings("train", tokenizer, max_length) for t, d in data.items()}
+    shape = ModelShape.from_model(base.model, knobs.rank, knobs.targets)
+    encoded = {t: d.encodings("train", tokenizer, knobs.max_length) for t, d in data.items()}
     lengths = {t: [len(e.input_ids) for e in v] for t, v in encoded.items()}
     return _FitPlan(
+        **vars(knobs),
         seed=seed,
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size,
-        max_length=max_length,
-        patience=patience,
-        rank=rank,
-        alpha=alpha,
-        targets=targets,
-        dropout=dropout,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
         batching=batching,
         batch_tokens=batch_tokens,
         stage=stage or f"train {name}",
         pad_id=tokenizer.pad_token_id or 0,
         shape=shape,
         encoded=encoded,
-        per_epoch=len(epoch_plan(lengths, batch_size, seed, 1, batching, batch_tokens)),
+        per_epoch=len(epoch_plan(lengths, knobs.batch_size, seed, 1, batching, batch_tokens)),
     )
 
 
