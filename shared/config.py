@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(default=None, description="Converted model cache (default: HOME/models).")
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     broker_url: str | None = Field(default=None, validation_alias="BROKER_URL")
+    gpu_memory_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of each GPU's memory one chorus process sizes its automatic batches for: 1/N when N "
+        "processes share a GPU (a study's pool of arm processes sets it for its children).",
+    )
     max_upload_bytes: int = 50 * 1024 * 1024
     max_dataset_rows: int = 1_000_000
 

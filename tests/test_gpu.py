@@ -368,3 +368,24 @@ def test_stage_clock_reports_cuda_peak_memory_per_stage():
         del x
     assert meter.cost.peak_memory_kind == "cuda_max_memory_allocated"
     assert held + 64 * MiB <= meter.cost.peak_memory_bytes < held + 256 * MiB
+
+
+def test_the_automatic_batches_shrink_with_the_process_share_of_the_gpu(monkeypatch):
+    """Four processes on one GPU (CHORUS_GPU_MEMORY_SHARE=0.25) each cap their batches for a quarter of it."""
+    from shared.config import get_settings
+    from shared.ml.affinity.batching import auto_batching, gpu_batching, weight_bytes
+    from shared.ml.models import load_model
+
+    device = torch.device("cuda")
+    model, _, _ = load_model("tiny-llama", device=device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    whole = auto_batching(model, device)
+    monkeypatch.setenv("CHORUS_GPU_MEMORY_SHARE", "0.25")
+    get_settings.cache_clear()
+    try:
+        quarter = auto_batching(model, device)
+    finally:
+        monkeypatch.delenv("CHORUS_GPU_MEMORY_SHARE")
+        get_settings.cache_clear()
+    assert quarter == gpu_batching(model.config, int(total * 0.25), weight_bytes(model))
+    assert quarter.eval_tokens < whole.eval_tokens

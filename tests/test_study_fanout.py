@@ -32,3 +32,18 @@ def test_fanned_out_study_trains_the_same_arms_in_two_phases(study_out, tmp_path
     with use_sharder(again):
         run_study(params, tmp_path / "fanned")
     assert again.pieces == [(0, 2), (0, 1)] and [r["trained"] for r in again.results] == [[], []]
+
+
+def test_a_pool_of_arm_processes_trains_the_same_arms(study_out, tmp_path, monkeypatch):  # noqa: F811
+    """workers=2: the arms run in two spawned processes (each told its GPU share) and equal the in-process run."""
+    plain, _ = study_out
+    blob = json.loads((plain / "study_params.json").read_text())
+    params = StudyParams.model_validate({**blob, "workers": 2})
+    monkeypatch.delenv("CHORUS_GPU_MEMORY_SHARE", raising=False)
+    run_study(params, tmp_path / "pooled")
+    for arm in ("affinity", "per_task", "random"):
+        ours = json.loads((tmp_path / "pooled" / "seed_0" / arm / "predictions.json").read_text())
+        theirs = json.loads((plain / "seed_0" / arm / "predictions.json").read_text())
+        assert ours == theirs, arm
+    a, b = (json.loads((d / "study.json").read_text()) for d in (plain, tmp_path / "pooled"))
+    assert a["arms"] == b["arms"] and a["differences"] == b["differences"]

@@ -13,8 +13,10 @@ rows go up to 512 and a token cap keeps the activations inside a share of the de
                       token estimated, 0.56 MB measured (32.7 GiB at 58k padded tokens).
   forward only        (24 * hidden + 6 * intermediate) bytes per token, one layer's tensors alive at a time.
 
-The choice depends only on the device's total memory and the model, so every process of a fanned-out run on
-the same kind of GPU cuts the same batches; the coordinator passes its explicit values to the pieces anyway.
+The choice depends only on the device's total memory, the process's share of it (setting `gpu_memory_share`,
+env CHORUS_GPU_MEMORY_SHARE: 1/N when N processes share one GPU, else each sizes its batches for the whole card and
+together they run out of memory) and the model, so every process of a fanned-out run on the same kind of GPU cuts
+the same batches; the coordinator passes its explicit values to the pieces anyway.
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ def auto_batching(model: Any, device: torch.device) -> Batching:
     """The defaults for `device`: fixed small batches on a CPU, gpu_batching on a GPU."""
     if device.type != "cuda":
         return Batching(CPU_ROWS, None, CPU_EVAL_ROWS, None)
+    return gpu_batching(getattr(model, "config", None), device_budget(device), weight_bytes(model))
+
+
+def device_budget(device: torch.device) -> int:
+    """The bytes of `device` this process sizes its batches for: its total memory x `gpu_memory_share`."""
+    from shared.config import get_settings
+
     total = torch.cuda.get_device_properties(device).total_memory
-    return gpu_batching(getattr(model, "config", None), total, weight_bytes(model))
+    return int(total * get_settings().gpu_memory_share)
 
 
 def resolve_batching(params: Any, model: Any, device: torch.device) -> Batching:

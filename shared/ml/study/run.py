@@ -73,8 +73,9 @@ def _done(folder: Path) -> bool:
     return (folder / PREDICTIONS).is_file() and (folder / "train_report.json").is_file()
 
 
-def _set_device(slot: int) -> None:
-    """Pin a worker process to one GPU (round-robin over the visible ones) before torch initialises CUDA."""
+def _set_device(slot: int, workers: int = 1) -> None:
+    """Pin a worker process to one GPU (round-robin over the visible ones) before torch initialises CUDA, and give
+    it its share of that GPU's memory for automatic batch sizes (unless CHORUS_GPU_MEMORY_SHARE is set already)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [x for x in visible.split(",") if x.strip()] if visible else None
     if ids is None:
@@ -86,6 +87,8 @@ def _set_device(slot: int) -> None:
             ids = []
     if ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+        sharing = -(-workers // len(ids))  # processes of the pool on the busiest GPU
+        os.environ.setdefault("CHORUS_GPU_MEMORY_SHARE", f"{1 / sharing:.6g}")
 
 
 def train_affinity_arm(params: StudyParams, seed: int, folder: Path) -> None:
@@ -103,14 +106,16 @@ def train_control_arm(params: StudyParams, seed: int, groups: list[list[str]], f
 
 
 def _run_affinity_arm(params_json: str, seed: int, folder: str, slot: int) -> str:
-    _set_device(slot)
-    train_affinity_arm(StudyParams.model_validate_json(params_json), seed, Path(folder))
+    params = StudyParams.model_validate_json(params_json)
+    _set_device(slot, params.workers)
+    train_affinity_arm(params, seed, Path(folder))
     return folder
 
 
 def _run_control_arm(params_json: str, seed: int, groups: list[list[str]], folder: str, slot: int) -> str:
-    _set_device(slot)
-    train_control_arm(StudyParams.model_validate_json(params_json), seed, groups, Path(folder))
+    params = StudyParams.model_validate_json(params_json)
+    _set_device(slot, params.workers)
+    train_control_arm(params, seed, groups, Path(folder))
     return folder
 
 
