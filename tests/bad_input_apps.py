@@ -21,7 +21,7 @@ WEIGHTS = {"sst2": {"g0": 1.0}, "rte": {"g1": 1.0, "base": 0.5}}
 
 
 def _clear_caches() -> None:
-    from services.api.deps import key_cache
+    from services.api.key_cache import key_cache
     from services.api.settings import get_api_settings
     from shared.config import get_settings
     from shared.jobs.config import get_service_settings

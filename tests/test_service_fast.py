@@ -72,7 +72,7 @@ TRAINING = {
 
 
 def _clear_service_caches() -> None:
-    from services.api.deps import key_cache
+    from services.api.key_cache import key_cache
     from shared.jobs.config import get_service_settings
 
     get_service_settings.cache_clear()

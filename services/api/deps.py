@@ -3,8 +3,6 @@ rate limits charged to it (services/api/rate_limits.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -14,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityS
 from sqlalchemy.orm import Session
 
 from services.api.errors import ApiError
+from services.api.key_cache import key_cache
 from services.api.rate_limits import ApiRateLimiter
 from services.api.strict_query import check_query, depends_on, route_dependant
 from services.principal import Principal
@@ -35,33 +34,6 @@ async def get_db() -> AsyncIterator[Session]:
 DB = Annotated[Session, Depends(get_db)]
 
 
-class _KeyCache:
-    """Verified keys by hash for a few seconds (a revoked key stops working within that time)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: dict[str, tuple[float, Principal]] = {}
-
-    def get(self, digest: str) -> Principal | None:
-        item = self._items.get(digest)
-        if item is None or item[0] < time.monotonic():
-            return None
-        return item[1]
-
-    def put(self, digest: str, principal: Principal, ttl: float) -> None:
-        if ttl <= 0:
-            return
-        with self._lock:
-            if len(self._items) > 10_000:
-                self._items.clear()
-            self._items[digest] = (time.monotonic() + ttl, principal)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-key_cache = _KeyCache()
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer chorus_...`")
 
 

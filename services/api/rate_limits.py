@@ -28,9 +28,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from services.api.key_cache import key_cache
 from services.api.settings import ApiSettings
 from services.http_errors import ApiError, error_response
 from services.rate_limit import Buckets, MemoryBuckets, RedisBuckets, retry_after_header
+from shared.db.keys import hash_key
 
 # Routes with a stricter bucket of their own: (method, path regex, bucket kind).
 STRICT_ROUTES = [("POST", r"/v1/jobs/?", "create"), ("POST", r"/v1/datasets/?", "upload")]
@@ -120,9 +122,6 @@ class EarlyRefusalMiddleware:
 
 
 def _cached_key_id(scope: dict[str, Any]) -> str | None:
-    from services.api.deps import key_cache
-    from shared.db.keys import hash_key
-
     header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

@@ -107,7 +107,8 @@ def test_job_creation_and_uploads_have_stricter_limits(stack_env, make_key):  # 
             "headers": {**auth(key), "content-type": "multipart/form-data; boundary=zz"},
         }
         assert api.post("/v1/datasets", **broken).status_code == 400  # key not cached: the body is parsed first
-        from services.api.deps import Principal, key_cache
+        from services.api.deps import Principal
+        from services.api.key_cache import key_cache
         from shared.db.keys import hash_key, verify_key
         from shared.db.session import session_scope
 
@@ -123,7 +124,8 @@ def test_job_creation_and_uploads_have_stricter_limits(stack_env, make_key):  # 
 
 
 def test_requests_without_a_valid_key_are_limited_per_address(stack_env, make_key):  # type: ignore[no-untyped-def]
-    from services.api.deps import Principal, key_cache
+    from services.api.deps import Principal
+    from services.api.key_cache import key_cache
     from shared.db.keys import hash_key
 
     key = make_key(_owner("rl-anon"))

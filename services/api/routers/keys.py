@@ -8,8 +8,9 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from services.api.common import Cursor, PageSize, page
-from services.api.deps import DB, Admin, key_cache
+from services.api.deps import DB, Admin
 from services.api.errors import ApiError
+from services.api.key_cache import key_cache
 from services.api.schemas import KeyCreate, KeyOut, ListResponse
 from shared.db.keys import create_key
 from shared.db.models import ApiKey, utcnow
