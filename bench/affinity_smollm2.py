@@ -28,7 +28,8 @@ from shared.ml.affinity.estimate import evaluate_subsets_forward, representer_de
 from shared.ml.affinity.params import AffinityParams, ValidateParams, effective_lambda  # noqa: E402
 from shared.ml.affinity.runtime import Runtime, load_npy  # noqa: E402
 from shared.ml.affinity.solver import solve_subsets  # noqa: E402
-from shared.ml.affinity.stage import run_affinity, run_validate_estimates  # noqa: E402
+from shared.ml.affinity.stage import run_affinity  # noqa: E402
+from shared.ml.affinity.validate import run_validate_estimates  # noqa: E402
 from shared.ml.progress import TqdmProgress  # noqa: E402
 
 

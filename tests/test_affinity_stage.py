@@ -369,7 +369,7 @@ def test_defaults_are_the_measured_stage1(linear_dir):
     """The default Stage 1 is the one the H200 studies measured: meta-initialised, first-order (linear) estimates of
     the answer-choice loss, on at most STAGE1_TRAIN_ROWS training rows per task, also inside a pipeline."""
     from shared.ml.defaults import STAGE1_TRAIN_ROWS
-    from shared.ml.training.params import PipelineParams
+    from shared.ml.training.pipeline_params import PipelineParams
 
     p = AffinityParams(tasks=TASKS)
     assert (p.mode, p.metric, p.init, p.max_train, p.meta_batch_size, p.meta_lr) == (

@@ -21,7 +21,8 @@ from shared.ml.affinity.params import (
 )
 from shared.ml.eval_params import EvalParams
 from shared.ml.study.params import StudyParams
-from shared.ml.training.params import PipelineParams, TrainingParams
+from shared.ml.training.params import TrainingParams
+from shared.ml.training.pipeline_params import PipelineParams
 
 # command -> the params models its options fill, searched in order (the first holding a field wins)
 MODELS: dict[str, list[type]] = {

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from shared.ml.training import stage as st
-from shared.ml.training.params import PipelineParams, TrainingParams
+from shared.ml.training.params import TrainingParams
+from shared.ml.training.pipeline_params import PipelineParams
 
 
 def _fake_stages(calls):

@@ -248,7 +248,7 @@ def approx_error_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-scale summary as JSON.")] = False,
 ) -> None:
     """First-order approximation error: f0 + g.w vs the true f at theta0 + Delta on held-out examples."""
-    from shared.ml.affinity.stage import run_approx_error
+    from shared.ml.affinity.approx_error import run_approx_error
 
     params = validate(
         ApproxErrorParams,
@@ -336,7 +336,7 @@ def validate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Estimated vs really fine-tuned validation loss/accuracy on K subsets, and the compute ratio."""
-    from shared.ml.affinity.stage import run_validate_estimates
+    from shared.ml.affinity.validate import run_validate_estimates
 
     params = validate(
         ValidateParams,

@@ -36,7 +36,8 @@ from services.cli.common import (
 )
 from services.cli.tables import print_report
 from shared.ml.progress import ConsoleProgress
-from shared.ml.training.params import PipelineParams, TrainingParams
+from shared.ml.training.params import TrainingParams
+from shared.ml.training.pipeline_params import PipelineParams
 
 console = Console()
 

@@ -6,5 +6,5 @@ JOB_TYPE = JobType(
     "approximation_error",
     "Measure the first-order approximation error of LoRA fine-tuning.",
     "shared.ml.affinity.params:ApproxErrorParams",
-    "shared.ml.affinity.stage:run_approx_error",
+    "shared.ml.affinity.approx_error:run_approx_error",
 )

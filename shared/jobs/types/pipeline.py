@@ -5,7 +5,7 @@ from shared.jobs.job_type import JobType
 JOB_TYPE = JobType(
     "pipeline",
     "affinity -> grouping -> training (adapters, boosting, ensemble, report).",
-    "shared.ml.training.params:PipelineParams",
+    "shared.ml.training.pipeline_params:PipelineParams",
     "shared.ml.training.stage:pipeline_stages",
     multi_stage=True,
 )

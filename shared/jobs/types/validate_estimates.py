@@ -6,5 +6,5 @@ JOB_TYPE = JobType(
     "validate_estimates",
     "Compare estimated subset performance with real fine-tunes.",
     "shared.ml.affinity.params:ValidateParams",
-    "shared.ml.affinity.stage:run_validate_estimates",
+    "shared.ml.affinity.validate:run_validate_estimates",
 )

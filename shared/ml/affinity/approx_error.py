@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,12 @@ from shared.files import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity.estimate import delta_norms, multiplexed_forward, subset_rows
 from shared.ml.affinity.initialise import load_runtime
 from shared.ml.affinity.params import ApproxErrorParams, effective_lambda
+from shared.ml.affinity.run_files import check_or_write_params, csv_text
 from shared.ml.affinity.runtime import Runtime, SplitRows
 from shared.ml.affinity.solver import solve_subsets
-from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass
-from shared.ml.affinity.subsets import sample_subsets
+from shared.ml.affinity.subsets import sample_subsets, seeded_pick, subset_size
 from shared.ml.progress import Progress, silent
-
-
-def _seeded_pick(items: list, k: int, seed: int) -> list:
-    rng = random.Random(seed + 7919)
-    idx = sorted(rng.sample(range(len(items)), min(k, len(items))))
-    return [items[i] for i in idx]
 
 
 @torch.no_grad()
@@ -90,7 +83,7 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_params(params, workdir)
+    check_or_write_params(params, workdir)
     t0 = time.perf_counter()
     rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     atomic_write_text(workdir / "projection_spec.json", json.dumps(rt.spec.to_dict(), indent=2))
@@ -118,7 +111,7 @@ def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progres
         }
     )
     atomic_write_json(workdir / "approx_error.json", doc)
-    atomic_write_text(workdir / "approx_error.csv", _csv_text(csv_rows, _CSV_FIELDS))
+    atomic_write_text(workdir / "approx_error.csv", csv_text(csv_rows, _CSV_FIELDS))
     return {
         "per_scale": per_scale,
         "wall_seconds": round(wall, 3),
@@ -136,8 +129,8 @@ def _directions(
 ) -> _Directions:
     """Subset solutions w_S on the training rows, each rescaled to ||P w|| = scale * ||A0|| for every scale."""
     n = len(params.tasks)
-    size = min(_subset_size(params, n), n)
-    subsets = _seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
+    size = min(subset_size(params, n), n)
+    subsets = seeded_pick([list(s) for s in sample_subsets(n, size, 1, params.seed)], params.directions, params.seed)
     sol = solve_subsets(
         G,
         f0,

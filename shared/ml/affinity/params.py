@@ -21,7 +21,14 @@ from shared.ml.defaults import (
     TaskNames,
     known_tasks,
 )
-from shared.ml.training.params import GROUPS_DOC, MAX_LENGTH_DOC, MODEL_DOC, QUANTIZATION_DOC, SEED_DOC
+from shared.ml.training.params import (
+    GROUPS_DOC,
+    MAX_LENGTH_DOC,
+    MODEL_DOC,
+    QUANTIZATION_DOC,
+    SEED_DOC,
+    TrainingParams,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -414,10 +421,8 @@ class ValidateAffinityParams(BaseModel):
         self.training_params(self.seeds[0])
         return self
 
-    def training_params(self, seed: int) -> Any:
+    def training_params(self, seed: int) -> TrainingParams:
         """The Stage-2 TrainingParams of one seed (no groups: the subsets are passed as adapter specs)."""
-        from shared.ml.training.params import TrainingParams
-
         data: dict[str, Any] = {
             "model": self.model,
             "quantization": self.quantization,

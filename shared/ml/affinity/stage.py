@@ -18,9 +18,7 @@ hands its gradient passes and its subset estimation to it as phases of `affinity
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import json
 import math
 import shutil
@@ -45,45 +43,24 @@ from shared.ml.affinity.grouping import group_auto, group_fixed
 from shared.ml.affinity.initialise import load_runtime, theta0_info
 from shared.ml.affinity.params import (
     AffinityParams,
-    ApproxErrorParams,
     GroupingParams,
-    ValidateParams,
     effective_lambda,
 )
 from shared.ml.affinity.projection import ProjectionSpec
+from shared.ml.affinity.run_files import check_or_write_params, csv_text, run_fingerprint
 from shared.ml.affinity.runtime import Runtime, load_npy
 from shared.ml.affinity.solver import solve_subsets
 from shared.ml.affinity.store import gradient_batches, merge_gradients, plan_for, projection_starts
 from shared.ml.affinity.structure import structure_test
-from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
+from shared.ml.affinity.subsets import pair_counts, sample_subsets, subset_size
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
 from shared.ml.sharding import Phase, Sharder, current_sharder
 
 FORMAT_VERSION = 1
-# params that may differ between the pieces of one run (they do not change the results' meaning)
-_RUNTIME_ONLY = {"device", "batch_size", "batch_tokens", "eval_batch_size", "subsets_per_forward", "project_rows"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _fingerprint(params: Any) -> dict[str, Any]:
-    return params.model_dump(mode="json", exclude=_RUNTIME_ONLY)
-
-
-def _check_or_write_params(params: Any, workdir: Path) -> None:
-    path = workdir / "params.json"
-    mine = _fingerprint(params)
-    if path.exists():
-        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _RUNTIME_ONLY}
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(
-                f"{workdir} holds a run with different parameters ({', '.join(diff)}); use another directory"
-            )
-    else:
-        atomic_write_json(path, params.model_dump(mode="json"))
 
 
 def _timing(workdir: Path, phase: str, seconds: float) -> None:
@@ -103,13 +80,6 @@ def _metrics_dict(m: TaskMetrics) -> dict[str, Any]:
     return json_safe({"loss": m.loss, "accuracy": m.accuracy, "macro_f1": m.macro_f1, "n": m.n})
 
 
-def _subset_size(params: Any, n: int) -> int:
-    size = params.subset_size or default_subset_size(n)
-    if size > n:
-        raise ValueError(f"subset_size={size} is more than the {n} tasks")
-    return size
-
-
 # ------------------------------------------------------------------------------------------ affinity pieces
 
 
@@ -117,7 +87,7 @@ def prepare_affinity(params: AffinityParams, workdir: Path, progress: Progress =
     """Load the model with theta0 (made first: see initialise.py); write params, theta0, projection spec, rows
     and subsets (idempotent)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_params(params, workdir)
+    check_or_write_params(params, workdir)
     rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     spec_path = workdir / "projection_spec.json"
     if spec_path.exists():
@@ -139,7 +109,7 @@ def prepare_affinity(params: AffinityParams, workdir: Path, progress: Progress =
             subsets = [tuple(sorted(params.tasks.index(t) for t in s)) for s in params.subsets]
             size = max(len(s) for s in subsets)
         else:
-            size = _subset_size(params, n)
+            size = subset_size(params, n)
             subsets = sample_subsets(n, size, params.coverage, params.seed, params.enumerate_limit)
         counts = np.array(pair_counts(n, subsets))
         off = counts[~np.eye(n, dtype=bool)]
@@ -358,22 +328,13 @@ def _table(workdir: Path, n_subsets: int) -> tuple[list[dict[str, Any]], np.ndar
     return rows, np.asarray(weights, dtype=np.float32)
 
 
-def _csv_text(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    return buf.getvalue()
-
-
 def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
     """Per-subset table (CSV + JSON), weights.npy, the affinity matrices, affinity.json and affinity.png."""
     sub = json.loads((workdir / "subsets.json").read_text())
     names = sub["subsets"]
     table, W = _table(workdir, len(names))
     atomic_save_npy(workdir / "weights.npy", W)
-    atomic_write_text(workdir / "subset_results.csv", _csv_text(table, TABLE_FIELDS))
+    atomic_write_text(workdir / "subset_results.csv", csv_text(table, TABLE_FIELDS))
     atomic_write_json(workdir / "subset_results.json", json_safe(table))
     matrices, counts = {}, None
     for metric in mx.METRICS:
@@ -456,7 +417,7 @@ def finalize_affinity(params: AffinityParams, workdir: Path, progress: Progress 
 
 def _runtime_key(params: AffinityParams) -> str:
     batching = {k: getattr(params, k) for k in ("batch_size", "batch_tokens", "eval_batch_size")}
-    return "affinity-runtime:" + json.dumps({**_fingerprint(params), **batching}, sort_keys=True)
+    return "affinity-runtime:" + json.dumps({**run_fingerprint(params), **batching}, sort_keys=True)
 
 
 def affinity_prepare(args: dict[str, Any], workdir: Path, cache: dict[str, Any]) -> tuple[AffinityParams, Runtime]:
@@ -655,20 +616,3 @@ def run_grouping(params: GroupingParams, workdir: Path, progress: Progress = sil
         "selection": "validation" if fallback else "groups",
         "artifacts": {"groups": "groups.json", "groups_heatmap": "groups.png"},
     }
-
-
-# ------------------------------------------------------------------------------------------ re-exports
-
-
-def run_approx_error(params: ApproxErrorParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
-    """Job stage: first-order approximation error (see approx_error.py); writes approx_error.json/.csv."""
-    from shared.ml.affinity.approx_error import run_approx_error as run
-
-    return run(params, workdir, progress)
-
-
-def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Progress = silent) -> dict[str, Any]:
-    """Job stage: estimates vs real fine-tunes on K subsets (see validate.py); writes validate.json/.csv."""
-    from shared.ml.affinity.validate import run_validate_estimates as run
-
-    return run(params, workdir, progress)

@@ -13,6 +13,7 @@ import itertools
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 
 def default_subset_size(n: int) -> int:
@@ -21,6 +22,21 @@ def default_subset_size(n: int) -> int:
         raise ValueError(f"need at least 2 tasks for affinity, got {n}")
     size = 3 if n <= 10 else round(0.3 * n)
     return max(2, min(size, n - 1)) if n > 2 else 2
+
+
+def subset_size(params: Any, n: int) -> int:
+    """The subset size a run uses: `params.subset_size`, else the default for n tasks; never more than n."""
+    size = params.subset_size or default_subset_size(n)
+    if size > n:
+        raise ValueError(f"subset_size={size} is more than the {n} tasks")
+    return size
+
+
+def seeded_pick(items: list, k: int, seed: int) -> list:
+    """k of `items` (all when fewer), drawn by `seed`, in their original order."""
+    rng = random.Random(seed + 7919)
+    idx = sorted(rng.sample(range(len(items)), min(k, len(items))))
+    return [items[i] for i in idx]
 
 
 def pair_counts(n: int, subsets: Sequence[Sequence[int]]) -> list[list[int]]:

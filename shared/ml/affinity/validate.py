@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from shared.files import atomic_write_json, atomic_write_text, json_safe
-from shared.ml.affinity.approx_error import _seeded_pick
 from shared.ml.affinity.estimate import (
     evaluate_base,
     evaluate_subsets_forward,
@@ -23,11 +22,11 @@ from shared.ml.affinity.estimate import (
 from shared.ml.affinity.finetune import finetune
 from shared.ml.affinity.initialise import load_runtime, theta0_info
 from shared.ml.affinity.params import ValidateParams, effective_lambda
+from shared.ml.affinity.run_files import check_or_write_params, csv_text
 from shared.ml.affinity.runtime import Runtime, SplitRows
 from shared.ml.affinity.solver import solve_subsets
-from shared.ml.affinity.stage import _check_or_write_params, _csv_text, _subset_size
 from shared.ml.affinity.store import gradient_pass
-from shared.ml.affinity.subsets import sample_subsets
+from shared.ml.affinity.subsets import sample_subsets, seeded_pick, subset_size
 from shared.ml.evaluate import TaskMetrics
 from shared.ml.progress import Progress, silent
 
@@ -181,7 +180,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_params(params, workdir)
+    check_or_write_params(params, workdir)
     rt = load_runtime(params, workdir / "theta0.safetensors", progress)
     theta0 = rt.theta0()
     sample = _sample(params, rt)
@@ -195,7 +194,7 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
     rows = _rows(sample, timed, ft, a_norm)
     summary = _summary(params, rt, workdir, sample, timed, variants, backmaps, lams, linear, at_theta0, ft, rows)
     atomic_write_json(workdir / "validate.json", summary)
-    atomic_write_text(workdir / "validate.csv", _csv_text(rows, _CSV_FIELDS))
+    atomic_write_text(workdir / "validate.csv", csv_text(rows, _CSV_FIELDS))
     out = {k: summary[k] for k in _RESULT_KEYS}
     out["rows"] = summary["rows"]
     out["artifacts"] = {"validate": "validate.json", "rows": "validate.csv", "theta0": "theta0.safetensors"}
@@ -205,9 +204,9 @@ def run_validate_estimates(params: ValidateParams, workdir: Path, progress: Prog
 def _sample(params: ValidateParams, rt: Runtime) -> _Sample:
     """The K subsets (seeded pick from a full run's sample) and the rows of the tasks they use."""
     n = len(params.tasks)
-    size = min(_subset_size(params, n), n)
+    size = min(subset_size(params, n), n)
     pool = [list(s) for s in sample_subsets(n, size, params.coverage, params.seed)]
-    subsets = _seeded_pick(pool, params.subsets, params.seed)
+    subsets = seeded_pick(pool, params.subsets, params.seed)
     used = sorted({t for s in subsets for t in s})
     used_names = [params.tasks[t] for t in used]
     all_train = rt.rows("train", params.max_train)

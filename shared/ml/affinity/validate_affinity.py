@@ -28,6 +28,7 @@ from shared.files import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity import agreement as ag
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.params import ValidateAffinityParams
+from shared.ml.affinity.run_files import csv_text
 from shared.ml.affinity.runtime import load_npy
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.progress import Progress, silent
@@ -642,9 +643,7 @@ def run_validate_affinity(params: ValidateAffinityParams, workdir: Path, progres
             "wall_seconds": round(time.perf_counter() - t0, 3),
         }
     )
-    from shared.ml.affinity.stage import _csv_text
-
-    atomic_write_text(workdir / "validate_affinity.csv", _csv_text(rows, list(rows[0])))
+    atomic_write_text(workdir / "validate_affinity.csv", csv_text(rows, list(rows[0])))
     atomic_write_json(workdir / "validate_affinity.json", doc)
     progress("validate-affinity", 1, 1, "validate_affinity.json")
     keys = (

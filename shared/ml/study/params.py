@@ -16,7 +16,9 @@ from shared.ml.training.params import (
     QUANTIZATION_DOC,
     TASKS_DOC,
     TRAINING_SECTION_DOC,
+    TrainingParams,
 )
+from shared.ml.training.pipeline_params import PipelineParams
 
 ARMS = ("single", "per_task", "random", "affinity")
 Arm = Literal["single", "per_task", "random", "affinity"]
@@ -66,10 +68,8 @@ class StudyParams(BaseModel):
         self.pipeline_params(self.seeds[0])  # the stages' own validation, before anything runs
         return self
 
-    def pipeline_params(self, seed: int) -> Any:
+    def pipeline_params(self, seed: int) -> PipelineParams:
         """The affinity arm of one seed: a pipeline job whose training stage also trains the single baseline."""
-        from shared.ml.training.params import PipelineParams
-
         training = dict(self.training)
         baselines = dict(training.get("baselines") or {})
         baselines.update({"single": True, "per_task": False})
@@ -89,7 +89,7 @@ class StudyParams(BaseModel):
             training=training,
         )
 
-    def arm_training_params(self, seed: int, groups: list[list[str]]) -> Any:
+    def arm_training_params(self, seed: int, groups: list[list[str]]) -> TrainingParams:
         """Stage 2 of a control arm (random groups, per-task): same trainer and rules, no baselines."""
         tp = self.pipeline_params(seed).training_params(groups)
         return tp.model_copy(

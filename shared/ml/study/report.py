@@ -10,8 +10,8 @@ import numpy as np
 
 from shared.files import atomic_write_bytes
 from shared.ml.plotting import save_png
+from shared.ml.study.outcomes import HEADLINE, arm_costs, load_correct, validation_choice
 from shared.ml.study.params import StudyParams
-from shared.ml.study.run import HEADLINE, arm_costs, load_correct, validation_choice
 from shared.ml.study.stats import hierarchical_bootstrap, mcnemar, per_seed
 
 # Differences reported with CIs: every arm against single, and affinity against each control.

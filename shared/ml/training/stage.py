@@ -42,7 +42,8 @@ from shared.ml.training.ensemble import (
     write_manifest,
 )
 from shared.ml.training.many import AdapterSpec
-from shared.ml.training.params import PipelineParams, TrainingParams, read_groups_file
+from shared.ml.training.params import TrainingParams, read_groups_file
+from shared.ml.training.pipeline_params import PipelineParams
 from shared.ml.training.trainer import (
     TaskData,
     TrainedAdapter,
