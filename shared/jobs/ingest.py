@@ -1,9 +1,13 @@
-"""Turning a stage's outputs into stored artifacts, adapter rows and ensemble rows (idempotently)."""
+"""Turning a stage's outputs (a StageResult) into stored artifacts, adapter rows and ensemble rows (idempotently).
+
+Adapters and ensembles are the artifacts of those kinds; nothing is guessed from names here (see
+shared.jobs.results)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.models import Adapter, Artifact, Ensemble, new_id
-from shared.errors import StageFailed
 from shared.files import json_safe
+from shared.jobs.results import StageOutputError, StageResult, read_manifest
 from shared.storage import ArtifactStore, media_type_for, record_artifact, sha256_file
 
-
-class StageOutputError(StageFailed, ValueError):
-    """A stage's outputs that cannot be recorded (listed wrongly, or an ensemble manifest that does not match
-    the adapters the stage wrote): the stage's fault, never the user's. Also a ValueError for callers that
-    catch one."""
+__all__ = ["StageOutputError", "ingest_result", "ingest_stage", "merge_stage_artifacts"]
 
 
 def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str, str]:
@@ -31,40 +31,12 @@ def merge_stage_artifacts(stages: list[tuple[str, dict[str, str]]]) -> dict[str,
     }
 
 
-def stage_artifact_paths(workdir: Path, summary: dict[str, Any]) -> dict[str, Path]:
-    """{logical name: absolute path} of the artifacts a stage listed; refuses paths outside workdir."""
-    listed = summary.get("artifacts") or {}
-    if not isinstance(listed, dict):
-        raise StageOutputError("stage summary 'artifacts' must be a mapping of logical name -> relative path")
-    root = workdir.resolve()
-    out: dict[str, Path] = {}
-    for name, rel in listed.items():
-        path = (root / str(rel)).resolve()
-        if not path.is_relative_to(root):
-            raise StageOutputError(f"artifact {name!r} points outside the stage workdir: {rel}")
-        if not path.exists():
-            raise FileNotFoundError(f"artifact {name!r} listed by the stage does not exist: {rel}")
-        out[str(name)] = path
-    return out
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _is_ensemble(logical: str, path: Path) -> bool:
-    """An ensemble manifest: a JSON file named ensemble* whose object lists members."""
-    if not (
-        path.is_file()
-        and path.suffix == ".json"
-        and (logical.startswith("ensemble") or path.name.startswith("ensemble"))
-    ):
-        return False
-    return isinstance(_read_json(path).get("members"), list)
 
 
 def ingest_stage(
@@ -75,19 +47,38 @@ def ingest_stage(
     owner: str,
     stage: str,
     workdir: Path,
-    summary: dict[str, Any],
+    summary: Mapping[str, Any],
 ) -> dict[str, str]:
-    """Store a stage's artifacts and record them; returns {logical name: artifact id}. Does not commit.
+    """ingest_result for a stage's dict summary (its "artifacts" listed by relative path)."""
+    result = StageResult.from_summary(workdir, summary)
+    return ingest_result(session, store, job_id=job_id, owner=owner, stage=stage, workdir=workdir, result=result)
+
+
+def ingest_result(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    job_id: str,
+    owner: str,
+    stage: str,
+    workdir: Path,
+    result: StageResult,
+) -> dict[str, str]:
+    """Store a stage's artifacts and record them (adapter and ensemble rows by their declared kind); returns
+    {logical name: artifact id}. Does not commit.
 
     Re-running this for the same job/stage (after a redelivery) updates rows in place: no duplicates.
     """
-    paths = stage_artifact_paths(workdir, summary)
+    result = result.checked(workdir)
+    root = workdir.resolve()
+    paths = result.paths(workdir)
     ids: dict[str, str] = {}
     adapters: dict[Path, Adapter] = {}  # resolved adapter folder -> its row
     # Folders (adapters) first so an ensemble manifest can point at their ids.
-    for name, path in sorted(paths.items(), key=lambda kv: (not kv[1].is_dir(), kv[0])):
+    order = sorted(result.artifacts.items(), key=lambda kv: (kv[1].kind not in ("folder", "adapter"), kv[0]))
+    for name, artifact in order:
+        path = paths[name]
         stored = store.put(path)
-        meta = {"relpath": str(path.relative_to(workdir.resolve()))}
         art = record_artifact(
             session,
             stored,
@@ -95,17 +86,17 @@ def ingest_stage(
             name=name,
             job_id=job_id,
             stage=stage,
-            meta=meta,
+            meta={"relpath": str(path.relative_to(root))},
             media_type=media_type_for(path.name, stored.kind),
         )
         ids[name] = art.id
-        if stored.kind == "folder" and (path / "adapter_config.json").is_file():
+        if artifact.kind == "adapter":
             adapters[path] = _record_adapter(session, art, path, owner, job_id, path.name)
-    for name, path in paths.items():
-        if _is_ensemble(name, path):
-            art = session.get(Artifact, ids[name])
-            assert art is not None  # recorded above, in this session
-            _record_ensemble(session, art, path, owner, job_id, adapters)
+    for name, artifact in result.artifacts.items():
+        if artifact.kind == "ensemble":
+            row = session.get(Artifact, ids[name])
+            assert row is not None  # recorded above, in this session
+            _record_ensemble(session, row, paths[name], owner, job_id, adapters)
     session.flush()
     return ids
 
@@ -145,15 +136,9 @@ def _record_ensemble(
     own sha256 stays on the artifact row). Every adapter member must be one of the job's stored adapters whose
     weights have the sha256 the manifest records; anything else is a StageOutputError naming the member."""
     from shared.ml.training.adapters import WEIGHTS_FILE
-    from shared.ml.training.ensemble import compute_fingerprint, load_manifest
+    from shared.ml.training.ensemble import compute_fingerprint
 
-    try:
-        manifest = load_manifest(path)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        message = str(exc).replace(str(path), path.name)  # no server paths in a job's error
-        raise StageOutputError(
-            message if path.name in message else f"ensemble manifest {path.name!r}: {message}"
-        ) from exc
+    manifest = read_manifest(path)
     # Adapters of the job's earlier stages, by folder name (this stage's own are matched by folder).
     earlier = select(Adapter).where(Adapter.job_id == job_id, Adapter.owner == owner)
     known = {a.name: a for a in session.scalars(earlier)}

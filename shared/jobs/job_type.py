@@ -15,11 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shared.jobs.results import StageResult
 from shared.ml.progress import Progress
 
-# A stage as the runner calls it: (workdir, inputs {logical name: path}, progress) -> JSON-able summary
-# with "artifacts": {logical name: path relative to workdir}.
-StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any]]
+# A stage as the runner calls it: (workdir, inputs {logical name: path}, progress) -> a StageResult, or (the
+# ML core's form) a JSON-able summary with "artifacts": {logical name: path relative to workdir}, which the
+# runner turns into one with StageResult.from_summary.
+StageFn = Callable[[Path, dict[str, Path], Progress], dict[str, Any] | StageResult]
 
 
 class JobTypeUnavailable(Exception):
@@ -71,7 +73,7 @@ class JobType:
         if self.multi_stage:
             return [(str(name), stage) for name, stage in fn(params)]
 
-        def single(workdir: Path, inputs: dict[str, Path], progress: Progress) -> dict[str, Any]:
+        def single(workdir: Path, inputs: dict[str, Path], progress: Progress) -> dict[str, Any] | StageResult:
             return fn(params, workdir, progress)
 
         return [(self.name, single)]

@@ -11,6 +11,10 @@ group of chorus.run_shards tasks; without it this worker does every shard), work
 returns once all are done. Helpers write into the shared job workdir; resume works per stage as before,
 and per shard within a stage.
 
+What a stage returns is checked right away: StageResult.from_summary (shared.jobs.results) locates and types its
+artifacts, and a return that is not a valid one fails the job as `stage_failed`; ingest then records the
+StageResult's artifacts by their declared kinds.
+
 Errors: `stage_error` turns what a stage raised into the job's error through shared.errors.classify. Params
 were validated at submit, so inside a stage only a ChorusError that says so (InvalidParams, BadInput) is the
 user's fault; any other exception, a plain ValueError included, fails the job as `stage_failed`.
@@ -37,9 +41,11 @@ from shared.files import json_safe
 from shared.jobs import state
 from shared.jobs.config import ServiceSettings, get_service_settings
 from shared.jobs.fanout import Dispatch, JobSharder
-from shared.jobs.ingest import ingest_stage, merge_stage_artifacts
+from shared.jobs.ingest import ingest_result, merge_stage_artifacts
 from shared.jobs.progress import JobProgress, Lease
 from shared.jobs.registry import JOB_TYPES, JobType, JobTypeUnavailable, StageFn, load_ref
+from shared.jobs.results import StageResult
+from shared.jobs.workspace import Workspace
 from shared.ml.progress import Cancelled
 from shared.ml.sharding import use_sharder
 from shared.storage import ArtifactStore, folder_digest, folder_manifest, sha256_file
@@ -301,15 +307,15 @@ class JobRunner:
                     summaries[name] = (row.outputs or {}).get("summary")
                     artifacts.append((name, (row.outputs or {}).get("artifacts") or {}))
                     continue
-            summary = self._run_stage(index, len(stages), name, fn, inputs)
-            ids = self._commit_stage(name, summary)
-            summaries[name] = {k: v for k, v in summary.items() if k != "artifacts"}
+            result = self._run_stage(index, len(stages), name, fn, inputs)
+            ids = self._commit_stage(name, result)
+            summaries[name] = result.summary
             artifacts.append((name, ids))
             with self.maker() as session:
                 inputs.update(self._materialize(session, name))
         return self._succeed(summaries, artifacts, len(stages))
 
-    def _run_stage(self, index: int, count: int, name: str, fn: StageFn, inputs: dict[str, Path]) -> dict[str, Any]:
+    def _run_stage(self, index: int, count: int, name: str, fn: StageFn, inputs: dict[str, Path]) -> StageResult:
         assert self.lease is not None
         with self.maker() as session:
             if not state.guard(session, self.job_id, self.token):
@@ -346,7 +352,7 @@ class JobRunner:
         try:
             self._check_inputs()
             with use_sharder(sharder):
-                summary = fn(self._workdir(), dict(inputs), progress)
+                returned = fn(self._workdir(), dict(inputs), progress)
         except Cancelled:
             self._stopped(name, started)
         except UNAVAILABLE:
@@ -358,11 +364,23 @@ class JobRunner:
                 self._stopped(name, started)
             error, ours = stage_error(name, exc)
             self._fail(error, name, traceback.format_exc() if ours else None)
-        if not isinstance(summary, dict):
+        return self._stage_result(name, returned)
+
+    def _stage_result(self, name: str, returned: Any) -> StageResult:
+        """What stage `name` returned (a dict summary or a StageResult) as a StageResult checked against the
+        workdir; anything else fails the job as stage_failed, the stage's fault."""
+        if not isinstance(returned, dict | StageResult):
             self._fail(
-                state.error_obj(StageFailed.code, f"stage {name} returned {type(summary).__name__}, not a dict"), name
+                state.error_obj(StageFailed.code, f"stage {name} returned {type(returned).__name__}, not a dict"), name
             )
-        return json_safe(summary)
+        workspace = Workspace(self._workdir())
+        try:
+            if isinstance(returned, StageResult):
+                return returned.model_copy(update={"summary": json_safe(returned.summary)}).checked(workspace.root)
+            return workspace.result(json_safe(returned))
+        except (ValueError, FileNotFoundError) as exc:  # StageOutputError and pydantic's ValidationError
+            self._fail(state.error_obj(StageFailed.code, f"stage {name} outputs: {exc}"), name)
+            raise  # unreachable: _fail raises _Stop
 
     def _check_stop(self) -> None:
         assert self.lease is not None
@@ -393,18 +411,18 @@ class JobRunner:
                 session.commit()
         raise _Stop(outcome)
 
-    def _commit_stage(self, name: str, summary: dict[str, Any]) -> dict[str, str]:
+    def _commit_stage(self, name: str, result: StageResult) -> dict[str, str]:
         workdir = self._workdir()
         with self.maker() as session:
             try:
-                ids = ingest_stage(
+                ids = ingest_result(
                     session,
                     self.store,
                     job_id=self.job_id,
                     owner=self.claim.owner,
                     stage=name,
                     workdir=workdir,
-                    summary=summary,
+                    result=result,
                 )
             except (ValueError, FileNotFoundError) as exc:  # StageOutputError, mostly: never the user's
                 session.rollback()
@@ -415,7 +433,7 @@ class JobRunner:
             row = self._stage_row(session, name)
             assert row is not None
             row.status, row.finished_at = StageStatus.SUCCEEDED, utcnow()
-            row.outputs = {"summary": {k: v for k, v in summary.items() if k != "artifacts"}, "artifacts": ids}
+            row.outputs = {"summary": result.summary, "artifacts": ids}
             state.add_event(
                 session,
                 self.job_id,
