@@ -51,11 +51,20 @@ class StageStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ShardStatus(StrEnum):
+    """A fan-out shard's status: pending until a worker claims it, running under a lease, then done or failed."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 # Plain strings: JOB_STATUSES is written into the table's CHECK constraint.
 JOB_STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus)
 TERMINAL_STATUSES: tuple[str, ...] = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 STAGE_STATUSES: tuple[str, ...] = tuple(s.value for s in StageStatus)
-SHARD_STATUSES = ("pending", "running", "done", "failed")
+SHARD_STATUSES: tuple[str, ...] = tuple(s.value for s in ShardStatus)
 SCOPES = ("admin", "submit", "infer")
 
 # Integer autoincrement that is BIGINT on Postgres and the rowid alias on SQLite.
@@ -220,7 +229,7 @@ class JobShard(Base):
     index: Mapped[int] = mapped_column(Integer)
     start: Mapped[int] = mapped_column(Integer)
     end: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.PENDING.value)
     claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)  # hostname:pid
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

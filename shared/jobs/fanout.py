@@ -42,7 +42,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db.models import TERMINAL_STATUSES, Job, JobShard, utcnow
+from shared.db.models import SHARD_STATUSES, TERMINAL_STATUSES, Job, JobShard, ShardStatus, utcnow
 from shared.db.session import get_sessionmaker
 from shared.files import json_safe
 from shared.jobs import state
@@ -106,7 +106,7 @@ def ensure_shards(
                 index=index,
                 start=int(start),
                 end=int(end),
-                status="pending",
+                status=ShardStatus.PENDING,
                 attempts=0,
                 spec=spec,
                 created_at=now,
@@ -135,7 +135,7 @@ def _expired(now: datetime) -> Any:
 def claimable_clause(now: datetime, max_attempts: int) -> Any:
     return and_(
         JobShard.attempts < max_attempts,
-        or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))),
+        or_(JobShard.status == ShardStatus.PENDING, and_(JobShard.status == ShardStatus.RUNNING, _expired(now))),
     )
 
 
@@ -150,7 +150,7 @@ def claim_shard(
         .where(
             JobShard.job_id == job_id,
             JobShard.phase == phase,
-            JobShard.status.in_(("pending", "running")),
+            JobShard.status.in_((ShardStatus.PENDING, ShardStatus.RUNNING)),
             JobShard.attempts < max_attempts,
         )
         .order_by(JobShard.index)
@@ -158,7 +158,7 @@ def claim_shard(
     session.rollback()
     for shard_id, status, attempts, claimed_by, expires in candidates:
         cas = [JobShard.id == shard_id, JobShard.status == status, JobShard.attempts == attempts]
-        if status == "running":
+        if status == ShardStatus.RUNNING:
             if state.owner_is_dead(claimed_by):
                 pass  # its pid is gone: claimable now (the CAS on attempts keeps it to one claimant)
             elif expires is None or expires < now:
@@ -169,7 +169,7 @@ def claim_shard(
             update(JobShard)
             .where(*cas)
             .values(
-                status="running",
+                status=ShardStatus.RUNNING,
                 claimed_by=worker,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=JobShard.attempts + 1,
@@ -200,7 +200,7 @@ def claim_shard(
             worker,
         )
         session.commit()
-        if status == "running":
+        if status == ShardStatus.RUNNING:
             log.warning(
                 "shard %s/%d of job %s taken over from %s (attempt %d)",
                 phase,
@@ -214,7 +214,7 @@ def claim_shard(
 
 
 def _mine(claim: ShardClaim) -> list[Any]:
-    return [JobShard.id == claim.id, JobShard.status == "running", JobShard.attempts == claim.attempt]
+    return [JobShard.id == claim.id, JobShard.status == ShardStatus.RUNNING, JobShard.attempts == claim.attempt]
 
 
 def renew_shard(session: Session, claim: ShardClaim, lease_seconds: float) -> bool:
@@ -239,7 +239,13 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
     done = session.execute(
         update(JobShard)
         .where(*_mine(claim))
-        .values(status="done", lease_expires_at=None, finished_at=now, updated_at=now, result=json_safe(result or {}))
+        .values(
+            status=ShardStatus.DONE,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+            result=json_safe(result or {}),
+        )
     )
     if done.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
@@ -248,7 +254,7 @@ def complete_shard(session: Session, claim: ShardClaim, result: dict[str, Any] |
         session.scalar(
             select(func.count())
             .select_from(JobShard)
-            .where(JobShard.job_id == claim.job_id, JobShard.phase == claim.phase, JobShard.status == "done")
+            .where(JobShard.job_id == claim.job_id, JobShard.phase == claim.phase, JobShard.status == ShardStatus.DONE)
         )
         or 0
     )
@@ -280,7 +286,9 @@ def release_shard(session: Session, claim: ShardClaim, error: str | None = None)
     done = session.execute(
         update(JobShard)
         .where(*_mine(claim))
-        .values(status="pending", lease_expires_at=None, updated_at=now, error=error[-4000:] if error else None)
+        .values(
+            status=ShardStatus.PENDING, lease_expires_at=None, updated_at=now, error=error[-4000:] if error else None
+        )
     )
     session.commit()
     return done.rowcount == 1  # type: ignore[attr-defined]
@@ -294,18 +302,18 @@ def fail_exhausted(session: Session, job_id: str, phase: str, max_attempts: int)
         JobShard.job_id == job_id,
         JobShard.phase == phase,
         JobShard.attempts >= max_attempts,
-        or_(JobShard.status == "pending", and_(JobShard.status == "running", _expired(now))),
+        or_(JobShard.status == ShardStatus.PENDING, and_(JobShard.status == ShardStatus.RUNNING, _expired(now))),
     )
     session.execute(
         update(JobShard)
         .where(stuck)
-        .values(status="failed", lease_expires_at=None, updated_at=now, finished_at=now)
+        .values(status=ShardStatus.FAILED, lease_expires_at=None, updated_at=now, finished_at=now)
         .execution_options(synchronize_session=False)
     )
     session.commit()
     failed = session.execute(
         select(JobShard.index, JobShard.start, JobShard.end, JobShard.attempts, JobShard.error)
-        .where(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "failed")
+        .where(JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == ShardStatus.FAILED)
         .order_by(JobShard.index)
     ).all()
     session.rollback()
@@ -319,9 +327,9 @@ def phase_counts(session: Session, job_id: str, phase: str) -> dict[str, int]:
         .group_by(JobShard.status)
     ).all()
     session.rollback()
-    counts = {s: 0 for s in ("pending", "running", "done", "failed")}
+    counts = {s: 0 for s in SHARD_STATUSES}
     counts.update({status: int(n) for status, n in rows})
-    counts["total"] = sum(counts[s] for s in ("pending", "running", "done", "failed"))
+    counts["total"] = sum(counts[s] for s in SHARD_STATUSES)
     return counts
 
 
@@ -613,7 +621,7 @@ def helper_wanted(
         # a running shard whose claimant died on this host is claimable too
         owners = session.scalars(
             select(JobShard.claimed_by).where(
-                JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == "running"
+                JobShard.job_id == job_id, JobShard.phase == phase, JobShard.status == ShardStatus.RUNNING
             )
         ).all()
         session.rollback()
