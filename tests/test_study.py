@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli.main import app
-from shared.ml.affinity.structure import structure_test
+from shared.ml.affinity import structure
+from shared.ml.affinity.structure import concentration, structure_test
 from shared.ml.study.run import random_groups
 from shared.ml.study.stats import hierarchical_bootstrap, macro_accuracy, mcnemar
 
@@ -152,6 +153,66 @@ def test_structure_test_separates_planted_groups_from_noise():
     level = structure_test(np.repeat(rng.normal(size=(8, 1)), 8, axis=1) + 1e-3 * rng.normal(size=(8, 8)), 199)
     assert not level["significant"]
     assert structure_test(np.ones((2, 2)))["significant"] is False
+
+
+def test_structure_test_concentration_is_the_positive_share_of_the_symmetrised_eigenvalue_mass():
+    off = 0.1 * (np.ones((3, 3)) - np.eye(3))  # eigenvalues 0.2, -0.1, -0.1: positive share 0.04 / 0.06
+    assert concentration(off) == pytest.approx(2 / 3)
+    assert concentration(off + np.diag([5.0, -3.0, 1.0])) == pytest.approx(2 / 3)  # the diagonal is ignored
+    assert concentration(np.array([[0.0, 2.0], [0.0, 0.0]])) == pytest.approx(0.5)  # symmetrised: +-1
+    assert concentration(2 * (np.ones((3, 3)) - np.eye(3))) == pytest.approx(2 / 3)
+    assert concentration(np.zeros((4, 4))) == 0.0
+
+
+def test_structure_test_counts_ties_as_exceeding_and_reads_p_and_the_null_off_the_permutations(monkeypatch):
+    """The statistic of the unpermuted matrix comes first, then one per permutation; a null value within 1e-12 of
+    the observed one counts as reaching it."""
+    null = [0.5, 0.5 - 1e-12, 0.5 - 1e-11, 0.9, *np.linspace(0.0, 0.4, 15)]
+    values = iter([0.5, *null])
+    monkeypatch.setattr(structure, "concentration", lambda R: next(values))
+    res = structure_test(np.random.default_rng(0).normal(size=(4, 4)), permutations=19, alpha=0.2, seed=0)
+    assert res == {
+        "statistic": 0.5,
+        "null_mean": pytest.approx(np.mean(null)),
+        "null_p95": pytest.approx(np.percentile(null, 95)),
+        "p": 0.2,  # (1 + 3) / (1 + 19): 0.5, 0.5 - 1e-12 and 0.9 reach the observed 0.5
+        "alpha": 0.2,
+        "significant": True,  # p <= alpha
+        "permutations": 19,
+        "reason": "affinity structure above noise (permutation p = 0.200 <= 0.2)",
+    }
+
+
+def test_structure_test_of_rows_without_contrast_has_p_one_and_three_tasks_are_enough():
+    flat = np.repeat(np.arange(5.0)[:, None], 5, axis=1)  # every row constant: nothing to permute
+    res = structure_test(flat, permutations=49)
+    assert (res["statistic"], res["p"], res["null_mean"], res["significant"]) == (0.0, 1.0, 0.0, False)
+    three = structure_test(np.array([[0.0, 1.0, -1.0], [1.0, 0.0, -1.0], [-1.0, -1.0, 0.0]]), permutations=9)
+    assert three["statistic"] is not None and three["permutations"] == 9
+    assert structure_test(np.ones((2, 2)), alpha=0.1) == {
+        "statistic": None,
+        "p": 1.0,
+        "alpha": 0.1,
+        "significant": False,
+        "permutations": 0,
+        "reason": "2 tasks: too few to test for group structure",
+    }
+
+
+def test_structure_test_defaults_seed_diagonal_and_missing_cells():
+    rng = np.random.default_rng(5)
+    T = rng.normal(size=(6, 6))
+    res = structure_test(T)
+    assert res == structure_test(T, permutations=999, alpha=0.05, seed=0) and res["permutations"] == 999
+    assert structure_test(T, 99, seed=1) == structure_test(T, 99, seed=1)
+    assert structure_test(T, 99, seed=1)["null_mean"] != structure_test(T, 99, seed=2)["null_mean"]
+    # the diagonal (a task with itself) takes no part
+    assert structure_test(T + np.diag(rng.normal(size=6)), 99) == pytest.approx(structure_test(T, 99))
+    # a missing cell counts as its row's mean over the cells present
+    gaps = T.copy()
+    gaps[0, 3] = gaps[2, 5] = gaps[4, 1] = np.nan
+    filled = np.where(np.isfinite(gaps), gaps, np.nanmean(gaps, axis=1, keepdims=True))
+    assert structure_test(gaps, 99) == pytest.approx(structure_test(filled, 99))
 
 
 TASKS = ["cb", "rte", "sst2"]

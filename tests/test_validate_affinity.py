@@ -170,6 +170,229 @@ def test_adjusted_rand_matches_sklearn():
         a, b = rng.integers(0, rng.integers(1, 5), 10), rng.integers(0, rng.integers(1, 5), 10)
         assert ag.adjusted_rand(a, b) == pytest.approx(adjusted_rand_score(a, b))
     assert ag.adjusted_rand(np.arange(6), np.arange(6)) == adjusted_rand_score(np.arange(6), np.arange(6))
+    assert ag.adjusted_rand(np.array([0]), np.array([3])) == adjusted_rand_score([0], [3]) == 1.0  # no pair at all
+
+
+def _small_tables():
+    """3 tasks, 5 subsets; task 2 is in none. Two estimate seeds, the second shifted by 10 (centring removes it)."""
+    member = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0]], dtype=bool)
+    base = np.array([[0.3, 1.0, 0], [0.1, 0, 0], [0.9, 0.2, 0], [0.5, 0, 0], [0, 0.6, 0]])
+    est = np.stack([base + np.array([[0.0, 0.4, 0], [0.2, 0, 0], [0.1, 0.0, 0], [-0.3, 0, 0], [0, 0.1, 0]]), base + 10])
+    true = np.stack([base, base + 0.02])
+    return member, est, true
+
+
+def _centred_points(est, true_mean, member, tasks):
+    xs, ys = [], []
+    for i in tasks:
+        ks = np.flatnonzero(member[:, i])
+        for s in range(est.shape[0]):
+            xs += list(est[s, ks, i] - est[s, ks, i].mean())
+            ys += list(true_mean[ks, i] - true_mean[ks, i].mean())
+    return xs, ys
+
+
+def test_within_task_spearman_centres_each_seed_and_task_and_reports_its_counts():
+    from scipy.stats import spearmanr
+
+    member, est, true = _small_tables()
+    res = ag.within_task_spearman(est, true, member, bootstrap=50, seed=3)
+    assert set(res) == {"value", "ci95", "per_task", "points", "bootstrap"}
+    true_mean = true.mean(0)
+    assert res["value"] == pytest.approx(spearmanr(*_centred_points(est, true_mean, member, [0, 1]))[0])
+    assert res["per_task"][0] == pytest.approx(spearmanr(*_centred_points(est, true_mean, member, [0]))[0])
+    assert res["per_task"][1] == pytest.approx(spearmanr(*_centred_points(est, true_mean, member, [1]))[0])
+    assert math.isnan(res["per_task"][2]) and set(res["per_task"]) == {0, 1, 2}
+    assert res["points"] == 2 * 7 and res["bootstrap"] == 50
+    # defaults: 2000 resamples from seed 0, reproducible
+    default, explicit = ag.within_task_spearman(est, true, member), ag.within_task_spearman(est, true, member, 2000, 0)
+    assert default["ci95"] == explicit["ci95"] and default["bootstrap"] == 2000
+
+
+def test_within_task_spearman_drops_missing_points_and_needs_three():
+    member, est, true = _small_tables()
+    gappy = est.copy()
+    gappy[0, 0, 0] = np.nan  # a missing estimate drops that point only
+    full = ag.within_task_spearman(gappy, true, member, bootstrap=0)
+    assert np.isfinite(full["value"]) and np.isfinite(full["per_task"][0])
+    t2 = true.copy()
+    t2[:, 2, 1] = np.nan  # a missing truth (every seed) drops the task's points in that subset
+    assert np.isfinite(ag.within_task_spearman(est, t2, member, bootstrap=0)["per_task"][1])
+    # one seed of a task in two subsets: 2 points, no correlation; in three subsets: 3 points are enough
+    two = np.array([[1], [1]], dtype=bool)
+    assert math.isnan(ag.within_task_spearman(np.array([[[0.0], [1.0]]]), np.array([[[0.0], [1.0]]]), two)["value"])
+    three = np.ones((3, 1), dtype=bool)
+    one = ag.within_task_spearman(np.array([[[0.0], [1.0], [2.0]]]), np.array([[[0.0], [1.0], [2.0]]]), three)
+    assert one["value"] == pytest.approx(1.0) and one["per_task"][0] == pytest.approx(1.0)
+
+
+def test_within_task_spearman_without_tasks_or_resamples_has_no_interval():
+    member, est, true = _small_tables()
+    none = ag.within_task_spearman(est, true, np.zeros_like(member))
+    assert math.isnan(none["value"]) and all(math.isnan(v) for v in none["per_task"].values())
+    assert len(none["ci95"]) == 2 and all(math.isnan(v) for v in none["ci95"]) and none["points"] == 0
+    nob = ag.within_task_spearman(est, true, member, bootstrap=0)
+    assert len(nob["ci95"]) == 2 and all(math.isnan(v) for v in nob["ci95"]) and np.isfinite(nob["value"])
+
+
+def test_within_task_spearman_bootstrap_draws_every_subset_and_takes_the_central_95(monkeypatch):
+    # one task in two subsets, two seeds: a resample of both subsets reproduces the value, one subset twice is
+    # constant (dropped); drawing only from the second subset would leave no resample at all
+    est = np.array([[[0.0], [1.0]], [[0.5], [2.0]]])
+    res = ag.within_task_spearman(est, est, np.ones((2, 1), dtype=bool), bootstrap=200, seed=0)
+    assert 0 < res["value"] < 1 and res["ci95"] == pytest.approx([res["value"]] * 2)
+    member, est, true = _small_tables()
+    fake = np.concatenate([np.linspace(-1, 1, 41), [np.nan] * 9])
+    real, seen = ag._row_spearman, []
+
+    def row_spearman(X, Y):
+        if len(X) != 50:
+            return real(X, Y)
+        seen.append((X, Y))
+        return fake
+
+    monkeypatch.setattr(ag, "_row_spearman", row_spearman)
+    ci = ag.within_task_spearman(est, true, member, bootstrap=50, seed=0)["ci95"]
+    finite = fake[np.isfinite(fake)]
+    assert ci == pytest.approx([np.percentile(finite, 2.5), np.percentile(finite, 97.5)])
+    # every resample is centred on its own: task 0's 2 x 4 points, then task 1's 2 x 3, each sum to 0 per seed
+    ((X, Y),) = seen
+    for block in (X[:, 0:4], X[:, 4:8], Y[:, 0:4], X[:, 8:11], X[:, 11:14], Y[:, 8:11]):
+        assert np.abs(block.sum(1)).max() < 1e-9
+
+
+def test_row_spearman_is_spearman_per_row_and_nan_for_a_constant_row():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    X[1] *= 100  # rows of different spread
+    rho = ag._row_spearman(X, Y)
+    assert rho == pytest.approx([spearmanr(X[k], Y[k])[0] for k in range(3)])
+    pair = ag._row_spearman(np.array([[0.0, 1.0], [1.0, 1.0]]), np.array([[0.0, 1.0], [0.0, 1.0]]))
+    assert pair[0] == 1.0 and math.isnan(pair[1])
+
+
+def test_seed_noise_needs_two_seeds_and_takes_integer_membership():
+    true = np.array([[[0.0, 1.0]], [[0.2, 1.4]]])  # 2 seeds, 1 subset, 2 tasks
+    member = np.ones((1, 2), dtype=bool)
+    assert ag.seed_noise(true, member) == pytest.approx([0.2 / math.sqrt(2), 0.4 / math.sqrt(2)])
+    assert list(ag.seed_noise(true[:1], member)) == [0.0, 0.0]
+    m3 = _small_tables()[0]
+    true3 = np.random.default_rng(1).normal(size=(3, *m3.shape))  # a different spread in every subset
+    assert np.allclose(ag.seed_noise(true3, m3.astype(int)), ag.seed_noise(true3, m3), equal_nan=True)
+
+
+def _three_seed_task(means):
+    """One task in len(means) subsets, 3 seeds at mean -1, mean, mean +1: seed noise exactly 1."""
+    return np.array([[[m + d] for m in means] for d in (-1.0, 0.0, 1.0)])
+
+
+def test_pairwise_order_sums_over_tasks_and_scores_ties_half():
+    true = np.concatenate([_three_seed_task([0.0, 2.0, 4.5]), _three_seed_task([0.0, 3.0, 6.0])], axis=2)
+    member = np.ones((3, 2), dtype=bool)
+    # task 0: gap 2.0 = 2 x noise is not beyond it; (0, 4.5) and (2, 4.5) count. Task 1: all three pairs
+    est = np.array([[[0.0, 0.0], [1.0, 1.0], [1.0, 2.0]]])  # task 0: one right, one tie; task 1: all right
+    res = ag.pairwise_order(est, true, member)
+    assert res == {
+        "value": pytest.approx((1 + 0.5 + 3) / 5),
+        "pairs": 5,
+        "comparisons": 5,
+        "factor": 2.0,
+        "seed_noise": pytest.approx([1.0, 1.0]),
+    }
+    # a task without a pair beyond the noise does not stop the count
+    lone = np.concatenate([_three_seed_task([0.0, 0.5, 1.0]), _three_seed_task([0.0, 3.0, 6.0])], axis=2)
+    assert ag.pairwise_order(est, lone, member)["pairs"] == 3
+    flat = ag.pairwise_order(est[:, :, :1], _three_seed_task([0.0, 0.1, 0.2]), member[:, :1])
+    assert math.isnan(flat["value"]) and flat["pairs"] == 0 and flat["comparisons"] == 0
+
+
+def test_change_skill_edge_cases():
+    assert ag.change_skill(np.array([0.5, 0.0]), np.array([1.0, 0.0])) == pytest.approx(0.75)  # sum true^2 = 1
+    assert math.isnan(ag.change_skill(np.array([0.1]), np.array([0.0])))  # no true change at all
+    assert math.isnan(ag.change_skill(np.array([np.nan]), np.array([1.0])))
+
+
+def test_mantel_counts_ties_and_skips_undefined_permutations(monkeypatch):
+    values = iter([0.5, 0.5, 0.5 - 1e-12, 0.5 - 1e-11, 0.9, np.nan, 0.1, -0.2, 0.0, 0.3])
+    seen = []
+
+    def offdiag_corr(a, b, centred=False):
+        seen.append(b)
+        return next(values)
+
+    monkeypatch.setattr(ag, "offdiag_corr", offdiag_corr)
+    res = ag.mantel(np.eye(4), np.arange(16.0).reshape(4, 4) ** 2, permutations=9)
+    assert res == {"value": 0.5, "p": pytest.approx((1 + 3) / 10), "permutations": 9}
+    # rows and columns are permuted together: the (NaN) diagonal stays the diagonal
+    assert len(seen) == 10 and all(
+        np.isnan(np.diag(b)).all() and np.isfinite(b[~np.eye(4, dtype=bool)]).all() for b in seen
+    )
+
+
+def test_mantel_averages_a_list_and_is_undefined_without_spread():
+    rng = np.random.default_rng(2)
+    A1, A2, B = rng.normal(size=(3, 6, 6))
+    both = ag.mantel([A1, A2], B, permutations=19)
+    assert both["value"] == pytest.approx((ag.offdiag_corr(A1, B) + ag.offdiag_corr(A2, B)) / 2)
+    assert ag.mantel(A1, B) == ag.mantel(A1, B, permutations=999, seed=0) and ag.mantel(A1, B)["permutations"] == 999
+    assert ag.mantel(A1, B, 19, seed=1) == ag.mantel(A1, B, 19, seed=1) != ag.mantel(A1, B, 19, seed=3)
+    flat = ag.mantel(np.ones((6, 6)), B, permutations=19)
+    assert math.isnan(flat["value"]) and math.isnan(flat["p"]) and flat["permutations"] == 19
+
+
+def test_row_centre_and_offdiag_corr_on_a_small_matrix():
+    T = np.array([[9, 1, 3], [2, 9, 6], [np.nan, np.nan, 9]])
+    C = ag.row_centre(np.array([[9, 1, 3], [2, 9, 6], [4, 4, 9]]))  # integers are fine
+    assert np.isnan(np.diag(C)).all() and C[0, 1] == -1.0 and C[1, 2] == 2.0 and C[2, 0] == 0.0
+    R = ag.row_centre(T)
+    assert R[0, 2] == 1.0 and np.isnan(R[2]).all()
+    A = np.array([[0, 1, 2, 3], [5, 0, 1, 1], [2, 2, 0, 7], [1, 0, 3, 0]], dtype=float)
+    B = A.T.copy()
+    a, b = ag.row_centre(A), ag.row_centre(B)
+    off = ~np.eye(4, dtype=bool)
+    assert ag.offdiag_corr(A, B) == pytest.approx(np.corrcoef(a[off], b[off])[0, 1])
+    assert ag.offdiag_corr(A, B, centred=True) == pytest.approx(np.corrcoef(A[off], B[off])[0, 1])
+    assert math.isnan(ag.offdiag_corr(np.ones((4, 4)), B)) and math.isnan(ag.offdiag_corr(A, np.ones((4, 4))))
+    assert math.isnan(ag.offdiag_corr(A[:2, :2], B[:2, :2]))  # 2 entries
+    three = np.array([[0, 1, np.nan], [np.nan, 0, 2], [5, np.nan, 0]])  # 3 entries are enough
+    assert ag.offdiag_corr(three, three, centred=True) == pytest.approx(1.0)
+    unit = np.array([[0, 1, -1], [1, 0, -1], [1, -1, 0]], dtype=float)  # off-diagonal SD exactly 1
+    assert ag.offdiag_corr(unit, unit, centred=True) == pytest.approx(1.0)
+
+
+def test_affinity_from_table_skips_missing_values_and_pairs_without_a_subset():
+    member = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    values = np.array([[1.0, 2.0, 0.0], [np.nan, 4.0, 0.0], [0.0, 0.0, 5.0]])
+    T = ag.affinity_from_table(values, member)
+    assert T[0, 1] == 1.0 and T[1, 0] == 3.0 and T[2, 2] == 5.0
+    assert np.isnan(T[0, 2]) and np.isnan(T[2, 0])
+    assert ag.seed_mean(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1, 0], [1, 1]])).tolist() == [
+        pytest.approx([1.0, math.nan], nan_ok=True),
+        [3.0, 4.0],
+    ]
+    with pytest.raises(ValueError, match=r"table shape \(2, 2\) does not match the membership \(3, 2\)"):
+        ag.seed_mean(np.ones((1, 2, 2)), np.ones((3, 2)))
+
+
+def test_ari_vs_random_reads_its_null_and_refuses_uncovered_tasks(monkeypatch):
+    assert ag.labels_of([[2, 0], [1]], 3).tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match=r"do not cover all 3 tasks"):
+        ag.labels_of([[0], [1]], 3)
+    real = ag.ari_vs_random(GROUPS, [GROUPS], N, random_partitions=200)
+    assert real["random_p95"] > 0.05 and abs(real["random_mean"]) < 0.05  # random partitions: ARI 0 on average
+    assert ag.ari_vs_random(GROUPS, [GROUPS], N) == ag.ari_vs_random(GROUPS, [GROUPS], N, 1000, 0)
+    assert math.isnan(ag.ari_vs_random(GROUPS, [], N, random_partitions=10)["value"])
+    null = [0.0, 0.1, -0.05, 0.3, 0.2, 0.02, -0.1, 0.5, 0.05, 0.01]
+    values = iter([0.8, 0.6, *null])
+    monkeypatch.setattr(ag, "adjusted_rand", lambda a, b: next(values))
+    assert ag.ari_vs_random(GROUPS, [GROUPS, GROUPS], N, random_partitions=10) == {
+        "value": pytest.approx(0.7),
+        "per_estimate": [0.8, 0.6],
+        "random_p95": pytest.approx(np.percentile(null, 95)),
+        "random_mean": pytest.approx(np.mean(null)),
+    }
 
 
 def test_params_refuse_what_the_validation_sets_itself():
