@@ -19,19 +19,23 @@ def run_fingerprint(params: Any) -> dict[str, Any]:
     return params.model_dump(mode="json", exclude=RUNTIME_ONLY)
 
 
-def check_or_write_params(params: Any, workdir: Path) -> None:
-    """Record params.json in a new run folder, or refuse a folder that holds a run with other params."""
+def check_or_write_params(
+    params: Any, workdir: Path, ignore: set[str] = RUNTIME_ONLY, what: str = "run", rewrite: bool = False
+) -> None:
+    """Record params.json in a new run folder, or refuse a folder that holds a `what` with other params (the
+    `ignore`d ones may differ; with `rewrite`, a matching folder's params.json is replaced by these params)."""
     path = workdir / "params.json"
-    mine = run_fingerprint(params)
+    mine = params.model_dump(mode="json", exclude=ignore)
     if path.exists():
-        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in RUNTIME_ONLY}
+        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in ignore}
         if theirs != mine:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(
-                f"{workdir} holds a run with different parameters ({', '.join(diff)}); use another directory"
+                f"{workdir} holds a {what} with different parameters ({', '.join(diff)}); use another directory"
             )
-    else:
-        atomic_write_json(path, params.model_dump(mode="json"))
+        if not rewrite:
+            return
+    atomic_write_json(path, params.model_dump(mode="json"))
 
 
 def csv_text(rows: list[dict[str, Any]], fields: list[str]) -> str:

@@ -28,7 +28,7 @@ from shared.files import atomic_write_json, atomic_write_text, json_safe
 from shared.ml.affinity import agreement as ag
 from shared.ml.affinity import matrix as mx
 from shared.ml.affinity.params import ValidateAffinityParams
-from shared.ml.affinity.run_files import csv_text
+from shared.ml.affinity.run_files import check_or_write_params, csv_text
 from shared.ml.affinity.runtime import load_npy
 from shared.ml.affinity.subsets import default_subset_size, pair_counts, sample_subsets
 from shared.ml.progress import Progress, silent
@@ -376,19 +376,6 @@ def truth_seed(
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _check_params(params: ValidateAffinityParams, workdir: Path) -> None:
-    path = workdir / "params.json"
-    mine = params.model_dump(mode="json", exclude=_REUSABLE)
-    if path.exists():
-        theirs = {k: v for k, v in json.loads(path.read_text()).items() if k not in _REUSABLE}
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(
-                f"{workdir} holds a validation with different parameters ({', '.join(diff)}); use another directory"
-            )
-    atomic_write_json(path, params.model_dump(mode="json"))
-
-
 def _tables(
     params: ValidateAffinityParams, subsets: list[tuple[int, ...]], est: list[dict], truth: list[dict], metric: str
 ) -> dict[str, np.ndarray]:
@@ -596,7 +583,7 @@ def run_validate_affinity(params: ValidateAffinityParams, workdir: Path, progres
     """Job stage: Stage 1 vs Stage-2 fine-tunes of every subset, over the seeds; writes validate_affinity.json/.csv."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_params(params, workdir)
+    check_or_write_params(params, workdir, _REUSABLE, "validation", rewrite=True)
     t0 = time.perf_counter()
     n = len(params.tasks)
     size = params.subset_size or default_subset_size(n)
