@@ -60,14 +60,21 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
         "groups": "auto",
         "seed": 0,
         "max_train": max_train,
-        "max_val": 24,
-        "max_test": 30,
+        "max_val": 20,
+        "max_test": 24,
         "max_length": 128,
         "affinity": {"dim": 200, "init": "meta"},
-        # A few rows per task leave a 2-task group adapter ~10 steps an epoch: at lr 5e-4 and batch 8 the group
-        # adapters under-fit, so the demo takes small steps at twice the rate. One boosting round per group at
-        # most keeps the whole demo within ~10 minutes on 2 CPU cores (the GPU defaults allow two).
-        "training": {"epochs": epochs, "lr": 1e-3, "batch_size": 4, "patience": 1, "boosting": {"max_rounds": 1}},
+        # A few rows per task leave a 2-task group adapter ~8 steps an epoch: at lr 5e-4 and batch 8 the group
+        # adapters under-fit, so the demo takes small steps at twice the rate. Boosting within a quarter of the group
+        # adapters' FLOPs (one round of the hardest group) keeps a fresh clone's `make demo` under 10 minutes on 2
+        # CPU cores; the GPU defaults allow two rounds per group.
+        "training": {
+            "epochs": epochs,
+            "lr": 1e-3,
+            "batch_size": 4,
+            "patience": 1,
+            "boosting": {"max_rounds": 1, "budget": 0.25},
+        },
     }
 
 
@@ -112,7 +119,7 @@ def _classify_examples(inference_url: str, key: str, ensemble_id: str, tasks: li
 
 def demo_command(
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks (at least 2).")] = DEMO_TASKS,
-    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 20,
+    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 16,
     epochs: Annotated[int, typer.Option(help="Epochs per adapter.")] = 2,
     examples: Annotated[int, typer.Option(help="Test examples per task sent to the inference service.")] = 3,
     job_id: Annotated[
