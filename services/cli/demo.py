@@ -65,7 +65,7 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
         "max_length": 128,
         "affinity": {"dim": 200, "init": "meta"},
         # A few rows per task leave a 2-task group adapter ~8 steps an epoch: at lr 5e-4 and batch 8 the group
-        # adapters under-fit, so the demo takes small steps at twice the rate. Boosting within a quarter of the group
+        # adapters under-fit, so the demo takes small steps at twice the rate. Boosting within 0.4x of the group
         # adapters' FLOPs (one round of the hardest group) keeps a fresh clone's `make demo` under 10 minutes on 2
         # CPU cores; the GPU defaults allow two rounds per group.
         "training": {
@@ -73,7 +73,7 @@ def demo_params(tasks: list[str], max_train: int, epochs: int) -> dict[str, Any]
             "lr": 1e-3,
             "batch_size": 4,
             "patience": 1,
-            "boosting": {"max_rounds": 1, "budget": 0.25},
+            "boosting": {"max_rounds": 1, "budget": 0.4},
         },
     }
 
