@@ -63,7 +63,7 @@ class Lease(Heartbeat):
     def stopping(self) -> bool:
         return self.cancelled.is_set() or self.lost.is_set()
 
-    def note(self, verdict: str) -> None:
+    def note(self, verdict: state.LeaseVerdict) -> None:
         if verdict == "cancelled":
             self.cancelled.set()
         elif verdict == "lost":

@@ -13,7 +13,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -68,9 +68,16 @@ def error_obj(code: str, message: str, param: str | None = None) -> dict[str, An
     return {"code": code, "message": message[:4000], "param": param}
 
 
+# What a claim attempt found: the job is now ours, gone, finished, held by a live lease, taken by a racing worker,
+# or failed for too many attempts.
+ClaimOutcome = Literal["claimed", "missing", "terminal", "leased", "raced", "exhausted"]
+# What a lease renewal or check found: still ours, cancelled by its owner, or held by someone else.
+LeaseVerdict = Literal["ok", "cancelled", "lost"]
+
+
 @dataclass
 class Claim:
-    outcome: str  # claimed | missing | terminal | leased | raced | exhausted
+    outcome: ClaimOutcome
     job_id: str
     type: str = ""
     owner: str = ""
@@ -145,7 +152,7 @@ def claim(session: Session, job_id: str, token: str, lease_seconds: float, max_a
     return Claim("claimed", job_id, job.type, job.owner, dict(job.params or {}), attempt, JobStatus.RUNNING)
 
 
-def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> str:
+def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> LeaseVerdict:
     """Extend the lease; returns "ok", "cancelled" (job cancelled) or "lost" (someone else holds it)."""
     now = utcnow()
     result = session.execute(
@@ -159,7 +166,7 @@ def renew(session: Session, job_id: str, token: str, lease_seconds: float) -> st
     return observe(session, job_id, token)
 
 
-def observe(session: Session, job_id: str, token: str) -> str:
+def observe(session: Session, job_id: str, token: str) -> LeaseVerdict:
     """ "ok" while this worker holds the running job, "cancelled" once it was cancelled, else "lost"."""
     row = session.execute(select(Job.status, Job.lease_owner).where(Job.id == job_id)).one_or_none()
     session.rollback()
