@@ -40,18 +40,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def ingest_stage(
-    session: Session,
-    store: ArtifactStore,
-    *,
-    job_id: str,
-    owner: str,
-    stage: str,
-    workdir: Path,
-    summary: Mapping[str, Any],
+    session: Session, store: ArtifactStore, *, workdir: Path, summary: Mapping[str, Any], **where: str
 ) -> dict[str, str]:
-    """ingest_result for a stage's dict summary (its "artifacts" listed by relative path)."""
+    """ingest_result for a stage's dict summary (its "artifacts" listed by relative path); `where` is job_id,
+    owner and stage."""
     result = StageResult.from_summary(workdir, summary)
-    return ingest_result(session, store, job_id=job_id, owner=owner, stage=stage, workdir=workdir, result=result)
+    return ingest_result(session, store, workdir=workdir, result=result, **where)
 
 
 def ingest_result(
