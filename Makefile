@@ -55,13 +55,15 @@ export COVERAGE_BY_PACKAGE
 
 # Mutation testing, a benchmark (not in CI; results in bench/mutation.md): mutmut over the modules and tests named
 # in [tool.mutmut] (pyproject.toml), in a scratch copy under .chorus/ because mutmut writes mutants/ next to
-# pyproject.toml. MUTATION_JOBS mutants run at once.
+# pyproject.toml. MUTATION_JOBS mutants run at once. One CPU thread per process: mutmut forks each mutant's run
+# after the tests ran once in the parent, and torch's thread pool does not survive a fork (the runs hang until
+# mutmut's time limit, which counts them as detected).
 MUTATION_DIR := .chorus/mutation
 MUTATION_JOBS ?= 2
 mutation: install
 	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
 	cp -r pyproject.toml shared services tests $(MUTATION_DIR)/
-	cd $(MUTATION_DIR) && export CHORUS_MODEL_CACHE_DIR=$(CURDIR)/.chorus/models \
+	cd $(MUTATION_DIR) && export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CHORUS_MODEL_CACHE_DIR=$(CURDIR)/.chorus/models \
 		CHORUS_DATA_DIR=$${CHORUS_DATA_DIR:-$(abspath $(CURDIR)/..)/shared/data} \
 		&& $(CURDIR)/$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) \
 		&& $(CURDIR)/$(VENV)/bin/mutmut results
