@@ -26,26 +26,26 @@ BASE = BaseIdentity(base_model="tiny-llama", base_revision="r1", quantization="n
 RULE = "best mean validation accuracy among groups, single and per_task (ties: groups)"
 
 
-def _groups() -> EnsembleManifest:
+def _manifest(name: str, version: int, member: str, digit: str) -> EnsembleManifest:
+    """One member over both tasks with weight 1 (a group ensemble or the single adapter's)."""
     return EnsembleManifest(
-        name="study",
-        version=3,
+        name=name,
+        version=version,
         base=BASE,
         max_length=96,
-        members=[Member(name="g0", path="adapters/g0", sha256="a" * 64, role="group", tasks=["boolq", "rte"])],
-        tasks={"boolq": TaskWeights(weights={"g0": 1.0}), "rte": TaskWeights(weights={"g0": 1.0})},
+        members=[
+            Member(name=member, path=f"adapters/{member}", sha256=digit * 64, role="group", tasks=["boolq", "rte"])
+        ],
+        tasks={"boolq": TaskWeights(weights={member: 1.0}), "rte": TaskWeights(weights={member: 1.0})},
     )
+
+
+def _groups() -> EnsembleManifest:
+    return _manifest("study", 3, "g0", "a")
 
 
 def _single() -> EnsembleManifest:
-    return EnsembleManifest(
-        name="study-single",
-        version=1,
-        base=BASE,
-        max_length=96,
-        members=[Member(name="single", path="adapters/single", sha256="b" * 64, role="group", tasks=["boolq", "rte"])],
-        tasks={"boolq": TaskWeights(weights={"single": 1.0}), "rte": TaskWeights(weights={"single": 1.0})},
-    )
+    return _manifest("study-single", 1, "single", "b")
 
 
 def _adapters() -> dict[str, Any]:
