@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from shared.config import get_settings
+
 CPU_ROWS = 16
 CPU_EVAL_ROWS = 64
 GPU_MAX_ROWS = 512
@@ -85,8 +87,6 @@ def auto_batching(model: Any, device: torch.device) -> Batching:
 
 def device_budget(device: torch.device) -> int:
     """The bytes of `device` this process sizes its batches for: its total memory x `gpu_memory_share`."""
-    from shared.config import get_settings
-
     total = torch.cuda.get_device_properties(device).total_memory
     return int(total * get_settings().gpu_memory_share)
 
